@@ -1,0 +1,194 @@
+"""Host-side plumbing shared by every launcher: input validation, where kernels may run, the
+(2-D or 3-D) strided view of a tensor around a reduced dim, and a record of launches so tests can
+prove which kernel and which path ran.
+
+Nothing here reads tensor *values*: every check is on metadata, so none of it synchronizes the
+host with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU_SM_COUNT = 4  # what tiling sees under the interpreter: small, so multi-program paths are cheap
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_float(name: str, t: Any) -> None:
+    """Raise TypeError unless ``t`` is a floating tensor of a dtype the kernels support."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got dtype={t.dtype}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Raise ValueError when the given tensors are not all on one device; return that device."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    device = named[0][1].device
+    for name, t in named[1:]:
+        if t.device != device:
+            first = named[0][0]
+            raise ValueError(
+                f"{name} is on {t.device} but {first} is on {device}: all tensors must be on one device"
+            )
+    return device
+
+
+def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
+    """torch's rule: a 0-d tensor accepts dim in {-1, 0}; otherwise dim in [-ndim, ndim)."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int, got {dim!r}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"{name}={dim} is out of range for a tensor of {ndim} dimension(s) "
+            f"(expected in [{-rank}, {rank - 1}])"
+        )
+    return dim % rank
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import _online
+
+    return isinstance(_online.probe_kernel, InterpretedFunction)
+
+
+def check_runnable(t: torch.Tensor, name: str = "input") -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(
+            f"{name} is a CPU tensor: probact_gpu runs Triton kernels, which need a CUDA device. "
+            "Move the tensor to CUDA, or set TRITON_INTERPRET=1 before triton is first imported "
+            "to run the same kernels on the CPU through Triton's interpreter (slow; for testing)."
+        )
+    raise RuntimeError(f"{name} is on {t.device}: probact_gpu supports CUDA devices only")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current for a launch (Triton launches on the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index or 0).multi_processor_count
+    return _CPU_SM_COUNT
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of streaming multiprocessors (cached; a fixed small number for CPU tensors)."""
+    index = device.index if device.index is not None else None
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _sm_count(device.type, index)
+
+
+# --------------------------------------------------------------------------- strided views
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A tensor seen as ``n_rows`` rows of ``n_cols`` along one dim, without a copy.
+
+    Row ``r`` starts at ``(r // n_inner) * outer_stride + (r % n_inner) * inner_stride`` and its
+    columns are ``col_stride`` apart (all in elements). A contiguous tensor reduced over its last
+    dim has ``n_inner == 1`` and ``col_stride == 1``.
+    """
+
+    tensor: torch.Tensor
+    n_rows: int
+    n_cols: int
+    n_inner: int
+    outer_stride: int
+    inner_stride: int
+    col_stride: int
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        return self.outer_stride, self.inner_stride, self.col_stride
+
+
+def _merged_stride(shape: Sequence[int], strides: Sequence[int]) -> int | None:
+    """The single stride of dims that merge into one (None if they do not merge)."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 0
+    for (n_outer, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]):
+        if s_outer != n_inner * s_inner:
+            return None
+    return dims[-1][1]
+
+
+def row_view(t: torch.Tensor, dim: int) -> RowView:
+    """View ``t`` as rows along ``dim`` (already normalised). Copies only when the dims before or
+    after ``dim`` cannot be merged into one stride each (an arbitrary permutation)."""
+    shape = list(t.shape) or [1]
+    strides = list(t.stride()) or [1]
+    outer = _merged_stride(shape[:dim], strides[:dim])
+    inner = _merged_stride(shape[dim + 1 :], strides[dim + 1 :])
+    if outer is None or inner is None:
+        t = t.contiguous()
+        return row_view(t, dim)
+    n_outer = 1
+    for n in shape[:dim]:
+        n_outer *= n
+    n_inner = 1
+    for n in shape[dim + 1 :]:
+        n_inner *= n
+    return RowView(t, n_outer * n_inner, shape[dim], n_inner, outer, inner, strides[dim])
+
+
+# --------------------------------------------------------------------------- launch record
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    path: str
+    grid: tuple[int, ...]
+    meta: dict
+
+
+_recorders: list[list[Launch]] = []
+
+
+def record(kernel: Any, path: str, grid: tuple[int, ...], **meta: Any) -> None:
+    """Note one launch for any active :func:`record_launches` block (free when none is)."""
+    if _recorders:
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+        launch = Launch(name, path, tuple(grid), meta)
+        for log in _recorders:
+            log.append(launch)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Collect every kernel launch made inside the block (kernel name, path, grid, constexprs)."""
+    log: list[Launch] = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)

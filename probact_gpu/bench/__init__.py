@@ -1,0 +1,1 @@
+"""The benchmark harness (see issue: the main job as a product)."""

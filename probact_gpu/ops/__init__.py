@@ -1,0 +1,1 @@
+"""One module per op family: launchers, registered torch.library ops, autograd."""

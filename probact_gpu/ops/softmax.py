@@ -1,0 +1,219 @@
+"""softmax / log_softmax: launchers, the registered custom ops, autograd, public functions.
+
+Read top-down: ``softmax_fwd`` / ``softmax_bwd`` launch the kernels of
+``probact_gpu.kernels.softmax`` on any strided tensor (taking a ``config`` override so tests
+reach every path); ``probact_gpu::softmax_fwd`` / ``::softmax_bwd`` wrap them as torch.library
+ops with fake implementations, so ``torch.compile(fullgraph=True)`` traces them; autograd is
+registered on the forward op; ``softmax`` / ``log_softmax`` are the public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import tiling
+from .._runtime import (
+    check_float,
+    check_runnable,
+    check_same_device,
+    device_guard,
+    normalize_dim,
+    record,
+    row_view,
+    sm_count,
+)
+from ..kernels.softmax import (
+    softmax_bwd_kernel,
+    softmax_fwd_kernel,
+    softmax_split_bwd_kernel,
+    softmax_split_dot_kernel,
+    softmax_split_fwd_kernel,
+    softmax_split_stats_kernel,
+)
+from ..tiling import RowConfig
+
+
+def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None) -> RowConfig:
+    if config is None:
+        return tiling.choose_row_config(n_rows, n_cols, t.element_size(), sm_count(t.device))
+    config.validate_for(n_cols)
+    return config
+
+
+def _stats_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def softmax_fwd(
+    x: torch.Tensor,
+    dim: int = -1,
+    *,
+    log: bool = False,
+    dtype: torch.dtype | None = None,
+    config: RowConfig | None = None,
+) -> torch.Tensor:
+    """softmax (``log=False``) or log_softmax of ``x`` along ``dim``; a new contiguous tensor of
+    ``dtype`` (default ``x.dtype``). ``x`` may have any strides: no copy is made unless the dims
+    around ``dim`` cannot each be merged into one stride."""
+    check_float("input", x)
+    dim = normalize_dim(dim, x.ndim)
+    out_dtype = x.dtype if dtype is None else dtype
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"dtype must be a floating dtype, got {out_dtype}")
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    check_runnable(x)
+    xv, yv = row_view(x, dim), row_view(y, dim)
+    cfg = _config(xv.n_rows, xv.n_cols, x, config)
+    with device_guard(x):
+        if cfg.path == "split":
+            chunk = tiling.split_chunk(xv.n_cols, cfg)
+            stats = torch.empty(
+                (xv.n_rows, cfg.n_splits, 2), dtype=_stats_dtype(x), device=x.device
+            )
+            grid = (xv.n_rows, cfg.n_splits)
+            softmax_split_stats_kernel[grid](
+                xv.tensor, stats, xv.n_cols, xv.n_inner, chunk, *xv.strides,
+                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            )
+            record(softmax_split_stats_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
+            softmax_split_fwd_kernel[grid](
+                xv.tensor, y, stats, xv.n_cols, xv.n_inner, chunk, cfg.n_splits,
+                *xv.strides, *yv.strides,
+                BLOCK_N=cfg.block_n, BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log,
+                num_warps=cfg.num_warps,
+            )
+            record(softmax_split_fwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
+        else:
+            single = cfg.path == "single"
+            grid = (tiling.cdiv(xv.n_rows, cfg.block_m),)
+            softmax_fwd_kernel[grid](
+                xv.tensor, y, xv.n_rows, xv.n_cols, xv.n_inner, *xv.strides, *yv.strides,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=single, IS_LOG=log,
+                num_warps=cfg.num_warps,
+            )
+            record(softmax_fwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    return y
+
+
+def softmax_bwd(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    dim: int = -1,
+    *,
+    log: bool = False,
+    dtype: torch.dtype | None = None,
+    config: RowConfig | None = None,
+) -> torch.Tensor:
+    """Gradient of softmax (``log=False``) or log_softmax w.r.t. its input, from the forward's
+    output ``y`` and the incoming gradient ``dy`` (any strides); ``dtype`` is the input's dtype
+    (default ``y.dtype``). Returns a new tensor laid out like ``y`` when ``y`` is contiguous."""
+    check_float("y", y)
+    check_float("grad_output", dy)
+    if dy.shape != y.shape:
+        raise ValueError(f"grad_output has shape {tuple(dy.shape)}, expected {tuple(y.shape)}")
+    check_same_device(y=y, grad_output=dy)
+    dim = normalize_dim(dim, y.ndim)
+    y = y.contiguous()
+    dx = torch.empty(y.shape, dtype=y.dtype if dtype is None else dtype, device=y.device)
+    if y.numel() == 0:
+        return dx
+    check_runnable(y, "y")
+    yv, dyv = row_view(y, dim), row_view(dy, dim)
+    cfg = _config(yv.n_rows, yv.n_cols, y, config)
+    with device_guard(y):
+        if cfg.path == "split":
+            chunk = tiling.split_chunk(yv.n_cols, cfg)
+            partial = torch.empty(
+                (yv.n_rows, cfg.n_splits), dtype=_stats_dtype(y), device=y.device
+            )
+            grid = (yv.n_rows, cfg.n_splits)
+            softmax_split_dot_kernel[grid](
+                y, dyv.tensor, partial, yv.n_cols, yv.n_inner, chunk, *yv.strides, *dyv.strides,
+                BLOCK_N=cfg.block_n, IS_LOG=log, num_warps=cfg.num_warps,
+            )
+            record(softmax_split_dot_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
+            softmax_split_bwd_kernel[grid](
+                y, dyv.tensor, dx, partial, yv.n_cols, yv.n_inner, chunk, cfg.n_splits,
+                *yv.strides, *dyv.strides,
+                BLOCK_N=cfg.block_n, BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log,
+                num_warps=cfg.num_warps,
+            )
+            record(softmax_split_bwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
+        else:
+            grid = (tiling.cdiv(yv.n_rows, cfg.block_m),)
+            softmax_bwd_kernel[grid](
+                y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.path == "single",
+                IS_LOG=log, num_warps=cfg.num_warps,
+            )
+            record(softmax_bwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    return dx
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("probact_gpu::softmax_fwd", mutates_args=())
+def _softmax_fwd_op(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype | None) -> torch.Tensor:
+    return softmax_fwd(x, dim, log=log, dtype=dtype)
+
+
+@_softmax_fwd_op.register_fake
+def _(x, dim, log, dtype):
+    return torch.empty(x.shape, dtype=x.dtype if dtype is None else dtype, device=x.device)
+
+
+@torch.library.custom_op("probact_gpu::softmax_bwd", mutates_args=())
+def _softmax_bwd_op(
+    y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    return softmax_bwd(y, dy, dim, log=log, dtype=dtype)
+
+
+@_softmax_bwd_op.register_fake
+def _(y, dy, dim, log, dtype):
+    return torch.empty(y.shape, dtype=dtype, device=y.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dim, log, _ = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log, ctx.in_dtype = dim, log, x.dtype
+
+
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _softmax_bwd_op(y, dy, ctx.dim, ctx.log, ctx.in_dtype), None, None, None
+
+
+torch.library.register_autograd("probact_gpu::softmax_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _prepare(input: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if dtype is not None and not input.dtype.is_floating_point:
+        input = input.to(dtype)  # torch casts integer input to `dtype` first
+    check_float("input", input)
+    normalize_dim(dim, input.ndim)
+    return input
+
+
+def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``exp(x − max) / Σ exp(x − max)`` along ``dim``, as ``torch.softmax``; computed in fp32
+    (fp64 for fp64 input) and returned in ``dtype`` (default: the input's dtype)."""
+    input = _prepare(input, dim, dtype)
+    return _softmax_fwd_op(input, dim, False, dtype)
+
+
+def log_softmax(
+    input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``(x − max) − log Σ exp(x − max)`` along ``dim``, as ``torch.log_softmax``."""
+    input = _prepare(input, dim, dtype)
+    return _softmax_fwd_op(input, dim, True, dtype)

@@ -1,0 +1,102 @@
+"""Test helpers shared by the test suite and ``probact-gpu check``: the one tolerance table,
+input makers that hand both sides identical (rounded) values, and the comparison that explains
+its failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._runtime import Launch, record_launches
+
+__all__ = [
+    "TOLERANCES",
+    "Errors",
+    "assert_close_to_reference",
+    "errors",
+    "make_input",
+    "record_launches",
+    "Launch",
+    "to_numpy64",
+]
+
+# (atol, rtol) of a result computed in fp32 and rounded to the dtype, against float64. The
+# 16-bit rows are a few ulps of the output format; fp32 allows the fp32 math's rounding.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 5e-3),
+    torch.bfloat16: (8e-3, 2e-2),
+}
+
+
+def to_numpy64(t: torch.Tensor) -> np.ndarray:
+    """The tensor's exact values as a float64 array (bf16/fp16 upcast losslessly)."""
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def make_input(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    rng: np.random.Generator,
+    *,
+    scale: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Gaussian values × ``scale``, cast to ``dtype``; returns the tensor and the *rounded* values
+    in float64, so the reference sees exactly what the kernel sees."""
+    values = rng.standard_normal(shape) * scale
+    t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(device)
+    return t, to_numpy64(t)
+
+
+@dataclass(frozen=True)
+class Errors:
+    max_abs: float
+    max_rel: float
+    passed: bool
+    first_bad: tuple[int, ...] | None
+    detail: str
+
+
+def errors(actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch.dtype) -> Errors:
+    """Compare against a float64 reference with ``TOLERANCES[dtype]``: |a − e| <= atol + rtol·|e|
+    elementwise; NaN and ±inf must sit in the same places with the same sign. ``max_rel`` is
+    over elements with |e| > atol."""
+    atol, rtol = TOLERANCES[dtype]
+    a = to_numpy64(actual) if isinstance(actual, torch.Tensor) else np.asarray(actual, np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        return Errors(float("inf"), float("inf"), False, None,
+                      f"shape {a.shape} != reference shape {e.shape}")
+    if a.size == 0:
+        return Errors(0.0, 0.0, True, None, "empty")
+    same_special = (np.isnan(a) == np.isnan(e)) & (np.isposinf(a) == np.isposinf(e)) & (
+        np.isneginf(a) == np.isneginf(e)
+    )
+    finite = np.isfinite(a) & np.isfinite(e)
+    diff = np.where(finite, np.abs(a - e), 0.0)
+    ok = same_special & (diff <= atol + rtol * np.abs(np.where(finite, e, 0.0)))
+    max_abs = float(diff.max())
+    big = finite & (np.abs(e) > atol)
+    max_rel = float((diff[big] / np.abs(e[big])).max()) if big.any() else 0.0
+    bad = np.argwhere(~ok)
+    first = tuple(int(i) for i in bad[0]) if len(bad) else None
+    detail = (
+        f"max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (atol {atol:g}, rtol {rtol:g}); "
+        + (f"{len(bad)} bad, first at {first}: got {a[first]!r}, expected {e[first]!r}"
+           if first is not None else "all within tolerance")
+    )
+    return Errors(max_abs, max_rel, first is None, first, detail)
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch.dtype, name: str = "output"
+) -> None:
+    """Assert ``errors(...)`` passes; the message carries the max errors and the first bad index."""
+    err = errors(actual, expected, dtype)
+    if not err.passed:
+        raise AssertionError(f"{name} ({dtype}): {err.detail}")

@@ -1,0 +1,152 @@
+"""Every launch heuristic of probact_gpu, in one place. Pure functions of sizes, dtype width and
+SM count: no device queries, no tensors.
+
+Row-reduction ops (softmax, log_softmax, cross-entropy) run one of three paths:
+
+- ``single``: the whole row is one tile held on-chip (``BLOCK_N >= n_cols``), optionally several
+  rows per program (``BLOCK_M``). One read, one write per element.
+- ``multi``: one program per row sweeps it in ``BLOCK_N`` tiles keeping an online (max, sum of
+  exp), then sweeps it again (in reverse, so the tiles read last are still in L2) to write.
+- ``split``: few long rows. ``n_splits`` programs per row each reduce a chunk to a partial
+  (max, sum); a second launch merges the partials of its row and writes its chunk. This is what
+  lets 8 rows x 262144 columns spread over every SM.
+
+The thresholds below are reasoned, not yet swept on hardware (no GPU was available when they
+were written; see perf/NOTES.md): a single tile of up to 32 KiB of input per row keeps at most
+128 KiB of fp32 values per program (half an SM's register file at 16 warps), and the split path
+starts when the rows alone give fewer than two programs per SM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PATHS = ("single", "multi", "split")
+
+# Largest row (in bytes of input) kept on-chip as one tile.
+SINGLE_TILE_MAX_BYTES = 32 * 1024
+# Elements per tile of the multi-tile / split loops.
+LOOP_TILE_BYTES = 16 * 1024
+# Rows per program in the single-tile path stop growing once a program holds this many elements.
+SINGLE_TILE_TARGET_ELEMS = 4096
+# Programs per SM under which rows alone do not fill the GPU.
+MIN_PROGRAMS_PER_SM = 2
+# Programs per SM the split path aims for, and the fewest tiles a split chunk should hold.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_TILES = 2
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """How a row reduction is launched. ``block_m`` is used by ``single`` only, ``n_splits`` by
+    ``split`` only (1 elsewhere)."""
+
+    path: str
+    block_n: int
+    num_warps: int
+    block_m: int = 1
+    n_splits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        for name in ("block_n", "block_m"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two in [1, 32], got {self.num_warps}")
+        if self.n_splits < 1:
+            raise ValueError(f"n_splits must be >= 1, got {self.n_splits}")
+        if self.path != "split" and self.n_splits != 1:
+            raise ValueError(f"n_splits={self.n_splits} only applies to the split path")
+        if self.path != "single" and self.block_m != 1:
+            raise ValueError(f"block_m={self.block_m} only applies to the single path")
+
+    def validate_for(self, n_cols: int) -> None:
+        """A single tile must cover the row; raise otherwise (a user-supplied config)."""
+        if self.path == "single" and self.block_n < n_cols:
+            raise ValueError(
+                f"config.block_n={self.block_n} is smaller than the row ({n_cols} columns): "
+                "the single path holds the whole row in one tile"
+            )
+
+
+def warps_for(elems_per_program: int) -> int:
+    """Warps per program: about 16 to 32 elements per thread, 4 to 16 warps."""
+    if elems_per_program <= 1024:
+        return 4
+    if elems_per_program <= 4096:
+        return 8
+    return 16
+
+
+def single_tile_max_cols(elem_size: int) -> int:
+    """The longest row the single-tile path holds on-chip, for an input of this element size."""
+    return SINGLE_TILE_MAX_BYTES // elem_size
+
+
+def loop_block(elem_size: int) -> int:
+    """Tile width of the multi-tile and split loops: 16 KiB of input per tile."""
+    return LOOP_TILE_BYTES // elem_size
+
+
+def choose_row_config(
+    n_rows: int, n_cols: int, elem_size: int, sm_count: int, *, max_single_cols: int | None = None
+) -> RowConfig:
+    """Pick the path and tile sizes for ``n_rows`` rows of ``n_cols`` elements of ``elem_size``
+    bytes on a device with ``sm_count`` SMs. ``max_single_cols`` lowers the single-tile limit for
+    kernels that keep more than one row-sized value live (cross-entropy's gradient)."""
+    single_limit = single_tile_max_cols(elem_size)
+    if max_single_cols is not None:
+        single_limit = min(single_limit, max_single_cols)
+    if n_cols <= single_limit:
+        block_n = next_power_of_2(n_cols)
+        block_m = max(1, SINGLE_TILE_TARGET_ELEMS // block_n)
+        # Keep enough programs to fill the device before packing rows together.
+        while block_m > 1 and cdiv(n_rows, block_m) < MIN_PROGRAMS_PER_SM * sm_count:
+            block_m //= 2
+        block_m = min(block_m, next_power_of_2(n_rows))
+        return RowConfig("single", block_n, warps_for(block_m * block_n), block_m=block_m)
+
+    block_n = min(loop_block(elem_size), next_power_of_2(n_cols))
+    if n_rows < MIN_PROGRAMS_PER_SM * sm_count:
+        wanted = cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, n_rows)
+        most = cdiv(n_cols, SPLIT_MIN_TILES * block_n)
+        n_splits = min(wanted, most)
+        if n_splits > 1:
+            return RowConfig("split", block_n, warps_for(block_n), n_splits=n_splits)
+    return RowConfig("multi", block_n, warps_for(block_n))
+
+
+def split_chunk(n_cols: int, config: RowConfig) -> int:
+    """Columns per split program: a whole number of tiles, so only the row's last tile masks."""
+    return cdiv(cdiv(n_cols, config.n_splits), config.block_n) * config.block_n
+
+
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    """Launch of an elementwise kernel over a flattened tensor: ``block`` elements a program."""
+
+    block: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 1, got {self.block}")
+
+
+def choose_elementwise_config(numel: int, elem_size: int) -> ElementwiseConfig:
+    """16 KiB of input per program (fewer for a small tensor): at 8 warps that is 16 to 64 bytes
+    in flight per thread, enough to stream at the copy rate."""
+    block = min(LOOP_TILE_BYTES // elem_size, next_power_of_2(max(numel, 1)))
+    block = max(block, 16)
+    return ElementwiseConfig(block, 4 if block <= 2048 else 8)
