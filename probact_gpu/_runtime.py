@@ -41,7 +41,8 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         if t.device != device:
             first = named[0][0]
             raise ValueError(
-                f"{name} is on {t.device} but {first} is on {device}: all tensors must be on one device"
+                f"{name} is on {t.device} but {first} is on {device}: "
+                "all tensors must be on one device"
             )
     return device
 
@@ -90,7 +91,7 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index or 0).multi_processor_count
@@ -132,10 +133,10 @@ class RowView:
 
 def _merged_stride(shape: Sequence[int], strides: Sequence[int]) -> int | None:
     """The single stride of dims that merge into one (None if they do not merge)."""
-    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    dims = [(n, s) for n, s in zip(shape, strides, strict=False) if n != 1]
     if not dims:
         return 0
-    for (n_outer, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]):
+    for (_n_outer, s_outer), (n_inner, s_inner) in zip(dims, dims[1:], strict=False):
         if s_outer != n_inner * s_inner:
             return None
     return dims[-1][1]
@@ -160,6 +161,30 @@ def row_view(t: torch.Tensor, dim: int) -> RowView:
     return RowView(t, n_outer * n_inner, shape[dim], n_inner, outer, inner, strides[dim])
 
 
+# --------------------------------------------------------------------------- outputs
+
+_poison: list[bool] = []
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel's output. Inside :func:`poison_outputs` float outputs start as NaN, so
+    an element a kernel forgot to write shows up in any comparison (the test suite poisons
+    every output); otherwise this is ``torch.empty``."""
+    if _poison and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Fill every output allocated by a launcher inside the block with NaN first."""
+    _poison.append(True)
+    try:
+        yield
+    finally:
+        _poison.pop()
+
+
 # --------------------------------------------------------------------------- launch record
 
 
@@ -177,7 +202,8 @@ _recorders: list[list[Launch]] = []
 def record(kernel: Any, path: str, grid: tuple[int, ...], **meta: Any) -> None:
     """Note one launch for any active :func:`record_launches` block (free when none is)."""
     if _recorders:
-        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+        fn = getattr(kernel, "fn", None)
+        name = getattr(kernel, "__name__", None) or getattr(fn, "__name__", "?")
         launch = Launch(name, path, tuple(grid), meta)
         for log in _recorders:
             log.append(launch)

@@ -1,6 +1,8 @@
 """The ``probact-gpu`` command (also ``python -m probact_gpu``).
 
     probact-gpu check [--large] [--op OP ...] [--seed N]
+    probact-gpu bench [--op OP|all ...] [--dtype bf16|fp16|fp32 ...] [--pass fwd|bwd|fwd_bwd ...]
+                      [--quick] [--smoke] [--out DIR]
 
 On a machine without CUDA the kernels run on the CPU through Triton's interpreter; this module
 sets ``TRITON_INTERPRET=1`` before anything imports triton, so it must not import the kernels at
@@ -20,7 +22,9 @@ def _pick_device(requested: str | None) -> str:
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("probact-gpu: triton was imported before the CPU interpreter could be chosen")
+            raise SystemExit(
+                "probact-gpu: triton was imported before the CPU interpreter could be chosen"
+            )
         os.environ["TRITON_INTERPRET"] = "1"
     return device
 
@@ -39,6 +43,38 @@ def _check(args: argparse.Namespace) -> int:
     return check.run(torch.device(device), large=large, ops=ops, seed=args.seed)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    device = _pick_device(args.device)
+    smoke = args.smoke or device == "cpu"
+    if device == "cpu":
+        print("probact-gpu bench: no CUDA device, so nothing can be timed. Running a smoke pass of "
+              "the harness only: tiny shapes, each provider once on the CPU through the Triton "
+              "interpreter, untimed.\n")
+    import torch
+
+    from .bench import report, runner
+    from .bench.shapes import OPS
+
+    ops = OPS if not args.op or "all" in args.op else tuple(dict.fromkeys(args.op))
+    dtypes = tuple(dict.fromkeys(args.dtype or ["bf16"]))
+    passes = tuple(dict.fromkeys(args.passes)) if args.passes else None
+    size = "smoke" if smoke else ("quick" if args.quick else "full")
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if device == "cuda" else "cpu (Triton interpreter)"
+    if smoke and device == "cuda":
+        print(f"probact-gpu bench --smoke on {name}: tiny shapes, each provider once, untimed.\n")
+    env = report.environment("smoke" if smoke else "cuda", name, quick=args.quick,
+                             command="probact-gpu " + " ".join(args.argv))
+    copy_gbps, rows = runner.run(ops=ops, dtypes=dtypes, passes=passes, size=size, device=dev)
+    print(report.format_header(env, copy_gbps))
+    print(report.format_table(rows))
+    if args.out:
+        for path in report.write_results(args.out, env, copy_gbps, rows):
+            print(f"wrote {path}")
+    ran = [r for r in rows if r.status != "skipped"]
+    return 0 if ran else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probact-gpu", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,7 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_check)
 
+    b = sub.add_parser("bench", help="time every op against torch, torch.compile and Liger")
+    b.add_argument("--op", action="append",
+                   choices=("softmax", "log_softmax", "sigmoid", "cross_entropy", "bce",
+                            "linear_cross_entropy", "all"),
+                   help="op family (repeatable; default all)")
+    b.add_argument("--dtype", action="append", choices=("bf16", "fp16", "fp32"),
+                   help="repeatable; default bf16")
+    b.add_argument("--pass", dest="passes", action="append", choices=("fwd", "bwd", "fwd_bwd"),
+                   help="repeatable; default: fwd and fwd_bwd for softmax/sigmoid, fwd_bwd for "
+                        "the losses")
+    b.add_argument("--quick", action="store_true", help="a subset of PERF.md's shapes (~1 min)")
+    b.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, each provider once, untimed (what CI runs)")
+    b.add_argument("--out", metavar="DIR",
+                   help="write DIR/<gpu>/<date>.{md,json,png}")
+    b.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu (smoke pass only)")
+    b.set_defaults(func=_bench)
+
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

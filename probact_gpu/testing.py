@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._runtime import Launch, record_launches
+from ._runtime import Launch, poison_outputs, record_launches
 
 __all__ = [
     "TOLERANCES",
@@ -18,6 +18,7 @@ __all__ = [
     "assert_close_to_reference",
     "errors",
     "make_input",
+    "poison_outputs",
     "record_launches",
     "Launch",
     "to_numpy64",
@@ -94,7 +95,10 @@ def errors(actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch
 
 
 def assert_close_to_reference(
-    actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch.dtype, name: str = "output"
+    actual: torch.Tensor | np.ndarray,
+    expected: np.ndarray,
+    dtype: torch.dtype,
+    name: str = "output",
 ) -> None:
     """Assert ``errors(...)`` passes; the message carries the max errors and the first bad index."""
     err = errors(actual, expected, dtype)

@@ -31,9 +31,10 @@ LOOP_TILE_BYTES = 16 * 1024
 SINGLE_TILE_TARGET_ELEMS = 4096
 # Programs per SM under which rows alone do not fill the GPU.
 MIN_PROGRAMS_PER_SM = 2
-# Programs per SM the split path aims for, and the fewest tiles a split chunk should hold.
+# Programs per SM the split path aims for, and the fewest elements a split chunk should hold
+# (below that, the second launch and the partials cost more than the parallelism gains).
 SPLIT_PROGRAMS_PER_SM = 4
-SPLIT_MIN_TILES = 2
+SPLIT_MIN_CHUNK = 4096
 
 
 def next_power_of_2(n: int) -> int:
@@ -120,9 +121,9 @@ def choose_row_config(
     block_n = min(loop_block(elem_size), next_power_of_2(n_cols))
     if n_rows < MIN_PROGRAMS_PER_SM * sm_count:
         wanted = cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, n_rows)
-        most = cdiv(n_cols, SPLIT_MIN_TILES * block_n)
-        n_splits = min(wanted, most)
+        n_splits = min(wanted, cdiv(n_cols, SPLIT_MIN_CHUNK))
         if n_splits > 1:
+            block_n = min(block_n, next_power_of_2(cdiv(n_cols, n_splits)))
             return RowConfig("split", block_n, warps_for(block_n), n_splits=n_splits)
     return RowConfig("multi", block_n, warps_for(block_n))
 
@@ -150,3 +151,23 @@ def choose_elementwise_config(numel: int, elem_size: int) -> ElementwiseConfig:
     block = min(LOOP_TILE_BYTES // elem_size, next_power_of_2(max(numel, 1)))
     block = max(block, 16)
     return ElementwiseConfig(block, 4 if block <= 2048 else 8)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+# Longest row the cross-entropy single-tile kernel holds on-chip. Lower than the softmax limit
+# because the fused forward+gradient keeps z, exp(z − lse) and dx live per element: 8192 fp32
+# values of z per row is 16 per thread at 16 warps. Reasoned, not yet swept (perf/NOTES.md).
+CE_MAX_SINGLE_COLS = 8192
+# Targets summed per step by the one-program mean-divisor pre-pass.
+CE_TOTAL_WEIGHT_BLOCK = 1024
+
+
+def choose_cross_entropy_config(
+    n_rows: int, n_cols: int, elem_size: int, sm_count: int
+) -> RowConfig:
+    """``choose_row_config`` with the single tile capped at ``CE_MAX_SINGLE_COLS``: single tile
+    up to 8192 classes, multi tile beyond, split when the rows alone do not fill the device."""
+    return choose_row_config(
+        n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
+    )

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 
 
 def pytest_report_header(config):
-    return f"probact_gpu tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+    interpret = os.environ.get("TRITON_INTERPRET", "0")
+    return f"probact_gpu tests on {DEVICE} (TRITON_INTERPRET={interpret})"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,10 +43,12 @@ def rng(request) -> np.random.Generator:
 
 
 @pytest.fixture(autouse=True)
-def _proves_triton_ran():
-    """On CPU every test must run the interpreter, never a fallback: kernels must be interpreted."""
-    if DEVICE == "cpu":
-        from probact_gpu._runtime import interpreting
+def _interpreted_and_poisoned():
+    """On CPU every test must run the interpreter, never a fallback; and in every test each
+    launcher's outputs start as NaN, so an element a kernel does not write fails the comparison."""
+    from probact_gpu._runtime import interpreting, poison_outputs
 
+    if DEVICE == "cpu":
         assert interpreting(), "TRITON_INTERPRET was not honoured: kernels are not interpreted"
-    yield
+    with poison_outputs():
+        yield

@@ -17,6 +17,7 @@ from .._runtime import (
     check_runnable,
     check_same_device,
     device_guard,
+    empty,
     normalize_dim,
     record,
     row_view,
@@ -60,7 +61,7 @@ def softmax_fwd(
     out_dtype = x.dtype if dtype is None else dtype
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype must be a floating dtype, got {out_dtype}")
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = empty(x.shape, out_dtype, x.device)
     if x.numel() == 0:
         return y
     check_runnable(x)
@@ -116,7 +117,7 @@ def softmax_bwd(
     check_same_device(y=y, grad_output=dy)
     dim = normalize_dim(dim, y.ndim)
     y = y.contiguous()
-    dx = torch.empty(y.shape, dtype=y.dtype if dtype is None else dtype, device=y.device)
+    dx = empty(y.shape, y.dtype if dtype is None else dtype, y.device)
     if y.numel() == 0:
         return dx
     check_runnable(y, "y")
@@ -156,7 +157,9 @@ def softmax_bwd(
 
 
 @torch.library.custom_op("probact_gpu::softmax_fwd", mutates_args=())
-def _softmax_fwd_op(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype | None) -> torch.Tensor:
+def _softmax_fwd_op(
+    x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype | None
+) -> torch.Tensor:
     return softmax_fwd(x, dim, log=log, dtype=dtype)
 
 

@@ -1,0 +1,335 @@
+"""softmax / log_softmax: values and gradients against NumPy float64, every path forced and
+asserted, properties, edge values, strides, bad input. Every shape says why it is there."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import probact_gpu as pg
+from probact_gpu import reference, tiling
+from probact_gpu.ops.softmax import softmax_bwd, softmax_fwd
+from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
+from probact_gpu.tiling import RowConfig
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OPS = {
+    False: (reference.softmax, reference.softmax_grad, torch.softmax),
+    True: (reference.log_softmax, reference.log_softmax_grad, torch.log_softmax),
+}
+
+# (config, shape, why): each path with a shape that makes its masking matter.
+PATH_CASES = [
+    (RowConfig("single", 256, 4, block_m=4), (7, 129), "single tile, several rows a program, "
+     "masked rows (7 % 4) and columns (129 < 256)"),
+    (RowConfig("single", 1, 1, block_m=1), (5, 1), "single column"),
+    (RowConfig("multi", 32, 4), (6, 129), "multi tile: 5 tiles, last one 1 column"),
+    (RowConfig("multi", 64, 4), (3, 64), "multi tile, exactly one full tile"),
+    (RowConfig("split", 16, 4, n_splits=3), (4, 100), "split: 3 chunks of 48 columns, last short"),
+    (RowConfig("split", 16, 4, n_splits=8), (2, 40), "split with empty trailing chunks"),
+]
+
+
+def _fwd_bwd_check(x, x64, dy, dy64, dim, log, dtype, config):
+    ref_fwd, ref_grad, _ = OPS[log]
+    y = softmax_fwd(x, dim, log=log, config=config)
+    y_ref = ref_fwd(x64, dim)
+    assert_close_to_reference(y, y_ref, dtype, "y")
+    dx = softmax_bwd(y, dy, dim, log=log, dtype=x.dtype, config=config)
+    # The reference gradient from the *rounded* output the kernel saw, so that only the backward's
+    # own error is measured.
+    assert_close_to_reference(dx, ref_grad(to_numpy64(y), dy64, dim), dtype, "dx")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "config,shape,why", PATH_CASES, ids=[c[2].split(":")[0] for c in PATH_CASES]
+)
+def test_softmax_every_path_matches_reference(config, shape, why, dtype, log, device, rng):
+    x, x64 = make_input(shape, dtype, rng, scale=3.0, device=device)
+    dy, dy64 = make_input(shape, dtype, rng, device=device)
+    with record_launches() as launches:
+        _fwd_bwd_check(x, x64, dy, dy64, -1, log, dtype, config)
+    assert {launch.path for launch in launches} == {config.path}, why
+    expected = (["softmax_split_stats_kernel", "softmax_split_fwd_kernel",
+                 "softmax_split_dot_kernel", "softmax_split_bwd_kernel"]
+                if config.path == "split" else ["softmax_fwd_kernel", "softmax_bwd_kernel"])
+    assert [launch.kernel for launch in launches] == expected
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize(
+    "n_cols,why",
+    [(1, "one column"), (7, "odd"), (129, "one past a power of two"), (4097, "odd, > 4096"),
+     (32000, "an LM vocabulary; multi tile or split on CPU's SM count")],
+)
+def test_softmax_odd_sizes_default_config(n_cols, why, log, device, rng):
+    x, x64 = make_input((3, n_cols), torch.float32, rng, scale=2.0, device=device)
+    dy, dy64 = make_input((3, n_cols), torch.float32, rng, device=device)
+    _fwd_bwd_check(x, x64, dy, dy64, -1, log, torch.float32, None)
+
+
+def test_tiling_reaches_each_path_by_default():
+    """The default heuristics pick each path for the shapes they were written for (132 SMs)."""
+    assert tiling.choose_row_config(4096, 1024, 2, 132).path == "single"
+    assert tiling.choose_row_config(4096, 262144, 2, 132).path == "multi"
+    assert tiling.choose_row_config(8, 262144, 2, 132).path == "split"
+    assert tiling.choose_row_config(8, 262144, 2, 132).n_splits > 1
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize(
+    "shape,dim,why",
+    [((4, 5, 6), 1, "middle dim: rows strided by 6"), ((4, 5, 6), 0, "first dim"),
+     ((4, 5, 6), -3, "negative dim"), ((9,), 0, "1-d"), ((2, 3, 4, 5), 2, "4-d, inner dims merge")],
+)
+def test_softmax_any_dim(shape, dim, why, log, device, rng):
+    x, x64 = make_input(shape, torch.float32, rng, device=device)
+    dy, dy64 = make_input(shape, torch.float32, rng, device=device)
+    for config in (None, RowConfig("multi", 2, 1)):
+        _fwd_bwd_check(x, x64, dy, dy64, dim, log, torch.float32, config)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_strided_views_without_copy(log, device, rng):
+    base, base64 = make_input((8, 40), torch.float32, rng, device=device)
+    views = {
+        "transposed": (base.t(), base64.T),
+        "column slice": (base[:, 3:30], base64[:, 3:30]),
+        "every other column": (base[:, ::2], base64[:, ::2]),
+        "every other row": (base[::2], base64[::2]),
+    }
+    for _name, (x, x64) in views.items():
+        dy, dy64 = make_input(tuple(x.shape), torch.float32, rng, device=device)
+        for config in (None, RowConfig("multi", 8, 1), RowConfig("split", 4, 1, n_splits=3)):
+            _fwd_bwd_check(x, x64, dy.t().contiguous().t(), dy64, -1, log, torch.float32, config)
+
+
+def test_softmax_permuted_input_is_copied_not_misread(device, rng):
+    """Dims around `dim` that cannot merge into one stride fall back to a contiguous copy."""
+    x, x64 = make_input((3, 4, 5), torch.float32, rng, device=device)
+    xp, xp64 = x.permute(2, 0, 1), np.transpose(x64, (2, 0, 1))  # dims 0 and 2 do not merge
+    assert_close_to_reference(pg.softmax(xp, 1), reference.softmax(xp64, 1), torch.float32)
+
+
+def test_softmax_public_api_autograd(device, rng):
+    for log in (False, True):
+        ref_fwd, ref_grad, _ = OPS[log]
+        fn = pg.log_softmax if log else pg.softmax
+        x, x64 = make_input((5, 33), torch.bfloat16, rng, device=device)
+        dy, dy64 = make_input((5, 33), torch.bfloat16, rng, device=device)
+        xr = x.clone().requires_grad_()
+        y = fn(xr, dim=-1)
+        y.backward(dy)
+        assert y.dtype == torch.bfloat16 and xr.grad.dtype == torch.bfloat16
+        assert_close_to_reference(y, ref_fwd(x64), torch.bfloat16)
+        assert_close_to_reference(xr.grad, ref_grad(to_numpy64(y), dy64), torch.bfloat16)
+
+
+def test_softmax_dtype_argument(device, rng):
+    x, x64 = make_input((4, 50), torch.bfloat16, rng, device=device)
+    y = pg.softmax(x.clone().requires_grad_(), dim=1, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    assert_close_to_reference(y, reference.softmax(x64), torch.float32)
+    xr = x.clone().requires_grad_()
+    pg.log_softmax(xr, 1, dtype=torch.float32).sum().backward()
+    assert xr.grad.dtype == torch.bfloat16
+    ints = torch.arange(6, device=device).reshape(2, 3)
+    assert_close_to_reference(pg.softmax(ints, 1, dtype=torch.float64),
+                              reference.softmax(to_numpy64(ints), 1), torch.float64)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_gradcheck_float64(log, device):
+    fn = pg.log_softmax if log else pg.softmax
+    x = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, 1), (x,))
+    x2 = torch.randn(4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, 1), (x2,))
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_softmax_rows_sum_to_one_and_log_is_nonpositive(dtype, device, rng):
+    x, _ = make_input((6, 300), dtype, rng, scale=5.0, device=device)
+    for config in (None, RowConfig("multi", 64, 4), RowConfig("split", 64, 4, n_splits=3)):
+        y = softmax_fwd(x, log=False, config=config).double()
+        atol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+        ones = torch.ones(6, dtype=torch.float64, device=device)
+        assert torch.allclose(y.sum(-1), ones, atol=atol)
+        assert (y >= 0).all()
+        assert (softmax_fwd(x, log=True, config=config) <= 0).all()
+
+
+def test_softmax_shift_invariant(device, rng):
+    x, _ = make_input((4, 257), torch.float32, rng, device=device)
+    for config in (None, RowConfig("multi", 32, 4), RowConfig("split", 32, 4, n_splits=4)):
+        a = softmax_fwd(x, config=config)
+        b = softmax_fwd(x + 100.0, config=config)
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_large_logits_finite(dtype, log, device, rng):
+    x, x64 = make_input((4, 200), torch.float32, rng, device=device)
+    x = (x.sign() * 1e4 + x).to(dtype)  # ±1e4 with a spread
+    for config in (None, RowConfig("multi", 32, 4), RowConfig("split", 32, 4, n_splits=3)):
+        y = softmax_fwd(x, log=log, config=config)
+        assert torch.isfinite(y).all()
+        assert_close_to_reference(y, OPS[log][0](to_numpy64(x)), dtype)
+
+
+@pytest.mark.parametrize("config", [None, RowConfig("multi", 2, 1),
+                                    RowConfig("split", 2, 1, n_splits=2)], ids=str)
+def test_softmax_edge_values_match_torch(config, device):
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([
+        [1000.0, 1000.0, -inf, -inf],    # equal logits → exactly 0.5; −inf → exactly 0
+        [-inf, -inf, -inf, -inf],        # all −inf: torch gives NaN
+        [-inf, -inf, 2.0, -inf],         # one finite entry: one-hot
+        [1.0, nan, 2.0, 3.0],            # NaN propagates to the row
+        [inf, 1.0, 2.0, 3.0],            # +inf: torch gives NaN
+        [-1e4, 1e4, 0.0, 1e4],
+    ], device=device)
+    for log in (False, True):
+        ours = softmax_fwd(x, log=log, config=config)
+        theirs = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    y = softmax_fwd(x, config=config)
+    assert y[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert y[2].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_softmax_empty_and_0d(device):
+    for shape, dim in [((0, 5), 1), ((5, 0), 1), ((3, 0, 2), 0), ((0,), 0)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = pg.softmax(x, dim)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    scalar = torch.tensor(3.0, device=device, requires_grad=True)
+    y = pg.softmax(scalar, 0)
+    assert y.shape == () and y.item() == 1.0
+    assert pg.log_softmax(scalar, -1).item() == 0.0
+    y.backward()
+    assert scalar.grad.item() == 0.0
+
+
+def test_softmax_poisoned_output_is_fully_written(device, rng):
+    """Outputs start as NaN under poison_outputs (every test runs so, via conftest): a kernel
+    that skips an element leaves a NaN there. Prove the poison is really on."""
+    from probact_gpu._runtime import empty
+
+    assert torch.isnan(empty((3,), torch.float32, device)).all()
+    x, x64 = make_input((5, 77), torch.float32, rng, device=device)
+    for config in (RowConfig("single", 128, 4, block_m=2), RowConfig("multi", 16, 1),
+                   RowConfig("split", 16, 1, n_splits=3)):
+        y = softmax_fwd(x, config=config)
+        assert not torch.isnan(y).any(), config
+        assert_close_to_reference(y, reference.softmax(x64), torch.float32)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_softmax_rejects_bad_input(device):
+    with pytest.raises(TypeError, match="dtype=torch.int64"):
+        pg.softmax(torch.arange(4, device=device))
+    with pytest.raises(IndexError, match="dim=2"):
+        pg.softmax(torch.randn(3, 4, device=device), dim=2)
+    with pytest.raises(IndexError, match="dim=-3"):
+        pg.log_softmax(torch.randn(3, 4, device=device), dim=-3)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        pg.softmax([1.0, 2.0])
+    with pytest.raises(ValueError, match="block_n=16 is smaller than the row"):
+        softmax_fwd(torch.randn(2, 40, device=device), config=RowConfig("single", 16, 4))
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        softmax_bwd(torch.rand(2, 3, device=device), torch.rand(3, 2, device=device))
+    with pytest.raises(ValueError, match="path must be one of"):
+        RowConfig("fast", 16, 4)
+    with pytest.raises(ValueError, match="n_splits=2 only applies"):
+        RowConfig("multi", 16, 4, n_splits=2)
+
+
+def test_cpu_without_interpreter_raises_clear_error(monkeypatch):
+    from probact_gpu import _runtime
+
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _runtime.check_runnable(torch.zeros(2))
+
+
+def test_modules(device, rng):
+    x, x64 = make_input((3, 10), torch.float32, rng, device=device)
+    assert_close_to_reference(pg.Softmax(dim=0)(x), reference.softmax(x64, 0), torch.float32)
+    assert_close_to_reference(pg.LogSoftmax()(x), reference.log_softmax(x64), torch.float32)
+    assert "dim=0" in repr(pg.Softmax(dim=0))
+
+
+# --------------------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(4096, 1024), (64, 131072), (8, 262144), (2, 1 << 20),
+                                   (32, 65536)], ids=str)
+def test_softmax_large_shapes_gpu(shape, log, device, rng):
+    for dtype in (torch.bfloat16, torch.float32):
+        x, x64 = make_input(shape, dtype, rng, device=device)
+        dy, dy64 = make_input(shape, dtype, rng, device=device)
+        _fwd_bwd_check(x, x64, dy, dy64, -1, log, dtype, None)
+
+
+@pytest.mark.gpu
+def test_softmax_over_2_pow_31_elements_gpu(device):
+    """int64 offsets: rows × cols > 2^31. Check the last rows against torch in float32."""
+    n_rows, n_cols = 16400, 131072  # 2.15e9 elements, 4.3 GB in bf16
+    x = torch.randn(n_rows, n_cols, device=device, dtype=torch.bfloat16)
+    y = pg.softmax(x)
+    tail = torch.softmax(x[-3:].float(), -1)
+    torch.testing.assert_close(y[-3:].float(), tail, atol=8e-3, rtol=2e-2)
+    del y
+    for config in (RowConfig("multi", 8192, 16), RowConfig("split", 8192, 16, n_splits=4)):
+        y = softmax_fwd(x, config=config)
+        torch.testing.assert_close(y[-3:].float(), tail, atol=8e-3, rtol=2e-2)
+        del y
+
+
+@pytest.mark.gpu
+def test_softmax_torch_compile_fullgraph_gpu(device):
+    def f(x):
+        return pg.log_softmax(x * 2.0, -1).sum() + pg.softmax(x, 0).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(64, 1000, device=device, requires_grad=True)
+    out = compiled(x)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref = f(x2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.gpu
+def test_softmax_cuda_graph_capture_gpu(device):
+    x = torch.randn(256, 5000, device=device)
+    dy = torch.randn_like(x)
+    static_y = softmax_fwd(x)  # warm-up: compile kernels outside capture
+    softmax_bwd(static_y, dy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = softmax_fwd(x)
+        static_dx = softmax_bwd(static_y, dy)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(static_y, torch.softmax(x, -1))
+    y = torch.softmax(x, -1)
+    torch.testing.assert_close(static_dx, y * (dy - (dy * y).sum(-1, keepdim=True)))
