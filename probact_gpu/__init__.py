@@ -16,9 +16,15 @@ _EXPORTS = {
     # functions
     "softmax": "functional",
     "log_softmax": "functional",
+    "sigmoid": "functional",
+    "logsigmoid": "functional",
+    "binary_cross_entropy_with_logits": "functional",
     # modules
     "Softmax": "nn",
     "LogSoftmax": "nn",
+    "Sigmoid": "nn",
+    "LogSigmoid": "nn",
+    "BCEWithLogitsLoss": "nn",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,3 +26,41 @@ class LogSoftmax(Softmax):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(input, self.dim)
+
+
+class Sigmoid(torch.nn.Module):
+    """As ``torch.nn.Sigmoid``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.sigmoid(input)
+
+
+class LogSigmoid(torch.nn.Module):
+    """As ``torch.nn.LogSigmoid``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(input)
+
+
+class BCEWithLogitsLoss(torch.nn.Module):
+    """As ``torch.nn.BCEWithLogitsLoss``: ``weight`` and ``pos_weight`` are buffers (they follow
+    ``.to(device)``), ``reduction`` defaults to ``"mean"``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+        pos_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"

@@ -1,0 +1,182 @@
+"""Binary cross-entropy with logits: forward (per-element or reduced, optionally writing the
+gradient), backward, and the deterministic two-stage sum.
+
+Elementwise over flattened contiguous ``x`` (logits) and ``t`` (targets) of ``numel`` elements;
+program ``p`` handles ``[p·BLOCK, (p+1)·BLOCK)`` with int64 offsets. Maths in fp32 (fp64 when any
+operand is fp64), torch's formula written so that nothing overflows:
+
+    lw   = 1 + (pw − 1)·t                           (pw = pos_weight, 1 when absent)
+    loss = w · ((1 − t)·x + lw·(log1p(exp(−|x|)) + max(−x, 0)))      [= (1 − t)·x − lw·log σ(x)]
+    dx   = w · (σ(x)·lw − pw·t) · g / divisor       (g: grad_output; divisor: numel for mean, or 1)
+
+``exp(−|x|) ≤ 1`` so ±1e4 logits stay finite; ±inf give torch's values (torch's own form yields
+NaN where ``0·inf`` appears, e.g. x = +inf with t = 1, and so does this one).
+
+Broadcast operands (``weight``, ``pos_weight``) are never materialised: the host describes the
+operand expanded to the input's shape by at most two *index terms* ``(inner, size, stride)``, and
+element ``i`` reads ``Σ ((i // inner) % size) · stride`` (see ``broadcast_offset``). ``TERMS``
+is −1 for an absent operand (value 1), 0 for a single value, else 1 or 2.
+
+HBM bytes per element (``e`` = element size; weights are small and L2-resident when broadcast):
+reduced forward reads x and t (2·e) and, when writing the gradient, writes dx (3·e in all, the
+floor of forward+backward); ``none`` forward reads x, t and writes the loss (3·e); the recompute
+backward reads x, t, g and writes dx (4·e; 3·e with a scalar g); scaling a forward-written dx by
+g ≠ 1 reads and writes it (2·e) and costs nothing when g == 1.
+"""
+
+import triton
+import triton.language as tl
+
+from ._online import upcast
+from .sigmoid import softplus_neg_abs, stable_sigmoid
+
+
+@triton.jit
+def broadcast_offset(idx, inner0, size0, stride0, inner1, size1, stride1, TERMS: tl.constexpr):
+    """Offset of flat element ``idx`` in an operand broadcast to the input's shape."""
+    off = ((idx // inner0) % size0) * stride0
+    if TERMS == 2:
+        off += ((idx // inner1) % size1) * stride1
+    return off
+
+
+@triton.jit
+def load_broadcast(ptr, idx, mask, inner0, size0, stride0, inner1, size1, stride1,
+                   TERMS: tl.constexpr):
+    """The operand's value at each element (upcast), or 1.0 when absent (TERMS = −1)."""
+    if TERMS < 0:
+        return 1.0
+    elif TERMS == 0:
+        return upcast(tl.load(ptr))
+    else:
+        off = broadcast_offset(idx, inner0, size0, stride0, inner1, size1, stride1, TERMS)
+        return upcast(tl.load(ptr + off, mask=mask, other=1.0))
+
+
+@triton.jit
+def _bce_terms(
+    x_ptr, t_ptr, w_ptr, pw_ptr, offs, mask,
+    w_inner0, w_size0, w_stride0, w_inner1, w_size1, w_stride1,
+    pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
+    W_TERMS: tl.constexpr, PW_TERMS: tl.constexpr,
+):
+    """Load one tile; return (x, t, w, pw, lw) upcast (w and pw may be the scalar 1.0)."""
+    x = upcast(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    t = upcast(tl.load(t_ptr + offs, mask=mask, other=0.0))
+    w = load_broadcast(w_ptr, offs, mask, w_inner0, w_size0, w_stride0,
+                       w_inner1, w_size1, w_stride1, W_TERMS)
+    pw = load_broadcast(pw_ptr, offs, mask, pw_inner0, pw_size0, pw_stride0,
+                        pw_inner1, pw_size1, pw_stride1, PW_TERMS)
+    lw = 1.0 + (pw - 1.0) * t
+    return x, t, w, pw, lw
+
+
+@triton.jit
+def _bce_loss(x, t, w, lw):
+    return w * ((1.0 - t) * x + lw * (softplus_neg_abs(x) + tl.maximum(-x, 0.0)))
+
+
+@triton.jit
+def _bce_grad(x, t, w, pw, lw):
+    """d loss / dx before the divisor and grad_output."""
+    return w * (stable_sigmoid(x) * lw - pw * t)
+
+
+@triton.jit
+def bce_fwd_kernel(
+    # data: x, t, loss contiguous; w, pw addressed by index terms; partial: one value a program
+    x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, partial_ptr, dx_ptr,
+    # shape and the gradient's divisor (numel for mean, 1 for sum; an int, exact in fp64 math)
+    numel, divisor,
+    # index terms of weight, then of pos_weight
+    w_inner0, w_size0, w_stride0, w_inner1, w_size1, w_stride1,
+    pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
+    # tiling and flavour
+    BLOCK: tl.constexpr, W_TERMS: tl.constexpr, PW_TERMS: tl.constexpr,
+    REDUCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    """One BLOCK: ``REDUCE`` writes the tile's loss sum to ``partial[p]`` (else the per-element
+    loss); ``COMPUTE_GRAD`` (with ``REDUCE``) also writes ``dx = grad / divisor``."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x, t, w, pw, lw = _bce_terms(
+        x_ptr, t_ptr, w_ptr, pw_ptr, offs, mask,
+        w_inner0, w_size0, w_stride0, w_inner1, w_size1, w_stride1,
+        pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
+        W_TERMS, PW_TERMS,
+    )
+    loss = _bce_loss(x, t, w, lw)
+    if REDUCE:
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        if COMPUTE_GRAD:
+            dx = _bce_grad(x, t, w, pw, lw) / divisor
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bce_bwd_kernel(
+    # data: x, t, g (unless G_SCALAR), dx contiguous; w, pw addressed by index terms
+    x_ptr, t_ptr, w_ptr, pw_ptr, g_ptr, dx_ptr,
+    # shape and the gradient's divisor (numel for mean, 1 otherwise)
+    numel, divisor,
+    # index terms of weight, then of pos_weight
+    w_inner0, w_size0, w_stride0, w_inner1, w_size1, w_stride1,
+    pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
+    # tiling and flavour
+    BLOCK: tl.constexpr, W_TERMS: tl.constexpr, PW_TERMS: tl.constexpr,
+    G_SCALAR: tl.constexpr,
+):
+    """dx = grad · g / divisor recomputed from x and t; g is one value (``G_SCALAR``: the reduced
+    loss's grad_output) or one per element (reduction ``none``)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x, t, w, pw, lw = _bce_terms(
+        x_ptr, t_ptr, w_ptr, pw_ptr, offs, mask,
+        w_inner0, w_size0, w_stride0, w_inner1, w_size1, w_stride1,
+        pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
+        W_TERMS, PW_TERMS,
+    )
+    if G_SCALAR:
+        g = upcast(tl.load(g_ptr))
+    else:
+        g = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0))
+    dx = _bce_grad(x, t, w, pw, lw) * g / divisor
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bce_scale_grad_kernel(
+    # data: dx (contiguous, scaled in place) and the scalar grad_output g
+    dx_ptr, g_ptr,
+    # shape
+    numel,
+    BLOCK: tl.constexpr,
+):
+    """dx *= g in place, reading g on the device; when g == 1 exactly a program touches nothing
+    (the usual ``loss.backward()``), so the forward-written gradient costs no further bytes."""
+    g = upcast(tl.load(g_ptr))
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        dx = upcast(tl.load(dx_ptr + offs, mask=mask, other=0.0))
+        tl.store(dx_ptr + offs, (dx * g).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_partials_kernel(
+    # data: n_partials values, one scalar out
+    partial_ptr, out_ptr,
+    # shape and the divisor (numel for mean, 1 for sum)
+    n_partials, divisor,
+    BLOCK: tl.constexpr,
+):
+    """One program: out = Σ partial / divisor, summed per lane in index order and reduced once,
+    so the result is bit-identical between runs (no atomics)."""
+    idx = tl.arange(0, BLOCK)
+    acc = tl.load(partial_ptr + idx, mask=idx < n_partials, other=0.0)
+    for start in range(BLOCK, n_partials, BLOCK):
+        acc += tl.load(partial_ptr + start + idx, mask=start + idx < n_partials, other=0.0)
+    total = tl.sum(acc, axis=0) / divisor
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))

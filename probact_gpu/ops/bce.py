@@ -1,0 +1,353 @@
+"""binary_cross_entropy_with_logits: launchers, the registered custom ops, autograd, the public
+function.
+
+Read top-down: ``bce_fwd`` / ``bce_bwd`` / ``bce_scale_grad_`` launch the kernels of
+``probact_gpu.kernels.bce``; ``probact_gpu::bce_fwd`` / ``::bce_bwd`` / ``::bce_scale_grad_``
+wrap them as torch.library ops with fake implementations; autograd is registered on the forward
+op; ``binary_cross_entropy_with_logits`` is the public function (torch's signature).
+
+Two gradient paths:
+
+- **in-forward** (``reduction`` ``sum`` / ``mean`` and the input needs a gradient): the forward
+  kernel writes ``dx`` (already divided by ``numel`` for mean) beside the loss partials; backward
+  multiplies it in place by ``grad_output``, read on the device — when it is exactly 1 (a plain
+  ``loss.backward()``) the kernel touches nothing. Forward+backward moves 3 bytes-per-element
+  passes: read x, read target, write dx. Should backward run a second time on the same graph
+  (``retain_graph=True``), the buffer has been handed out, so it falls back to recomputing.
+- **recompute** (``reduction="none"``, or the input did not need a gradient at forward time):
+  backward recomputes ``dx`` from the saved input and target with the per-element (or scalar)
+  ``grad_output``.
+
+Layout: input and target are flattened; non-contiguous ones are first made contiguous (a copy).
+``weight`` and ``pos_weight`` are read through broadcast index terms (see ``broadcast_terms``)
+and never expanded to the input's size, except when the broadcast needs more than two terms
+(e.g. a weight of shape (A, 1, C, 1, E) against (A, B, C, D, E)): then that operand alone is
+materialised. The reductions are deterministic: one partial sum per program, summed in a fixed
+order by a single program (no atomics).
+
+Dtypes (torch's): the loss has the *target*'s dtype, the gradient the input's; the maths runs in
+fp32, or fp64 when any operand is fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import tiling
+from .._runtime import check_float, check_runnable, check_same_device, device_guard, record
+from ..kernels.bce import (
+    bce_bwd_kernel,
+    bce_fwd_kernel,
+    bce_scale_grad_kernel,
+    sum_partials_kernel,
+)
+from ..tiling import ElementwiseConfig
+
+REDUCTIONS = ("none", "mean", "sum")
+MAX_TERMS = 2  # index terms the kernels take per broadcast operand
+SUM_BLOCK = 1024  # lanes of the single program that sums the partials
+
+Terms = tuple[int, tuple[int, ...]]  # (TERMS constexpr, 6 ints: inner0, size0, stride0, ...)
+_ABSENT: Terms = (-1, (1, 1, 0, 1, 1, 0))
+
+
+def broadcast_terms(operand: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, Terms]:
+    """Describe ``operand`` broadcast to ``shape`` (flattened, row-major) as index terms: element
+    ``i`` of the flat input reads ``Σ ((i // inner) % size) · stride`` of the operand's storage.
+
+    Dims of size 1 and broadcast (stride-0) dims contribute nothing; neighbouring dims whose
+    strides chain merge into one term. Returns the tensor the kernel reads and its terms; more
+    than ``MAX_TERMS`` terms and the operand is materialised to ``shape`` (one term)."""
+    view = operand.expand(shape)
+    terms: list[list[int]] = []  # innermost first: [inner, size, stride]
+    inner = 1
+    for size, stride in zip(reversed(shape), reversed(view.stride()), strict=True):
+        if size != 1 and stride != 0:
+            last = terms[-1] if terms else None
+            if last is not None and last[0] * last[1] == inner and last[2] * last[1] == stride:
+                last[1] *= size
+            else:
+                terms.append([inner, size, stride])
+        inner *= size
+    if len(terms) > MAX_TERMS:
+        view = view.contiguous()
+        terms = [[1, view.numel(), 1]]
+    if not terms:
+        return operand, (0, _ABSENT[1])
+    flat = [v for term in terms for v in term] + [1, 1, 0] * (MAX_TERMS - len(terms))
+    return view, (len(terms), tuple(flat))
+
+
+def _operand(t: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | None, Terms]:
+    if t is None:
+        return None, _ABSENT
+    return broadcast_terms(t, shape)
+
+
+def _math_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def _config(x: torch.Tensor, config: ElementwiseConfig | None) -> ElementwiseConfig:
+    if config is None:
+        return tiling.choose_elementwise_config(x.numel(), x.element_size())
+    return config
+
+
+def _check(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: str,
+) -> None:
+    check_float("input", x)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if not target.dtype.is_floating_point:
+        raise TypeError(f"target must be a floating tensor (labels in [0, 1]), got "
+                        f"dtype={target.dtype}")
+    check_float("target", target)
+    if target.shape != x.shape:
+        raise ValueError(f"target size ({tuple(target.shape)}) must be the same as input size "
+                         f"({tuple(x.shape)})")
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        check_float(name, t)
+        try:
+            shape = torch.broadcast_shapes(t.shape, x.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the "
+                             f"input's shape {tuple(x.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not a valid value: expected one of "
+                         f"{REDUCTIONS}")
+    check_same_device(input=x, target=target, weight=weight, pos_weight=pos_weight)
+
+
+def _divisor(reduction: str, numel: int) -> int:
+    return numel if reduction == "mean" else 1
+
+
+def bce_fwd(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    compute_grad: bool = False,
+    config: ElementwiseConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (shape of ``x`` for ``none``, else 0-d; ``target``'s dtype) and, when
+    ``compute_grad`` (``sum`` / ``mean`` only), ``d loss / dx`` for a grad_output of 1 (``x``'s
+    dtype); otherwise an empty tensor in its place."""
+    _check(x, target, weight, pos_weight, reduction)
+    if compute_grad and reduction == "none":
+        raise ValueError("compute_grad needs reduction 'sum' or 'mean' (none recomputes)")
+    reduce = reduction != "none"
+    loss = torch.empty(() if reduce else x.shape, dtype=target.dtype, device=x.device)
+    dx = torch.empty(x.shape if compute_grad else (0,), dtype=x.dtype, device=x.device)
+    numel = x.numel()
+    if numel == 0:
+        if reduce:
+            loss.fill_(float("nan") if reduction == "mean" else 0.0)  # torch's mean of nothing
+        return loss, dx
+    check_runnable(x)
+    x, target = x.contiguous(), target.contiguous()
+    w, w_terms = _operand(weight, x.shape)
+    pw, pw_terms = _operand(pos_weight, x.shape)
+    cfg = _config(x, config)
+    n_programs = tiling.cdiv(numel, cfg.block)
+    grid = (n_programs,)
+    partial = torch.empty(
+        (n_programs if reduce else 0,),
+        dtype=_math_dtype(x, target, weight, pos_weight),
+        device=x.device,
+    )
+    path = "fused_grad" if compute_grad else ("reduce" if reduce else "none")
+    with device_guard(x):
+        bce_fwd_kernel[grid](
+            x, target, x if w is None else w, x if pw is None else pw, loss, partial, dx,
+            numel, _divisor(reduction, numel), *w_terms[1], *pw_terms[1],
+            BLOCK=cfg.block, W_TERMS=w_terms[0], PW_TERMS=pw_terms[0],
+            REDUCE=reduce, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
+        )
+        record(bce_fwd_kernel, path, grid, BLOCK=cfg.block, W_TERMS=w_terms[0],
+               PW_TERMS=pw_terms[0])
+        if reduce:
+            sum_partials_kernel[(1,)](
+                partial, loss, n_programs, _divisor(reduction, numel), BLOCK=SUM_BLOCK,
+                num_warps=4,
+            )
+            record(sum_partials_kernel, path, (1,), BLOCK=SUM_BLOCK)
+    return loss, dx
+
+
+def bce_bwd(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    config: ElementwiseConfig | None = None,
+) -> torch.Tensor:
+    """``d loss / dx`` recomputed from ``x`` and ``target``: ``grad_output`` has the input's shape
+    (``none``) or is 0-d (``sum`` / ``mean``; read on the device, never on the host)."""
+    _check(x, target, weight, pos_weight, reduction)
+    check_float("grad_output", grad_output)
+    want = x.shape if reduction == "none" else torch.Size([])
+    if grad_output.shape != want:
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}, expected "
+                         f"{tuple(want)}")
+    check_same_device(input=x, grad_output=grad_output)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    numel = x.numel()
+    if numel == 0:
+        return dx
+    check_runnable(x)
+    x, target, g = x.contiguous(), target.contiguous(), grad_output.contiguous()
+    w, w_terms = _operand(weight, x.shape)
+    pw, pw_terms = _operand(pos_weight, x.shape)
+    cfg = _config(x, config)
+    grid = (tiling.cdiv(numel, cfg.block),)
+    with device_guard(x):
+        bce_bwd_kernel[grid](
+            x, target, x if w is None else w, x if pw is None else pw, g, dx,
+            numel, _divisor(reduction, numel), *w_terms[1], *pw_terms[1],
+            BLOCK=cfg.block, W_TERMS=w_terms[0], PW_TERMS=pw_terms[0],
+            G_SCALAR=reduction != "none", num_warps=cfg.num_warps,
+        )
+    record(bce_bwd_kernel, "recompute", grid, BLOCK=cfg.block, W_TERMS=w_terms[0],
+           PW_TERMS=pw_terms[0])
+    return dx
+
+
+def bce_scale_grad_(
+    dx: torch.Tensor, grad_output: torch.Tensor, *, config: ElementwiseConfig | None = None
+) -> None:
+    """``dx *= grad_output`` in place (``dx`` contiguous, ``grad_output`` 0-d), reading
+    grad_output on the device: a no-op pass when it is exactly 1."""
+    check_float("grad_output", grad_output)
+    if grad_output.numel() != 1:
+        raise ValueError(f"grad_output must hold one value, got shape {tuple(grad_output.shape)}")
+    check_same_device(dx=dx, grad_output=grad_output)
+    if not dx.is_contiguous():
+        raise ValueError("dx must be contiguous (it is the buffer the forward wrote)")
+    if dx.numel() == 0:
+        return
+    check_runnable(dx, "dx")
+    cfg = _config(dx, config)
+    grid = (tiling.cdiv(dx.numel(), cfg.block),)
+    with device_guard(dx):
+        bce_scale_grad_kernel[grid](dx, grad_output, dx.numel(), BLOCK=cfg.block,
+                                    num_warps=cfg.num_warps)
+    record(bce_scale_grad_kernel, "fused_grad", grid, BLOCK=cfg.block)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("probact_gpu::bce_fwd", mutates_args=())
+def _bce_fwd_op(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return bce_fwd(x, target, weight, pos_weight, reduction=reduction, compute_grad=compute_grad)
+
+
+@_bce_fwd_op.register_fake
+def _(x, target, weight, pos_weight, reduction, compute_grad):
+    loss_shape = x.shape if reduction == "none" else ()
+    loss = torch.empty(loss_shape, dtype=target.dtype, device=x.device)
+    dx = torch.empty(x.shape if compute_grad else (0,), dtype=x.dtype, device=x.device)
+    return loss, dx
+
+
+@torch.library.custom_op("probact_gpu::bce_bwd", mutates_args=())
+def _bce_bwd_op(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    return bce_bwd(grad_output, x, target, weight, pos_weight, reduction=reduction)
+
+
+@_bce_bwd_op.register_fake
+def _(grad_output, x, target, weight, pos_weight, reduction):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("probact_gpu::bce_scale_grad_", mutates_args=("dx",))
+def _bce_scale_grad_op(dx: torch.Tensor, grad_output: torch.Tensor) -> None:
+    bce_scale_grad_(dx, grad_output)
+
+
+@_bce_scale_grad_op.register_fake
+def _(dx, grad_output):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, target, weight, pos_weight, reduction, compute_grad = inputs
+    _, dx = output
+    ctx.mark_non_differentiable(dx)
+    ctx.save_for_backward(x, target, weight, pos_weight)
+    ctx.reduction = reduction
+    # Held outside save_for_backward so backward can hand the buffer itself to autograd (and
+    # drop this reference first, letting AccumulateGrad keep it without a copy).
+    ctx.dx = dx if compute_grad else None
+
+
+def _backward(ctx, grad_loss, _grad_dx):
+    x, target, weight, pos_weight = ctx.saved_tensors
+    if ctx.dx is not None:
+        dx, ctx.dx = ctx.dx, None
+        _bce_scale_grad_op(dx, grad_loss)
+    else:
+        dx = _bce_bwd_op(grad_loss, x, target, weight, pos_weight, ctx.reduction)
+    return dx, None, None, None, None, None
+
+
+torch.library.register_autograd("probact_gpu::bce_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary cross-entropy between logits ``input`` and (soft) labels ``target``, as
+    ``torch.nn.functional.binary_cross_entropy_with_logits``:
+    ``w · ((1 − t)·x + (1 + (pw − 1)·t) · (log1p(exp(−|x|)) + max(−x, 0)))``, reduced by
+    ``reduction`` (``"none"``, ``"mean"`` — NaN for an empty input, as torch — or ``"sum"``).
+    ``weight`` broadcasts to the input, ``pos_weight`` along the last (class) dim (any shape that
+    broadcasts to the input is accepted). Differentiable w.r.t. ``input`` only."""
+    _check(input, target, weight, pos_weight, reduction)
+    grad_on = torch.is_grad_enabled()
+    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+        if grad_on and t is not None and t.requires_grad:
+            raise NotImplementedError(
+                f"{name} requires grad: probact_gpu differentiates this loss w.r.t. input only"
+            )
+    compute_grad = grad_on and input.requires_grad and reduction != "none"
+    loss, _ = _bce_fwd_op(input, target, weight, pos_weight, reduction, compute_grad)
+    return loss
