@@ -1,0 +1,429 @@
+"""Softmax cross-entropy kernels: loss, lse and (optionally, in the same pass) dlogits.
+
+Notation for one row of logits ``x`` (``C`` classes), target class ``t``, class weights ``w``
+(all 1 without ``weight``), ``W = Σ_c w_c``, smoothing ``ε``, z-loss coefficient ``ζ``:
+
+    z   = softcap · tanh(x · scale / softcap)        (z = x · scale without softcap)
+    lse = m + log Σ exp(z − m)                       m = max z
+    p   = exp(z − lse)
+    loss = (1 − ε) · w_t · (lse − z_t) + (ε / C) · (W · lse − Σ_c w_c z_c) + ζ · lse²
+
+which is torch's ``(1 − ε) · nll + (ε / C) · Σ_c w_c · (−log p_c)`` plus the PaLM z-loss. A row
+whose target is ``ignore_index`` has loss 0 and gradient 0; a target outside ``[0, C)`` is never
+used as an address: its row's loss (and gradient) is NaN.
+
+Gradient of one row's loss, scaled by the row's ``g`` (grad_output, / the mean's divisor):
+
+    dz_c = g · ( p_c · [(1 − ε) w_t + ε W / C + 2 ζ lse]  −  (1 − ε) w_t · [c = t]  −  (ε / C) w_c )
+    dx_c = dz_c · scale · (1 − (z_c / softcap)²)      (dz_c · scale without softcap)
+
+All of it in fp32 (fp64 for fp64 input); the true-class term is subtracted in fp32 before the
+single cast at the store (rounding p to bf16 before subtracting 1 is a known peer bug).
+
+Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
+
+- ``cross_entropy_fwd_kernel``: single tile (``BLOCK_M`` rows × ``BLOCK_N ≥ C`` held in registers)
+  or multi tile (one program per row: an online sweep, then — with ``COMPUTE_GRAD`` — a reverse
+  sweep writing dx so its first re-reads hit the tiles still in L2). HBM per row, e = element
+  size: single tile fwd+grad reads x once and writes dx once, ``2·C·e`` — the floor; multi tile
+  ``3·C·e`` (x read twice, the second read partly from L2). Without ``COMPUTE_GRAD``: ``C·e``.
+  Plus per row: the target (8 B), loss and lse (4 + 4 B).
+- split row (few rows × huge C): ``cross_entropy_split_stats_kernel`` per (row, chunk) writes
+  partial (max, Σexp, target logit, Σ w·z) to a ``(N, S, 4)`` fp32 workspace (reads ``C·e``);
+  ``cross_entropy_combine_kernel`` merges a row's partials in a fixed order into loss and lse;
+  ``cross_entropy_bwd_kernel`` per (row, chunk) writes dx from lse (reads ``C·e``, writes
+  ``C·e``). These take ``vocab_start``: the local tensor holds global classes
+  ``[vocab_start, vocab_start + n_cols)`` of ``n_classes``, so one rank's shard of a
+  vocab-parallel head is just one chunk.
+- ``cross_entropy_bwd_kernel`` is also the backward of ``reduction="none"`` (per-row g read on
+  the device): reads x once, writes dx once.
+- ``cross_entropy_total_weight_kernel``: one program sums ``w_t`` over non-ignored targets (the
+  mean's divisor) on the device, in a fixed order, before the forward (reads the targets).
+- ``cross_entropy_scale_grad_kernel``: backward of a fused gradient, ``dx *= grad_output`` read on
+  the device; every program returns at once when it is exactly 1 (no host check, no traffic).
+"""
+
+import triton
+import triton.language as tl
+
+from ._online import LOG2E, online_update, row_offset, safe_max, upcast
+
+
+@triton.jit
+def _tanh(u):
+    """tanh for any finite or infinite u: 1 − 2 / (exp(2u) + 1) (exp overflow gives ±1)."""
+    return 1.0 - 2.0 / (tl.exp2(u * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z from the upcast logits: scale, then the optional softcap."""
+    z = x * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dL/dx from dL/dz: scale · (1 − tanh²) with softcap, scale without."""
+    if HAS_SOFTCAP:
+        r = z / softcap
+        return dz * (logit_scale * (1.0 - r * r))
+    else:
+        return dz * logit_scale
+
+
+@triton.jit
+def _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT: tl.constexpr):
+    """(valid, in_range, w_t) of target(s) ``tgt`` (int64). ``w_t`` is read only for a valid
+    in-range target; it is 0 for an ignored one."""
+    valid = tgt != ignore_index
+    in_range = (tgt >= 0) & (tgt < n_classes)
+    if HAS_WEIGHT:
+        safe = tl.where(in_range, tgt, 0)
+        w_t = upcast(tl.load(weight_ptr + safe, mask=valid & in_range, other=0.0))
+    else:
+        w_t = tl.where(valid, 1.0, 0.0)
+    return valid, in_range, w_t
+
+
+@triton.jit
+def _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
+    """W = Σ_c w_c (a device scalar computed by the host launcher), or C without weights."""
+    if HAS_WEIGHT:
+        return upcast(tl.load(w_sum_ptr))
+    else:
+        return n_classes.to(tl.float32)
+
+
+@triton.jit
+def _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_classes, label_smoothing, z_loss,
+              HAS_SMOOTHING: tl.constexpr):
+    """The loss of row(s) from their lse, target logit and Σ w·z (see the module docstring)."""
+    loss = (1.0 - label_smoothing) * w_t * (lse - z_t) + z_loss * lse * lse
+    if HAS_SMOOTHING:
+        loss += (label_smoothing / n_classes) * (W * lse - smooth_sum)
+    loss = tl.where(valid, loss, 0.0)
+    return tl.where(valid & (~in_range), float("nan"), loss)
+
+
+@triton.jit
+def _grad_coefs(g, lse, w_t, W, in_range, n_classes, label_smoothing, z_loss):
+    """(coef, true_coef, smooth_coef): dz = p·coef − true_coef·[c = t] − smooth_coef·w_c."""
+    true_coef = g * (1.0 - label_smoothing) * w_t
+    smooth_coef = g * (label_smoothing / n_classes)
+    coef = true_coef + smooth_coef * W + g * (2.0 * z_loss) * lse
+    coef = tl.where(in_range, coef, float("nan"))
+    return coef, true_coef, smooth_coef
+
+
+@triton.jit
+def _grad_tile(z, is_t, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING: tl.constexpr):
+    """dz of a tile (before the transform's chain rule), in fp32/fp64; ``w`` is the tile's class
+    weights (1 without weights), used only with smoothing."""
+    p = tl.exp2((z - lse) * LOG2E)
+    dz = p * coef - tl.where(is_t, true_coef, 0.0)
+    if HAS_SMOOTHING:
+        dz -= smooth_coef * w
+    return dz
+
+
+@triton.jit
+def _load_w(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr):
+    if HAS_WEIGHT:
+        return upcast(tl.load(weight_ptr + cols, mask=mask, other=0.0))
+    else:
+        return 1.0
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    # data: logits, targets (int32/int64), class weights, Σ w (device scalar), mean divisor
+    # (device scalar), per-row loss and lse (fp32; fp64 for fp64 input), dlogits
+    x_ptr, target_ptr, weight_ptr, w_sum_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # shape
+    n_rows, n_cols, n_inner, ignore_index,
+    # strides (elements): x, then dx
+    x_outer_stride, x_inner_stride, x_col_stride,
+    dx_outer_stride, dx_inner_stride, dx_col_stride,
+    # options (runtime floats)
+    label_smoothing, z_loss, softcap, logit_scale,
+    # tiling and flavour
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+):
+    """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in registers;
+    loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / divisor (``HAS_DIVISOR``, mean) or 1
+    (sum) come from the one read. Multi tile: program p owns row p, sweeps it once for the online
+    (max, Σexp), target logit and Σ w·z, then (``COMPUTE_GRAD``) sweeps it in reverse to write
+    dx."""
+    if HAS_DIVISOR:
+        g = 1.0 / upcast(tl.load(divisor_ptr))
+    else:
+        g = 1.0
+    if SINGLE_TILE:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        x_offs = row_offset(rows, n_inner, x_outer_stride, x_inner_stride)[:, None] \
+            + cols[None, :] * x_col_stride
+        x = upcast(tl.load(x_ptr + x_offs, mask=mask, other=0.0))
+        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
+        row_max = tl.max(z, axis=1)
+        shift = safe_max(row_max)
+        row_sum = tl.sum(tl.exp2((z - shift[:, None]) * LOG2E), axis=1)
+        lse = shift + tl.log(row_sum)
+        is_t = cols[None, :] == tgt[:, None]
+        z_t = tl.sum(tl.where(is_t, z, 0.0), axis=1)
+        w = _load_w(weight_ptr, cols, cols < n_cols, HAS_WEIGHT)
+        W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
+        if HAS_SMOOTHING:
+            smooth_sum = tl.sum(tl.where(mask, z * w, 0.0), axis=1)
+        else:
+            smooth_sum = 0.0
+        loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_cols, label_smoothing,
+                         z_loss, HAS_SMOOTHING)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        if COMPUTE_GRAD:
+            coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
+                                                       label_smoothing, z_loss)
+            dz = _grad_tile(z, is_t, w, lse[:, None], coef[:, None], true_coef[:, None],
+                            smooth_coef, HAS_SMOOTHING)
+            dx = tl.where(valid[:, None], _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
+            dx_offs = row_offset(rows, n_inner, dx_outer_stride, dx_inner_stride)[:, None] \
+                + cols[None, :] * dx_col_stride
+            tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        row = tl.program_id(0)
+        x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        tgt = tl.load(target_ptr + row).to(tl.int64)
+        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
+        # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
+        mask = cols < n_cols
+        x = upcast(tl.load(x_row + cols * x_col_stride, mask=mask, other=0.0))
+        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        row_max = tl.max(z, axis=0)
+        row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
+        z_t = tl.sum(tl.where(cols == tgt, z, 0.0), axis=0)
+        if HAS_SMOOTHING:
+            smooth_acc = tl.where(mask, z * _load_w(weight_ptr, cols, mask, HAS_WEIGHT), 0.0)
+        for start in range(BLOCK_N, n_cols, BLOCK_N):
+            c = start + cols
+            mask = c < n_cols
+            x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
+            z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+            row_max, row_sum = online_update(row_max, row_sum, z, 0)
+            z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
+            if HAS_SMOOTHING:
+                smooth_acc += tl.where(mask, z * _load_w(weight_ptr, c, mask, HAS_WEIGHT), 0.0)
+        if HAS_SMOOTHING:
+            smooth_sum = tl.sum(smooth_acc, axis=0)
+        else:
+            smooth_sum = 0.0
+        lse = safe_max(row_max) + tl.log(row_sum)
+        W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
+        loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_cols, label_smoothing,
+                         z_loss, HAS_SMOOTHING)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+        if COMPUTE_GRAD:
+            coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
+                                                       label_smoothing, z_loss)
+            dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
+            n_tiles = tl.cdiv(n_cols, BLOCK_N)
+            # Sweep 2, last tile first (those are the tiles most likely still in L2).
+            for i in range(0, n_tiles):
+                c = (n_tiles - 1 - i) * BLOCK_N + cols
+                mask = c < n_cols
+                x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
+                z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP),
+                             float("-inf"))
+                w = _load_w(weight_ptr, c, mask, HAS_WEIGHT)
+                dz = _grad_tile(z, c == tgt, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING)
+                dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
+                tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_split_stats_kernel(
+    # data: logits (n_rows × n_cols local classes), targets, class weights (global), workspace
+    x_ptr, target_ptr, weight_ptr, stats_ptr,
+    # shape: program (row, split) owns local columns [split·chunk, (split+1)·chunk); local
+    # column c is global class vocab_start + c
+    n_cols, n_inner, chunk, vocab_start,
+    # strides (elements)
+    x_outer_stride, x_inner_stride, x_col_stride,
+    # options
+    softcap, logit_scale,
+    BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Writes ``stats[row, split, :] = (max z, Σ exp(z − max), z_t if t is in this chunk else 0,
+    Σ w·z)`` over the chunk (the last is 0 without smoothing). Reads chunk·e bytes."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    local_t = tl.load(target_ptr + row).to(tl.int64) - vocab_start
+    start = split.to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, n_cols)
+    cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask = cols < end
+    x = upcast(tl.load(x_row + cols * x_col_stride, mask=mask, other=0.0))
+    z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+    part_max = tl.max(z, axis=0)
+    part_sum = tl.sum(tl.exp2((z - safe_max(part_max)) * LOG2E), axis=0)
+    part_t = tl.sum(tl.where(cols == local_t, z, 0.0), axis=0)
+    smooth_acc = tl.where(mask, z * _load_w(weight_ptr + vocab_start, cols, mask, HAS_WEIGHT),
+                          0.0)
+    for tile in range(start + BLOCK_N, end, BLOCK_N):
+        c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = c < end
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
+        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        part_max, part_sum = online_update(part_max, part_sum, z, 0)
+        part_t += tl.sum(tl.where(c == local_t, z, 0.0), axis=0)
+        if HAS_SMOOTHING:
+            smooth_acc += tl.where(mask, z * _load_w(weight_ptr + vocab_start, c, mask,
+                                                     HAS_WEIGHT), 0.0)
+    if HAS_SMOOTHING:
+        part_smooth = tl.sum(smooth_acc, axis=0)
+    else:
+        part_smooth = 0.0
+    out = stats_ptr + (row.to(tl.int64) * n_splits + split) * 4
+    tl.store(out, part_max)
+    tl.store(out + 1, part_sum)
+    tl.store(out + 2, part_t)
+    tl.store(out + 3, part_smooth)
+
+
+@triton.jit
+def cross_entropy_combine_kernel(
+    # data: workspace (n_rows, n_splits, 4), targets, class weights, Σ w, per-row loss and lse
+    stats_ptr, target_ptr, weight_ptr, w_sum_ptr, loss_ptr, lse_ptr,
+    # shape
+    n_rows, n_splits, n_classes, ignore_index,
+    # options
+    label_smoothing, z_loss,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+):
+    """Program p merges the partials of rows [p·BLOCK_M, (p+1)·BLOCK_M), splits in a fixed order
+    (deterministic), into loss and lse. Reads 16 B per (row, split)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    splits = tl.arange(0, BLOCK_S)
+    mask = row_mask[:, None] & (splits < n_splits)[None, :]
+    base = stats_ptr + (rows.to(tl.int64)[:, None] * n_splits + splits[None, :]) * 4
+    part_max = tl.load(base, mask=mask, other=float("-inf"))
+    part_sum = tl.load(base + 1, mask=mask, other=0.0)
+    z_t = tl.sum(tl.load(base + 2, mask=mask, other=0.0), axis=1)
+    smooth_sum = tl.sum(tl.load(base + 3, mask=mask, other=0.0), axis=1)
+    row_max = tl.max(part_max, axis=1)
+    shift = safe_max(row_max)
+    row_sum = tl.sum(part_sum * tl.exp2((part_max - shift[:, None]) * LOG2E), axis=1)
+    lse = shift + tl.log(row_sum)
+    tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
+    loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_classes, label_smoothing,
+                     z_loss, HAS_SMOOTHING)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    # data: logits, targets, class weights (global), Σ w, per-row lse, grad_output (a scalar or
+    # one per row), mean divisor (device scalar), dlogits (may alias the logits)
+    x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr, grad_ptr, divisor_ptr, dx_ptr,
+    # shape: program (row, split) owns local columns [split·chunk, (split+1)·chunk) = global
+    # classes vocab_start + c of n_classes
+    n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, grad_row_stride,
+    # strides (elements): x, then dx
+    x_outer_stride, x_inner_stride, x_col_stride,
+    dx_outer_stride, dx_inner_stride, dx_col_stride,
+    # options
+    label_smoothing, z_loss, softcap, logit_scale,
+    BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+):
+    """dx over one chunk of one row from the row's lse, with g = grad[row · grad_row_stride]
+    (/ divisor). Reads chunk·e, writes chunk·e; each element is read before it is written, so
+    ``dx_ptr`` may be ``x_ptr`` (in place)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
+    if HAS_DIVISOR:
+        g = g / upcast(tl.load(divisor_ptr))
+    lse = tl.load(lse_ptr + row)
+    tgt = tl.load(target_ptr + row).to(tl.int64)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
+    coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_classes,
+                                               label_smoothing, z_loss)
+    local_t = tgt - vocab_start
+    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
+    start = split.to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, n_cols)
+    for tile in range(start, end, BLOCK_N):
+        c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = c < end
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
+        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        w = _load_w(weight_ptr + vocab_start, c, mask, HAS_WEIGHT)
+        dz = _grad_tile(z, c == local_t, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING)
+        dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
+        tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_total_weight_kernel(
+    # data: targets, class weights, the output scalar
+    target_ptr, weight_ptr, out_ptr,
+    # shape
+    n_rows, n_classes, ignore_index,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """One program: ``out = Σ_rows w_t`` over targets that are not ``ignore_index`` (a count
+    without weights; an out-of-range target adds 0 with weights — its loss is NaN anyway).
+    Per-lane partial sums merged once at the end: a fixed order, deterministic."""
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, n_rows, BLOCK):
+        r = start + offs
+        tgt = tl.load(target_ptr + r, mask=r < n_rows, other=ignore_index).to(tl.int64)
+        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+        acc += w_t.to(acc.dtype)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def cross_entropy_scale_grad_kernel(
+    # data: the fused gradient (scaled in place) and grad_output (a 0-d tensor)
+    dx_ptr, grad_ptr,
+    # shape
+    n_cols, n_inner,
+    # strides (elements) of dx
+    dx_outer_stride, dx_inner_stride, dx_col_stride,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (row, block) multiplies dx[row, block] by grad_output, unless it is exactly 1:
+    then it returns without touching memory (the usual ``loss.backward()``)."""
+    g = upcast(tl.load(grad_ptr))
+    if g != 1.0:
+        row = tl.program_id(0)
+        c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = c < n_cols
+        ptrs = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride) \
+            + c * dx_col_stride
+        dx = upcast(tl.load(ptrs, mask=mask, other=0.0))
+        tl.store(ptrs, (dx * g).to(dx_ptr.dtype.element_ty), mask=mask)
