@@ -19,12 +19,14 @@ _EXPORTS = {
     "sigmoid": "functional",
     "logsigmoid": "functional",
     "binary_cross_entropy_with_logits": "functional",
+    "cross_entropy": "functional",
     # modules
     "Softmax": "nn",
     "LogSoftmax": "nn",
     "Sigmoid": "nn",
     "LogSigmoid": "nn",
     "BCEWithLogitsLoss": "nn",
+    "CrossEntropyLoss": "nn",
 }
 
 __all__ = sorted(_EXPORTS)

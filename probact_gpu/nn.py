@@ -64,3 +64,45 @@ class BCEWithLogitsLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """As ``torch.nn.CrossEntropyLoss`` (``weight`` is a buffer), plus probact's keyword-only
+    ``z_loss``, ``softcap``, ``logit_scale``, ``return_lse`` and ``inplace_backward`` (see
+    ``probact_gpu.cross_entropy``)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        return_lse: bool = False,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return F.cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
+            return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")

@@ -101,3 +101,105 @@ def bce_with_logits_grad(x: np.ndarray, t: np.ndarray, dy: np.ndarray,
     if reduction == "mean":
         grad = grad / max(x.size, 1)
     return np.broadcast_to(grad, x.shape).copy()
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def _ce_transform(x: np.ndarray, logit_scale: float, softcap: float | None):
+    """z = softcap · tanh(x · scale / softcap) (or x · scale) and dz/dx."""
+    y = x * logit_scale
+    if softcap is None:
+        return y, np.full_like(x, logit_scale)
+    z = softcap * np.tanh(y / softcap)
+    return z, logit_scale * (1.0 - np.tanh(y / softcap) ** 2)
+
+
+def cross_entropy(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    dy: np.ndarray | float = 1.0,
+):
+    """Class-index cross-entropy of rows ``x`` (N, C) against ``target`` (N,), torch's semantics
+    (label smoothing as torch: (1 − ε)·w_t·nll + (ε/C)·Σ_c w_c·(−log p_c); mean divides by
+    Σ w_t over non-ignored rows) plus z_loss·lse² per non-ignored row, softcap and logit_scale.
+    Returns (loss, lse, dL/dx for upstream ``dy``: a scalar, or one per row for "none"). A target
+    out of [0, C) that is not ignored gives a NaN row."""
+    n, c = x.shape
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    z, dzdx = _ce_transform(x, logit_scale, softcap)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        logp = log_softmax(z, axis=1)
+        m = np.max(z, axis=1)
+        lse = m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+        p = np.exp(logp)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < c)
+    t = np.where(in_range, target, 0)
+    w_t = np.where(valid & in_range, w[t], 0.0)
+    rows = np.arange(n)
+    with np.errstate(invalid="ignore"):
+        nll = -logp[rows, t]
+        smooth = -(logp * w[None, :]).sum(axis=1) if label_smoothing > 0 else 0.0
+        loss_rows = (1 - label_smoothing) * w_t * nll + label_smoothing / c * smooth \
+            + z_loss * lse**2
+    loss_rows = np.where(valid, loss_rows, 0.0)
+    loss_rows = np.where(valid & ~in_range, np.nan, loss_rows)
+    onehot = np.zeros_like(x)
+    onehot[rows[in_range], t[in_range]] = 1.0
+    with np.errstate(invalid="ignore"):
+        dz = p * ((1 - label_smoothing) * w_t + label_smoothing / c * w.sum()
+                  + 2 * z_loss * lse)[:, None] \
+            - (1 - label_smoothing) * w_t[:, None] * onehot - label_smoothing / c * w[None, :]
+    dz = np.where((valid & ~in_range)[:, None], np.nan, dz)
+    dz = np.where(valid[:, None], dz, 0.0)
+    if reduction == "none":
+        g = np.broadcast_to(np.asarray(dy, np.float64), (n,))
+        return loss_rows, lse, dz * dzdx * g[:, None]
+    total = loss_rows.sum()
+    g = float(dy)
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            divisor = w_t.sum() if weight is not None else float(valid.sum())
+            total = total / divisor
+            g = g / divisor
+    return np.asarray(total), lse, dz * dzdx * g
+
+
+def cross_entropy_soft(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    dy: np.ndarray | float = 1.0,
+):
+    """Class-probability cross-entropy of rows ``x`` (N, C): −Σ_c w_c t'_c log p_c with
+    t' = (1 − ε)·t + ε/C, plus z_loss·lse²; mean divides by N (torch). Returns
+    (loss, lse, dL/dx)."""
+    n, c = x.shape
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    z, dzdx = _ce_transform(x, logit_scale, softcap)
+    tt = target * (1 - label_smoothing) + label_smoothing / c
+    logp = log_softmax(z, axis=1)
+    lse = np.max(z, axis=1) + np.log(np.sum(np.exp(z - np.max(z, axis=1)[:, None]), axis=1))
+    a = tt * w[None, :]
+    loss_rows = -(a * logp).sum(axis=1) + z_loss * lse**2
+    dz = np.exp(logp) * (a.sum(axis=1) + 2 * z_loss * lse)[:, None] - a
+    if reduction == "none":
+        g = np.broadcast_to(np.asarray(dy, np.float64), (n,))
+        return loss_rows, lse, dz * dzdx * g[:, None]
+    total, g = loss_rows.sum(), float(dy)
+    if reduction == "mean":
+        total, g = total / n, g / n
+    return np.asarray(total), lse, dz * dzdx * g

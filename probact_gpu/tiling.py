@@ -171,3 +171,24 @@ def choose_cross_entropy_config(
     return choose_row_config(
         n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
     )
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+# Longest row the cross-entropy single-tile kernel holds on-chip. Lower than the softmax limit
+# because the fused forward+gradient keeps z, exp(z − lse) and dx live per element: 8192 fp32
+# values of z per row is 16 per thread at 16 warps. Reasoned, not yet swept (perf/NOTES.md).
+CE_MAX_SINGLE_COLS = 8192
+# Targets summed per step by the one-program mean-divisor pre-pass.
+CE_TOTAL_WEIGHT_BLOCK = 1024
+
+
+def choose_cross_entropy_config(
+    n_rows: int, n_cols: int, elem_size: int, sm_count: int
+) -> RowConfig:
+    """``choose_row_config`` with the single tile capped at ``CE_MAX_SINGLE_COLS``: single tile
+    up to 8192 classes, multi tile beyond, split when the rows alone do not fill the device."""
+    return choose_row_config(
+        n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
+    )
+
