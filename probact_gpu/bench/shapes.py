@@ -1,0 +1,74 @@
+"""The benchmark's shapes: PERF.md's table (full), a subset that takes about a minute on an H200
+(``--quick``), and tiny shapes for the interpreter (``--smoke``).
+
+Shapes are tuples: ``(M, N)`` rows × row length for softmax / log_softmax / cross-entropy,
+``(n,)`` for the elementwise ops, ``(tokens, hidden, vocab)`` for linear + cross-entropy. Full and
+quick inputs are at least 256 MiB wherever PERF.md asks for it (far beyond the 60 MB L2), so
+timings measure HBM, not cache.
+"""
+
+from __future__ import annotations
+
+OPS = ("softmax", "log_softmax", "sigmoid", "cross_entropy", "bce", "linear_cross_entropy")
+SIZES = ("full", "quick", "smoke")
+
+BUDGET = 1 << 28  # elements of the softmax, sigmoid and BCE inputs (512 MiB in bf16)
+SOFTMAX_N = (1024, 4096, 16384, 65536, 131072, 262144)
+FEW_ROWS = (32, 262144)  # few long rows must still fill the GPU
+CE_TOKENS = 4096
+CE_VOCABS = (32000, 50257, 128256, 151936, 262144)
+LINEAR_CE = (8192, 4096, 128256)  # tokens, hidden, vocab
+CE_IGNORED_FRACTION = 8  # one target in 8 is ignore_index
+
+# The passes each op runs when --pass is not given (the ones PERF.md compares).
+DEFAULT_PASSES = {
+    "softmax": ("fwd", "fwd_bwd"),
+    "log_softmax": ("fwd", "fwd_bwd"),
+    "sigmoid": ("fwd", "fwd_bwd"),
+    "cross_entropy": ("fwd_bwd",),
+    "bce": ("fwd_bwd",),
+    "linear_cross_entropy": ("fwd_bwd",),
+}
+
+
+def _rows_of(ns: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [(BUDGET // n, n) for n in ns]
+
+
+def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
+    """The shapes ``op`` is measured on at ``size`` (``full``, ``quick`` or ``smoke``)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    if size == "smoke":
+        return {
+            "softmax": [(4, 64), (3, 3000)],
+            "log_softmax": [(4, 64)],
+            "sigmoid": [(1000,)],
+            "cross_entropy": [(8, 100)],
+            "bce": [(1000,)],
+            "linear_cross_entropy": [(16, 32, 100)],
+        }[op]
+    if op in ("softmax", "log_softmax"):
+        if size == "quick":
+            ns = (4096, 65536, 262144) if op == "softmax" else (4096, 65536)
+            return _rows_of(ns) + ([FEW_ROWS] if op == "softmax" else [])
+        return _rows_of(SOFTMAX_N) + [FEW_ROWS]
+    if op in ("sigmoid", "bce"):
+        return [(BUDGET,)]
+    if op == "cross_entropy":
+        vocabs = (32000, 128256) if size == "quick" else CE_VOCABS
+        return [(CE_TOKENS, v) for v in vocabs]
+    return [LINEAR_CE]
+
+
+def row_length(op: str, shape: tuple[int, ...]) -> int:
+    """The x axis of the plots: row length (N or V); the element count for elementwise ops."""
+    if op == "linear_cross_entropy":
+        return shape[2]
+    return shape[-1]
+
+
+def label(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape)
