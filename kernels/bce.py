@@ -7,10 +7,12 @@ operand is fp64), torch's formula written so that nothing overflows:
 
     lw   = 1 + (pw − 1)·t                           (pw = pos_weight, 1 when absent)
     loss = w · ((1 − t)·x + lw·(log1p(exp(−|x|)) + max(−x, 0)))      [= (1 − t)·x − lw·log σ(x)]
+         = w · ((1 − t)·x  if x ≥ 0  else  −pw·t·x)  +  w · lw · log1p(exp(−|x|))
     dx   = w · (σ(x)·lw − pw·t) · g / divisor       (g: grad_output; divisor: numel for mean, or 1)
 
-``exp(−|x|) ≤ 1`` so ±1e4 logits stay finite; ±inf give torch's values (torch's own form yields
-NaN where ``0·inf`` appears, e.g. x = +inf with t = 1, and so does this one).
+``exp(−|x|) ≤ 1`` so ±1e4 logits stay finite, and the folded linear term has no cancellation
+(torch's form loses ~ulp(|x|) to it at large |x| with soft targets). ±inf give torch's values:
+NaN at x = −inf (inf − inf in torch's form) and at x = +inf with t = 1 (0·inf), else +inf.
 
 Broadcast operands (``weight``, ``pos_weight``) are never materialised: the host describes the
 operand expanded to the input's shape by at most two *index terms* ``(inner, size, stride)``, and
@@ -72,8 +74,13 @@ def _bce_terms(
 
 
 @triton.jit
-def _bce_loss(x, t, w, lw):
-    return w * ((1.0 - t) * x + lw * (softplus_neg_abs(x) + tl.maximum(-x, 0.0)))
+def _bce_loss(x, t, w, pw, lw):
+    """The formula above with its two linear terms folded per sign of x, so nothing cancels:
+    (1 − t)·x + lw·max(−x, 0) is (1 − t)·x for x ≥ 0 and −pw·t·x for x < 0 (both ≥ 0 for
+    t ∈ [0, 1], pw ≥ 0). At x = −inf torch's form is inf − inf = NaN; so is this one."""
+    linear = tl.where(x >= 0, (1.0 - t) * x, -(pw * t) * x)
+    linear = tl.where(x == float("-inf"), float("nan"), linear)
+    return w * (linear + lw * softplus_neg_abs(x))
 
 
 @triton.jit
@@ -105,7 +112,7 @@ def bce_fwd_kernel(
         pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
         W_TERMS, PW_TERMS,
     )
-    loss = _bce_loss(x, t, w, lw)
+    loss = _bce_loss(x, t, w, pw, lw)
     if REDUCE:
         tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
         if COMPUTE_GRAD:
