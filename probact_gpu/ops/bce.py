@@ -34,7 +34,14 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import check_float, check_runnable, check_same_device, device_guard, record
+from .._runtime import (
+    check_float,
+    check_runnable,
+    check_same_device,
+    device_guard,
+    empty,
+    record,
+)
 from ..kernels.bce import (
     bce_bwd_kernel,
     bce_fwd_kernel,
@@ -150,8 +157,8 @@ def bce_fwd(
     if compute_grad and reduction == "none":
         raise ValueError("compute_grad needs reduction 'sum' or 'mean' (none recomputes)")
     reduce = reduction != "none"
-    loss = torch.empty(() if reduce else x.shape, dtype=target.dtype, device=x.device)
-    dx = torch.empty(x.shape if compute_grad else (0,), dtype=x.dtype, device=x.device)
+    loss = empty(() if reduce else x.shape, dtype=target.dtype, device=x.device)
+    dx = empty(x.shape if compute_grad else (0,), dtype=x.dtype, device=x.device)
     numel = x.numel()
     if numel == 0:
         if reduce:
@@ -164,9 +171,8 @@ def bce_fwd(
     cfg = _config(x, config)
     n_programs = tiling.cdiv(numel, cfg.block)
     grid = (n_programs,)
-    partial = torch.empty(
-        (n_programs if reduce else 0,),
-        dtype=_math_dtype(x, target, weight, pos_weight),
+    partial = empty(
+        (n_programs if reduce else 0,), dtype=_math_dtype(x, target, weight, pos_weight),
         device=x.device,
     )
     path = "fused_grad" if compute_grad else ("reduce" if reduce else "none")
@@ -207,7 +213,7 @@ def bce_bwd(
         raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}, expected "
                          f"{tuple(want)}")
     check_same_device(input=x, grad_output=grad_output)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)
     numel = x.numel()
     if numel == 0:
         return dx

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import check_float, check_runnable, check_same_device, device_guard, record
+from .._runtime import (
+    check_float,
+    check_runnable,
+    check_same_device,
+    device_guard,
+    empty,
+    record,
+)
 from ..kernels.sigmoid import sigmoid_bwd_kernel, sigmoid_fwd_kernel
 from ..tiling import ElementwiseConfig
 
@@ -33,7 +40,7 @@ def sigmoid_fwd(
 ) -> torch.Tensor:
     """σ(x) (``log=False``) or log σ(x): a new contiguous tensor of ``x``'s shape and dtype."""
     check_float("input", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
     check_runnable(x)
@@ -63,7 +70,7 @@ def sigmoid_bwd(
             f"grad_output has shape {tuple(dy.shape)}, expected {tuple(saved.shape)}"
         )
     check_same_device(saved=saved, grad_output=dy)
-    dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+    dx = empty(saved.shape, dtype=saved.dtype, device=saved.device)
     if saved.numel() == 0:
         return dx
     check_runnable(saved, "saved")
