@@ -238,7 +238,7 @@ def test_skipped_and_raising_providers_become_rows(device):
     assert [(r.status, r.reason) for r in rows[:2]] == [
         ("skipped", "not here"), ("skipped", "raised ValueError: cap is 65536")]
     assert rows[2].status == "smoke" and rows[2].ms is None
-    assert "max abs diff 0.0e+00" in rows[2].reason
+    assert "output vs torch: max abs diff 0.0e+00" in rows[2].reason
 
 
 def test_compile_provider_wraps_torch(device):
@@ -311,7 +311,11 @@ def test_cli_smoke_run(tmp_path, capsys, device):
         if r.provider == "torch":
             assert r.status == "smoke", r
     fwd = [r for r in rows if r.status == "smoke" and r.pass_ == "fwd"]
-    assert fwd and all("max rel diff" in r.reason for r in fwd)
+    assert fwd and all("output vs torch: max abs diff" in r.reason for r in fwd)
+    both = [r for r in rows if r.status == "smoke" and r.pass_ == "fwd_bwd"]
+    assert both and all("gradients vs torch: max abs diff" in r.reason for r in both)
+    exact = by[("softmax", "fwd", (4, 64), "torch")].reason  # torch against itself
+    assert "max abs diff 0.0e+00" in exact
 
 
 @pytest.mark.gpu

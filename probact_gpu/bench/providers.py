@@ -1,7 +1,9 @@
 """The providers compared side by side, the inputs they share, and the step each pass times.
 
 - ``probact``: ``probact_gpu.functional.<name>``, looked up at run time, so the bench works with
-  whichever ops exist (a missing one is a skipped row that says so).
+  whichever ops exist (a missing one is a skipped row that says so). ``probact_inplace``
+  (cross-entropy only): the same with ``inplace_backward=True``, the gradient written into the
+  logits' storage (no logits-sized buffer).
 - ``torch``: torch eager (``torch.softmax``, ``F.cross_entropy``, ...).
 - ``compile``: the same eager functions through ``torch.compile(dynamic=False)``; dynamo's caches
   are reset per case so no shape silently falls back to eager after too many recompiles.
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from .shapes import CE_IGNORED_FRACTION
 
 PROVIDERS = ("probact", "torch", "compile", "liger")
+# Variants of probact measured beside it for some ops; speed-ups compare probact with the others.
+VARIANTS = {"cross_entropy": ("probact_inplace",)}
 IGNORE_INDEX = -100
 
 # probact_gpu.functional's public name for each bench op.
@@ -84,6 +88,20 @@ TORCH_FNS: dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------- resolution
+
+
+class _Upstream(torch.autograd.Function):
+    """A zero-copy stand-in for the op that produced the logits (the LM head's matmul): the
+    in-place mode may overwrite a non-leaf tensor, never a leaf the user asked gradients of.
+    Costs no memory traffic; its backward passes the gradient through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def probact_fn(op: str, module: str = "probact_gpu.functional") -> Callable:
@@ -143,6 +161,15 @@ def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False
     """The forward function ``provider`` offers for ``op``, or :class:`Skip` with the reason."""
     if provider == "probact":
         return probact_fn(op)
+    if provider == "probact_inplace" and op == "cross_entropy":
+        ce = probact_fn(op)
+
+        def probact_cross_entropy_inplace(logits, target):
+            if logits.requires_grad:
+                logits = _Upstream.apply(logits)
+            return ce(logits, target, inplace_backward=True)
+
+        return probact_cross_entropy_inplace
     if provider == "torch":
         return TORCH_FNS[op]
     if provider == "compile":

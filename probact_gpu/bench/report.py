@@ -16,7 +16,8 @@ JSON schema (``SCHEMA`` = ``"probact-gpu-bench/1"``), checked by :func:`validate
       "copy_gbps": float | null,     # y.copy_(x) on 1 GiB, read + write, same run
       "rows": [{
         "op": str, "pass": "fwd" | "bwd" | "fwd_bwd", "dtype": "bf16" | "fp16" | "fp32",
-        "shape": [int, ...], "provider": "probact" | "torch" | "compile" | "liger",
+        "shape": [int, ...],
+        "provider": "probact" | "probact_inplace" | "torch" | "compile" | "liger",
         "status": "ok" | "skipped" | "smoke",
         "reason": str | null,        # why skipped (or what the smoke pass saw)
         "ms": float | null, "ms_p20": float | null, "ms_p80": float | null,
@@ -24,7 +25,7 @@ JSON schema (``SCHEMA`` = ``"probact-gpu-bench/1"``), checked by :func:`validate
         "gbps": float | null, "pct_copy": float | null,
         "tflops": float | null,      # linear_cross_entropy only: its 1 or 3 matmuls
         "extra_mib": float | null,   # peak memory above the inputs during one call
-        "speedup": float | null,     # probact rows: best other provider's ms / probact's ms
+        "speedup": float | null,     # probact rows: best non-probact provider's ms / this ms
         "speedup_vs": str | null     # ... and which provider that was
       }, ...]
     }

@@ -77,7 +77,7 @@ def run_case(case: Case, provider: str, device: torch.device, *, smoke: bool,
         out = step.run()  # warm-up; compiles under torch.compile
         if smoke:
             row.status = "smoke"
-            row.reason = _smoke_note(case, out, device, seed)
+            row.reason = _smoke_note(case, out, step, device, seed)
             return row
         del out
         out = None
@@ -107,28 +107,40 @@ def run_case(case: Case, provider: str, device: torch.device, *, smoke: bool,
     return row
 
 
-def _smoke_note(case: Case, out, device: torch.device, seed: int) -> str:
-    """What the smoke pass saw: the forward's max |Δ| against torch eager on the same inputs."""
-    if case.pass_ != "fwd" or not isinstance(out, torch.Tensor):
-        return f"{case.pass_} ran"
+def _smoke_note(case: Case, out, step: prov.Step, device: torch.device, seed: int) -> str:
+    """What the smoke pass saw: the forward output (fwd) or the gradients (fwd_bwd) against
+    torch eager's on the same inputs."""
     inputs = prov.make_inputs(case.op, case.shape, DTYPES[case.dtype], device, seed)
-    ref = prov.TORCH_FNS[case.op](*inputs.values())
-    if not torch.isfinite(out.float()).all():
-        return "fwd ran; output has non-finite values"
-    if out.shape != ref.shape:
-        return f"fwd ran; shape {tuple(out.shape)} != torch's {tuple(ref.shape)}"
-    diff = (out.float() - ref.float()).abs()
-    rel = diff / ref.float().abs().clamp_min(1e-6)
-    worst = (diff.max().item(), rel.max().item()) if out.numel() else (0.0, 0.0)
-    return f"fwd ran; vs torch: max abs diff {worst[0]:.1e}, max rel diff {worst[1]:.1e}"
+    if case.pass_ == "fwd":
+        ours, theirs = [out], [prov.TORCH_FNS[case.op](*inputs.values())]
+    elif case.pass_ == "fwd_bwd":
+        ref = prov.build_step(prov.TORCH_FNS[case.op], case.op, case.pass_, inputs)
+        ref.run()
+        ours, theirs = [t.grad for t in step.leaves], [t.grad for t in ref.leaves]
+    else:
+        return f"{case.pass_} ran"
+    what = "output" if case.pass_ == "fwd" else "gradients"
+    worst_abs = worst_rel = 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+            return f"{case.pass_} ran; {what} do not match torch's in shape"
+        if not torch.isfinite(a.float()).all():
+            return f"{case.pass_} ran; {what} have non-finite values"
+        if a.numel():
+            diff = (a.float() - b.float()).abs()
+            worst_abs = max(worst_abs, diff.max().item())
+            worst_rel = max(worst_rel, (diff / b.float().abs().clamp_min(1e-6)).max().item())
+    return (f"{case.pass_} ran; {what} vs torch: max abs diff {worst_abs:.1e}, "
+            f"max rel diff {worst_rel:.1e}")
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """On each timed probact row: the best other provider's median over probact's."""
+    """On each timed probact row (variants too): the best non-probact provider's median over
+    its own."""
     for r in rows:
-        if r.provider != "probact" or r.status != "ok":
+        if not r.provider.startswith("probact") or r.status != "ok":
             continue
-        others = [o for o in rows if o.group == r.group and o.provider != "probact"
+        others = [o for o in rows if o.group == r.group and not o.provider.startswith("probact")
                   and o.status == "ok"]
         if others:
             best = min(others, key=lambda o: o.ms)
@@ -151,7 +163,8 @@ def run(*, ops: Iterable[str], dtypes: Iterable[str], passes: Iterable[str] | No
     if not smoke:
         copy_gbps, _ = copy_rate(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
         print(f"copy rate: {copy_gbps:,.0f} GB/s (y.copy_(x), 1 GiB, read + write)", file=out)
-    tasks = [(c, p) for c in cases for p in providers]
+    tasks = [(c, p) for c in cases
+             for p in providers + (prov.VARIANTS.get(c.op, ()) if "probact" in providers else ())]
     bar = _progress(len(tasks), enabled=progress and not smoke)
     rows = []
     for case, provider in tasks:
