@@ -74,7 +74,7 @@ def _run(shape, options, scale, reduction, dtype, device, rng) -> list[Row]:
     kw = {"weight": _np(w), "pos_weight": _np(pw), "reduction": reduction}
     loss_ref = reference.bce_with_logits(*args, **kw)
     # The loss is stored in the dtype: a sum beyond its range is inf (fp16 at 1e4 logits).
-    loss_ref = to_numpy64(torch.from_numpy(np.asarray(loss_ref)).to(dtype))
+    loss_ref = to_numpy64(torch.from_numpy(np.array(loss_ref)).to(dtype))
     grad_ref = reference.bce_with_logits_grad(*args, dy64, **kw)
     return [
         compare("bce_with_logits fwd", dtype, label, results[0][0], results[1][0], loss_ref),
