@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -43,6 +44,10 @@ def _check(args: argparse.Namespace) -> int:
     return check.run(torch.device(device), large=large, ops=ops, seed=args.seed)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _bench(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     smoke = args.smoke or device == "cpu"
@@ -65,14 +70,21 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"probact-gpu bench --smoke on {name}: tiny shapes, each provider once, untimed.\n")
     env = report.environment("smoke" if smoke else "cuda", name, quick=args.quick,
                              command="probact-gpu " + " ".join(args.argv))
-    copy_gbps, rows = runner.run(ops=ops, dtypes=dtypes, passes=passes, size=size, device=dev)
+    # A `timeout` (scripts/gpu_check.sh) sends SIGTERM: stop like Ctrl-C, so the rows measured
+    # so far are still printed and written.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        copy_gbps, rows, complete = runner.run(ops=ops, dtypes=dtypes, passes=passes, size=size,
+                                               device=dev)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.format_header(env, copy_gbps))
     print(report.format_table(rows))
     if args.out:
         for path in report.write_results(args.out, env, copy_gbps, rows):
             print(f"wrote {path}")
     ran = [r for r in rows if r.status != "skipped"]
-    return 0 if ran else 1
+    return 0 if ran and complete else 1
 
 
 def main(argv: list[str] | None = None) -> int:

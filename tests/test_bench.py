@@ -332,3 +332,27 @@ def test_bench_times_a_case_on_cuda():
         assert row.ms > 0 and row.gbps > 0 and row.pct_copy > 0
         assert row.bytes == 2 * 4096 * 4096 * 2
         assert row.extra_mib >= 32 - 1e-6  # at least the 32 MiB output
+
+
+def test_interrupt_keeps_the_rows_measured(device):
+    """A timeout's SIGTERM (raised as KeyboardInterrupt by the CLI) stops the run, keeping rows."""
+    calls = []
+
+    def resolve(provider, op, *, device, smoke):
+        calls.append(provider)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return prov.TORCH_FNS[op]
+
+    lines = []
+
+    class Out:
+        def write(self, s):
+            lines.append(s)
+
+    copy_gbps, rows, complete = runner.run(ops=["softmax"], dtypes=["fp32"], passes=["fwd"],
+                                           size="smoke", device=device, resolve=resolve,
+                                           out=Out())
+    assert not complete and copy_gbps is None
+    assert [r.status for r in rows] == ["smoke", "smoke"]
+    assert "interrupted after 2 of" in "".join(lines)

@@ -151,8 +151,9 @@ def add_speedups(rows: list[Row]) -> None:
 def run(*, ops: Iterable[str], dtypes: Iterable[str], passes: Iterable[str] | None,
         size: str, device: torch.device, providers: Iterable[str] = prov.PROVIDERS,
         resolve: Callable = prov.resolve, progress: bool = True,
-        out: TextIO = sys.stdout) -> tuple[float | None, list[Row]]:
-    """Run the bench; returns (copy rate in GB/s or None on a smoke pass, rows)."""
+        out: TextIO = sys.stdout) -> tuple[float | None, list[Row], bool]:
+    """Run the bench; returns (copy rate in GB/s or None on a smoke pass, rows, whether every
+    planned row ran — False after an interrupt)."""
     smoke = size == "smoke"
     cases, notes = plan(ops, dtypes, passes, size)
     for note in notes:
@@ -167,18 +168,22 @@ def run(*, ops: Iterable[str], dtypes: Iterable[str], passes: Iterable[str] | No
              for p in providers + (prov.VARIANTS.get(c.op, ()) if "probact" in providers else ())]
     bar = _progress(len(tasks), enabled=progress and not smoke)
     rows = []
-    for case, provider in tasks:
+    try:
+        for case, provider in tasks:
+            if bar is not None:
+                bar.set_description(f"{case.op} {case.pass_} {shape_table.label(case.shape)} "
+                                    f"{provider}")
+            rows.append(run_case(case, provider, device, smoke=smoke, copy_gbps=copy_gbps,
+                                 resolve=resolve, warmup_ms=warmup_ms, rep_ms=rep_ms))
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see cli): keep what was measured
+        print(f"interrupted after {len(rows)} of {len(tasks)} rows; reporting those", file=out)
+    finally:
         if bar is not None:
-            bar.set_description(f"{case.op} {case.pass_} {shape_table.label(case.shape)} "
-                                f"{provider}")
-        rows.append(run_case(case, provider, device, smoke=smoke, copy_gbps=copy_gbps,
-                             resolve=resolve, warmup_ms=warmup_ms, rep_ms=rep_ms))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     add_speedups(rows)
-    return copy_gbps, rows
+    return copy_gbps, rows, len(rows) == len(tasks)
 
 
 def _progress(total: int, enabled: bool):
