@@ -20,6 +20,7 @@ _EXPORTS = {
     "logsigmoid": "functional",
     "binary_cross_entropy_with_logits": "functional",
     "cross_entropy": "functional",
+    "linear_cross_entropy": "functional",
     # modules
     "Softmax": "nn",
     "LogSoftmax": "nn",
@@ -27,6 +28,7 @@ _EXPORTS = {
     "LogSigmoid": "nn",
     "BCEWithLogitsLoss": "nn",
     "CrossEntropyLoss": "nn",
+    "LinearCrossEntropyLoss": "nn",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -106,3 +106,43 @@ class CrossEntropyLoss(torch.nn.Module):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Fused LM head + loss: ``forward(input, weight, target, bias=None)`` is
+    ``F.linear_cross_entropy`` with the options stored here (``class_weight`` is the per-class
+    weight of cross_entropy). The head's weight is passed in, so it stays owned by the model."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        class_weight: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.softcap, self.logit_scale = softcap, logit_scale
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return F.linear_cross_entropy(
+            input, weight, target, bias, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            softcap=self.softcap, logit_scale=self.logit_scale, class_weight=self.class_weight,
+            chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+        )

@@ -1,0 +1,207 @@
+"""Fused linear + cross-entropy: loss and the three gradients against float64 references, chunk
+sizes around N, every option, per-token grad_output, frozen heads, no_grad, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import probact_gpu as pg
+from probact_gpu import reference, tiling
+from probact_gpu.ops.linear_cross_entropy import linear_cross_entropy_fwd
+from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
+
+N, H, V = 37, 16, 101  # odd token count, V not a power of two
+
+
+def _problem(rng, device, dtype=torch.float32, bias=True, ignore_every=5):
+    h, h64 = make_input((N, H), dtype, rng, device=device)
+    w, w64 = make_input((V, H), dtype, rng, scale=0.5, device=device)
+    b, b64 = make_input((V,), dtype, rng, device=device) if bias else (None, None)
+    target = torch.from_numpy(rng.integers(0, V, N)).to(device)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return (h, h64), (w, w64), (b, b64), target
+
+
+def _reference(h64, w64, b64, target, reduction, dy, **opts):
+    """Loss and (dh, dW, db) in float64 from the CE reference's dlogits."""
+    logits = h64 @ w64.T + (0.0 if b64 is None else b64)
+    loss, _, dlogits = reference.cross_entropy(logits, target.cpu().numpy(),
+                                               reduction=reduction, dy=dy, **opts)
+    return loss, dlogits @ w64, dlogits.T @ h64, dlogits.sum(0)
+
+
+def _run(h, w, b, target, reduction, dy, **kw):
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    br = None if b is None else b.clone().requires_grad_()
+    loss = pg.linear_cross_entropy(hr, wr, target, br, reduction=reduction, **kw)
+    loss.backward(dy)
+    return loss, hr.grad, wr.grad, None if br is None else br.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "chunk_size,why",
+    [(None, "default: one chunk at this size"), (8, "5 chunks, the last one 5 tokens"),
+     (1, "one token a chunk"), (100, "a chunk larger than N")],
+)
+def test_linear_ce_matches_float64_reference(chunk_size, why, reduction, device, rng):
+    (h, h64), (w, w64), (b, b64), target = _problem(rng, device)
+    dy_np = rng.standard_normal(N) if reduction == "none" else 0.75
+    dy = torch.tensor(dy_np, dtype=torch.float32, device=device)
+    loss, dh, dw, db = _run(h, w, b, target, reduction, dy, chunk_size=chunk_size)
+    ref_loss, ref_dh, ref_dw, ref_db = _reference(h64, w64, b64, target, reduction, dy_np)
+    assert_close_to_reference(loss, np.asarray(ref_loss), torch.float32, "loss")
+    assert_close_to_reference(dh, ref_dh, torch.float32, "dh")
+    assert_close_to_reference(dw, ref_dw, torch.float32, "dW")
+    assert_close_to_reference(db, ref_db, torch.float32, "db")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=3.0), dict(logit_scale=0.5),
+     dict(label_smoothing=0.2, class_weight=True), dict(softcap=2.0, z_loss=1e-2,
+                                                         logit_scale=1.5)],
+    ids=lambda o: ",".join(o),
+)
+def test_linear_ce_options(opts, device, rng):
+    (h, h64), (w, w64), (b, b64), target = _problem(rng, device)
+    opts = dict(opts)
+    ref_opts = {k: v for k, v in opts.items() if k != "class_weight"}
+    if opts.pop("class_weight", False):
+        cw, cw64 = make_input((V,), torch.float32, rng, device=device)
+        cw, cw64 = cw.abs(), np.abs(cw64)
+        opts["class_weight"], ref_opts["weight"] = cw, cw64
+    for reduction, dy_np in (("mean", 1.0), ("none", rng.standard_normal(N))):
+        dy = torch.tensor(dy_np, dtype=torch.float32, device=device)
+        loss, dh, dw, db = _run(h, w, b, target, reduction, dy, chunk_size=16, **opts)
+        ref = _reference(h64, w64, b64, target, reduction, dy_np, **ref_opts)
+        names = ("loss", "dh", "dW", "db")
+        for name, ours, theirs in zip(names, (loss, dh, dw, db), ref, strict=True):
+            assert_close_to_reference(ours, np.asarray(theirs), torch.float32, name)
+
+
+def test_linear_ce_bf16_accumulates_dw_in_fp32(device, rng):
+    """bf16 head, 37 one-token chunks: dW summed over chunks in fp32 and rounded once stays
+    within bf16 tolerance of float64 (a bf16 running sum would drift)."""
+    (h, h64), (w, w64), (b, b64), target = _problem(rng, device, dtype=torch.bfloat16)
+    loss, dh, dw, db = _run(h, w, b, target, "sum", torch.tensor(1.0, device=device), chunk_size=1)
+    # The reference sees the bf16-rounded logits the kernel saw.
+    logits = (h.float() @ w.float().T + b.float()).to(torch.bfloat16)
+    _, _, dlogits = reference.cross_entropy(to_numpy64(logits), target.cpu().numpy(),
+                                            reduction="sum")
+    assert loss.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    assert_close_to_reference(dw, dlogits.T @ h64, torch.bfloat16, "dW")
+    assert_close_to_reference(db, dlogits.sum(0), torch.bfloat16, "db")
+
+
+def test_linear_ce_float64_gradcheck(device, rng):
+    h = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.tensor([0, 3, -100, 8, 2, 2], device=device)
+    # "none" only: sum/mean scale their saved gradients in place, so they allow one backward
+    # (test_linear_ce_backward_twice_raises); their gradients are checked against float64 above.
+    for reduction in ("none",):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, reduction=reduction: pg.linear_cross_entropy(
+                h, w, target, b, reduction=reduction, chunk_size=4, label_smoothing=0.1),
+            (h, w, b))
+
+
+def test_linear_ce_only_required_grads(device, rng):
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    hr = h.clone().requires_grad_()
+    loss = pg.linear_cross_entropy(hr, w, target, b)  # frozen head
+    loss.backward()
+    assert hr.grad is not None
+    with torch.no_grad():
+        out = pg.linear_cross_entropy(h.clone().requires_grad_(), w, target, b)
+    assert not out.requires_grad
+    wr = w.clone().requires_grad_()
+    pg.linear_cross_entropy(h, wr, target).backward()  # frozen input, no bias
+    assert wr.grad is not None and wr.grad.shape == w.shape
+
+
+def test_linear_ce_shapes_and_module(device, rng):
+    (h, h64), (w, w64), (b, b64), target = _problem(rng, device, ignore_every=0)
+    h3, t3 = h[:36].reshape(4, 9, H), target[:36].reshape(4, 9)
+    per_token = pg.linear_cross_entropy(h3, w, t3, b, reduction="none")
+    assert per_token.shape == (4, 9)
+    module = pg.LinearCrossEntropyLoss(reduction="sum", chunk_size=10)
+    total = module(h3, w, t3, b)
+    torch.testing.assert_close(total, per_token.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_ce_memory_budget_sets_the_chunk(device, rng):
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    budget = 10 * V * h.element_size()  # 10 tokens of logits per chunk
+    assert tiling.choose_token_chunk(N, V, h.element_size(), budget) == 10
+    with record_launches() as launches:
+        linear_cross_entropy_fwd(h, w, target, b, memory_budget=budget)
+    ce_launches = [x for x in launches if x.kernel == "cross_entropy_fwd_kernel"]
+    assert len(ce_launches) == 4  # ceil(37 / 10)
+
+
+def test_linear_ce_token_chunk_heuristic():
+    assert tiling.choose_token_chunk(8192, 128256, 2) == 2048  # 512 MiB of bf16 logits
+    assert tiling.choose_token_chunk(100, 128256, 2) == 100
+    assert tiling.choose_token_chunk(10, 1 << 40, 2) == 1
+    with pytest.raises(ValueError, match="memory budget"):
+        tiling.choose_token_chunk(10, 10, 2, 0)
+
+
+def test_linear_ce_backward_twice_raises(device, rng):
+    """sum/mean scale the forward's gradients in place: a second backward must raise, not
+    silently return gradients scaled twice."""
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    hr = h.clone().requires_grad_()
+    loss = pg.linear_cross_entropy(hr, w, target, b)
+    torch.autograd.grad(loss * 3.0, hr, retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated\\s+once"):
+        torch.autograd.grad(loss * -0.5, hr)
+
+
+def test_linear_ce_bad_input(device):
+    h = torch.randn(4, 8, device=device)
+    w = torch.randn(10, 8, device=device)
+    t = torch.zeros(4, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="hidden size 8"):
+        pg.linear_cross_entropy(torch.randn(4, 7, device=device), w, t)
+    with pytest.raises(TypeError, match="weight dtype torch.float16 must match"):
+        pg.linear_cross_entropy(h, w.half(), t)
+    with pytest.raises(ValueError, match="target shape"):
+        pg.linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(TypeError, match="target must be an int64 or int32"):
+        pg.linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match="bias must be"):
+        pg.linear_cross_entropy(h, w, t, torch.randn(9, device=device))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pg.linear_cross_entropy(h, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        pg.linear_cross_entropy(h, w, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        pg.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="class_weight must have shape"):
+        pg.linear_cross_entropy(h, w, t, class_weight=torch.ones(3, device=device))
+
+
+@pytest.mark.gpu
+def test_linear_ce_lm_head_shape_gpu(device):
+    """The PERF.md shape at a quarter of the tokens: loss and gradients vs eager in fp32."""
+    torch.manual_seed(0)
+    n, hidden, vocab = 2048, 4096, 128256
+    h = (torch.randn(n, hidden, device=device) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (n,), device=device)
+    target[::8] = -100
+    loss = pg.linear_cross_entropy(h, w, target, memory_budget=256 << 20)
+    loss.backward()
+    h2, w2 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h2 @ w2.T, target)
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(h.grad.float(), h2.grad, atol=2e-3, rtol=5e-2)
+    torch.testing.assert_close(w.grad.float(), w2.grad, atol=2e-3, rtol=5e-2)
