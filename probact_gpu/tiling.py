@@ -173,22 +173,26 @@ def choose_cross_entropy_config(
     )
 
 
-# --------------------------------------------------------------------------- cross-entropy
+# --------------------------------------------------------------------------- linear + CE
 
-# Longest row the cross-entropy single-tile kernel holds on-chip. Lower than the softmax limit
-# because the fused forward+gradient keeps z, exp(z − lse) and dx live per element: 8192 fp32
-# values of z per row is 16 per thread at 16 warps. Reasoned, not yet swept (perf/NOTES.md).
-CE_MAX_SINGLE_COLS = 8192
-# Targets summed per step by the one-program mean-divisor pre-pass.
-CE_TOTAL_WEIGHT_BLOCK = 1024
+# Bytes of logits one token chunk of fused linear + cross-entropy may hold (the chunk buffer,
+# which the CE kernel overwrites with its gradient). 512 MiB is 2048 tokens of a 128k bf16
+# vocabulary: each chunk's matmuls are then ~2 TFLOP, long enough for cuBLAS to run at its rate.
+LINEAR_CE_LOGITS_BUDGET = 512 * 1024 * 1024
+# Token chunks are a multiple of this (a matmul tile height).
+LINEAR_CE_CHUNK_ALIGN = 64
 
 
-def choose_cross_entropy_config(
-    n_rows: int, n_cols: int, elem_size: int, sm_count: int
-) -> RowConfig:
-    """``choose_row_config`` with the single tile capped at ``CE_MAX_SINGLE_COLS``: single tile
-    up to 8192 classes, multi tile beyond, split when the rows alone do not fill the device."""
-    return choose_row_config(
-        n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
-    )
-
+def choose_token_chunk(
+    n_tokens: int, n_classes: int, elem_size: int, budget_bytes: int | None = None
+) -> int:
+    """Tokens per chunk of fused linear + cross-entropy: as many as fit ``budget_bytes`` of
+    logits (default ``LINEAR_CE_LOGITS_BUDGET``), a multiple of ``LINEAR_CE_CHUNK_ALIGN`` when
+    that many fit, at least 1, at most ``n_tokens``."""
+    budget = LINEAR_CE_LOGITS_BUDGET if budget_bytes is None else budget_bytes
+    if budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget_bytes}")
+    fit = max(1, budget // max(1, n_classes * elem_size))
+    if fit >= LINEAR_CE_CHUNK_ALIGN:
+        fit -= fit % LINEAR_CE_CHUNK_ALIGN
+    return max(1, min(fit, n_tokens))
