@@ -388,6 +388,22 @@ def test_bce_module(device, rng):
     assert "reduction='sum'" in repr(pg.BCEWithLogitsLoss(reduction="sum"))
 
 
+def test_bce_torch_compile_fullgraph_traces_both_paths(device, rng):
+    """fullgraph tracing (aot_eager: no codegen, so it runs on CPU too) through the fake
+    kernels, including the in-place scaling op of the in-forward gradient path."""
+    x, t, w, pw = _make((8, 33), torch.float32, rng, device, options="wps")
+    for reduction in REDUCTIONS:
+        def f(x, reduction=reduction):
+            return pg.binary_cross_entropy_with_logits(x, t, w, reduction=reduction,
+                                                       pos_weight=pw)
+
+        xr = x.clone().requires_grad_()
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(xr)
+        (out.sum() * 2.0).backward()
+        dy = torch.full(out.shape, 2.0, device=device)
+        _check(x, t, w, pw, reduction, dy, out.detach(), xr.grad, torch.float32)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -190,6 +190,22 @@ def test_sigmoid_modules(device, rng):
     assert_close_to_reference(pg.LogSigmoid()(x), reference.logsigmoid(x64), torch.float32)
 
 
+def test_sigmoid_torch_compile_fullgraph_traces(device, rng):
+    """fullgraph tracing through the fake kernels (aot_eager: runs on CPU too)."""
+    def f(x):
+        return pg.sigmoid(x) * 2 + pg.logsigmoid(x)
+
+    x, x64 = make_input((4, 33), torch.float32, rng, device=device)
+    xr = x.clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(xr)
+    out.sum().backward()
+    assert_close_to_reference(out, 2 * reference.sigmoid(x64) + reference.logsigmoid(x64),
+                              torch.float32)
+    ones = np.ones_like(x64)
+    grad_ref = 2 * reference.sigmoid_grad(x64, ones) + reference.logsigmoid_grad(x64, ones)
+    assert_close_to_reference(xr.grad, grad_ref, torch.float32)
+
+
 # --------------------------------------------------------------------------- GPU
 
 
