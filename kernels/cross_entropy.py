@@ -98,12 +98,14 @@ def _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_classes, label_smoothing, z_loss,
+def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing, z_loss,
               HAS_SMOOTHING: tl.constexpr):
-    """The loss of row(s) from their lse, target logit and Σ w·z (see the module docstring)."""
-    loss = (1.0 - label_smoothing) * w_t * (lse - z_t) + z_loss * lse * lse
+    """The loss of row(s) from lse, ``nll = lse − z_t`` and ``smooth = W·lse − Σ w·z``, each
+    formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4)."""
+    eps = tl.zeros_like(lse) + label_smoothing  # in the math dtype (fp64 for fp64 input)
+    loss = (1.0 - eps) * w_t * nll + z_loss * lse * lse
     if HAS_SMOOTHING:
-        loss += (label_smoothing / n_classes) * (W * lse - smooth_sum)
+        loss += (eps / n_classes) * smooth
     loss = tl.where(valid, loss, 0.0)
     return tl.where(valid & (~in_range), float("nan"), loss)
 
@@ -111,18 +113,22 @@ def _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_classes, label_sm
 @triton.jit
 def _grad_coefs(g, lse, w_t, W, in_range, n_classes, label_smoothing, z_loss):
     """(coef, true_coef, smooth_coef): dz = p·coef − true_coef·[c = t] − smooth_coef·w_c."""
-    true_coef = g * (1.0 - label_smoothing) * w_t
-    smooth_coef = g * (label_smoothing / n_classes)
+    eps = tl.zeros_like(lse) + label_smoothing  # in the math dtype (fp64 for fp64 input)
+    true_coef = g * (1.0 - eps) * w_t
+    smooth_coef = g * (eps / n_classes)
     coef = true_coef + smooth_coef * W + g * (2.0 * z_loss) * lse
     coef = tl.where(in_range, coef, float("nan"))
     return coef, true_coef, smooth_coef
 
 
 @triton.jit
-def _grad_tile(z, is_t, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING: tl.constexpr):
-    """dz of a tile (before the transform's chain rule), in fp32/fp64; ``w`` is the tile's class
-    weights (1 without weights), used only with smoothing."""
-    p = tl.exp2((z - lse) * LOG2E)
+def _grad_tile(z, is_t, w, shift, inv_sum, coef, true_coef, smooth_coef,
+               HAS_SMOOTHING: tl.constexpr):
+    """dz of a tile (before the transform's chain rule), in fp32/fp64, with
+    ``p = exp(z − shift) · inv_sum`` (shift = the row max and inv_sum = 1 / Σ exp(z − max) where
+    known, else shift = lse and inv_sum = 1); ``w`` is the tile's class weights (1 without
+    weights), used only with smoothing."""
+    p = tl.exp2((z - shift) * LOG2E) * inv_sum
     dz = p * coef - tl.where(is_t, true_coef, 0.0)
     if HAS_SMOOTHING:
         dz -= smooth_coef * w
@@ -177,24 +183,25 @@ def cross_entropy_fwd_kernel(
         row_max = tl.max(z, axis=1)
         shift = safe_max(row_max)
         row_sum = tl.sum(tl.exp2((z - shift[:, None]) * LOG2E), axis=1)
-        lse = shift + tl.log(row_sum)
+        log_sum = tl.log(row_sum)
+        lse = shift + log_sum
         is_t = cols[None, :] == tgt[:, None]
-        z_t = tl.sum(tl.where(is_t, z, 0.0), axis=1)
-        w = _load_w(weight_ptr, cols, cols < n_cols, HAS_WEIGHT)
+        nll = (shift - tl.sum(tl.where(is_t, z, 0.0), axis=1)) + log_sum
+        w = _load_w(weight_ptr, cols[None, :], (cols < n_cols)[None, :], HAS_WEIGHT)
         W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
-        if HAS_SMOOTHING:
-            smooth_sum = tl.sum(tl.where(mask, z * w, 0.0), axis=1)
+        if HAS_SMOOTHING:  # Σ w·(lse − z) = Σ w·(shift − z) + W·log Σ exp(z − shift)
+            smooth = tl.sum(tl.where(mask, (shift[:, None] - z) * w, 0.0), axis=1) + W * log_sum
         else:
-            smooth_sum = 0.0
-        loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_cols, label_smoothing,
-                         z_loss, HAS_SMOOTHING)
+            smooth = 0.0
+        loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
+                         HAS_SMOOTHING)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
         if COMPUTE_GRAD:
             coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
                                                        label_smoothing, z_loss)
-            dz = _grad_tile(z, is_t, w, lse[:, None], coef[:, None], true_coef[:, None],
-                            smooth_coef, HAS_SMOOTHING)
+            dz = _grad_tile(z, is_t, w, shift[:, None], (1.0 / row_sum)[:, None], coef[:, None],
+                            true_coef[:, None], smooth_coef[:, None], HAS_SMOOTHING)
             dx = tl.where(valid[:, None], _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
             dx_offs = row_offset(rows, n_inner, dx_outer_stride, dx_inner_stride)[:, None] \
                 + cols[None, :] * dx_col_stride
@@ -212,8 +219,11 @@ def cross_entropy_fwd_kernel(
         row_max = tl.max(z, axis=0)
         row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
         z_t = tl.sum(tl.where(cols == tgt, z, 0.0), axis=0)
+        # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
+        ref = safe_max(row_max)
         if HAS_SMOOTHING:
-            smooth_acc = tl.where(mask, z * _load_w(weight_ptr, cols, mask, HAS_WEIGHT), 0.0)
+            smooth_acc = tl.where(mask, (z - ref) * _load_w(weight_ptr, cols, mask, HAS_WEIGHT),
+                                  0.0)
         for start in range(BLOCK_N, n_cols, BLOCK_N):
             c = start + cols
             mask = c < n_cols
@@ -222,15 +232,19 @@ def cross_entropy_fwd_kernel(
             row_max, row_sum = online_update(row_max, row_sum, z, 0)
             z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
             if HAS_SMOOTHING:
-                smooth_acc += tl.where(mask, z * _load_w(weight_ptr, c, mask, HAS_WEIGHT), 0.0)
-        if HAS_SMOOTHING:
-            smooth_sum = tl.sum(smooth_acc, axis=0)
-        else:
-            smooth_sum = 0.0
-        lse = safe_max(row_max) + tl.log(row_sum)
+                smooth_acc += tl.where(mask, (z - ref) * _load_w(weight_ptr, c, mask, HAS_WEIGHT),
+                                       0.0)
+        shift = safe_max(row_max)
+        log_sum = tl.log(row_sum)
+        lse = shift + log_sum
+        nll = (shift - z_t) + log_sum
         W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
-        loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_cols, label_smoothing,
-                         z_loss, HAS_SMOOTHING)
+        if HAS_SMOOTHING:  # W·(lse − ref) − Σ w·(z − ref)
+            smooth = W * ((shift - ref) + log_sum) - tl.sum(smooth_acc, axis=0)
+        else:
+            smooth = 0.0
+        loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
+                         HAS_SMOOTHING)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
         if COMPUTE_GRAD:
@@ -246,7 +260,8 @@ def cross_entropy_fwd_kernel(
                 z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP),
                              float("-inf"))
                 w = _load_w(weight_ptr, c, mask, HAS_WEIGHT)
-                dz = _grad_tile(z, c == tgt, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING)
+                dz = _grad_tile(z, c == tgt, w, shift, 1.0 / row_sum, coef, true_coef,
+                                smooth_coef, HAS_SMOOTHING)
                 dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
                 tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -280,7 +295,7 @@ def cross_entropy_split_stats_kernel(
     z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
     part_max = tl.max(z, axis=0)
     part_sum = tl.sum(tl.exp2((z - safe_max(part_max)) * LOG2E), axis=0)
-    part_t = tl.sum(tl.where(cols == local_t, z, 0.0), axis=0)
+    part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
     smooth_acc = tl.where(mask, z * _load_w(weight_ptr + vocab_start, cols, mask, HAS_WEIGHT),
                           0.0)
     for tile in range(start + BLOCK_N, end, BLOCK_N):
@@ -289,7 +304,7 @@ def cross_entropy_split_stats_kernel(
         x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
         z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
         part_max, part_sum = online_update(part_max, part_sum, z, 0)
-        part_t += tl.sum(tl.where(c == local_t, z, 0.0), axis=0)
+        part_t += tl.sum(tl.where((c == local_t) & mask, z, 0.0), axis=0)
         if HAS_SMOOTHING:
             smooth_acc += tl.where(mask, z * _load_w(weight_ptr + vocab_start, c, mask,
                                                      HAS_WEIGHT), 0.0)
@@ -329,12 +344,13 @@ def cross_entropy_combine_kernel(
     row_max = tl.max(part_max, axis=1)
     shift = safe_max(row_max)
     row_sum = tl.sum(part_sum * tl.exp2((part_max - shift[:, None]) * LOG2E), axis=1)
-    lse = shift + tl.log(row_sum)
+    log_sum = tl.log(row_sum)
+    lse = shift + log_sum
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
     W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
-    loss = _row_loss(lse, z_t, smooth_sum, w_t, W, valid, in_range, n_classes, label_smoothing,
-                     z_loss, HAS_SMOOTHING)
+    loss = _row_loss(lse, (shift - z_t) + log_sum, W * lse - smooth_sum, w_t, valid, in_range,
+                     n_classes, label_smoothing, z_loss, HAS_SMOOTHING)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
@@ -380,7 +396,8 @@ def cross_entropy_bwd_kernel(
         x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
         z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
         w = _load_w(weight_ptr + vocab_start, c, mask, HAS_WEIGHT)
-        dz = _grad_tile(z, c == local_t, w, lse, coef, true_coef, smooth_coef, HAS_SMOOTHING)
+        dz = _grad_tile(z, c == local_t, w, lse, 1.0, coef, true_coef, smooth_coef,
+                        HAS_SMOOTHING)
         dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
         tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -408,17 +425,21 @@ def cross_entropy_total_weight_kernel(
 
 @triton.jit
 def cross_entropy_scale_grad_kernel(
-    # data: the fused gradient (scaled in place) and grad_output (a 0-d tensor)
-    dx_ptr, grad_ptr,
+    # data: the fused gradient (scaled in place), grad_output and the scale already applied
+    # (0-d tensors; the latter read only with HAS_PREV)
+    dx_ptr, grad_ptr, prev_ptr,
     # shape
     n_cols, n_inner,
     # strides (elements) of dx
     dx_outer_stride, dx_inner_stride, dx_col_stride,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_PREV: tl.constexpr,
 ):
-    """Program (row, block) multiplies dx[row, block] by grad_output, unless it is exactly 1:
-    then it returns without touching memory (the usual ``loss.backward()``)."""
+    """Program (row, block) multiplies dx[row, block] by grad_output (divided by the scale a
+    previous backward applied, ``HAS_PREV``), unless that factor is exactly 1: then it returns
+    without touching memory (the usual single ``loss.backward()``)."""
     g = upcast(tl.load(grad_ptr))
+    if HAS_PREV:
+        g = g / upcast(tl.load(prev_ptr))
     if g != 1.0:
         row = tl.program_id(0)
         c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)

@@ -350,8 +350,12 @@ def cross_entropy_fwd(
     return loss, lse, dx
 
 
-def cross_entropy_scale_grad(dx: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """``dx *= grad_output`` (0-d) in place, on the device; no memory traffic when it is 1."""
+def cross_entropy_scale_grad(
+    dx: torch.Tensor, grad_output: torch.Tensor, applied: torch.Tensor | None = None
+) -> None:
+    """``dx *= grad_output / applied`` (0-d tensors; ``applied``: the factor a previous call
+    already applied, 1 when None) in place, on the device; no memory traffic when the factor is
+    exactly 1."""
     if dx.numel() == 0:
         return
     dim = 1 if dx.ndim >= 2 else 0
@@ -360,7 +364,8 @@ def cross_entropy_scale_grad(dx: torch.Tensor, grad_output: torch.Tensor) -> Non
     grid = (v.n_rows, tiling.cdiv(v.n_cols, block))
     with device_guard(dx):
         cross_entropy_scale_grad_kernel[grid](
-            v.tensor, grad_output, v.n_cols, v.n_inner, *v.strides, BLOCK_N=block,
+            v.tensor, grad_output, grad_output if applied is None else applied,
+            v.n_cols, v.n_inner, *v.strides, BLOCK_N=block, HAS_PREV=applied is not None,
             num_warps=tiling.warps_for(block),
         )
     record(cross_entropy_scale_grad_kernel, "scale", grid, BLOCK_N=block)
@@ -380,12 +385,12 @@ def _check_options(input, target, weight, reduction, label_smoothing, z_loss, so
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+    if not isinstance(z_loss, (int, float)) or not 0.0 <= z_loss < math.inf:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or
-                                not math.isfinite(softcap) or softcap <= 0):
+    if softcap is not None and (not isinstance(softcap, (int, float))
+                                or not 0.0 < softcap < math.inf):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+    if not isinstance(logit_scale, (int, float)) or not -math.inf < logit_scale < math.inf:
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -498,14 +503,21 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return _fake_outputs(input, target, reduction)
 
 
-@torch.library.custom_op("probact_gpu::cross_entropy_scale_grad", mutates_args=("grad",))
-def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    cross_entropy_scale_grad(grad, grad_output)
-
-
-@_scale_grad_op.register_fake
-def _(grad, grad_output):
-    return None
+def _scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The fused gradient times grad_output. Eager: in place, by the launcher directly (not a
+    registered mutating op, so the saved tensor's version stays and a second backward through
+    the same graph (retain_graph) can rescale by grad_output / the previous grad_output, kept on
+    the device as a copy: no host sync; after a backward with grad_output 0 the gradient is lost,
+    NaN). Under torch.compile (which cannot partition a backward mutating a saved forward output)
+    out of place: Inductor fuses the multiply into the consumer."""
+    if torch.compiler.is_compiling():
+        return grad * grad_output
+    cross_entropy_scale_grad(grad, grad_output, ctx.applied)
+    if ctx.applied is None:
+        ctx.applied = grad_output.detach().clone()
+    else:
+        ctx.applied.copy_(grad_output)
+    return grad
 
 
 def _bwd_impl(input, target, weight, lse, grad_output, ignore_index, reduction, label_smoothing,
@@ -568,8 +580,9 @@ def _setup_context(ctx, inputs, output):
     (input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
      logit_scale, compute_grad) = inputs
     _, lse, grad = output
+    ctx.mark_non_differentiable(lse, grad)
     ctx.fused = compute_grad
-    ctx.used = False
+    ctx.applied = None
     (ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap,
      ctx.logit_scale) = ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     if compute_grad:
@@ -580,15 +593,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
     if ctx.fused:
-        if ctx.used:
-            raise RuntimeError(
-                "cross_entropy fused its gradient into the forward and scales it in place in "
-                "backward, so it supports one backward pass (retain_graph=True twice is not "
-                "supported)")
-        ctx.used = True
         (grad,) = ctx.saved_tensors
-        _scale_grad_op(grad, grad_loss)
-        dx = grad
+        dx = _scale_saved_grad(ctx, grad, grad_loss)
     else:
         input, target, weight, lse = ctx.saved_tensors
         dx = _ce_bwd_op(input, target, weight, lse, grad_loss, *_opts(ctx))
@@ -615,6 +621,7 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
          ctx.logit_scale) = ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
         ctx.set_materialize_grads(False)
         ctx.used = False
+        ctx.applied = None
         if reduction == 0:
             loss, lse, _ = _ce_op(input, target, weight, ignore_index, reduction,
                                   label_smoothing, z_loss, softcap, logit_scale, False)
@@ -635,20 +642,20 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
                 "the logits passed to cross_entropy(..., inplace_backward=True) were used after "
                 "the call, but they now hold the gradient: compute with them before the loss, or "
                 "use inplace_backward=False")
-        if ctx.used:
-            raise RuntimeError("cross_entropy(..., inplace_backward=True) supports one backward "
-                               "pass (its gradient is written into the logits)")
-        ctx.used = True
         none = (None,) * 8
         if grad_loss is None:
             return (None,) + none
         if ctx.reduction == 0:
+            if ctx.used:
+                raise RuntimeError(
+                    "cross_entropy(..., reduction='none', inplace_backward=True) supports one "
+                    "backward pass: it overwrites the logits with their gradient")
+            ctx.used = True
             input, target, weight, lse = ctx.saved_tensors
             _ce_bwd_inplace_op(input, target, weight, lse, grad_loss, *_opts(ctx))
             return (input,) + none
         (grad,) = ctx.saved_tensors
-        _scale_grad_op(grad, grad_loss)
-        return (grad,) + none
+        return (_scale_saved_grad(ctx, grad, grad_loss),) + none
 
 
 # --------------------------------------------------------------------------- public function
@@ -720,7 +727,7 @@ def cross_entropy(
     out-of-bounds read); all targets ignored with ``"mean"`` gives NaN, as torch. With
     ``reduction`` sum or mean and ``input.requires_grad``, the gradient is computed in the forward
     (one read of the logits when a row fits on-chip); backward only scales it by grad_output (a
-    no-op when that is 1), and supports a single backward pass.
+    no-op when that is 1).
     """
     _check_options(input, target, weight, reduction, label_smoothing, z_loss, softcap,
                    logit_scale)

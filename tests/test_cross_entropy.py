@@ -1,0 +1,556 @@
+"""cross_entropy: forward and gradients against the float64 NumPy reference (always) and torch
+(where torch has the option), every path forced via ``config=`` and asserted via
+``record_launches``, options alone and in pairs, every dtype, edge values, in-place semantics,
+bad input. Float options are fp32 kernel arguments, so fp64 comparisons use values exact in fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import probact_gpu
+from probact_gpu import reference
+from probact_gpu.ops import cross_entropy as ce
+from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
+from probact_gpu.tiling import RowConfig, choose_cross_entropy_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's inf − inf lanes
+
+IGNORE = -100
+
+
+def _targets(rng, n, c, *, ignore_frac=0.25, ignore_index=IGNORE, device="cpu"):
+    t = rng.integers(0, c, n)
+    t[rng.random(n) < ignore_frac] = ignore_index
+    return torch.from_numpy(t).to(device)
+
+
+def _weight(rng, c, dtype=torch.float32, device="cpu"):
+    return torch.from_numpy(rng.uniform(0.25, 2.0, c)).to(dtype).to(device)
+
+
+def _ref(x, t, **kw):
+    """Reference on rows (class dim moved last, leading dims flattened)."""
+    x64 = to_numpy64(x)
+    if x64.ndim == 1:
+        x64, t64 = x64[None], to_numpy64(t).astype(np.int64).reshape(1)
+    else:
+        x64 = np.moveaxis(x64, 1, -1).reshape(-1, x64.shape[1])
+        t64 = t.cpu().numpy().astype(np.int64).reshape(-1)
+    w = kw.pop("weight", None)
+    return reference.cross_entropy(x64, t64, None if w is None else to_numpy64(w), **kw)
+
+
+def _ref_grad_nd(g_rows, shape):
+    """Reference gradient rows back to the input's layout (class dim 1)."""
+    if len(shape) == 1:
+        return g_rows[0]
+    moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    return np.moveaxis(g_rows.reshape(moved), -1, 1)
+
+
+def _run_ours(x, t, dy=None, **kw):
+    xr = x.clone().requires_grad_()
+    loss = probact_gpu.cross_entropy(xr, t, **kw)
+    loss.backward(torch.ones_like(loss) if dy is None else dy)
+    return loss.detach(), xr.grad
+
+
+def _check(x, t, dtype, *, dy=None, torch_too=True, **kw):
+    red = kw.get("reduction", "mean")
+    loss, grad = _run_ours(x, t, dy=dy, **kw)
+    ref_kw = {k: v for k, v in kw.items()}
+    ref_loss, _, ref_g = _ref(x, t, dy=1.0 if dy is None else to_numpy64(dy).reshape(-1), **ref_kw)
+    if red == "none":
+        ref_loss = ref_loss.reshape(tuple(t.shape))
+    assert_close_to_reference(loss, ref_loss, dtype, "loss")
+    assert_close_to_reference(grad, _ref_grad_nd(ref_g, tuple(x.shape)), dtype, "dlogits")
+    extras = {"z_loss", "softcap", "logit_scale"}
+    if torch_too and not extras & set(kw):
+        xt = x.clone().requires_grad_()
+        lt = torch.nn.functional.cross_entropy(xt, t, **kw)
+        lt.backward(torch.ones_like(lt) if dy is None else dy)
+        # Ours is at least as close to float64 as torch's own result, within the tolerance.
+        assert_close_to_reference(lt.detach(), ref_loss, dtype, "torch loss (sanity)")
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------- tiling
+
+
+def test_cross_entropy_config_paths():
+    # 8192 classes fit one tile; 8193 do not; 4 rows on 4 SMs split, 1024 rows do not.
+    assert choose_cross_entropy_config(64, 8192, 2, 4).path == "single"
+    assert choose_cross_entropy_config(64, 8193, 2, 4).path == "multi"
+    assert choose_cross_entropy_config(4, 262144, 2, 132).path == "split"
+    assert choose_cross_entropy_config(4096, 128256, 2, 132).path == "multi"
+
+
+# ----------------------------------------------------------------------------- vocab sizes
+
+
+@pytest.mark.parametrize("n_rows,n_classes", [
+    (5, 1),      # one class: loss 0, gradient 0
+    (6, 2),      # binary
+    (9, 7),      # odd width, BLOCK_M rows per program
+    (6, 1000),   # typical small vocab
+    (3, 4097),   # one past a power of two
+])
+def test_cross_entropy_vocab_sizes_match_reference_and_torch(device, rng, n_rows, n_classes):
+    x, _ = make_input((n_rows, n_classes), torch.float32, rng, scale=2.0, device=device)
+    t = _targets(rng, n_rows, n_classes, device=device)
+    _check(x, t, torch.float32)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+PATH_CONFIGS = {
+    "single": RowConfig("single", 128, 4, block_m=4),  # 4 rows per program, last block partial
+    "multi": RowConfig("multi", 32, 4),                # 100 classes = 3 full tiles + a partial
+    "split": RowConfig("split", 16, 4, n_splits=3),    # 3 chunks of 48, last one short
+}
+ALL_OPTS = dict(label_smoothing=0.25, z_loss=2.0**-6, softcap=4.0, logit_scale=1.5)
+
+
+@pytest.mark.parametrize("path", list(PATH_CONFIGS))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_fwd_launcher_every_path(device, rng, path, reduction):
+    x, _ = make_input((7, 100), torch.float32, rng, scale=3.0, device=device)
+    t = _targets(rng, 7, 100, device=device)
+    w = _weight(rng, 100, device=device)
+    with record_launches() as log:
+        loss, lse, dx = ce.cross_entropy_fwd(x, t, weight=w, reduction=reduction,
+                                             compute_grad=True, config=PATH_CONFIGS[path],
+                                             **ALL_OPTS)
+    paths = {launch.path for launch in log if launch.kernel != "cross_entropy_total_weight_kernel"}
+    assert paths == {path}
+    ref_loss, ref_lse, ref_g = _ref(x, t, weight=w, reduction=reduction, **ALL_OPTS)
+    rows, _, _ = reference.cross_entropy(to_numpy64(x), t.numpy().astype(np.int64), to_numpy64(w),
+                                         reduction="none", **ALL_OPTS)
+    assert_close_to_reference(loss, rows, torch.float32, "loss rows")
+    assert_close_to_reference(lse, ref_lse, torch.float32, "lse")
+    assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
+
+
+@pytest.mark.parametrize("path", list(PATH_CONFIGS))
+def test_cross_entropy_grad_launcher_every_path_per_row_grad(device, rng, path):
+    """reduction='none' backward: dlogits from lse and a non-uniform per-row grad_output."""
+    x, _ = make_input((5, 100), torch.float32, rng, scale=3.0, device=device)
+    t = _targets(rng, 5, 100, device=device)
+    dy = torch.from_numpy(rng.uniform(-2, 2, 5)).float().to(device)
+    rows, lse, _ = ce.cross_entropy_fwd(x, t, reduction="none", **ALL_OPTS)
+    with record_launches() as log:
+        dx = ce.cross_entropy_grad(x, t, lse, dy, config=PATH_CONFIGS[path], **ALL_OPTS)
+    assert [(launch.kernel, launch.path) for launch in log] == [("cross_entropy_bwd_kernel", path)]
+    _, _, ref_g = _ref(x, t, reduction="none", dy=to_numpy64(dy), **ALL_OPTS)
+    assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
+
+
+def test_cross_entropy_split_shards_with_vocab_start(device, rng):
+    """Vocab-parallel use: stats of two column shards (vocab_start) concatenated, then combined
+    and differentiated per shard, equal the whole-row result (weights and smoothing global)."""
+    x, _ = make_input((4, 90), torch.float32, rng, scale=2.0, device=device)
+    t = torch.tensor([3, 60, IGNORE, 89], device=device)
+    w = _weight(rng, 90, device=device)
+    opts = dict(label_smoothing=0.25, softcap=4.0, logit_scale=1.5)
+    cfg = RowConfig("split", 16, 4, n_splits=2)
+    shards = [(0, x[:, :50]), (50, x[:, 50:])]
+    stats = torch.cat([ce.cross_entropy_partial_stats(s, t, vocab_start=v0, weight=w, config=cfg,
+                                                      **opts) for v0, s in shards], dim=1)
+    assert stats.shape == (4, 4, 4)
+    loss, lse = ce.cross_entropy_combine(stats, t, 90, weight=w, label_smoothing=0.25,
+                                         z_loss=2.0**-6)
+    g = torch.ones((), device=device)
+    dx = torch.cat([ce.cross_entropy_grad(s, t, lse, g, vocab_start=v0, n_classes=90, weight=w,
+                                          z_loss=2.0**-6, config=cfg, **opts)
+                    for v0, s in shards], dim=1)
+    ref_rows, ref_lse, ref_g = _ref(x, t, weight=w, reduction="none", z_loss=2.0**-6, **opts)
+    assert_close_to_reference(loss, ref_rows, torch.float32, "loss rows")
+    assert_close_to_reference(lse, ref_lse, torch.float32, "lse")
+    assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
+
+
+def test_cross_entropy_public_api_reaches_split_and_multi(device, rng):
+    """The heuristic itself: 3 rows x 9000 classes split on the CPU's 4 'SMs', 16 rows multi."""
+    for n_rows, path in ((3, "split"), (16, "multi")):
+        x, _ = make_input((n_rows, 9000), torch.float32, rng, device=device)
+        t = _targets(rng, n_rows, 9000, device=device)
+        with record_launches() as log:
+            _check(x, t, torch.float32, torch_too=False, label_smoothing=0.125)
+        assert path in {launch.path for launch in log}
+
+
+def test_cross_entropy_total_weight_and_scale_grad(device, rng):
+    t = _targets(rng, 2500, 10, device=device)  # more than one 1024-target step
+    w = _weight(rng, 10, device=device)
+    tw = ce.cross_entropy_total_weight(t, 10, weight=w)
+    valid = t != IGNORE
+    torch.testing.assert_close(tw, w[t[valid]].sum(), rtol=1e-5, atol=0)
+    assert ce.cross_entropy_total_weight(t, 10).item() == valid.sum().item()
+    dx = torch.randn(3, 5, device=device)
+    before = dx.clone()
+    with record_launches() as log:
+        ce.cross_entropy_scale_grad(dx, torch.tensor(1.0, device=device))
+    assert len(log) == 1 and torch.equal(dx, before)  # launched, returned without writing
+    ce.cross_entropy_scale_grad(dx, torch.tensor(3.0, device=device))
+    torch.testing.assert_close(dx, before * 3)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+# Pairwise covering of {weight, ignored targets, reduction, smoothing, z_loss, softcap, scale}:
+# every pair of (option on/off) and every reduction with every option appears in some row.
+PAIRWISE = [
+    dict(reduction="mean"),
+    dict(reduction="mean", weight=True, ignore=True, label_smoothing=0.25),
+    dict(reduction="mean", z_loss=2.0**-5, softcap=3.0, logit_scale=0.5),
+    dict(reduction="mean", weight=True, z_loss=2.0**-5, logit_scale=2.0),
+    dict(reduction="sum", weight=True, softcap=3.0, ignore=True),
+    dict(reduction="sum", label_smoothing=0.5, z_loss=2.0**-5),
+    dict(reduction="sum", label_smoothing=0.25, logit_scale=0.5, ignore=True),
+    dict(reduction="none", weight=True, label_smoothing=0.125, softcap=3.0),
+    dict(reduction="none", ignore=True, z_loss=2.0**-5, logit_scale=1.5),
+    dict(reduction="none", weight=True, ignore=True, label_smoothing=1.0),
+    dict(reduction="mean", ignore=True, softcap=3.0, label_smoothing=0.125),
+    dict(reduction="sum", weight=True, ignore=True, z_loss=2.0**-5, softcap=3.0,
+         logit_scale=1.5, label_smoothing=0.25),
+]
+
+
+@pytest.mark.parametrize("opts", PAIRWISE, ids=lambda o: "-".join(
+    f"{k}" if v is True else f"{k}={v}" for k, v in o.items()))
+def test_cross_entropy_options_pairwise(device, rng, opts):
+    opts = dict(opts)
+    n, c = 12, 37
+    x, _ = make_input((n, c), torch.float32, rng, scale=3.0, device=device)
+    t = _targets(rng, n, c, ignore_frac=0.3 if opts.pop("ignore", False) else 0.0, device=device)
+    if opts.pop("weight", False):
+        opts["weight"] = _weight(rng, c, device=device)
+    dy = None
+    if opts["reduction"] == "none":
+        dy = torch.from_numpy(rng.uniform(-2, 2, n)).float().to(device)  # non-uniform
+    _check(x, t, torch.float32, dy=dy, **opts)
+
+
+def test_cross_entropy_nd_input_class_dim_1_and_1d_input(device, rng):
+    x, _ = make_input((3, 11, 2, 4), torch.float32, rng, device=device)  # strided class dim
+    t = _targets(rng, 24, 11, device=device).reshape(3, 2, 4)
+    _check(x, t, torch.float32, weight=_weight(rng, 11, device=device), label_smoothing=0.25)
+    _check(x, t, torch.float32, reduction="none")
+    x1, _ = make_input((9,), torch.float32, rng, device=device)
+    t1 = torch.tensor(4, device=device)
+    _check(x1, t1, torch.float32, label_smoothing=0.25)
+    loss, lse = probact_gpu.cross_entropy(x1, t1, reduction="none", return_lse=True)
+    assert loss.shape == () and lse.shape == ()
+
+
+def test_cross_entropy_int32_targets_and_ignore_index_value(device, rng):
+    x, _ = make_input((10, 20), torch.float32, rng, device=device)
+    t = _targets(rng, 10, 20, ignore_index=3, device=device).to(torch.int32)
+    loss, grad = _run_ours(x, t, ignore_index=3, label_smoothing=0.25)
+    lt = torch.nn.functional.cross_entropy(x, t.long(), ignore_index=3, label_smoothing=0.25)
+    torch.testing.assert_close(loss, lt, rtol=1e-5, atol=1e-5)
+    assert (grad[t == 3] == 0).all()
+
+
+def test_cross_entropy_return_lse(device, rng):
+    x, _ = make_input((6, 50), torch.bfloat16, rng, scale=4.0, device=device)
+    t = _targets(rng, 6, 50, device=device)
+    xr = x.clone().requires_grad_()
+    loss, lse = probact_gpu.cross_entropy(xr, t, softcap=5.0, logit_scale=2.0, return_lse=True)
+    assert lse.dtype == torch.float32 and not lse.requires_grad and loss.dtype == torch.bfloat16
+    _, ref_lse, _ = _ref(x, t, softcap=5.0, logit_scale=2.0)
+    assert_close_to_reference(lse, ref_lse, torch.float32, "lse")
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_dtypes(device, rng, dtype, reduction):
+    x, _ = make_input((8, 300), dtype, rng, scale=3.0, device=device)
+    t = _targets(rng, 8, 300, device=device)
+    dy = None
+    if reduction == "none":
+        dy = torch.from_numpy(rng.uniform(0.5, 2, 8)).to(dtype).to(device)
+    loss, grad = _check(x, t, dtype, dy=dy, reduction=reduction, label_smoothing=0.125)
+    assert loss.dtype == dtype and grad.dtype == dtype
+
+
+def test_cross_entropy_true_class_term_in_fp32(device):
+    """A confident bf16 row: p_t ≈ 1 − 1e-4. Rounding p_t to bf16 before subtracting 1 would give
+    exactly 0 (or −2^-8); the fp32 subtraction gives ≈ −1e-4, which bf16 represents."""
+    x = torch.tensor([[12.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16, device=device)
+    t = torch.tensor([0], device=device)
+    _, grad = _run_ours(x, t, reduction="sum")
+    _, _, ref_g = _ref(x, t, reduction="sum")
+    assert_close_to_reference(grad, ref_g, torch.bfloat16, "dlogits")
+    assert grad[0, 0].item() != 0.0 and abs(grad[0, 0].item() - ref_g[0, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_gradcheck_fp64(device, rng, reduction):
+    x = torch.from_numpy(rng.standard_normal((4, 6))).to(device).requires_grad_()
+    t = torch.tensor([1, IGNORE, 5, 0], device=device)
+    w = torch.from_numpy(rng.uniform(0.5, 2, 6)).to(device)
+
+    def fn(x):
+        return probact_gpu.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.25,
+                                         z_loss=2.0**-4, softcap=2.0, logit_scale=1.5)
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+    _check(x.detach(), t, torch.float64, weight=w, reduction=reduction, label_smoothing=0.25,
+           z_loss=2.0**-4, softcap=2.0, logit_scale=1.5,
+           dy=None if reduction == "mean" else torch.ones(4, dtype=torch.float64, device=device))
+
+
+def test_cross_entropy_backward_twice_with_retain_graph(device, rng):
+    """The fused gradient is scaled in place; a second backward rescales by the ratio."""
+    x, _ = make_input((5, 40), torch.float32, rng, device=device)
+    t = _targets(rng, 5, 40, device=device)
+    xr = x.clone().requires_grad_()
+    loss = probact_gpu.cross_entropy(xr, t)
+    (g1,) = torch.autograd.grad(loss, xr, torch.tensor(2.0), retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(loss, xr, torch.tensor(-0.5))
+    torch.testing.assert_close(g2, g1 * -0.25)
+
+
+# ----------------------------------------------------------------------------- edge values
+
+
+def test_cross_entropy_all_rows_ignored(device, rng):
+    x, _ = make_input((4, 9), torch.float32, rng, device=device)
+    t = torch.full((4,), IGNORE, device=device)
+    loss, grad = _run_ours(x, t)
+    assert torch.isnan(loss)  # 0 / 0, as torch
+    assert torch.isnan(torch.nn.functional.cross_entropy(x, t))
+    assert (grad == 0).all()  # ignored rows contribute no gradient, as torch
+    loss_s, grad_s = _run_ours(x, t, reduction="sum", label_smoothing=0.25)
+    assert loss_s.item() == 0.0 and (grad_s == 0).all()
+
+
+def test_cross_entropy_out_of_range_target_is_nan_row(device, rng):
+    x, _ = make_input((4, 9), torch.float32, rng, device=device)
+    t = torch.tensor([2, 9, -1, 5], device=device)  # 9 and −1 are out of [0, 9)
+    w = _weight(rng, 9, device=device)
+    loss, grad = _run_ours(x, t, weight=w, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+    assert torch.isnan(grad[1]).all()
+    for path in PATH_CONFIGS.values():
+        rows, _, _ = ce.cross_entropy_fwd(x, t, weight=w, reduction="none", config=path)
+        assert torch.isnan(rows[1:3]).all() and torch.isfinite(rows[[0, 3]]).all()
+
+
+def test_cross_entropy_large_logits_finite(device, rng):
+    x = torch.from_numpy(rng.choice([-1e4, 1e4], (6, 33))).float().to(device)
+    x[:, 0] = 1e4
+    t = torch.tensor([0, 1, 2, 3, 4, IGNORE], device=device)
+    _check(x, t, torch.float32, label_smoothing=0.25)
+    _check(x + 100, t, torch.float32, reduction="sum")
+
+
+def test_cross_entropy_minus_inf_logits(device):
+    x = torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf")] * 3], device=device)
+    t = torch.tensor([0, IGNORE], device=device)
+    loss, grad = _run_ours(x, t, reduction="sum")
+    lt = torch.nn.functional.cross_entropy(x, t, reduction="sum")
+    torch.testing.assert_close(loss, lt)
+    assert (grad[1] == 0).all() and grad[0, 1] == 0
+
+
+def test_cross_entropy_empty_batch(device):
+    x = torch.empty(0, 5, device=device, requires_grad=True)
+    t = torch.empty(0, dtype=torch.long, device=device)
+    assert torch.isnan(probact_gpu.cross_entropy(x, t))
+    assert probact_gpu.cross_entropy(x, t, reduction="sum").item() == 0.0
+    assert probact_gpu.cross_entropy(x, t, reduction="none").shape == (0,)
+
+
+# ----------------------------------------------------------------------------- soft targets
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(weight=True, label_smoothing=0.25, reduction="sum"),
+    dict(reduction="none", z_loss=2.0**-5, softcap=3.0, logit_scale=1.5),
+])
+def test_cross_entropy_probability_targets(device, rng, opts):
+    opts = dict(opts)
+    x, x64 = make_input((6, 13), torch.float32, rng, scale=2.0, device=device)
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((6, 13))), -1).float().to(device)
+    w = _weight(rng, 13, device=device) if opts.pop("weight", False) else None
+    loss, grad = _run_ours(x, p, weight=w, **opts)
+    ref_loss, _, ref_g = reference.cross_entropy_soft(
+        x64, to_numpy64(p), None if w is None else to_numpy64(w), **opts)
+    assert_close_to_reference(loss, ref_loss, torch.float32, "loss")
+    assert_close_to_reference(grad, ref_g, torch.float32, "dlogits")
+    if not {"z_loss", "softcap"} & set(opts):
+        torch_kw = {k: v for k, v in opts.items()}
+        lt = torch.nn.functional.cross_entropy(x, p, w, **torch_kw)
+        assert_close_to_reference(loss, to_numpy64(lt), torch.float32, "vs torch")
+
+
+# ----------------------------------------------------------------------------- in place
+
+
+def test_cross_entropy_inplace_backward_matches_and_reuses_storage(device, rng):
+    x, _ = make_input((6, 30), torch.float32, rng, device=device)
+    t = _targets(rng, 6, 30, device=device)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    ptr = logits.data_ptr()
+    loss = probact_gpu.cross_entropy(logits, t, label_smoothing=0.25, inplace_backward=True)
+    loss.backward(torch.tensor(2.0))
+    ref, grad = _run_ours(x, t, dy=torch.tensor(2.0), label_smoothing=0.25)
+    torch.testing.assert_close(loss.detach(), ref)
+    torch.testing.assert_close(leaf.grad, grad)
+    torch.testing.assert_close(logits.detach(), grad)  # the gradient lives in the logits
+    assert logits.data_ptr() == ptr
+
+
+def test_cross_entropy_inplace_backward_none_reduction(device, rng):
+    x, _ = make_input((6, 30), torch.float32, rng, device=device)
+    t = _targets(rng, 6, 30, device=device)
+    dy = torch.from_numpy(rng.uniform(-1, 1, 6)).float().to(device)
+    leaf = x.clone().requires_grad_()
+    loss = probact_gpu.cross_entropy(leaf * 1.0, t, reduction="none", inplace_backward=True)
+    loss.backward(dy)
+    _, grad = _run_ours(x, t, dy=dy, reduction="none")
+    torch.testing.assert_close(leaf.grad, grad)
+
+
+def test_cross_entropy_inplace_misuse_raises(device, rng):
+    x, _ = make_input((4, 10), torch.float32, rng, device=device)
+    t = _targets(rng, 4, 10, ignore_frac=0.0, device=device)
+    # The logits were saved by another op before the call: its backward must raise.
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    squares = (logits**2).sum()
+    loss = probact_gpu.cross_entropy(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + squares).backward()
+    # The logits are used after the call: a gradient flows into the dirty output and raises.
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    loss = probact_gpu.cross_entropy(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="were used after"):
+        (loss + logits.sum()).backward()
+    # A leaf that requires grad cannot be overwritten.
+    with pytest.raises(RuntimeError, match="leaf"):
+        probact_gpu.cross_entropy(x.clone().requires_grad_(), t, inplace_backward=True)
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_cross_entropy_loss_module(device, rng):
+    x, _ = make_input((5, 8), torch.float32, rng, device=device)
+    t = _targets(rng, 5, 8, device=device)
+    w = _weight(rng, 8, device=device)
+    mod = probact_gpu.CrossEntropyLoss(w, reduction="sum", label_smoothing=0.25, z_loss=0.01)
+    torch.testing.assert_close(mod(x, t), probact_gpu.cross_entropy(
+        x, t, w, reduction="sum", label_smoothing=0.25, z_loss=0.01))
+    assert "reduction='sum'" in repr(mod)
+
+
+def test_cross_entropy_custom_ops_pass_opcheck(device, rng):
+    x = torch.randn(4, 7, device=device, requires_grad=True)
+    t = torch.tensor([1, 2, IGNORE, 6], device=device)
+    w = torch.rand(7, device=device)
+    torch.library.opcheck(ce._ce_op, (x, t, w, IGNORE, 1, 0.25, 0.01, 2.0, 1.5, False))
+    # The fused op's backward scales a saved output in place, which AOTAutograd's opcheck cannot
+    # partition; torch.compile takes an out-of-place branch instead (tested on the GPU).
+    torch.library.opcheck(ce._ce_op, (x, t, w, IGNORE, 2, 0.25, 0.01, 0.0, 1.0, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    torch.library.opcheck(ce._ce_bwd_op, (x.detach(), t, None, torch.randn(4, device=device),
+                                          torch.rand(4, device=device), IGNORE, 0, 0.0, 0.0,
+                                          2.0, 1.0))
+
+
+BAD = [
+    (dict(target=torch.zeros(4, 5)), ValueError, "class probabilities"),
+    (dict(target=torch.zeros(4, 2, dtype=torch.long)), ValueError, r"shape \(4,\)"),
+    (dict(target=torch.zeros(4, dtype=torch.int16)), TypeError, "int16"),
+    (dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(6,\)"),
+    (dict(weight=torch.ones(6, dtype=torch.long)), TypeError, "weight"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing.*1.5"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(reduction="avg"), ValueError, "'avg'"),
+    (dict(input=torch.zeros(4, 6, dtype=torch.long)), TypeError, "int64"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss"),
+    (dict(target=torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "meta"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,match", BAD)
+def test_cross_entropy_bad_input_raises(bad, exc, match):
+    kw = dict(input=torch.zeros(4, 6), target=torch.zeros(4, dtype=torch.long))
+    kw.update(bad)
+    with pytest.raises(exc, match=match):
+        probact_gpu.cross_entropy(**kw)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu_case(n, c, dtype=torch.bfloat16, **kw):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, c, device="cuda", dtype=dtype, generator=gen)
+    t = torch.randint(0, c, (n,), device="cuda", generator=gen)
+    t[::8] = IGNORE
+    xr = x.clone().requires_grad_()
+    loss = probact_gpu.cross_entropy(xr, t, **kw)
+    loss.backward()
+    xt = x.float().requires_grad_()
+    lt = torch.nn.functional.cross_entropy(xt, t, **kw)
+    lt.backward()
+    torch.testing.assert_close(loss.float(), lt, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xr.grad.float(), xt.grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,c", [(4096, 32000), (4096, 128256), (8, 262144), (2, 1 << 20)])
+def test_cross_entropy_large_vocab_gpu(n, c):
+    _gpu_case(n, c, label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+def test_cross_entropy_over_2_31_elements_gpu():
+    n, c = 16400, 131072  # 2.15e9 elements: offsets past int32
+    x = torch.zeros(n, c, device="cuda", dtype=torch.bfloat16)
+    x[-1, -1] = 10.0
+    t = torch.full((n,), c - 1, device="cuda")
+    loss, lse = probact_gpu.cross_entropy(x, t, reduction="none", return_lse=True)
+    assert abs(loss[-1].item() - (torch.logsumexp(x[-1].float(), 0) - 10).item()) < 1e-2
+    torch.testing.assert_close(lse[0], torch.tensor(float(np.log(c)), device="cuda"))
+    x.requires_grad_()
+    probact_gpu.cross_entropy(x, t, reduction="sum").backward()
+    assert x.grad[-1, -1].float().item() < 0 and torch.isfinite(x.grad[-1]).all()
+
+
+@pytest.mark.gpu
+def test_cross_entropy_torch_compile_fullgraph_gpu():
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+
+    def f(x):
+        loss, lse = probact_gpu.cross_entropy(x * 2, t, label_smoothing=0.1, z_loss=1e-3,
+                                              return_lse=True)
+        return loss, lse
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss, lse = compiled(x)
+    (g,) = torch.autograd.grad(loss * 3, x)
+    loss_e, lse_e = f(x)
+    (g_e,) = torch.autograd.grad(loss_e * 3, x)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(g, g_e)
