@@ -14,6 +14,7 @@ from probact_gpu.bench import bytes as bm
 from probact_gpu.bench import providers as prov
 from probact_gpu.bench import report, runner, shapes
 from probact_gpu.bench.report import Row
+from probact_gpu.bench.timing import Timing
 from probact_gpu.cli import main
 
 ENV = {"mode": "cuda", "device": "NVIDIA H200", "date": "2026-11-28", "time_utc": "12:00:00",
@@ -356,3 +357,20 @@ def test_interrupt_keeps_the_rows_measured(device):
     assert not complete and copy_gbps is None
     assert [r.status for r in rows] == ["smoke", "smoke"]
     assert "interrupted after 2 of" in "".join(lines)
+
+
+def test_timed_row_arithmetic(device, monkeypatch):
+    """The timed path of run_case with the clock stubbed (CPU has no real timing): GB/s, % of
+    copy and TFLOP/s come from the bytes model and the median."""
+    monkeypatch.setattr(runner, "measure", lambda fn, **kw: Timing(2.0, 1.9, 2.1))
+    monkeypatch.setattr(runner, "peak_extra_mib", lambda fn, dev: 3.0)
+    row = runner.run_case(runner.Case("softmax", "fwd_bwd", "fp32", (4, 1000)), "torch", device,
+                          smoke=False, copy_gbps=0.05)
+    assert row.status == "ok" and (row.ms, row.ms_p20, row.ms_p80) == (2.0, 1.9, 2.1)
+    assert row.bytes == 5 * 4000 * 4 and row.extra_mib == 3.0
+    assert row.gbps == pytest.approx(80000 / 2e-3 / 1e9)
+    assert row.pct_copy == pytest.approx(100 * row.gbps / 0.05)
+    lce = runner.run_case(runner.Case("linear_cross_entropy", "fwd_bwd", "fp32", (8, 16, 32)),
+                          "torch", device, smoke=False, copy_gbps=0.05)
+    assert lce.status == "ok" and lce.bytes is None and lce.gbps is None
+    assert lce.tflops == pytest.approx(6 * 8 * 16 * 32 / 2e-3 / 1e12)

@@ -46,6 +46,9 @@ from pathlib import Path
 from .shapes import label, row_length
 
 SCHEMA = "probact-gpu-bench/1"
+# One colour per provider in every panel.
+COLORS = {"probact": "tab:blue", "probact_inplace": "tab:cyan", "torch": "tab:orange",
+          "compile": "tab:red", "liger": "tab:green"}
 STATUSES = ("ok", "skipped", "smoke")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
@@ -292,7 +295,8 @@ def plot(rows: list[Row], copy_gbps: float | None, path: str | os.PathLike,
             for p in providers:
                 pts = sorted((row_length(op, r.shape), r.gbps) for r in mine
                              if r.provider == p and r.gbps is not None)
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p,
+                        color=COLORS.get(p))
             if copy_gbps is not None:
                 ax.axhline(copy_gbps, color="k", linestyle="--", linewidth=1, label="copy")
             ax.set_xscale("log", base=2)
@@ -306,7 +310,8 @@ def plot(rows: list[Row], copy_gbps: float | None, path: str | os.PathLike,
             for i, p in enumerate(providers):
                 vals = [next((r.extra_mib for r in mine if r.provider == p and r.shape == s), 0.0)
                         for s in shapes]
-                ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
+                ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p,
+                       color=COLORS.get(p))
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
             ax.set_xticklabels([f"V={s[-1]}" for s in shapes], rotation=30)
             ax.set_ylabel("peak extra MiB")
