@@ -19,7 +19,7 @@ import torch
 
 from ..testing import TOLERANCES, Errors, errors
 
-MODULES = ("softmax", "sigmoid", "bce", "linear_cross_entropy")
+MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy")
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
