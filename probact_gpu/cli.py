@@ -81,8 +81,12 @@ def _bench(args: argparse.Namespace) -> int:
     print(report.format_header(env, copy_gbps))
     print(report.format_table(rows))
     if args.out:
-        for path in report.write_results(args.out, env, copy_gbps, rows):
+        written = report.write_results(args.out, env, copy_gbps, rows)
+        for path in written:
             print(f"wrote {path}")
+        if not smoke and not any(p.suffix == ".png" for p in written):
+            print("no plot: matplotlib is not installed (pip install 'probact-gpu[bench]') "
+                  "or nothing was timed")
     ran = [r for r in rows if r.status != "skipped"]
     return 0 if ran and complete else 1
 
