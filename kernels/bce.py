@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._online import upcast
-from .sigmoid import softplus_neg_abs, stable_sigmoid
+from .sigmoid import log1p_from_parts, sigmoid_from_parts, sigmoid_parts
 
 
 @triton.jit
@@ -74,19 +74,19 @@ def _bce_terms(
 
 
 @triton.jit
-def _bce_loss(x, t, w, pw, lw):
+def _bce_loss(x, t, w, pw, lw, e, u, r):
     """The formula above with its two linear terms folded per sign of x, so nothing cancels:
     (1 − t)·x + lw·max(−x, 0) is (1 − t)·x for x ≥ 0 and −pw·t·x for x < 0 (both ≥ 0 for
     t ∈ [0, 1], pw ≥ 0). At x = −inf torch's form is inf − inf = NaN; so is this one."""
     linear = tl.where(x >= 0, (1.0 - t) * x, -(pw * t) * x)
     linear = tl.where(x == float("-inf"), float("nan"), linear)
-    return w * (linear + lw * softplus_neg_abs(x))
+    return w * (linear + lw * log1p_from_parts(e, u, r))
 
 
 @triton.jit
-def _bce_grad(x, t, w, pw, lw):
+def _bce_grad(x, t, w, pw, lw, e, r):
     """d loss / dx before the divisor and grad_output."""
-    return w * (stable_sigmoid(x) * lw - pw * t)
+    return w * (sigmoid_from_parts(x, e, r) * lw - pw * t)
 
 
 @triton.jit
@@ -112,11 +112,12 @@ def bce_fwd_kernel(
         pw_inner0, pw_size0, pw_stride0, pw_inner1, pw_size1, pw_stride1,
         W_TERMS, PW_TERMS,
     )
-    loss = _bce_loss(x, t, w, pw, lw)
+    e, u, r = sigmoid_parts(x)
+    loss = _bce_loss(x, t, w, pw, lw, e, u, r)
     if REDUCE:
         tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
         if COMPUTE_GRAD:
-            dx = _bce_grad(x, t, w, pw, lw) / divisor
+            dx = _bce_grad(x, t, w, pw, lw, e, r) / divisor
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
@@ -149,7 +150,8 @@ def bce_bwd_kernel(
         g = upcast(tl.load(g_ptr))
     else:
         g = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0))
-    dx = _bce_grad(x, t, w, pw, lw) * g / divisor
+    e, u, r = sigmoid_parts(x)
+    dx = _bce_grad(x, t, w, pw, lw, e, r) * g / divisor
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -6,7 +6,7 @@ elements ``[p·BLOCK, (p+1)·BLOCK)`` (int64 offsets, so ``numel > 2^31`` works)
 
     e = exp(−|x|) ∈ [0, 1]                       (never overflows)
     sigmoid:     y = 1 / (1 + e)      for x ≥ 0,   e / (1 + e)   for x < 0
-    logsigmoid:  y = min(x, 0) − log1p(e)
+    logsigmoid:  y = min(x, 0) − log1p(e),   log1p(e) = log(u) − ((u − 1) − e)/u,  u = 1 + e
     backward:    dx = dy · y · (1 − y)            (sigmoid, from the saved output y)
                  dx = dy · σ(−x)                  (logsigmoid, from the saved input x)
 
@@ -24,26 +24,35 @@ from ._online import upcast
 
 
 @triton.jit
-def log1p_small(e):
-    """log(1 + e) for e ≥ 0, accurate where 1 + e rounds to 1 (Goldberg's correction: the
-    rounding error of u = 1 + e cancels in log(u) · e / (u − 1))."""
+def sigmoid_parts(x):
+    """The shared pieces: e = exp(−|x|) ∈ [0, 1], u = 1 + e (rounded) and r = 1 / u — one exp
+    and one reciprocal serve both σ(x) and log1p(e)."""
+    e = tl.exp(-tl.abs(x))
     u = 1.0 + e
-    denom = tl.where(u == 1.0, 1.0, u - 1.0)
-    return tl.where(u == 1.0, e, tl.log(u) * (e / denom))
+    r = 1.0 / u
+    return e, u, r
 
 
 @triton.jit
-def stable_sigmoid(x):
-    """σ(x) from e = exp(−|x|): exact 1 / 0 at large |x|, NaN for NaN."""
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
+def sigmoid_from_parts(x, e, r):
+    """σ(x) = 1 / (1 + e) for x ≥ 0, e / (1 + e) for x < 0: exact 1 / 0 at large |x|; NaN for
+    NaN (the comparison is false, e·r is NaN)."""
     return tl.where(x >= 0, r, e * r)
 
 
 @triton.jit
-def softplus_neg_abs(x):
-    """log1p(exp(−|x|)) ∈ [0, log 2]: the part of log σ(x) that never overflows."""
-    return log1p_small(tl.exp(-tl.abs(x)))
+def log1p_from_parts(e, u, r):
+    """log1p(e) = log(u) − ((u − 1) − e) / u: the second term removes the rounding of u = 1 + e
+    to first order, so the result stays relatively accurate when e is tiny (it is exactly e
+    when u rounds to 1)."""
+    return tl.log(u) - ((u - 1.0) - e) * r
+
+
+@triton.jit
+def stable_sigmoid(x):
+    """σ(x) without overflow."""
+    e, u, r = sigmoid_parts(x)
+    return sigmoid_from_parts(x, e, r)
 
 
 @triton.jit
@@ -59,10 +68,11 @@ def sigmoid_fwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = upcast(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    e, u, r = sigmoid_parts(x)
     if IS_LOG:
-        y = tl.minimum(x, 0.0) - softplus_neg_abs(x)
+        y = tl.minimum(x, 0.0) - log1p_from_parts(e, u, r)
     else:
-        y = stable_sigmoid(x)
+        y = sigmoid_from_parts(x, e, r)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
