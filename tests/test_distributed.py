@@ -1,0 +1,443 @@
+"""Vocab-parallel cross-entropy over torch.distributed.
+
+Multi-rank runs spawn fresh interpreters of this very file (``python test_distributed.py
+--worker RANK WORLD PORT OUT``): a gloo process group on 127.0.0.1, TRITON_INTERPRET=1 set in
+their environment before anything imports triton, a hard timeout so a hang fails instead of
+blocking CI. Each spawn runs every case of its world size (process start-up, torch import
+included, costs seconds: one spawn per world size), writes its losses, gradients and launches to
+a file, and the parent compares them with the NumPy float64 reference and with
+``probact_gpu.cross_entropy`` on the gathered logits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+if __name__ == "__main__":  # a spawned rank: the kernels must be interpreted on its CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from probact_gpu import reference  # noqa: E402
+from probact_gpu.distributed import (  # noqa: E402
+    VocabParallelCrossEntropyFunction,
+    vocab_parallel_cross_entropy,
+)
+from probact_gpu.testing import (  # noqa: E402
+    TOLERANCES,
+    assert_close_to_reference,
+    poison_outputs,
+    record_launches,
+    to_numpy64,
+)
+from probact_gpu.tiling import RowConfig  # noqa: E402
+
+SPAWN_TIMEOUT_S = 150  # a whole spawn: start-up, every case, teardown (~15 s on 2 cores)
+N_ROWS = 6
+
+
+@dataclass(frozen=True)
+class Case:
+    """One vocab-parallel call. ``layout`` is (start, size) per rank; ``explicit`` passes
+    vocab_start_index (and ``with_size`` vocab_size) instead of learning them."""
+
+    name: str
+    layout: tuple[tuple[int, int], ...]
+    why: str
+    dtype: torch.dtype = torch.float32
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    explicit: bool = False
+    with_size: bool = False
+    config: RowConfig | None = None
+    n_rows_by_rank: tuple[int, ...] = field(default=())  # an invalid call: N differs per rank
+
+    @property
+    def vocab(self) -> int:
+        return sum(size for _, size in self.layout)
+
+
+def _in_rank_order(*sizes: int) -> tuple[tuple[int, int], ...]:
+    starts = np.cumsum((0,) + sizes[:-1])
+    return tuple((int(s), v) for s, v in zip(starts, sizes, strict=True))
+
+
+CASES: dict[int, tuple[Case, ...]] = {
+    2: (
+        Case("uneven_mean", _in_rank_order(20, 17), "V = 37 not divisible by 2; torch defaults"),
+        Case("smooth_zloss_softcap_sum", _in_rank_order(5, 32),
+             "every option on, sum reduction, grad_output 0.75 scales the gradient",
+             reduction="sum", label_smoothing=0.1, z_loss=0.02, softcap=4.0),
+        Case("none_bf16_split3", _in_rank_order(24, 13),
+             "per-row grad_output; bf16; 3 chunks per rank (the 13-wide shard's third chunk "
+             "is empty: an all −inf partial)", dtype=torch.bfloat16, reduction="none",
+             config=RowConfig("split", 8, 4, n_splits=3)),
+        Case("explicit_reversed", ((17, 20), (0, 17)),
+             "rank 0 holds the upper classes (vocab_start_index given); ignore_index = 5 is a "
+             "real class id", explicit=True, ignore_index=5, label_smoothing=0.05),
+    ),
+    4: (
+        Case("uneven4_all_options", _in_rank_order(5, 20, 1, 11),
+             "4 uneven shards, one of a single class; smoothing, z-loss, softcap, mean",
+             label_smoothing=0.2, z_loss=0.01, softcap=3.0),
+        Case("empty_shard_fp64_sum", _in_rank_order(0, 13, 12, 12),
+             "an empty shard; fp64; start and size given: no layout collective",
+             dtype=torch.float64, reduction="sum", explicit=True, with_size=True),
+        Case("rows_differ", _in_rank_order(10, 9, 9, 9),
+             "rank 3 holds 7 rows, the others 6: every rank raises the same ValueError",
+             n_rows_by_rank=(6, 6, 6, 7)),
+    ),
+}
+
+
+def _inputs(case: Case, n_rows: int = N_ROWS):
+    """Full logits (rounded to the dtype), targets with ignored rows, and grad_output — the same
+    in every process (seeded by the case's name)."""
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    full = torch.from_numpy(rng.standard_normal((n_rows, case.vocab)) * 2.0).to(case.dtype)
+    target = torch.from_numpy(rng.integers(0, case.vocab, n_rows))
+    target[1] = case.ignore_index
+    if case.ignore_index >= 0:
+        target[3] = case.ignore_index  # an ignore_index that is also a class id
+    if case.reduction == "none":
+        grad = torch.from_numpy(rng.standard_normal(n_rows)).to(case.dtype)
+    else:
+        grad = torch.tensor(0.75, dtype=case.dtype)
+    return full, target, grad
+
+
+# --------------------------------------------------------------------------- spawned ranks
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for case in CASES[world]:
+            n_rows = case.n_rows_by_rank[rank] if case.n_rows_by_rank else N_ROWS
+            full, target, grad = _inputs(case, n_rows)
+            start, size = case.layout[rank]
+            shard = full[:, start:start + size].clone().requires_grad_()
+            kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
+                          label_smoothing=case.label_smoothing, z_loss=case.z_loss,
+                          softcap=case.softcap, config=case.config)
+            if case.explicit:
+                kwargs["vocab_start_index"] = start
+            if case.with_size:
+                kwargs["vocab_size"] = case.vocab
+            try:
+                with poison_outputs(), record_launches() as log:
+                    loss = vocab_parallel_cross_entropy(shard, target, **kwargs)
+                    n_fwd = len(log)
+                    loss.backward(grad)
+            except ValueError as e:
+                results[case.name] = {"error": str(e)}
+                continue
+            results[case.name] = {
+                "loss": loss.detach(), "grad": shard.grad,
+                "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
+                "bwd": [(launch.kernel, launch.grid) for launch in log[n_fwd:]],
+            }
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out_dir) -> list[dict]:
+    """Run ``world`` ranks of this file as fresh interpreters; kill them all past the timeout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    port = _free_port()
+    logs = [open(out_dir / f"rank{r}.log", "w+b") for r in range(world)]  # noqa: SIM115
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
+                          str(out_dir)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        tails = []
+        for r, _ in failed:
+            logs[r].seek(0)
+            tails.append(f"--- rank {r} ---\n" + logs[r].read().decode(errors="replace")[-3000:])
+        for f in logs:
+            f.close()
+        pytest.fail(f"world size {world}: ranks (rank, returncode) {failed} failed or timed out "
+                    f"after {SPAWN_TIMEOUT_S} s\n" + "\n".join(tails))
+    for f in logs:
+        f.close()
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def world_results(request, tmp_path_factory):
+    world = request.param
+    return world, _spawn(world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+# --------------------------------------------------------------------------- multi-rank tests
+
+
+def _valid_cases(world: int) -> list[Case]:
+    return [c for c in CASES[world] if not c.n_rows_by_rank]
+
+
+@pytest.mark.slow
+def test_vocab_parallel_matches_reference(world_results):
+    """Every rank's loss, and the rank gradients concatenated in vocabulary order, against the
+    float64 reference on the gathered logits."""
+    world, results = world_results
+    for case in _valid_cases(world):
+        full, target, grad = _inputs(case)
+        ref_loss, _, ref_grad = reference.cross_entropy(
+            to_numpy64(full), target.numpy(), ignore_index=case.ignore_index,
+            reduction=case.reduction, label_smoothing=case.label_smoothing, z_loss=case.z_loss,
+            softcap=case.softcap, dy=to_numpy64(grad))
+        for rank in range(world):
+            assert_close_to_reference(results[rank][case.name]["loss"], ref_loss, case.dtype,
+                                      f"{case.name}: loss on rank {rank}")
+        assert_close_to_reference(_gathered_grad(case, results), ref_grad, case.dtype,
+                                  f"{case.name}: gradient")
+
+
+def _gathered_grad(case: Case, results: list[dict]) -> torch.Tensor:
+    order = sorted(range(len(case.layout)), key=lambda r: case.layout[r][0])
+    return torch.cat([results[r][case.name]["grad"] for r in order], dim=1)
+
+
+@pytest.mark.slow
+def test_vocab_parallel_matches_single_process_op(world_results, device):
+    """Same loss and gradient as probact_gpu.cross_entropy on the gathered logits (run here, on
+    the test device)."""
+    from probact_gpu import cross_entropy
+
+    world, results = world_results
+    for case in _valid_cases(world):
+        full, target, grad = (t.to(device) for t in _inputs(case))
+        x = full.clone().requires_grad_()
+        loss = cross_entropy(x, target, ignore_index=case.ignore_index, reduction=case.reduction,
+                             label_smoothing=case.label_smoothing, z_loss=case.z_loss,
+                             softcap=case.softcap)
+        loss.backward(grad)
+        assert_close_to_reference(results[0][case.name]["loss"], to_numpy64(loss), case.dtype,
+                                  f"{case.name}: loss vs the single-process op")
+        assert_close_to_reference(_gathered_grad(case, results), to_numpy64(x.grad), case.dtype,
+                                  f"{case.name}: gradient vs the single-process op")
+
+
+@pytest.mark.slow
+def test_vocab_parallel_loss_identical_on_every_rank(world_results):
+    world, results = world_results
+    for case in _valid_cases(world):
+        losses = [results[r][case.name]["loss"] for r in range(world)]
+        for rank in range(1, world):
+            assert torch.equal(losses[rank], losses[0]), (case.name, rank, losses)
+
+
+@pytest.mark.slow
+def test_vocab_parallel_launches_split_path_and_local_backward(world_results):
+    """Forward: our statistics kernel on the shard (none for an empty one) and the combine;
+    backward: one gradient kernel over the shard only (its grid covers the local rows x chunks)."""
+    world, results = world_results
+    for case in _valid_cases(world):
+        for rank in range(world):
+            res = results[rank][case.name]
+            fwd = [name for name, _ in res["fwd"]]
+            empty = case.layout[rank][1] == 0
+            expected = ([] if empty else ["cross_entropy_split_stats_kernel"]) \
+                + ["cross_entropy_combine_kernel"] \
+                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else [])
+            assert fwd == expected, (case.name, rank, res["fwd"])
+            if case.config is not None:
+                assert res["fwd"][0][1] == (N_ROWS, case.config.n_splits), res["fwd"]
+            bwd = [name for name, _ in res["bwd"]]
+            assert bwd == ([] if empty else ["cross_entropy_bwd_kernel"]), (case.name, rank, bwd)
+            assert res["grad"].shape == (N_ROWS, case.layout[rank][1])
+
+
+@pytest.mark.slow
+def test_vocab_parallel_rows_differ_raises_on_every_rank(world_results):
+    world, results = world_results
+    for case in CASES[world]:
+        if case.n_rows_by_rank:
+            for rank in range(world):
+                assert "same rows" in results[rank][case.name].get("error", ""), results[rank]
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def _ce_args(**overrides):
+    args = dict(ignore_index=-100, reduction="mean", label_smoothing=0.1, z_loss=0.01,
+                softcap=5.0)
+    args.update(overrides)
+    return args
+
+
+def _check_against_reference(loss, x, target, args, dtype=torch.float32):
+    """``x`` is the leaf the loss was computed from, after backward."""
+    ref_loss, _, ref_grad = reference.cross_entropy(to_numpy64(x), to_numpy64(target).astype(
+        np.int64), **args)
+    assert_close_to_reference(loss, ref_loss, dtype, "loss")
+    assert_close_to_reference(x.grad, ref_grad, dtype, "gradient")
+
+
+def test_vocab_parallel_without_process_group_is_the_local_op(rng, device):
+    assert not (dist.is_available() and dist.is_initialized())
+    x = torch.from_numpy(rng.standard_normal((5, 23))).float().to(device).requires_grad_()
+    target = torch.tensor([3, -100, 22, 0, 7], device=device)
+    args = _ce_args()
+    with record_launches() as log:
+        loss = vocab_parallel_cross_entropy(x, target, vocab_start_index=0, vocab_size=23, **args)
+        loss.backward()
+    assert "cross_entropy_fwd_kernel" in [launch.kernel for launch in log]
+    assert "cross_entropy_split_stats_kernel" not in [launch.kernel for launch in log]
+    _check_against_reference(loss, x, target, args)
+
+
+@pytest.fixture
+def world_of_one(tmp_path, device):
+    """An initialized process group of this process alone (gloo on CPU, NCCL on CUDA)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_world_size_one(world_of_one, rng, device):
+    """The public function takes the local op; the Function runs the split path and its
+    collectives over the group of one, and both match the reference."""
+    x = torch.from_numpy(rng.standard_normal((4, 29))).float().to(device).requires_grad_()
+    target = torch.tensor([28, 0, -100, 13], device=device)
+    args = _ce_args(reduction="sum")
+    with record_launches() as log:
+        loss = vocab_parallel_cross_entropy(x, target, **args)
+        loss.backward()
+    assert "cross_entropy_fwd_kernel" in [launch.kernel for launch in log]
+    _check_against_reference(loss, x, target, args)
+    x.grad = None
+    with record_launches() as log:
+        loss = VocabParallelCrossEntropyFunction.apply(
+            x, target, None, 0, 29, -100, "sum", 0.1, 0.01, 5.0, None)
+        loss.backward()
+    assert [launch.kernel for launch in log] == [
+        "cross_entropy_split_stats_kernel", "cross_entropy_combine_kernel",
+        "cross_entropy_bwd_kernel"]
+    _check_against_reference(loss, x, target, args)
+
+
+def test_vocab_parallel_world_size_one_rejects_a_partial_shard(world_of_one, device):
+    x = torch.zeros(2, 5, device=device)
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        vocab_parallel_cross_entropy(x, torch.zeros(2, dtype=torch.long, device=device),
+                                     vocab_size=9)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long), {}), ValueError,
+         r"\(N, V_local\)"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), {}), ValueError,
+         "shape \\(2,\\)"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2), {}), ValueError, "int32/int64"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long, device="meta"), {}),
+         ValueError, "one device"),
+        (lambda: (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), {}),
+         TypeError, "floating"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"reduction": "avg"}),
+         ValueError, "reduction"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"z_loss": -1.0}),
+         ValueError, "z_loss"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"softcap": 0.0}),
+         ValueError, "softcap"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                  {"vocab_start_index": -1}), ValueError, "vocab_start_index"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                  {"vocab_start_index": 3}), ValueError, "whole vocabulary"),
+        (lambda: (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"group": object()}),
+         RuntimeError, "init_process_group"),
+    ],
+    ids=["3d_input", "target_rows", "float_target", "mixed_devices", "int_logits",
+         "bad_reduction", "negative_z_loss", "zero_softcap", "negative_start",
+         "start_without_group", "group_without_init"],
+)
+def test_vocab_parallel_rejects_bad_arguments(make, error, match):
+    x, target, kwargs = make()
+    with pytest.raises(error, match=match):
+        vocab_parallel_cross_entropy(x, target, **kwargs)
+
+
+def test_vocab_parallel_tolerances_cover_every_dtype_used():
+    used = {c.dtype for cases in CASES.values() for c in cases}
+    assert used <= set(TOLERANCES)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_vocab_parallel_nccl_world_size_one_large(world_of_one, device):
+    """NCCL all_reduces on CUDA tensors around our kernels at an LM-head shape (bf16, 128256
+    classes, 512 rows), through the Function (the public function would take the local op)."""
+    rng = np.random.default_rng(7)
+    n, v = 512, 128256
+    x = torch.from_numpy(rng.standard_normal((n, v)).astype(np.float32)).to(device, torch.bfloat16)
+    x.requires_grad_()
+    target = torch.from_numpy(rng.integers(0, v, n)).to(device)
+    target[::7] = -100
+    loss = VocabParallelCrossEntropyFunction.apply(
+        x, target, None, 0, v, -100, "sum", 0.1, 1e-4, 30.0, None)
+    loss.backward()
+    z = 30.0 * torch.tanh(x.detach().float() / 30.0)
+    z.requires_grad_()
+    valid = target != -100
+    expected = torch.nn.functional.cross_entropy(z, target, label_smoothing=0.1,
+                                                 reduction="sum") \
+        + 1e-4 * (torch.logsumexp(z, 1)[valid] ** 2).sum()
+    expected.backward()
+    torch.testing.assert_close(loss.float(), expected.detach(), atol=0.0, rtol=1e-2)
+    # sum, not mean: the non-target entries are p ≈ 1e-5, well above atol
+    dx_expected = z.grad * (1 - (z.detach() / 30.0) ** 2)
+    torch.testing.assert_close(x.grad.float(), dx_expected, atol=1e-7, rtol=2e-2)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("usage: test_distributed.py --worker RANK WORLD PORT OUT_DIR")
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
