@@ -149,6 +149,57 @@ def test_cross_entropy_grad_launcher_every_path_per_row_grad(device, rng, path):
     assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
 
 
+@pytest.mark.parametrize("path", list(PATH_CONFIGS))
+def test_cross_entropy_fwd_launcher_in_place_every_path(device, rng, path):
+    """grad_out=logits: every path reads each element before writing its gradient over it."""
+    x, _ = make_input((7, 100), torch.bfloat16, rng, scale=3.0, device=device)
+    t = _targets(rng, 7, 100, device=device)
+    buf = x.clone()
+    loss, lse, dx = ce.cross_entropy_fwd(buf, t, label_smoothing=0.125, compute_grad=True,
+                                         grad_out=buf, config=PATH_CONFIGS[path])
+    assert dx is buf
+    ref_loss, ref_lse, ref_g = _ref(x, t, label_smoothing=0.125)
+    assert_close_to_reference(lse, ref_lse, torch.float32, "lse")
+    assert_close_to_reference(buf, ref_g, torch.bfloat16, "dlogits in place")
+
+
+@pytest.mark.parametrize("path", list(PATH_CONFIGS))
+def test_cross_entropy_large_logits_every_path(device, rng, path):
+    """±1e4 logits stay finite and accurate on every path (fused gradient and from-lse)."""
+    x = torch.from_numpy(rng.choice([-1e4, 1e4], (5, 100)) + rng.standard_normal((5, 100)))
+    x = x.float().to(device)
+    t = torch.tensor([0, 1, 2, 3, IGNORE], device=device)
+    rows, lse, dx = ce.cross_entropy_fwd(x, t, reduction="sum", label_smoothing=0.25,
+                                         compute_grad=True, config=PATH_CONFIGS[path])
+    ref_rows, ref_lse, ref_g = _ref(x, t, reduction="none", label_smoothing=0.25)
+    assert torch.isfinite(rows).all() and torch.isfinite(dx).all()
+    # Σ w·z of a split chunk is summed around no shift: a looser bound there (see docstring).
+    dtype = torch.bfloat16 if path == "split" else torch.float32
+    assert_close_to_reference(rows, ref_rows, dtype, "loss rows")
+    assert_close_to_reference(lse, ref_lse, torch.float32, "lse")
+    assert_close_to_reference(dx, ref_g, dtype, "dlogits")
+
+
+def test_cross_entropy_torch_compile_fullgraph_cpu(device, rng):
+    """Traces with fullgraph=True (aot_eager: the ops' fake impls and autograd, no codegen)."""
+    x, _ = make_input((6, 40), torch.float32, rng, device=device)
+    t = _targets(rng, 6, 40, device=device)
+
+    def f(x):
+        return probact_gpu.cross_entropy(x * 2, t, label_smoothing=0.1, z_loss=1e-3,
+                                         return_lse=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        xr = x.clone().requires_grad_()
+        loss, lse = fn(xr)
+        (loss * 3).backward()
+        results.append((loss.detach(), lse, xr.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_cross_entropy_split_shards_with_vocab_start(device, rng):
     """Vocab-parallel use: stats of two column shards (vocab_start) concatenated, then combined
     and differentiated per shard, equal the whole-row result (weights and smoothing global)."""
@@ -535,6 +586,28 @@ def test_cross_entropy_over_2_31_elements_gpu():
     x.requires_grad_()
     probact_gpu.cross_entropy(x, t, reduction="sum").backward()
     assert x.grad[-1, -1].float().item() < 0 and torch.isfinite(x.grad[-1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_extra_memory_gpu(inplace):
+    """Default: at most one logits-sized buffer (the gradient); in place: none."""
+    n, c = 4096, 32000
+    leaf = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    logits = leaf * 1.0  # non-leaf (in place needs one), allocated before the measurement
+    t = torch.randint(0, c, (n,), device="cuda")
+    logits_bytes = logits.numel() * logits.element_size()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = probact_gpu.cross_entropy(logits, t, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    limit = (0 if inplace else 1) * logits_bytes + 64 * n * 4 + (1 << 20)  # + row vectors
+    assert extra <= limit, (extra, limit)
+    if inplace:
+        assert grad.data_ptr() == logits.data_ptr()
 
 
 @pytest.mark.gpu
