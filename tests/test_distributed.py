@@ -63,7 +63,8 @@ class Case:
     explicit: bool = False
     with_size: bool = False
     config: RowConfig | None = None
-    n_rows_by_rank: tuple[int, ...] = field(default=())  # an invalid call: N differs per rank
+    n_rows_by_rank: tuple[int, ...] = field(default=())  # N per rank when not all N_ROWS
+    error: str = ""  # an invalid call: every rank must raise a ValueError containing this
 
     @property
     def vocab(self) -> int:
@@ -98,7 +99,10 @@ CASES: dict[int, tuple[Case, ...]] = {
              dtype=torch.float64, reduction="sum", explicit=True, with_size=True),
         Case("rows_differ", _in_rank_order(10, 9, 9, 9),
              "rank 3 holds 7 rows, the others 6: every rank raises the same ValueError",
-             n_rows_by_rank=(6, 6, 6, 7)),
+             n_rows_by_rank=(6, 6, 6, 7), error="same rows"),
+        Case("overlapping_starts", ((0, 10), (5, 9), (14, 9), (23, 9)),
+             "vocab_start_index given, rank 1's shard overlaps rank 0's: the layout check "
+             "raises on every rank", explicit=True, error="tile"),
     ),
 }
 
@@ -145,6 +149,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     n_fwd = len(log)
                     loss.backward(grad)
             except ValueError as e:
+                if not case.error:
+                    raise
                 results[case.name] = {"error": str(e)}
                 continue
             results[case.name] = {
@@ -211,7 +217,7 @@ def world_results(request, tmp_path_factory):
 
 
 def _valid_cases(world: int) -> list[Case]:
-    return [c for c in CASES[world] if not c.n_rows_by_rank]
+    return [c for c in CASES[world] if not c.error]
 
 
 @pytest.mark.slow
@@ -288,12 +294,13 @@ def test_vocab_parallel_launches_split_path_and_local_backward(world_results):
 
 
 @pytest.mark.slow
-def test_vocab_parallel_rows_differ_raises_on_every_rank(world_results):
+def test_vocab_parallel_bad_layout_raises_on_every_rank(world_results):
     world, results = world_results
     for case in CASES[world]:
-        if case.n_rows_by_rank:
+        if case.error:
             for rank in range(world):
-                assert "same rows" in results[rank][case.name].get("error", ""), results[rank]
+                assert case.error in results[rank][case.name].get("error", ""), \
+                    (case.name, rank, results[rank][case.name])
 
 
 # --------------------------------------------------------------------------- one process
