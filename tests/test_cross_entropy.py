@@ -477,6 +477,16 @@ def test_cross_entropy_inplace_backward_none_reduction(device, rng):
     torch.testing.assert_close(leaf.grad, grad)
 
 
+def test_cross_entropy_inplace_without_grad_leaves_logits(device, rng):
+    x, _ = make_input((4, 10), torch.float32, rng, device=device)
+    t = _targets(rng, 4, 10, device=device)
+    before = x.clone()
+    with torch.no_grad():
+        loss = probact_gpu.cross_entropy(x, t, inplace_backward=True)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, t))
+
+
 def test_cross_entropy_inplace_misuse_raises(device, rng):
     x, _ = make_input((4, 10), torch.float32, rng, device=device)
     t = _targets(rng, 4, 10, ignore_frac=0.0, device=device)

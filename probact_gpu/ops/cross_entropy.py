@@ -440,6 +440,8 @@ def _run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
     """Launch for an ND input (class dim 1) and its targets; returns (loss, lse)."""
     red = REDUCTIONS[reduction]
     sdt = _stats_dtype(input)
+    if input.numel() > 0:
+        check_runnable(input)
     flat = target.reshape(-1).contiguous()
     xv = row_view(input, 1)
     dxv = row_view(grad_out, 1) if compute_grad else None
@@ -752,14 +754,13 @@ def cross_entropy(
     t = target.reshape(1) if squeeze else target
     args = (t, weight, int(ignore_index), _RED[reduction], label_smoothing, float(z_loss),
             0.0 if softcap is None else float(softcap), float(logit_scale))
-    if inplace_backward:
-        if squeeze:
-            raise ValueError("inplace_backward=True needs input with a batch dim (N, C, ...)")
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and squeeze:
+        raise ValueError("inplace_backward=True needs input with a batch dim (N, C, ...)")
+    if inplace_backward and needs_grad:
         loss, lse, _ = CrossEntropyInplaceFunction.apply(x, *args)
-    else:
-        compute_grad = (input.requires_grad and torch.is_grad_enabled()
-                        and reduction != "none")
-        loss, lse, _ = _ce_op(x, *args, compute_grad)
+    else:  # (in place without a backward to feed would only destroy the logits)
+        loss, lse, _ = _ce_op(x, *args, needs_grad and reduction != "none")
     if squeeze:
         lse = lse.reshape(())
         if reduction == "none":
