@@ -15,8 +15,8 @@ all-−inf row ends with ``m = −inf, s = 0`` — its softmax is ``0 / 0 = NaN`
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
