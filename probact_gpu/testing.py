@@ -17,6 +17,7 @@ __all__ = [
     "Errors",
     "assert_close_to_reference",
     "errors",
+    "make_bce_inputs",
     "make_input",
     "poison_outputs",
     "record_launches",
@@ -52,6 +53,32 @@ def make_input(
     values = rng.standard_normal(shape) * scale
     t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(device)
     return t, to_numpy64(t)
+
+
+def make_bce_inputs(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    rng: np.random.Generator,
+    device: torch.device | str = "cpu",
+    *,
+    options: str = "",
+    scale: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """BCE operands: logits, targets (hard 0/1; soft in [0, 1) with 's' in ``options``) and
+    the operands named in ``options``: 'w' a per-class weight, 'r' a per-row weight (N, 1),
+    'p' a per-class pos_weight; absent ones are None."""
+    x, _ = make_input(shape, dtype, rng, scale=scale, device=device)
+    values = rng.random(shape) if "s" in options else (rng.random(shape) < 0.5).astype(float)
+    t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(device)
+    n_classes = shape[-1] if shape else 1
+    w = pw = None
+    if "w" in options:
+        w = torch.from_numpy(rng.random(n_classes) + 0.5).to(dtype).to(device)
+    if "r" in options:
+        w = torch.from_numpy(rng.random((shape[0], 1)) + 0.5).to(dtype).to(device)
+    if "p" in options:
+        pw = torch.from_numpy(rng.random(n_classes) * 3.0).to(dtype).to(device)
+    return x, t, w, pw
 
 
 @dataclass(frozen=True)

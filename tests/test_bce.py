@@ -15,6 +15,7 @@ from probact_gpu.ops.bce import bce_bwd, bce_fwd, bce_scale_grad_, broadcast_ter
 from probact_gpu.testing import (
     assert_close_to_reference,
     errors,
+    make_bce_inputs,
     make_input,
     record_launches,
     to_numpy64,
@@ -23,23 +24,6 @@ from probact_gpu.tiling import ElementwiseConfig
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _make(shape, dtype, rng, device, *, options="", scale=2.0):
-    """Logits, targets (hard; soft with 's') and the operands named in ``options``: 'w' a
-    per-class weight, 'r' a per-row weight (N, 1), 'p' a per-class pos_weight."""
-    x, _ = make_input(shape, dtype, rng, scale=scale, device=device)
-    values = rng.random(shape) if "s" in options else (rng.random(shape) < 0.5).astype(float)
-    t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(device)
-    n_classes = shape[-1] if shape else 1
-    w = pw = None
-    if "w" in options:
-        w = torch.from_numpy(rng.random(n_classes) + 0.5).to(dtype).to(device)
-    if "r" in options:
-        w = torch.from_numpy(rng.random((shape[0], 1)) + 0.5).to(dtype).to(device)
-    if "p" in options:
-        pw = torch.from_numpy(rng.random(n_classes) * 3.0).to(dtype).to(device)
-    return x, t, w, pw
 
 
 def _np(t):
@@ -80,7 +64,7 @@ def _run(x, t, w, pw, reduction, dy):
      ((6, 9), "rps", "per-row weight with pos_weight")],
 )
 def test_bce_matches_reference(shape, options, why, dtype, reduction, device, rng):
-    x, t, w, pw = _make(shape, dtype, rng, device, options=options)
+    x, t, w, pw = make_bce_inputs(shape, dtype, rng, device, options=options)
     out_shape = shape if reduction == "none" else ()
     dy, _ = make_input(out_shape, dtype, rng, device=device)  # non-uniform for 'none'
     loss, grad = _run(x, t, w, pw, reduction, dy)
@@ -95,7 +79,7 @@ def test_bce_matches_reference(shape, options, why, dtype, reduction, device, rn
 def test_bce_in_forward_gradient_path(reduction, device, rng):
     """sum / mean with an input that needs a gradient: the forward kernel writes dx, backward
     only scales it by grad_output (read on the device) — no recompute kernel runs."""
-    x, t, w, pw = _make((9, 37), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((9, 37), torch.float32, rng, device, options="wps")
     config = ElementwiseConfig(64, 2)
     for scale in (1.0, 2.5):  # 1.0: the plain loss.backward(); 2.5: the kernel must scale
         xr = x.clone().requires_grad_()
@@ -133,7 +117,7 @@ def test_bce_scale_grad_is_identity_at_one_and_scales_otherwise(device, rng):
 def test_bce_recompute_gradient_path(reduction, device, rng):
     """reduction none (per-element grad_output), or a second backward through a retained graph
     (the forward's dx buffer was handed out by the first): backward recomputes from x, t."""
-    x, t, w, pw = _make((7, 19), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((7, 19), torch.float32, rng, device, options="wps")
     out_shape = (7, 19) if reduction == "none" else ()
     dy, _ = make_input(out_shape, torch.float32, rng, device=device)
     xr = x.clone().requires_grad_()
@@ -155,7 +139,7 @@ def test_bce_recompute_gradient_path(reduction, device, rng):
 
 
 def test_bce_bwd_launcher_scalar_and_per_element_grad(device, rng):
-    x, t, w, pw = _make((5, 21), torch.float64, rng, device, options="rps")
+    x, t, w, pw = make_bce_inputs((5, 21), torch.float64, rng, device, options="rps")
     config = ElementwiseConfig(16, 1)
     g = torch.tensor(-1.5, dtype=torch.float64, device=device)
     for reduction in ("mean", "sum"):
@@ -172,7 +156,7 @@ def test_bce_bwd_launcher_scalar_and_per_element_grad(device, rng):
 
 def test_bce_no_gradient_means_no_gradient_work(device, rng):
     """An input that needs no gradient (or no_grad) runs the plain reducing forward: no dx."""
-    x, t, _, _ = _make((9, 10), torch.float32, rng, device)
+    x, t, _, _ = make_bce_inputs((9, 10), torch.float32, rng, device)
     for ctx in (torch.enable_grad(), torch.no_grad()):
         xr = x.clone().requires_grad_(isinstance(ctx, torch.no_grad))
         with ctx, record_launches() as launches:
@@ -186,7 +170,7 @@ def test_bce_no_gradient_means_no_gradient_work(device, rng):
 
 def test_bce_reduction_is_deterministic(device, rng):
     """Many programs' partial sums, combined in a fixed order: bit-identical between runs."""
-    x, t, w, pw = _make((4097,), torch.float32, rng, device, options="sp", scale=5.0)
+    x, t, w, pw = make_bce_inputs((4097,), torch.float32, rng, device, options="sp", scale=5.0)
     config = ElementwiseConfig(16, 1)  # 257 partials, summed in 1024-lane tiles
     runs = []
     for _ in range(2):
@@ -200,7 +184,7 @@ def test_bce_reduction_is_deterministic(device, rng):
 
 def test_bce_partials_loop_in_the_sum_kernel(device, rng):
     """More than 1024 partials: the final-sum kernel loops over several tiles."""
-    x, t, _, _ = _make((2100,), torch.float32, rng, device)
+    x, t, _, _ = make_bce_inputs((2100,), torch.float32, rng, device)
     with record_launches() as launches:
         loss, _ = bce_fwd(x, t, reduction="mean", config=ElementwiseConfig(1, 1))
     assert launches[0].grid == (2100,)
@@ -239,14 +223,14 @@ def test_bce_broadcast_terms(operand_shape, input_shape, n_terms, why, device, r
     np.testing.assert_array_equal(
         to_numpy64(storage)[offset], to_numpy64(operand.expand(input_shape)).reshape(-1))
     # And the loss through the kernel agrees with the reference, as weight and as pos_weight.
-    x, t, _, _ = _make(input_shape, torch.float32, rng, device, options="s")
+    x, t, _, _ = make_bce_inputs(input_shape, torch.float32, rng, device, options="s")
     for w, pw in ((operand, None), (None, operand)):
         loss = pg.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw)
         _check(x, t, w, pw, "none", None, loss, None, torch.float32)
 
 
 def test_bce_transposed_weight_is_read_in_place(device, rng):
-    x, t, _, _ = _make((6, 5), torch.float32, rng, device, options="s")
+    x, t, _, _ = make_bce_inputs((6, 5), torch.float32, rng, device, options="s")
     w = torch.from_numpy(rng.random((5, 6)) + 0.5).float().to(device).t()  # (6, 5), strided
     tensor, (terms, _) = broadcast_terms(w, x.shape)
     assert terms == 2 and tensor.data_ptr() == w.data_ptr()
@@ -370,7 +354,7 @@ def test_bce_gradcheck_float64(reduction, device):
 
 
 def test_bce_does_not_touch_its_inputs(device, rng):
-    x, t, w, pw = _make((5, 8), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((5, 8), torch.float32, rng, device, options="wps")
     copies = [v.clone() for v in (x, t, w, pw)]
     xr = x.requires_grad_()
     pg.binary_cross_entropy_with_logits(xr, t, w, pos_weight=pw).backward()
@@ -379,7 +363,7 @@ def test_bce_does_not_touch_its_inputs(device, rng):
 
 
 def test_bce_module(device, rng):
-    x, t, w, pw = _make((6, 7), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((6, 7), torch.float32, rng, device, options="wps")
     for reduction in REDUCTIONS:
         module = pg.BCEWithLogitsLoss(weight=w, reduction=reduction, pos_weight=pw)
         assert dict(module.named_buffers()).keys() == {"weight", "pos_weight"}
@@ -391,7 +375,7 @@ def test_bce_module(device, rng):
 def test_bce_torch_compile_fullgraph_traces_both_paths(device, rng):
     """fullgraph tracing (aot_eager: no codegen, so it runs on CPU too) through the fake
     kernels, including the in-place scaling op of the in-forward gradient path."""
-    x, t, w, pw = _make((8, 33), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((8, 33), torch.float32, rng, device, options="wps")
     for reduction in REDUCTIONS:
         def f(x, reduction=reduction):
             return pg.binary_cross_entropy_with_logits(x, t, w, reduction=reduction,
@@ -459,7 +443,7 @@ def test_bce_2_pow_28_bf16_gpu(device):
 
 @pytest.mark.gpu
 def test_bce_torch_compile_fullgraph_gpu(device, rng):
-    x, t, w, pw = _make((64, 129), torch.float32, rng, device, options="wps")
+    x, t, w, pw = make_bce_inputs((64, 129), torch.float32, rng, device, options="wps")
     for reduction in REDUCTIONS:
         def f(x, reduction=reduction):
             return pg.binary_cross_entropy_with_logits(x, t, w, reduction=reduction,
@@ -478,7 +462,7 @@ def test_bce_torch_compile_fullgraph_gpu(device, rng):
 
 @pytest.mark.gpu
 def test_bce_cuda_graph_capture_gpu(device, rng):
-    x, t, _, pw = _make((64, 129), torch.float32, rng, device, options="p")
+    x, t, _, pw = make_bce_inputs((64, 129), torch.float32, rng, device, options="p")
     xr = x.clone().requires_grad_()
     pg.binary_cross_entropy_with_logits(xr, t, pos_weight=pw).backward()  # warm-up
     graph = torch.cuda.CUDAGraph()

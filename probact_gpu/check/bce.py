@@ -11,7 +11,7 @@ import torch.nn.functional as torch_F
 
 from .. import reference
 from ..ops.bce import binary_cross_entropy_with_logits
-from ..testing import make_input, to_numpy64
+from ..testing import make_bce_inputs, make_input, to_numpy64
 from . import Case, Row, compare
 
 # (shape, options, scale, why); options: w = weight (per class), r = per-row weight,
@@ -35,20 +35,11 @@ LARGE = [
 
 
 def _inputs(shape, options, scale, dtype, device, rng):
-    x, _ = make_input(shape, dtype, rng, scale=scale, device=device)
+    if "T" in options:  # the reversed shape, with the logits laid out transposed
+        shape = tuple(reversed(shape))
+    x, t, w, pw = make_bce_inputs(shape, dtype, rng, device, options=options, scale=scale)
     if "T" in options:
-        x = x.t()
-    shape = tuple(x.shape)
-    values = rng.random(shape) if "s" in options else (rng.random(shape) < 0.5).astype(float)
-    t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(device)
-    n_classes = shape[-1] if shape else 1
-    w = pw = None
-    if "w" in options:
-        w = torch.from_numpy(rng.random(n_classes) + 0.5).to(dtype).to(device)
-    if "r" in options:
-        w = torch.from_numpy(rng.random((shape[0], 1)) + 0.5).to(dtype).to(device)
-    if "p" in options:
-        pw = torch.from_numpy(rng.random(n_classes) * 3.0).to(dtype).to(device)
+        x = x.t().contiguous().t()
     return x, t, w, pw
 
 
