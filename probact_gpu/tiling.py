@@ -183,16 +183,28 @@ LINEAR_CE_LOGITS_BUDGET = 512 * 1024 * 1024
 LINEAR_CE_CHUNK_ALIGN = 64
 
 
+def _rows_in_budget(n_rows: int, row_elems: int, elem_size: int, budget_bytes: int | None) -> int:
+    budget = LINEAR_CE_LOGITS_BUDGET if budget_bytes is None else budget_bytes
+    if budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget_bytes}")
+    fit = max(1, budget // max(1, row_elems * elem_size))
+    if fit >= LINEAR_CE_CHUNK_ALIGN:
+        fit -= fit % LINEAR_CE_CHUNK_ALIGN
+    return max(1, min(fit, n_rows))
+
+
 def choose_token_chunk(
     n_tokens: int, n_classes: int, elem_size: int, budget_bytes: int | None = None
 ) -> int:
     """Tokens per chunk of fused linear + cross-entropy: as many as fit ``budget_bytes`` of
     logits (default ``LINEAR_CE_LOGITS_BUDGET``), a multiple of ``LINEAR_CE_CHUNK_ALIGN`` when
     that many fit, at least 1, at most ``n_tokens``."""
-    budget = LINEAR_CE_LOGITS_BUDGET if budget_bytes is None else budget_bytes
-    if budget <= 0:
-        raise ValueError(f"memory budget must be positive, got {budget_bytes}")
-    fit = max(1, budget // max(1, n_classes * elem_size))
-    if fit >= LINEAR_CE_CHUNK_ALIGN:
-        fit -= fit % LINEAR_CE_CHUNK_ALIGN
-    return max(1, min(fit, n_tokens))
+    return _rows_in_budget(n_tokens, n_classes, elem_size, budget_bytes)
+
+
+def choose_vocab_chunk(
+    n_tokens: int, n_classes: int, elem_size: int, budget_bytes: int | None = None
+) -> int:
+    """Classes per chunk of the low-memory linear + cross-entropy backward, whose (tokens ×
+    chunk) logits block must fit ``budget_bytes``; same rounding as ``choose_token_chunk``."""
+    return _rows_in_budget(n_classes, n_tokens, elem_size, budget_bytes)

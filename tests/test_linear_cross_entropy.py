@@ -41,17 +41,25 @@ def _run(h, w, b, target, reduction, dy, **kw):
     return loss, hr.grad, wr.grad, None if br is None else br.grad
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+_CHUNKS = [(None, "default: one chunk at this size"),
+           (8, "5 token chunks (13 vocab chunks), the last one short"),
+           (1, "one token (class) a chunk"), (200, "a chunk larger than N and V")]
+# Every (chunk, reduction) with the fused path; the same with low_memory, except one class a
+# chunk (101 backward launches under the interpreter) for "mean" only, to bound CI time.
+_REFERENCE_CASES = [(c, why, r, lm) for lm in (False, True) for r in ("mean", "sum", "none")
+                    for c, why in _CHUNKS if not (lm and c == 1 and r != "mean")]
+
+
 @pytest.mark.parametrize(
-    "chunk_size,why",
-    [(None, "default: one chunk at this size"), (8, "5 chunks, the last one 5 tokens"),
-     (1, "one token a chunk"), (100, "a chunk larger than N")],
-)
-def test_linear_ce_matches_float64_reference(chunk_size, why, reduction, device, rng):
+    "chunk_size,why,reduction,low_memory", _REFERENCE_CASES,
+    ids=[f"{c}-{r}-{'low_memory' if lm else 'fused'}" for c, _, r, lm in _REFERENCE_CASES])
+def test_linear_ce_matches_float64_reference(chunk_size, why, reduction, low_memory, device,
+                                             rng):
     (h, h64), (w, w64), (b, b64), target = _problem(rng, device)
     dy_np = rng.standard_normal(N) if reduction == "none" else 0.75
     dy = torch.tensor(dy_np, dtype=torch.float32, device=device)
-    loss, dh, dw, db = _run(h, w, b, target, reduction, dy, chunk_size=chunk_size)
+    loss, dh, dw, db = _run(h, w, b, target, reduction, dy, chunk_size=chunk_size,
+                            low_memory=low_memory)
     ref_loss, ref_dh, ref_dw, ref_db = _reference(h64, w64, b64, target, reduction, dy_np)
     assert_close_to_reference(loss, np.asarray(ref_loss), torch.float32, "loss")
     assert_close_to_reference(dh, ref_dh, torch.float32, "dh")
@@ -98,16 +106,18 @@ def test_linear_ce_bf16_accumulates_dw_in_fp32(device, rng):
 
 
 def test_linear_ce_float64_gradcheck(device, rng):
-    h = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.randn(9, 5, dtype=torch.float64, device=device, requires_grad=True)
-    b = torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)
-    target = torch.tensor([0, 3, -100, 8, 2, 2], device=device)
-    # "none" only: sum/mean scale their saved gradients in place, so they allow one backward
-    # (test_linear_ce_backward_twice_raises); their gradients are checked against float64 above.
-    for reduction in ("none",):
+    h = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(7, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.tensor([0, 3, -100, 6, 2], device=device)
+    # The default sum/mean path scales its saved gradients in place and allows one backward
+    # (test_linear_ce_backward_twice_raises): gradcheck the paths that recompute.
+    for reduction, low_memory in (("none", False), ("mean", True)):
         assert torch.autograd.gradcheck(
-            lambda h, w, b, reduction=reduction: pg.linear_cross_entropy(
-                h, w, target, b, reduction=reduction, chunk_size=4, label_smoothing=0.1),
+            lambda h, w, b, reduction=reduction, low_memory=low_memory: pg.linear_cross_entropy(
+                h, w, target, b, reduction=reduction, chunk_size=4, label_smoothing=0.125,
+                class_weight=torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device),
+                low_memory=low_memory),
             (h, w, b))
 
 
@@ -145,10 +155,25 @@ def test_linear_ce_memory_budget_sets_the_chunk(device, rng):
     assert len(ce_launches) == 4  # ceil(37 / 10)
 
 
+def test_linear_ce_low_memory_walks_the_vocabulary(device, rng):
+    """low_memory: the forward runs token chunks without gradients, the backward one gradient
+    launch per block of classes, with each block's vocab_start."""
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    hr = h.clone().requires_grad_()
+    with record_launches() as launches:
+        loss = pg.linear_cross_entropy(hr, w, target, b, low_memory=True, chunk_size=30)
+    assert all(not x.meta.get("COMPUTE_GRAD", False) for x in launches)
+    with record_launches() as launches:
+        loss.backward()
+    grads = [x for x in launches if x.kernel == "cross_entropy_bwd_kernel"]
+    assert len(grads) == 4  # ceil(101 classes / 30)
+
+
 def test_linear_ce_token_chunk_heuristic():
     assert tiling.choose_token_chunk(8192, 128256, 2) == 2048  # 512 MiB of bf16 logits
     assert tiling.choose_token_chunk(100, 128256, 2) == 100
     assert tiling.choose_token_chunk(10, 1 << 40, 2) == 1
+    assert tiling.choose_vocab_chunk(8192, 128256, 2) == 32768  # (8192 x 32768) bf16 = 512 MiB
     with pytest.raises(ValueError, match="memory budget"):
         tiling.choose_token_chunk(10, 10, 2, 0)
 

@@ -20,7 +20,16 @@ matmuls (4 matmuls in all) — never scaling after dW was summed over tokens.
 
 Memory beyond inputs and outputs: the (C, V) chunk buffer, plus a (V, H) fp32 dW accumulator
 when there is more than one chunk and the weight is not fp32 (for 128256 × 4096 that is 2 GiB:
-the price of fp32 accumulation across chunks; a single chunk needs none). The mean's divisor is
+the price of fp32 accumulation across chunks; a single chunk needs none).
+
+``low_memory=True`` trades one matmul for that accumulator: the forward only computes the loss
+and lse (token chunks, 1 matmul); the backward walks the vocabulary in blocks of ``V_c``
+classes (``tiling.choose_vocab_chunk``): the (N, V_c) logits block is recomputed (1 matmul),
+our CE gradient kernel overwrites it in place (with ``vocab_start``, as one shard of a
+vocab-parallel head), and it gives ``dW[v0:v1]`` directly — cuBLAS reduces over all N tokens
+in fp32 and rounds once — while ``dh`` accumulates in an (N, H) fp32 buffer. Extra memory:
+the (N, V_c) block plus (N, H) fp32; 4 matmuls in all. The gradients then come from the
+backward, so any ``grad_output`` and any number of backward passes work. The mean's divisor is
 computed on the device before the first chunk, so every chunk's gradient is final: no host sync.
 """
 
@@ -120,16 +129,18 @@ def linear_cross_entropy_fwd(
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    low_memory: bool = False,
     need_grads: tuple[bool, bool, bool] = (False, False, False),
 ) -> tuple[torch.Tensor, ...]:
     """Loss of ``cross_entropy(h @ weight.T + bias, target)`` for 2-D ``h`` (N, H); returns
     ``(loss, lse, dh, dW, db)``. ``loss`` is reduced as ``reduction`` says and ``lse`` is (N,),
-    both fp32 (fp64 for fp64 input). With ``need_grads`` (dh, dW, db) and reduction
-    "sum"/"mean", those gradients of the reduced loss for grad_output 1; else empty tensors."""
+    both fp32 (fp64 for fp64 input). With ``need_grads`` (dh, dW, db), reduction "sum"/"mean"
+    and not ``low_memory``, those gradients of the reduced loss for grad_output 1; else empty
+    tensors (the backward recomputes them)."""
     n_tokens, n_classes = h.shape[0], weight.shape[0]
     chunk = chunk_size or tiling.choose_token_chunk(
         n_tokens, n_classes, h.element_size(), memory_budget)
-    grads_now = reduction != "none" and any(need_grads)
+    grads_now = not low_memory and reduction != "none" and any(need_grads)
     n_chunks = max(1, tiling.cdiv(n_tokens, chunk))
     grads = _Grads(h, weight, bias, need_grads if grads_now else (False,) * 3, n_chunks)
     stats_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -169,6 +180,7 @@ def linear_cross_entropy_bwd(
     lse: torch.Tensor,
     grad_output: torch.Tensor,
     *,
+    reduction: str = "none",
     class_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -177,12 +189,28 @@ def linear_cross_entropy_bwd(
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    low_memory: bool = False,
     need_grads: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``reduction="none"`` against a per-token ``grad_output`` (N,): each chunk's
-    logits are recomputed and each row of dlogits is scaled by its token's grad_output before
-    the gradient matmuls. Returns (dh, dW, db), empty where not needed."""
+    """Gradients recomputed from the forward's ``lse``, for ``grad_output`` (one per token for
+    ``reduction="none"``, else 0-d): each chunk's logits are recomputed and each row of dlogits
+    is scaled by its grad_output (and the mean's divisor) *before* the gradient matmuls.
+    Token chunks (dW accumulated in fp32), or with ``low_memory`` vocabulary chunks: each
+    (N, V_chunk) block of logits gives its rows of dW directly (cuBLAS reduces over all tokens
+    in fp32), dh accumulates in an (N, H) fp32 buffer, and nothing (V, H)-sized but dW itself is
+    allocated. Returns (dh, dW, db), empty where not needed."""
     n_tokens, n_classes = h.shape[0], weight.shape[0]
+    divisor = None
+    if reduction == "mean":
+        divisor = cross_entropy_total_weight(target, n_classes, weight=class_weight,
+                                             ignore_index=ignore_index, dtype=lse.dtype)
+    ce_opts = dict(weight=class_weight, ignore_index=ignore_index,
+                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                   logit_scale=logit_scale, divisor=divisor)
+    per_token = grad_output.ndim == 1
+    if low_memory:
+        return _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce_opts,
+                                 chunk_size, memory_budget, need_grads)
     chunk = chunk_size or tiling.choose_token_chunk(
         n_tokens, n_classes, h.element_size(), memory_budget)
     grads = _Grads(h, weight, bias, need_grads, max(1, tiling.cdiv(n_tokens, chunk)))
@@ -190,12 +218,39 @@ def linear_cross_entropy_bwd(
     for start, end in _chunks(n_tokens, chunk):
         logits = _logits(h[start:end], weight, bias, buffer[: end - start])
         dlogits = cross_entropy_grad(
-            logits, target[start:end], lse[start:end], grad_output[start:end],
-            weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, out=logits,
-        )
+            logits, target[start:end], lse[start:end],
+            grad_output[start:end] if per_token else grad_output, out=logits, **ce_opts)
         grads.add_chunk(start, end, dlogits, h[start:end], weight)
     return grads.results(weight, bias)
+
+
+def _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce_opts, chunk_size,
+                      memory_budget, need_grads):
+    """The low-memory backward: loop over blocks of classes (see linear_cross_entropy_bwd)."""
+    n_tokens, n_classes = h.shape[0], weight.shape[0]
+    need_dh, need_dw, need_db = need_grads
+    chunk = chunk_size or tiling.choose_vocab_chunk(
+        n_tokens, n_classes, h.element_size(), memory_budget)
+    wide = h.dtype in (torch.float32, torch.float64)
+    dh_acc = torch.zeros(h.shape, dtype=h.dtype if wide else torch.float32,
+                         device=h.device) if need_dh else None
+    dw = empty(weight.shape, weight.dtype, weight.device) if need_dw else weight.new_empty(0)
+    db = empty(bias.shape, bias.dtype, bias.device) if need_db else weight.new_empty(0)
+    buffer = torch.empty(n_tokens * min(chunk, n_classes), dtype=h.dtype, device=h.device)
+    for v0, v1 in _chunks(n_classes, chunk):
+        logits = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1],
+                         buffer[: n_tokens * (v1 - v0)].view(n_tokens, v1 - v0))
+        dlogits = cross_entropy_grad(logits, target, lse, grad_output, vocab_start=v0,
+                                     n_classes=n_classes, out=logits, **ce_opts)
+        if need_dw:
+            torch.mm(dlogits.t(), h, out=dw[v0:v1])
+        if need_db:
+            db[v0:v1] = dlogits.sum(0, dtype=torch.float64 if bias.dtype == torch.float64
+                                    else torch.float32)
+        if need_dh:
+            _accumulate_fp32(dh_acc, dlogits, weight[v0:v1])
+    dh = h.new_empty(0) if dh_acc is None else dh_acc.to(h.dtype)
+    return dh, dw, db
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -206,20 +261,20 @@ def _lce_op(
     h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     class_weight: torch.Tensor | None, ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
-    chunk_size: int | None, memory_budget: int | None, need_grads: list[bool],
+    chunk_size: int | None, memory_budget: int | None, low_memory: bool, need_grads: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear_cross_entropy_fwd(
         h, weight, target, bias, class_weight=class_weight, ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         logit_scale=logit_scale, chunk_size=chunk_size, memory_budget=memory_budget,
-        need_grads=tuple(need_grads))
+        low_memory=low_memory, need_grads=tuple(need_grads))
 
 
 @_lce_op.register_fake
 def _(h, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, logit_scale, chunk_size, memory_budget, need_grads):
+      softcap, logit_scale, chunk_size, memory_budget, low_memory, need_grads):
     n = h.shape[0]
-    now = reduction != "none"
+    now = not low_memory and reduction != "none"
     stats_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     loss = h.new_empty((n,) if reduction == "none" else (), dtype=stats_dtype)
     lse = h.new_empty((n,), dtype=stats_dtype)
@@ -237,20 +292,21 @@ def _fake_grads(h, weight, bias, need):
 def _lce_bwd_op(
     h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     lse: torch.Tensor, grad_output: torch.Tensor, class_weight: torch.Tensor | None,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
-    logit_scale: float, chunk_size: int | None, memory_budget: int | None,
-    need_grads: list[bool],
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    softcap: float | None, logit_scale: float, chunk_size: int | None,
+    memory_budget: int | None, low_memory: bool, need_grads: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear_cross_entropy_bwd(
-        h, weight, target, bias, lse, grad_output, class_weight=class_weight,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
-        memory_budget=memory_budget, need_grads=tuple(need_grads))
+        h, weight, target, bias, lse, grad_output, reduction=reduction,
+        class_weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+        memory_budget=memory_budget, low_memory=low_memory, need_grads=tuple(need_grads))
 
 
 @_lce_bwd_op.register_fake
-def _(h, weight, target, bias, lse, grad_output, class_weight, ignore_index, label_smoothing,
-      z_loss, softcap, logit_scale, chunk_size, memory_budget, need_grads):
+def _(h, weight, target, bias, lse, grad_output, class_weight, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, low_memory,
+      need_grads):
     return _fake_grads(h, weight, bias, need_grads)
 
 
@@ -268,7 +324,8 @@ def _(dh, dw, db, grad_output):
 
 
 _OPTION_NAMES = ("class_weight", "ignore_index", "reduction", "label_smoothing", "z_loss",
-                 "softcap", "logit_scale", "chunk_size", "memory_budget", "need_grads")
+                 "softcap", "logit_scale", "chunk_size", "memory_budget", "low_memory",
+                 "need_grads")
 
 
 def _setup_context(ctx, inputs, output):
@@ -277,7 +334,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     _, lse, dh, dw, db = output
     ctx.mark_non_differentiable(lse, dh, dw, db)
-    if ctx.options["reduction"] == "none":
+    ctx.recompute = ctx.options["reduction"] == "none" or ctx.options["low_memory"]
+    if ctx.recompute:
         ctx.save_for_backward(h, weight, target, bias, lse)
     else:
         ctx.save_for_backward(dh, dw, db)
@@ -286,12 +344,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_lse, _gdh, _gdw, _gdb):
     opts = ctx.options
     need = opts["need_grads"]
-    if opts["reduction"] == "none":
+    if ctx.recompute:
         h, weight, target, bias, lse = ctx.saved_tensors
         dh, dw, db = _lce_bwd_op(
             h, weight, target, bias, lse, grad_loss.to(lse.dtype), opts["class_weight"],
-            opts["ignore_index"], opts["label_smoothing"], opts["z_loss"], opts["softcap"],
-            opts["logit_scale"], opts["chunk_size"], opts["memory_budget"], need)
+            opts["ignore_index"], opts["reduction"], opts["label_smoothing"], opts["z_loss"],
+            opts["softcap"], opts["logit_scale"], opts["chunk_size"], opts["memory_budget"],
+            opts["low_memory"], need)
     else:
         # The saved gradients are for grad_output 1; they are scaled in place (no new dW-sized
         # buffer) and handed to autograd, which can then keep them as .grad without a copy.
@@ -370,12 +429,15 @@ def linear_cross_entropy(
     class_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    low_memory: bool = False,
 ) -> torch.Tensor:
     """``probact_gpu.cross_entropy(input @ weight.T + bias, target, ...)`` without holding the
     logits. ``input`` (…, H), ``weight`` (V, H) (``nn.Linear`` layout), ``target`` (…) class
     indices; every cross-entropy option (``class_weight`` is cross_entropy's ``weight``).
-    ``chunk_size`` (tokens) or ``memory_budget`` (bytes of logits per chunk) trade speed for
-    memory. Returns the loss in ``input``'s dtype (per token for ``reduction="none"``)."""
+    ``chunk_size`` or ``memory_budget`` (bytes of logits per chunk) trade speed for memory;
+    ``low_memory=True`` computes the gradients in the backward over vocabulary chunks (4
+    matmuls instead of 3, no fp32 (V, H) accumulator, any number of backward passes). Returns
+    the loss in ``input``'s dtype (per token for ``reduction="none"``)."""
     _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, chunk_size,
               memory_budget)
     h = input.reshape(-1, input.shape[-1])
@@ -389,7 +451,7 @@ def linear_cross_entropy(
         h, weight, flat_target, bias, class_weight, ignore_index, reduction,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
         float(logit_scale), chunk_size, None if memory_budget is None else int(memory_budget),
-        need)
+        bool(low_memory), need)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(input.dtype)
