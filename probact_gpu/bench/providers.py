@@ -3,7 +3,8 @@
 - ``probact``: ``probact_gpu.functional.<name>``, looked up at run time, so the bench works with
   whichever ops exist (a missing one is a skipped row that says so). ``probact_inplace``
   (cross-entropy only): the same with ``inplace_backward=True``, the gradient written into the
-  logits' storage (no logits-sized buffer).
+  logits' storage (no logits-sized buffer). ``probact_low_memory`` (linear + cross-entropy
+  only): ``low_memory=True``, gradients recomputed over vocabulary blocks in the backward.
 - ``torch``: torch eager (``torch.softmax``, ``F.cross_entropy``, ...).
 - ``compile``: the same eager functions through ``torch.compile(dynamic=False)``; dynamo's caches
   are reset per case so no shape silently falls back to eager after too many recompiles.
@@ -32,7 +33,8 @@ from .shapes import CE_IGNORED_FRACTION
 
 PROVIDERS = ("probact", "torch", "compile", "liger")
 # Variants of probact measured beside it for some ops; speed-ups compare probact with the others.
-VARIANTS = {"cross_entropy": ("probact_inplace",)}
+VARIANTS = {"cross_entropy": ("probact_inplace",),
+            "linear_cross_entropy": ("probact_low_memory",)}
 IGNORE_INDEX = -100
 
 # probact_gpu.functional's public name for each bench op.
@@ -170,6 +172,13 @@ def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False
             return ce(logits, target, inplace_backward=True)
 
         return probact_cross_entropy_inplace
+    if provider == "probact_low_memory" and op == "linear_cross_entropy":
+        lce = probact_fn(op)
+
+        def probact_linear_cross_entropy_low_memory(x, weight, target):
+            return lce(x, weight, target, low_memory=True)
+
+        return probact_linear_cross_entropy_low_memory
     if provider == "torch":
         return TORCH_FNS[op]
     if provider == "compile":

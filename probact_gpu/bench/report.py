@@ -17,7 +17,8 @@ JSON schema (``SCHEMA`` = ``"probact-gpu-bench/1"``), checked by :func:`validate
       "rows": [{
         "op": str, "pass": "fwd" | "bwd" | "fwd_bwd", "dtype": "bf16" | "fp16" | "fp32",
         "shape": [int, ...],
-        "provider": "probact" | "probact_inplace" | "torch" | "compile" | "liger",
+        "provider": "probact" | "probact_inplace" | "probact_low_memory" | "torch" | "compile"
+                    | "liger",
         "status": "ok" | "skipped" | "smoke",
         "reason": str | null,        # why skipped (or what the smoke pass saw)
         "ms": float | null, "ms_p20": float | null, "ms_p80": float | null,
@@ -47,7 +48,8 @@ from .shapes import label, row_length
 
 SCHEMA = "probact-gpu-bench/1"
 # One colour per provider in every panel.
-COLORS = {"probact": "tab:blue", "probact_inplace": "tab:cyan", "torch": "tab:orange",
+COLORS = {"probact": "tab:blue", "probact_inplace": "tab:cyan", "probact_low_memory": "tab:purple",
+          "torch": "tab:orange",
           "compile": "tab:red", "liger": "tab:green"}
 STATUSES = ("ok", "skipped", "smoke")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
