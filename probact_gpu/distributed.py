@@ -31,13 +31,35 @@ The shard layout costs one more, tiny, collective unless both ``vocab_start_inde
 No host sync in forward or backward besides that layout exchange, which reads 4 integers per
 rank on the host (``.tolist()``; a device sync on NCCL). Pass ``vocab_start_index`` and
 ``vocab_size`` in a training loop to skip it.
+
+**Vocab-parallel linear + cross-entropy** (:func:`vocab_parallel_linear_cross_entropy`): rank
+``r`` holds the hidden states ``h`` (N, H), replicated over the group, and its rows ``W_r``
+(V_r, H) of the LM head (``b_r`` of the bias); the logits ``x_r = h @ W_r.T + b_r`` are never
+held beyond one chunk of tokens. Forward: per token chunk (``tiling.choose_token_chunk``) the
+chunk's local logits by cuBLAS into one reused (C, V_r) buffer, then the statistics kernel and
+the local merge of its splits into (C, 4); after the last chunk the same two all_reduces as above
+over the (N, 4) statistics of *all* tokens, and the combine. Saved: h, W_r, b_r, targets, lse.
+Backward: per token chunk the local logits are recomputed, the gradient kernel overwrites them
+with dlogits (``vocab_start = s_r``, global class count, per-row grad_output), and
+
+    dW_r += dlogits.T @ h[chunk]     fp32 accumulation across chunks, cast once   (local)
+    db_r += Σ_rows dlogits           fp32                                          (local)
+    dh_r[chunk] = dlogits @ W_r      this rank's classes' share of dh
+
+then ``dh = Σ_r dh_r``: ONE ``all_reduce(SUM)`` of the (N, H) partial in the input's dtype — the
+input-gradient reduction of any column-parallel linear (Megatron's ``f``/``g`` pair), N·H
+elements per rank (~2·N·H on the wire for a ring: 2 × 64 MiB at 8192 × 4096 bf16). It runs only
+when ``input`` requires grad. 4 matmuls in all (1 forward, 3 backward): the gradient needs the
+global lse, known only once every chunk's statistics were reduced, so unlike the single-process
+op the forward cannot form it. The layout exchange adds H (5 integers per rank).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._runtime import check_runnable, check_same_device
+from . import tiling
+from ._runtime import check_float, check_runnable, check_same_device
 from .ops.cross_entropy import (
     _INT_DTYPES,
     _check_options,
@@ -48,9 +70,15 @@ from .ops.cross_entropy import (
     cross_entropy_partial_stats,
     cross_entropy_total_weight,
 )
+from .ops.linear_cross_entropy import _chunks, _Grads, _logits, _validate, linear_cross_entropy
 from .tiling import RowConfig
 
-__all__ = ["VocabParallelCrossEntropyFunction", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "VocabParallelCrossEntropyFunction",
+    "VocabParallelLinearCrossEntropyFunction",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+]
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -77,13 +105,15 @@ def _group_world(group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def _layout(input, group, rank, world, vocab_start_index, vocab_size) -> tuple[int, int]:
-    """(vocab_start, vocab_size) of this rank's shard. Exchanges (V_local, N, start, dtype) with
-    one all_gather of 4 int64 per rank and checks them, identically on every rank (so every rank
-    raises the same error, and none is left waiting in a later collective)."""
+def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_index, vocab_size,
+            n_hidden=None) -> tuple[int, int]:
+    """(vocab_start, vocab_size) of this rank's shard of ``v_local`` classes. Exchanges
+    (V_local, N, start, dtype) — and the hidden size H when ``n_hidden`` is given (the linear
+    variant, whose backward all-reduces (N, H)) — with one all_gather of 4 (5) int64 per rank
+    and checks them, identically on every rank (so every rank raises the same error, and none
+    is left waiting in a later collective)."""
     import torch.distributed as dist
 
-    n_rows, v_local = input.shape
     if vocab_start_index is not None and vocab_size is not None:
         if not 0 <= vocab_start_index <= vocab_size - v_local:
             raise ValueError(
@@ -91,11 +121,13 @@ def _layout(input, group, rank, world, vocab_start_index, vocab_size) -> tuple[i
                 f"fit in vocab_size={vocab_size}")
         return vocab_start_index, vocab_size
     start = -1 if vocab_start_index is None else vocab_start_index
-    mine = torch.tensor([v_local, n_rows, start, _DTYPE_CODES[input.dtype]], dtype=torch.int64,
-                        device=input.device)
+    fields = [v_local, n_rows, start, _DTYPE_CODES[dtype]]
+    if n_hidden is not None:
+        fields.append(n_hidden)
+    mine = torch.tensor(fields, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    meta = torch.stack(gathered).tolist()  # the one host read: world × 4 integers
+    meta = torch.stack(gathered).tolist()  # the one host read: world × 4 (5) integers
     sizes = [m[0] for m in meta]
     rows = {m[1] for m in meta}
     if len(rows) != 1:
@@ -105,6 +137,9 @@ def _layout(input, group, rank, world, vocab_start_index, vocab_size) -> tuple[i
         names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
         raise ValueError(f"every rank's shard must have the same dtype, got "
                          f"{[names[m[3]] for m in meta]}")
+    if n_hidden is not None and len({m[4] for m in meta}) != 1:
+        raise ValueError(f"every rank must have the same hidden size, got H = "
+                         f"{[m[4] for m in meta]} per rank")
     total = sum(sizes)
     if vocab_size is not None and vocab_size != total:
         raise ValueError(f"vocab_size={vocab_size} but the shards hold {total} classes "
@@ -122,6 +157,53 @@ def _layout(input, group, rank, world, vocab_start_index, vocab_size) -> tuple[i
                              f"rank {list(zip(starts, sizes, strict=True))}")
         covered += v
     return starts[rank], total
+
+
+def _local_row_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Merge the (N, S, 4) split partials of each row (max, Σexp, z_t, Σz) into (N, 4), the
+    Σexp rescaled to the row's local max (an all −inf row keeps max −inf and Σexp 0)."""
+    row_max = stats[..., 0].amax(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # all −inf: exp(−inf) = 0
+    return torch.stack(
+        [row_max, (stats[..., 1] * torch.exp(stats[..., 0] - shift[:, None])).sum(dim=1),
+         stats[..., 2].sum(dim=1), stats[..., 3].sum(dim=1)], dim=1)
+
+
+def _global_row_stats(local: torch.Tensor, group) -> torch.Tensor:
+    """The rows' statistics over every rank's classes, from this rank's (N, 4) ``local`` ones:
+    ``all_reduce(MAX)`` of the N maxima, then Σexp rescaled to the global max, z_t and Σz as
+    (N, 3) and one ``all_reduce(SUM)``. Returns (N, 1, 4) for ``cross_entropy_combine`` (one
+    "split" per row), identical on every rank. Communication: 4·N floats per rank."""
+    import torch.distributed as dist
+
+    row_max = local[:, 0].clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    sums = local[:, 1:].clone()
+    sums[:, 0] *= torch.exp(local[:, 0] - shift)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return torch.cat([row_max[:, None], sums], dim=1)[:, None, :]
+
+
+def _check_layout_args(vocab_start_index, vocab_size) -> None:
+    for name, value in (("vocab_start_index", vocab_start_index), ("vocab_size", vocab_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+
+
+def _check_whole_vocabulary(v_local, vocab_start_index, vocab_size) -> None:
+    """With one rank the shard must be the whole vocabulary."""
+    if vocab_start_index not in (None, 0) or vocab_size not in (None, v_local):
+        raise ValueError(
+            f"with one rank the shard is the whole vocabulary ({v_local} classes), "
+            f"got vocab_start_index={vocab_start_index}, vocab_size={vocab_size}")
+
+
+def _check_backend(dist, group, input) -> None:
+    if dist.get_backend(group) == "nccl" and input.device.type != "cuda":
+        raise ValueError(f"the process group uses NCCL, which needs CUDA tensors; input is on "
+                         f"{input.device}")
 
 
 def _check_inputs(input, target, reduction, label_smoothing, z_loss, softcap) -> None:
@@ -146,8 +228,6 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, group, vocab_start, vocab_size, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, config):
-        import torch.distributed as dist
-
         sdt = _stats_dtype(input)
         target = target.contiguous()
         # 1. Local partials: (N, S, 4) = (max z, Σ exp(z − max), z_t or 0, Σ z) per chunk.
@@ -159,15 +239,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 input, target, vocab_start=vocab_start, label_smoothing=label_smoothing,
                 softcap=softcap, config=config)
         # 2. Global max, then the sums rescaled to it: two all_reduces of N and 3·N floats.
-        row_max = stats[..., 0].amax(dim=1)
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # all −inf: exp(−inf) = 0
-        sums = torch.stack(
-            [(stats[..., 1] * torch.exp(stats[..., 0] - shift[:, None])).sum(dim=1),
-             stats[..., 2].sum(dim=1), stats[..., 3].sum(dim=1)], dim=1)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        merged = _global_row_stats(_local_row_stats(stats), group)
         # 3. Loss and lse from the global statistics (one "split" per row), same on every rank.
-        merged = torch.cat([row_max[:, None], sums], dim=1)[:, None, :]
         rows, lse = cross_entropy_combine(
             merged, target, vocab_size, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss)
@@ -234,29 +307,205 @@ def vocab_parallel_cross_entropy(
     ``probact_gpu.cross_entropy(input, target, ...)`` (vocab_start_index must then be 0 or None).
     """
     _check_inputs(input, target, reduction, label_smoothing, z_loss, softcap)
-    for name, value in (("vocab_start_index", vocab_start_index), ("vocab_size", vocab_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 0):
-            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+    _check_layout_args(vocab_start_index, vocab_size)
     rank, world = _group_world(group)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
     softcap = None if softcap is None else float(softcap)
     if world == 1:
-        if vocab_start_index not in (None, 0) or vocab_size not in (None, input.shape[1]):
-            raise ValueError(
-                f"with one rank the shard is the whole vocabulary ({input.shape[1]} classes), "
-                f"got vocab_start_index={vocab_start_index}, vocab_size={vocab_size}")
+        _check_whole_vocabulary(input.shape[1], vocab_start_index, vocab_size)
         return cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     import torch.distributed as dist
 
-    backend = dist.get_backend(group)
-    if backend == "nccl" and input.device.type != "cuda":
-        raise ValueError(f"the process group uses NCCL, which needs CUDA tensors; input is on "
-                         f"{input.device}")
+    _check_backend(dist, group, input)
     if input.numel() > 0:
         check_runnable(input)
-    vocab_start, n_classes = _layout(input, group, rank, world, vocab_start_index, vocab_size)
+    vocab_start, n_classes = _layout(input.shape[0], input.shape[1], input.dtype, input.device,
+                                     group, rank, world, vocab_start_index, vocab_size)
     return VocabParallelCrossEntropyFunction.apply(
         input, target, group, vocab_start, n_classes, int(ignore_index), reduction,
         label_smoothing, z_loss, softcap, config)
+
+
+# --------------------------------------------------------------------------- linear + CE
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused linear + cross-entropy over a vocab-parallel LM head, for any group size (world
+    size 1 included: the GPU test runs NCCL through it on one device). ``h`` is 2-D (N, H),
+    ``weight`` this rank's (V_local, H) rows, ``bias`` its (V_local,) entries or None,
+    ``target`` (N,) global ids, ``class_weight`` the global (V,) vector or None; ``options`` the
+    dict built by :func:`vocab_parallel_linear_cross_entropy` (ignore_index, reduction,
+    label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, config)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, class_weight, group, vocab_start, vocab_size,
+                options):
+        n_tokens, v_local = h.shape[0], weight.shape[0]
+        sdt = _stats_dtype(h)
+        target = target.contiguous()
+        chunk = _token_chunk(h, v_local, options)
+        # 1. Per token chunk: local logits (cuBLAS, one reused buffer) → split statistics →
+        #    merged per row into (C, 4). An empty shard contributes (−inf, 0, 0, 0).
+        local = torch.empty((n_tokens, 4), dtype=sdt, device=h.device)
+        if v_local == 0:
+            local.zero_()
+            local[:, 0] = float("-inf")
+        else:
+            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype, device=h.device)
+            for start, end in _chunks(n_tokens, chunk):
+                logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+                stats = cross_entropy_partial_stats(
+                    logits, target[start:end], vocab_start=vocab_start, weight=class_weight,
+                    label_smoothing=options["label_smoothing"], softcap=options["softcap"],
+                    logit_scale=options["logit_scale"], config=options["config"])
+                local[start:end] = _local_row_stats(stats)
+        # 2. The two all_reduces (N and 3·N floats) over every token at once; 3. the combine.
+        merged = _global_row_stats(local, group)
+        rows, lse = cross_entropy_combine(
+            merged, target, vocab_size, weight=class_weight,
+            ignore_index=options["ignore_index"], label_smoothing=options["label_smoothing"],
+            z_loss=options["z_loss"])
+        divisor = None
+        if options["reduction"] == "none":
+            loss = rows
+        elif options["reduction"] == "sum":
+            loss = rows.sum()
+        else:  # the targets are replicated: every rank computes the same divisor, no collective
+            divisor = cross_entropy_total_weight(target, vocab_size, weight=class_weight,
+                                                 ignore_index=options["ignore_index"], dtype=sdt)
+            loss = rows.sum() / divisor
+        ctx.save_for_backward(h, weight, bias, target, lse, class_weight, divisor)
+        ctx.group, ctx.vocab_start, ctx.vocab_size, ctx.options = (group, vocab_start,
+                                                                    vocab_size, options)
+        return loss.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        import torch.distributed as dist
+
+        h, weight, bias, target, lse, class_weight, divisor = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])  # (dh, dW, db); db implies a bias
+        options = ctx.options
+        n_tokens, v_local = h.shape[0], weight.shape[0]
+        grad = grad_loss.to(lse.dtype)
+        per_token = grad.ndim == 1
+        chunk = _token_chunk(h, v_local, options)
+        grads = _Grads(h, weight, bias, need, max(1, tiling.cdiv(n_tokens, chunk)))
+        if any(need):
+            # With V_local = 0 the matmuls are empty (dh_r is then zeros) and the CE gradient
+            # launches nothing.
+            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype, device=h.device)
+            for start, end in _chunks(n_tokens, chunk):
+                logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+                dlogits = cross_entropy_grad(
+                    logits, target[start:end], lse[start:end],
+                    grad[start:end] if per_token else grad, vocab_start=ctx.vocab_start,
+                    n_classes=ctx.vocab_size, weight=class_weight,
+                    ignore_index=options["ignore_index"],
+                    label_smoothing=options["label_smoothing"], z_loss=options["z_loss"],
+                    softcap=options["softcap"], logit_scale=options["logit_scale"],
+                    divisor=divisor, out=logits, config=options["config"])
+                grads.add_chunk(start, end, dlogits, h[start:end], weight)
+        dh, dw, db = grads.results(weight, bias)
+        if need[0]:  # dh = Σ_r dlogits_r @ W_r: the column-parallel input-gradient reduction
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                None, None, None, None, None, None)
+
+
+def _token_chunk(h: torch.Tensor, v_local: int, options: dict) -> int:
+    return options["chunk_size"] or tiling.choose_token_chunk(
+        h.shape[0], v_local, h.element_size(), options["memory_budget"])
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group=None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    class_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    config: RowConfig | None = None,
+) -> torch.Tensor:
+    """``probact_gpu.linear_cross_entropy(input, W, target, b, ...)`` for an LM head ``W``
+    (V, H) split along the vocabulary over the ranks of ``group`` (default: the world), without
+    gathering ``W`` or holding the logits. Every rank calls it and gets the same loss.
+
+    - ``input``: (…, H) hidden states, the *same* on every rank (replicated over the
+      tensor-parallel group; its ``requires_grad`` must agree across ranks, since the backward's
+      input-gradient all_reduce runs only when it is set).
+    - ``weight``: this rank's (V_local, H) rows of ``W`` (``nn.Linear`` layout; shards may be
+      uneven or empty), the same dtype as ``input``; ``bias``: its (V_local,) entries or None.
+    - ``target``: (…) int32/int64 *global* class ids, the same on every rank.
+    - ``vocab_start_index`` / ``vocab_size``: as in :func:`vocab_parallel_cross_entropy` (None:
+      shards in rank order, learnt with one all_gather of 5 integers per rank that also checks
+      N, dtype and H agree; both given: no layout collective, nothing checked across ranks).
+    - ``class_weight``: the *global* (V,) per-class weights (cross_entropy's ``weight``), the
+      same on every rank; ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``,
+      ``softcap``, ``logit_scale``: as ``probact_gpu.linear_cross_entropy``.
+    - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of (C, V_local) logits per chunk):
+      the token chunk, as ``linear_cross_entropy``; ``config``: a launch override for the
+      statistics and gradient kernels (tests, tuning).
+
+    Communication per call: forward, two all_reduces of N and 3·N floats (fp32; fp64 for fp64
+    input); backward, one all_reduce(SUM) of the (N, H) input gradient in the input's dtype
+    (N·H elements per rank) when ``input`` requires grad. The weight and bias gradients are
+    local: each rank gets those of its own shard. Memory: one (C, V_local) logits buffer, the
+    (N, 4) statistics, lse (N,), and in the backward dh (N, H) plus, for a 16-bit head over
+    several chunks, a (V_local, H) fp32 dW accumulator.
+
+    Without an initialized process group, or with a group of one rank, this is the local
+    ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns
+    the loss in ``input``'s dtype (per token, shaped like ``target``, for ``"none"``).
+    """
+    _check_options(input, None, None, reduction, label_smoothing, z_loss, softcap, logit_scale)
+    _validate(input, weight, target, bias, None, reduction, label_smoothing, chunk_size,
+              memory_budget)
+    _check_layout_args(vocab_start_index, vocab_size)
+    if class_weight is not None:
+        check_float("class_weight", class_weight)
+        check_same_device(input=input, class_weight=class_weight)
+        if class_weight.ndim != 1 or (vocab_size is not None
+                                      and class_weight.shape[0] != vocab_size):
+            raise ValueError(f"class_weight must be the global ({vocab_size or 'V'},) vector of "
+                             f"per-class weights, got shape {tuple(class_weight.shape)}")
+    rank, world = _group_world(group)
+    options = dict(ignore_index=int(ignore_index), reduction=reduction,
+                   label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap),
+                   logit_scale=float(logit_scale), chunk_size=chunk_size,
+                   memory_budget=None if memory_budget is None else int(memory_budget),
+                   config=config)
+    if world == 1:
+        _check_whole_vocabulary(weight.shape[0], vocab_start_index, vocab_size)
+        return linear_cross_entropy(
+            input, weight, target, bias, class_weight=class_weight,
+            **{k: v for k, v in options.items() if k != "config"})
+    import torch.distributed as dist
+
+    _check_backend(dist, group, input)
+    h = input.reshape(-1, input.shape[-1])
+    flat_target = target.reshape(-1)
+    if h.shape[0] > 0:
+        check_runnable(h)
+    vocab_start, n_classes = _layout(h.shape[0], weight.shape[0], h.dtype, h.device, group, rank,
+                                     world, vocab_start_index, vocab_size,
+                                     n_hidden=h.shape[1])
+    if class_weight is not None and class_weight.shape[0] != n_classes:
+        raise ValueError(f"class_weight must be the global ({n_classes},) vector of per-class "
+                         f"weights, got shape {tuple(class_weight.shape)}")
+    loss = VocabParallelLinearCrossEntropyFunction.apply(
+        h, weight, bias, flat_target, class_weight, group, vocab_start, n_classes, options)
+    return loss.reshape(target.shape) if reduction == "none" else loss

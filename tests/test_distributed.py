@@ -1,4 +1,4 @@
-"""Vocab-parallel cross-entropy over torch.distributed.
+"""Vocab-parallel cross-entropy (and fused linear + cross-entropy) over torch.distributed.
 
 Multi-rank runs spawn fresh interpreters of this very file (``python test_distributed.py
 --worker RANK WORLD PORT OUT``): a gloo process group on 127.0.0.1, TRITON_INTERPRET=1 set in
@@ -6,7 +6,9 @@ their environment before anything imports triton, a hard timeout so a hang fails
 blocking CI. Each spawn runs every case of its world size (process start-up, torch import
 included, costs seconds: one spawn per world size), writes its losses, gradients and launches to
 a file, and the parent compares them with the NumPy float64 reference and with
-``probact_gpu.cross_entropy`` on the gathered logits.
+``probact_gpu.cross_entropy`` on the gathered logits. The same spawns then run the
+vocab-parallel linear + cross-entropy cases (``LINEAR_CASES``, compared with
+``probact_gpu.linear_cross_entropy`` on the gathered head), so they cost no extra start-up.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
                 "bwd": [(launch.kernel, launch.grid) for launch in log[n_fwd:]],
             }
+        results[_LINEAR] = _run_linear_cases(rank, world)
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -442,6 +445,463 @@ def test_vocab_parallel_nccl_world_size_one_large(world_of_one, device):
     # sum, not mean: the non-target entries are p ≈ 1e-5, well above atol
     dx_expected = z.grad * (1 - (z.detach() / 30.0) ** 2)
     torch.testing.assert_close(x.grad.float(), dx_expected, atol=1e-7, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------- linear + CE
+# vocab_parallel_linear_cross_entropy: run by the same spawned ranks after CASES (no new spawn).
+
+_LINEAR = "__linear__"  # the key of the linear cases in a rank's results
+HIDDEN = 8
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    """One vocab-parallel linear + CE call: the (V, HIDDEN) head split by ``layout`` (start,
+    size per rank), hidden states of shape ``lead`` + (HIDDEN,) replicated on every rank."""
+
+    name: str
+    layout: tuple[tuple[int, int], ...]
+    why: str
+    lead: tuple[int, ...] = (7,)
+    dtype: torch.dtype = torch.float32
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    class_weight: bool = False
+    bias: bool = True
+    chunk_size: int | None = None
+    config: RowConfig | None = None
+    explicit: bool = False
+    with_size: bool = False
+    grads: tuple[str, ...] = ("input", "weight", "bias")  # which leaves require grad
+    hidden_by_rank: tuple[int, ...] = field(default=())
+    error: str = ""
+
+    @property
+    def vocab(self) -> int:
+        return sum(size for _, size in self.layout)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(np.prod(self.lead))
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // (self.chunk_size or self.n_tokens))
+
+
+LINEAR_CASES: dict[int, tuple[LinearCase, ...]] = {
+    2: (
+        LinearCase("lin_uneven_mean_chunk3", _in_rank_order(20, 17),
+                   "V = 37 over 2 ranks; 3 token chunks, the last of one token; torch defaults",
+                   chunk_size=3),
+        LinearCase("lin_none_options_3d_input", _in_rank_order(5, 32),
+                   "(2, 4, H) input, per-token grad_output; smoothing, z-loss, softcap, "
+                   "logit_scale, global class weights; no bias; 2 chunks, the last short",
+                   lead=(2, 4), reduction="none", label_smoothing=0.1, z_loss=0.02, softcap=4.0,
+                   logit_scale=0.8, class_weight=True, bias=False, chunk_size=5,
+                   grads=("input", "weight")),
+        LinearCase("lin_bf16_sum_frozen_input", _in_rank_order(24, 13),
+                   "bf16 head, dW summed over 4 chunks in fp32; input needs no gradient: no "
+                   "dh and no backward all_reduce", dtype=torch.bfloat16, reduction="sum",
+                   chunk_size=2, grads=("weight", "bias")),
+        LinearCase("lin_explicit_reversed_split3", ((17, 20), (0, 17)),
+                   "rank 0 holds the upper classes (vocab_start_index given); ignore_index 5 "
+                   "is a class id; 3 splits per chunk row; frozen head: dh and db only",
+                   explicit=True, ignore_index=5, label_smoothing=0.05, reduction="sum",
+                   chunk_size=4, config=RowConfig("split", 8, 4, n_splits=3),
+                   grads=("input", "bias")),
+    ),
+    4: (
+        LinearCase("lin4_uneven_one_class", _in_rank_order(5, 20, 1, 11),
+                   "4 uneven shards, one of a single class; every option, class weights, "
+                   "mean; 4 chunks of 2 tokens", label_smoothing=0.2, z_loss=0.01, softcap=3.0,
+                   class_weight=True, chunk_size=2),
+        LinearCase("lin4_empty_shard_fp64_none", _in_rank_order(0, 13, 12, 12),
+                   "an empty shard (its dh share is zeros, it still joins the all_reduce); "
+                   "fp64; per-token grad_output; start and size given: no layout collective; "
+                   "default chunk (one)", dtype=torch.float64, reduction="none", explicit=True,
+                   with_size=True),
+        LinearCase("lin4_hidden_differs", _in_rank_order(10, 9, 9, 9),
+                   "rank 3's hidden size is 9, the others 8: every rank raises the same "
+                   "ValueError (the dh all_reduce would otherwise mismatch)",
+                   hidden_by_rank=(8, 8, 8, 9), error="same hidden size"),
+    ),
+}
+
+
+def _linear_inputs(case: LinearCase, hidden: int = HIDDEN):
+    """Hidden states, the full head (weight, bias), global class weights, targets with ignored
+    tokens, grad_output: the same in every process (seeded by the case's name)."""
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+
+    def make(shape, scale=1.0):
+        return torch.from_numpy(rng.standard_normal(shape) * scale).to(case.dtype)
+
+    h = make(case.lead + (hidden,))
+    weight = make((case.vocab, hidden), 0.6)
+    bias = make((case.vocab,), 0.5) if case.bias else None
+    class_weight = torch.from_numpy(rng.uniform(0.5, 2.0, case.vocab)).to(case.dtype) \
+        if case.class_weight else None
+    target = torch.from_numpy(rng.integers(0, case.vocab, case.lead))
+    flat = target.view(-1)
+    flat[1] = case.ignore_index
+    if case.ignore_index >= 0:
+        flat[3] = case.ignore_index
+    grad = make(case.lead) if case.reduction == "none" else torch.tensor(0.75, dtype=case.dtype)
+    return h, weight, bias, class_weight, target, grad
+
+
+class _CountCollectives:
+    """Record every ``dist.all_reduce`` (reduce op, shape) made inside the block."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __enter__(self):
+        self._orig = dist.all_reduce
+
+        def counted(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            name = {dist.ReduceOp.MAX: "max", dist.ReduceOp.SUM: "sum"}.get(op, str(op))
+            self.calls.append((name, tuple(tensor.shape)))
+            return self._orig(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _run_linear_cases(rank: int, world: int) -> dict:
+    from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
+
+    results = {}
+    for case in LINEAR_CASES[world]:
+        hidden = case.hidden_by_rank[rank] if case.hidden_by_rank else HIDDEN
+        h, weight, bias, class_weight, target, grad = _linear_inputs(case, hidden)
+        start, size = case.layout[rank]
+        leaves = {"input": h.clone(), "weight": weight[start:start + size].clone(),
+                  "bias": None if bias is None else bias[start:start + size].clone()}
+        for name in case.grads:
+            leaves[name].requires_grad_()
+        kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
+                      label_smoothing=case.label_smoothing, z_loss=case.z_loss,
+                      softcap=case.softcap, logit_scale=case.logit_scale,
+                      class_weight=class_weight, chunk_size=case.chunk_size, config=case.config)
+        if case.explicit:
+            kwargs["vocab_start_index"] = start
+        if case.with_size:
+            kwargs["vocab_size"] = case.vocab
+        try:
+            with poison_outputs(), record_launches() as log, _CountCollectives() as fwd_comm:
+                loss = vocab_parallel_linear_cross_entropy(
+                    leaves["input"], leaves["weight"], target, leaves["bias"], **kwargs)
+                n_fwd = len(log)
+            with poison_outputs(), record_launches() as bwd_log, \
+                    _CountCollectives() as bwd_comm:
+                loss.backward(grad)
+        except ValueError as e:
+            if not case.error:
+                raise
+            results[case.name] = {"error": str(e)}
+            continue
+        results[case.name] = {
+            "loss": loss.detach(),
+            **{f"d_{name}": None if t is None else t.grad for name, t in leaves.items()},
+            "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
+            "bwd": [(launch.kernel, launch.grid) for launch in bwd_log],
+            "fwd_comm": fwd_comm.calls, "bwd_comm": bwd_comm.calls,
+        }
+    return results
+
+
+def _valid_linear_cases(world: int) -> list[LinearCase]:
+    return [c for c in LINEAR_CASES[world] if not c.error]
+
+
+def _linear_reference(case: LinearCase):
+    """Loss, dh, dW, db in float64 (16-bit: from the logits rounded as the matmul rounds them)."""
+    h, weight, bias, class_weight, target, grad = _linear_inputs(case)
+    h64, w64 = to_numpy64(h), to_numpy64(weight)
+    if case.dtype in (torch.float16, torch.bfloat16):
+        logits = h.float().reshape(-1, HIDDEN) @ weight.float().T
+        logits = to_numpy64((logits if bias is None else logits + bias.float()).to(case.dtype))
+    else:
+        logits = h64.reshape(-1, HIDDEN) @ w64.T + (0.0 if bias is None else to_numpy64(bias))
+    loss, _, dlogits = reference.cross_entropy(
+        logits, target.reshape(-1).numpy(),
+        weight=None if class_weight is None else to_numpy64(class_weight),
+        ignore_index=case.ignore_index, reduction=case.reduction,
+        label_smoothing=case.label_smoothing, z_loss=case.z_loss, softcap=case.softcap,
+        logit_scale=case.logit_scale,
+        dy=to_numpy64(grad).reshape(-1) if grad.ndim else float(grad))
+    if case.reduction == "none":
+        loss = loss.reshape(case.lead)
+    return {"loss": loss, "d_input": (dlogits @ w64).reshape(h64.shape),
+            "d_weight": dlogits.T @ h64.reshape(-1, HIDDEN), "d_bias": dlogits.sum(0)}
+
+
+def _gathered(case, results: list[dict], key: str) -> torch.Tensor:
+    order = sorted(range(len(case.layout)), key=lambda r: case.layout[r][0])
+    return torch.cat([results[r][_LINEAR][case.name][key] for r in order], dim=0)
+
+
+def _linear_outputs(case, results: list[dict]):
+    """(name, value on every rank or gathered over the shards) of each expected output."""
+    yield "loss", [results[r][_LINEAR][case.name]["loss"] for r in range(len(results))]
+    if "input" in case.grads:
+        yield "d_input", [results[r][_LINEAR][case.name]["d_input"] for r in range(len(results))]
+    if "weight" in case.grads:
+        yield "d_weight", [_gathered(case, results, "d_weight")]
+    if "bias" in case.grads:
+        yield "d_bias", [_gathered(case, results, "d_bias")]
+
+
+@pytest.mark.slow
+def test_vocab_parallel_linear_matches_reference(world_results):
+    """Loss and d input on every rank, d weight and d bias gathered over the shards in
+    vocabulary order, against float64 NumPy on the full head."""
+    world, results = world_results
+    for case in _valid_linear_cases(world):
+        ref = _linear_reference(case)
+        for name, values in _linear_outputs(case, results):
+            for rank, value in enumerate(values):
+                assert_close_to_reference(value, np.asarray(ref[name]), case.dtype,
+                                          f"{case.name}: {name} (rank {rank})")
+
+
+@pytest.mark.slow
+def test_vocab_parallel_linear_matches_single_process_op(world_results, device):
+    """Same loss and gradients as probact_gpu.linear_cross_entropy on the gathered head, with
+    the same options and token chunks (run here, on the test device)."""
+    import probact_gpu as pg
+
+    world, results = world_results
+    for case in _valid_linear_cases(world):
+        h, weight, bias, class_weight, target, grad = (
+            None if t is None else t.to(device) for t in _linear_inputs(case))
+        leaves = {"input": h, "weight": weight, "bias": bias}
+        for name in case.grads:
+            leaves[name].requires_grad_()
+        loss = pg.linear_cross_entropy(
+            h, weight, target, bias, reduction=case.reduction, ignore_index=case.ignore_index,
+            label_smoothing=case.label_smoothing, z_loss=case.z_loss, softcap=case.softcap,
+            logit_scale=case.logit_scale, class_weight=class_weight, chunk_size=case.chunk_size)
+        loss.backward(grad)
+        expected = {"loss": loss, **{f"d_{n}": t.grad for n, t in leaves.items() if t is not None}}
+        for name, values in _linear_outputs(case, results):
+            for rank, value in enumerate(values):
+                assert_close_to_reference(value, to_numpy64(expected[name]), case.dtype,
+                                          f"{case.name}: {name} (rank {rank}) vs the local op")
+
+
+@pytest.mark.slow
+def test_vocab_parallel_linear_loss_and_dh_identical_on_every_rank(world_results):
+    world, results = world_results
+    for case in _valid_linear_cases(world):
+        for key in ("loss", "d_input") if "input" in case.grads else ("loss",):
+            values = [results[r][_LINEAR][case.name][key] for r in range(world)]
+            for rank in range(1, world):
+                assert torch.equal(values[rank], values[0]), (case.name, key, rank)
+
+
+@pytest.mark.slow
+def test_vocab_parallel_linear_collectives_launches_and_needed_grads(world_results):
+    """Forward: one statistics launch per token chunk (none on an empty shard), the combine,
+    the mean's divisor; exactly one MAX all_reduce of N and one SUM of (N, 3). Backward: one
+    gradient launch per chunk; one SUM all_reduce of (N, H) iff input needs a gradient; no
+    gradient for a leaf that does not require one."""
+    world, results = world_results
+    for case in _valid_linear_cases(world):
+        n = case.n_tokens
+        for rank in range(world):
+            res = results[rank][_LINEAR][case.name]
+            empty = case.layout[rank][1] == 0
+            stats = [] if empty else ["cross_entropy_split_stats_kernel"] * case.n_chunks
+            expected = stats + ["cross_entropy_combine_kernel"] \
+                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else [])
+            assert [k for k, _ in res["fwd"]] == expected, (case.name, rank, res["fwd"])
+            if case.config is not None:
+                assert res["fwd"][0][1] == (case.chunk_size, case.config.n_splits), res["fwd"]
+            assert res["fwd_comm"] == [("max", (n,)), ("sum", (n, 3))], (case.name, rank)
+            bwd = [] if empty else ["cross_entropy_bwd_kernel"] * case.n_chunks
+            assert [k for k, _ in res["bwd"]] == bwd, (case.name, rank, res["bwd"])
+            comm = [("sum", (n, HIDDEN))] if "input" in case.grads else []
+            assert res["bwd_comm"] == comm, (case.name, rank, res["bwd_comm"])
+            for name in ("input", "weight", "bias"):
+                got = res[f"d_{name}"]
+                assert (got is not None) == (name in case.grads), (case.name, rank, name)
+            if "weight" in case.grads:
+                assert res["d_weight"].shape == (case.layout[rank][1], HIDDEN)
+
+
+@pytest.mark.slow
+def test_vocab_parallel_linear_bad_layout_raises_on_every_rank(world_results):
+    world, results = world_results
+    for case in LINEAR_CASES[world]:
+        if case.error:
+            for rank in range(world):
+                got = results[rank][_LINEAR][case.name]
+                assert case.error in got.get("error", ""), (case.name, rank, got)
+
+
+def _lin_problem(rng, device, n=6, hidden=5, vocab=19, dtype=torch.float32):
+    h = torch.from_numpy(rng.standard_normal((n, hidden))).to(device, dtype).requires_grad_()
+    w = torch.from_numpy(rng.standard_normal((vocab, hidden)) * 0.5).to(device, dtype)
+    b = torch.from_numpy(rng.standard_normal(vocab)).to(device, dtype)
+    target = torch.from_numpy(rng.integers(0, vocab, n)).to(device)
+    target[2] = -100
+    return h, w.requires_grad_(), b.requires_grad_(), target
+
+
+def _check_linear_against_reference(loss, h, w, b, target, args, grad=1.0):
+    logits = to_numpy64(h) @ to_numpy64(w).T + to_numpy64(b)
+    ref_loss, _, dlogits = reference.cross_entropy(logits, target.cpu().numpy(), dy=grad, **args)
+    assert_close_to_reference(loss, np.asarray(ref_loss), torch.float32, "loss")
+    assert_close_to_reference(h.grad, dlogits @ to_numpy64(w), torch.float32, "d input")
+    assert_close_to_reference(w.grad, dlogits.T @ to_numpy64(h), torch.float32, "d weight")
+    assert_close_to_reference(b.grad, dlogits.sum(0), torch.float32, "d bias")
+
+
+def test_vocab_parallel_linear_without_process_group_is_the_local_op(rng, device):
+    from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
+
+    assert not (dist.is_available() and dist.is_initialized())
+    h, w, b, target = _lin_problem(rng, device)
+    args = _ce_args()
+    with record_launches() as log:
+        loss = vocab_parallel_linear_cross_entropy(h, w, target, b, vocab_start_index=0,
+                                                   vocab_size=19, chunk_size=4, **args)
+        loss.backward()
+    kernels = [launch.kernel for launch in log]
+    assert "cross_entropy_fwd_kernel" in kernels
+    assert "cross_entropy_split_stats_kernel" not in kernels
+    _check_linear_against_reference(loss, h, w, b, target, args)
+
+
+def test_vocab_parallel_linear_world_size_one(world_of_one, rng, device):
+    """The public function takes the local op; the Function runs the split path and its
+    collectives over the group of one (2 token chunks), and both match the reference."""
+    from probact_gpu.distributed import (
+        VocabParallelLinearCrossEntropyFunction,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    h, w, b, target = _lin_problem(rng, device)
+    args = _ce_args(reduction="none")
+    grad = rng.standard_normal(6)
+    grad_t = torch.from_numpy(grad).float().to(device)
+    with record_launches() as log:
+        loss = vocab_parallel_linear_cross_entropy(h, w, target, b, chunk_size=4, **args)
+        loss.backward(grad_t)
+    assert "cross_entropy_split_stats_kernel" not in [launch.kernel for launch in log]
+    _check_linear_against_reference(loss, h, w, b, target, args, grad)
+    for t in (h, w, b):
+        t.grad = None
+    options = dict(args, logit_scale=1.0, chunk_size=4, memory_budget=None, config=None)
+    with record_launches() as log:
+        loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, None, 0, 19,
+                                                             options)
+        loss.backward(grad_t)
+    assert [launch.kernel for launch in log] == [
+        "cross_entropy_split_stats_kernel", "cross_entropy_split_stats_kernel",
+        "cross_entropy_combine_kernel", "cross_entropy_bwd_kernel", "cross_entropy_bwd_kernel"]
+    _check_linear_against_reference(loss, h, w, b, target, args, grad)
+
+
+def test_vocab_parallel_linear_world_size_one_rejects_a_partial_shard(world_of_one, device):
+    from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
+
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        vocab_parallel_linear_cross_entropy(
+            torch.zeros(2, 3, device=device), torch.zeros(5, 3, device=device),
+            torch.zeros(2, dtype=torch.long, device=device), vocab_start_index=4)
+
+
+def _lin_args(**change):
+    """(input, weight, target, kwargs) of a valid call, with ``change`` applied."""
+    args = dict(input=torch.zeros(2, 3), weight=torch.zeros(5, 3),
+                target=torch.zeros(2, dtype=torch.long))
+    kwargs = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    return args["input"], args["weight"], args["target"], kwargs
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(weight=torch.zeros(5)), ValueError, r"weight must be 2-D"),
+        (dict(weight=torch.zeros(5, 4)), ValueError, "hidden size"),
+        (dict(weight=torch.zeros(5, 3, dtype=torch.float64)), TypeError, "must match"),
+        (dict(input=torch.zeros(2, 3, dtype=torch.long)), TypeError, "float"),
+        (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target shape"),
+        (dict(target=torch.zeros(2)), TypeError, "class indices"),
+        (dict(bias=torch.zeros(4)), ValueError, "bias must be"),
+        (dict(class_weight=torch.zeros(4), vocab_size=5), ValueError, "class_weight"),
+        (dict(class_weight=torch.zeros(5, dtype=torch.long)), TypeError, "class_weight"),
+        (dict(target=torch.zeros(2, dtype=torch.long, device="meta")), ValueError, "device"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(vocab_start_index=-1), ValueError, "vocab_start_index"),
+        (dict(vocab_size=7), ValueError, "whole vocabulary"),
+        (dict(group=object()), RuntimeError, "init_process_group"),
+    ],
+    ids=["1d_weight", "hidden_mismatch", "dtype_mismatch", "int_input", "target_shape",
+         "float_target", "bias_shape", "class_weight_shape", "int_class_weight",
+         "mixed_devices", "bad_reduction", "negative_z_loss", "zero_softcap", "zero_chunk",
+         "negative_start", "size_without_group", "group_without_init"],
+)
+def test_vocab_parallel_linear_rejects_bad_arguments(change, error, match):
+    from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
+
+    x, w, target, kwargs = _lin_args(**change)
+    with pytest.raises(error, match=match):
+        vocab_parallel_linear_cross_entropy(x, w, target, **kwargs)
+
+
+def test_vocab_parallel_linear_tolerances_cover_every_dtype_used():
+    used = {c.dtype for cases in LINEAR_CASES.values() for c in cases}
+    assert used <= set(TOLERANCES)
+
+
+@pytest.mark.gpu
+def test_vocab_parallel_linear_nccl_world_size_one_large(world_of_one, device):
+    """NCCL all_reduces (the two stats reductions and the (N, H) dh reduction) around cuBLAS and
+    our kernels at an LM-head-like shape (bf16, 4 token chunks), through the Function; compared
+    with the single-process probact_gpu.linear_cross_entropy on the same head."""
+    import probact_gpu as pg
+    from probact_gpu.distributed import VocabParallelLinearCrossEntropyFunction
+
+    rng = np.random.default_rng(11)
+    n, hidden, vocab = 2048, 1024, 50257
+
+    def make(shape, scale):
+        values = rng.standard_normal(shape, dtype=np.float32) * scale
+        return torch.from_numpy(values).to(device, torch.bfloat16).requires_grad_()
+
+    h, w, b = make((n, hidden), 1.0), make((vocab, hidden), hidden ** -0.5), make((vocab,), 0.1)
+    target = torch.from_numpy(rng.integers(0, vocab, n)).to(device)
+    target[::9] = -100
+    options = dict(ignore_index=-100, reduction="mean", label_smoothing=0.1, z_loss=1e-4,
+                   softcap=30.0, logit_scale=1.0, chunk_size=512, memory_budget=None,
+                   config=None)
+    loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, None, 0, vocab,
+                                                         options)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    local = {k: v for k, v in options.items() if k != "config"}
+    expected = pg.linear_cross_entropy(h, w, target, b, **local)
+    expected_grads = torch.autograd.grad(expected, (h, w, b))
+    torch.testing.assert_close(loss.float(), expected.float(), atol=0.0, rtol=1e-2)
+    for name, ours, theirs in zip(("dh", "dW", "db"), grads, expected_grads, strict=True):
+        scale = theirs.float().abs().max().item()
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2 * scale, rtol=2e-2,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 if __name__ == "__main__":
