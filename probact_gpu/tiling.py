@@ -145,12 +145,32 @@ class ElementwiseConfig:
             raise ValueError(f"block must be a power of two >= 1, got {self.block}")
 
 
-def choose_elementwise_config(numel: int, elem_size: int) -> ElementwiseConfig:
+def choose_elementwise_config(
+    numel: int, elem_size: int, *, max_elems_per_thread: int | None = None
+) -> ElementwiseConfig:
     """16 KiB of input per program (fewer for a small tensor): at 8 warps that is 16 to 64 bytes
-    in flight per thread, enough to stream at the copy rate."""
+    in flight per thread, enough to stream at the copy rate. ``max_elems_per_thread`` caps the
+    block for kernels that keep many live values per element (at 8 warps, 256 threads)."""
     block = min(LOOP_TILE_BYTES // elem_size, next_power_of_2(max(numel, 1)))
     block = max(block, 16)
-    return ElementwiseConfig(block, 4 if block <= 2048 else 8)
+    num_warps = 4 if block <= 2048 else 8
+    if max_elems_per_thread is not None:
+        block = max(16, min(block, max_elems_per_thread * num_warps * 32))
+    return ElementwiseConfig(block, num_warps)
+
+
+# Elements per thread of the fused BCE forward (loss + gradient + broadcast weight and
+# pos_weight index math). scripts/sm90_report.py on sm_90: 32 bf16 elements per thread took
+# 213-255 registers and spilled with both weights; 16 took 80-87 and 16-24 resident warps/SM.
+# fp64 (twice the registers per value) gets 8.
+BCE_ELEMS_PER_THREAD = 16
+BCE_ELEMS_PER_THREAD_FP64 = 8
+
+
+def choose_bce_config(numel: int, elem_size: int) -> ElementwiseConfig:
+    """``choose_elementwise_config`` capped at ``BCE_ELEMS_PER_THREAD`` (8 for fp64)."""
+    cap = BCE_ELEMS_PER_THREAD_FP64 if elem_size == 8 else BCE_ELEMS_PER_THREAD
+    return choose_elementwise_config(numel, elem_size, max_elems_per_thread=cap)
 
 
 # --------------------------------------------------------------------------- cross-entropy

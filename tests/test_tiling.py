@@ -51,6 +51,15 @@ def test_elementwise_config():
         tiling.ElementwiseConfig(3, 4)
 
 
+def test_bce_config_caps_elements_per_thread():
+    for elem_size, cap in ((2, tiling.BCE_ELEMS_PER_THREAD), (4, tiling.BCE_ELEMS_PER_THREAD),
+                           (8, tiling.BCE_ELEMS_PER_THREAD_FP64)):
+        cfg = tiling.choose_bce_config(1 << 28, elem_size)
+        assert cfg.block <= cap * cfg.num_warps * 32
+    assert tiling.choose_bce_config(1 << 28, 2).block == 4096
+    assert tiling.choose_bce_config(5, 4).block == 16
+
+
 def test_row_config_rejects_nonsense():
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         RowConfig("multi", 100, 4)

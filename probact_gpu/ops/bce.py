@@ -98,7 +98,7 @@ def _math_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def _config(x: torch.Tensor, config: ElementwiseConfig | None) -> ElementwiseConfig:
     if config is None:
-        return tiling.choose_elementwise_config(x.numel(), x.element_size())
+        return tiling.choose_bce_config(x.numel(), x.element_size())
     return config
 
 
