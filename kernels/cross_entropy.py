@@ -425,21 +425,17 @@ def cross_entropy_total_weight_kernel(
 
 @triton.jit
 def cross_entropy_scale_grad_kernel(
-    # data: the fused gradient (scaled in place), grad_output and the scale already applied
-    # (0-d tensors; the latter read only with HAS_PREV)
-    dx_ptr, grad_ptr, prev_ptr,
+    # data: the fused gradient (scaled in place) and grad_output (a 0-d tensor)
+    dx_ptr, grad_ptr,
     # shape
     n_cols, n_inner,
     # strides (elements) of dx
     dx_outer_stride, dx_inner_stride, dx_col_stride,
-    BLOCK_N: tl.constexpr, HAS_PREV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Program (row, block) multiplies dx[row, block] by grad_output (divided by the scale a
-    previous backward applied, ``HAS_PREV``), unless that factor is exactly 1: then it returns
-    without touching memory (the usual single ``loss.backward()``)."""
+    """Program (row, block) multiplies dx[row, block] by grad_output, unless it is exactly 1:
+    then it returns without touching memory (the usual ``loss.backward()``)."""
     g = upcast(tl.load(grad_ptr))
-    if HAS_PREV:
-        g = g / upcast(tl.load(prev_ptr))
     if g != 1.0:
         row = tl.program_id(0)
         c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)

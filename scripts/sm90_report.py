@@ -179,7 +179,7 @@ def ce_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
     """``perf``: PERF.md's CE fwd+bwd (mean, fused gradient, backward scales it in place);
     ``off``: every flag off (reduction none, gradient recomputed by the backward kernel from lse);
     ``on``: weight + label smoothing + z-loss + softcap, mean, fused gradient, then the
-    recompute backward with the same options and a second backward's rescale (HAS_PREV)."""
+    recompute backward with the same options."""
     def run():
         import torch
 
@@ -201,7 +201,6 @@ def ce_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
             _, lse, dx = ce.cross_entropy_fwd(x, t, reduction="mean", compute_grad=True, **opts)
             divisor = ce.cross_entropy_total_weight(t, v, weight=opts["weight"], dtype=sdt)
             ce.cross_entropy_grad(x, t, lse, g0, divisor=divisor, **opts)
-            ce.cross_entropy_scale_grad(dx, _meta((), dtype), _meta((), dtype))
     return run
 
 

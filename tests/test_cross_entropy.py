@@ -361,15 +361,19 @@ def test_cross_entropy_gradcheck_fp64(device, rng, reduction):
 
 
 def test_cross_entropy_backward_twice_with_retain_graph(device, rng):
-    """The fused gradient is scaled in place; a second backward rescales by the ratio."""
+    """The fused gradient is scaled in place on the first backward; a second one (retain_graph)
+    returns a new tensor rescaled by the ratio and leaves the first result untouched."""
     x, _ = make_input((5, 40), torch.float32, rng, device=device)
     t = _targets(rng, 5, 40, device=device)
     xr = x.clone().requires_grad_()
     loss = probact_gpu.cross_entropy(xr, t)
-    (g1,) = torch.autograd.grad(loss, xr, torch.tensor(2.0), retain_graph=True)
-    g1 = g1.clone()
-    (g2,) = torch.autograd.grad(loss, xr, torch.tensor(-0.5))
-    torch.testing.assert_close(g2, g1 * -0.25)
+    (g1,) = torch.autograd.grad(loss, xr, torch.tensor(2.0, device=device), retain_graph=True)
+    g1_before = g1.clone()
+    (g2,) = torch.autograd.grad(loss, xr, torch.tensor(-0.5, device=device), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, xr, torch.tensor(1.0, device=device))
+    torch.testing.assert_close(g1, g1_before)  # the caller's first gradient did not change
+    torch.testing.assert_close(g2, g1_before * -0.25)
+    torch.testing.assert_close(g3, g1_before * 0.5)
 
 
 # ----------------------------------------------------------------------------- edge values

@@ -356,11 +356,8 @@ def cross_entropy_fwd(
     return loss, lse, dx
 
 
-def cross_entropy_scale_grad(
-    dx: torch.Tensor, grad_output: torch.Tensor, applied: torch.Tensor | None = None
-) -> None:
-    """``dx *= grad_output / applied`` (0-d tensors; ``applied``: the factor a previous call
-    already applied, 1 when None) in place, on the device; no memory traffic when the factor is
+def cross_entropy_scale_grad(dx: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """``dx *= grad_output`` (0-d) in place, on the device; no memory traffic when it is
     exactly 1."""
     if dx.numel() == 0:
         return
@@ -370,8 +367,7 @@ def cross_entropy_scale_grad(
     grid = (v.n_rows, tiling.cdiv(v.n_cols, block))
     with device_guard(dx):
         cross_entropy_scale_grad_kernel[grid](
-            v.tensor, grad_output, grad_output if applied is None else applied,
-            v.n_cols, v.n_inner, *v.strides, BLOCK_N=block, HAS_PREV=applied is not None,
+            v.tensor, grad_output, v.n_cols, v.n_inner, *v.strides, BLOCK_N=block,
             num_warps=tiling.warps_for(block),
         )
     record(cross_entropy_scale_grad_kernel, "scale", grid, BLOCK_N=block)
@@ -512,20 +508,21 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """The fused gradient times grad_output. Eager: in place, by the launcher directly (not a
-    registered mutating op, so the saved tensor's version stays and a second backward through
-    the same graph (retain_graph) can rescale by grad_output / the previous grad_output, kept on
-    the device as a copy: no host sync; after a backward with grad_output 0 the gradient is lost,
-    NaN). Under torch.compile (which cannot partition a backward mutating a saved forward output)
-    out of place: Inductor fuses the multiply into the consumer."""
+    """The fused gradient times grad_output. First backward, eager: in place, by the launcher
+    directly (a no-op when grad_output is 1; not a registered mutating op, so the saved tensor's
+    version stays valid) and the buffer itself is returned, so autograd can keep it as .grad with
+    no copy. A repeated backward through the same graph (retain_graph) must not touch that
+    buffer again — the caller may hold it — so it returns a new tensor, rescaled by grad_output
+    over the grad_output applied first (kept on the device: no host sync; a first grad_output
+    of exactly 0 leaves NaN). Under torch.compile (which cannot partition a backward mutating a
+    saved forward output) always out of place: Inductor fuses the multiply into the consumer."""
     if torch.compiler.is_compiling():
         return grad * grad_output
-    cross_entropy_scale_grad(grad, grad_output, ctx.applied)
     if ctx.applied is None:
+        cross_entropy_scale_grad(grad, grad_output)
         ctx.applied = grad_output.detach().clone()
-    else:
-        ctx.applied.copy_(grad_output)
-    return grad
+        return grad
+    return grad * (grad_output / ctx.applied).to(grad.dtype)
 
 
 def _bwd_impl(input, target, weight, lse, grad_output, ignore_index, reduction, label_smoothing,
