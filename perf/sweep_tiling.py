@@ -8,6 +8,7 @@ launchers' ``config=`` override, beside the config the heuristics pick today:
   warps of the multi-tile path at 32k and 128k classes, single tile at 32k;
 - BCE fused forward (bf16, 2^28): block size and warps.
 
+``--smoke`` runs every candidate once, untimed, on tiny shapes through the interpreter (CI).
 Reports ms (do_bench median), GB/s on the minimal-bytes model and % of the copy rate measured in
 the same run; marks the heuristic's current choice with ``*``. Writes markdown (stdout and
 ``--out``) and JSON. Needs CUDA (exits 2 without)::
@@ -50,18 +51,25 @@ def _copy_gbps() -> float:
     return 2 * x.numel() * x.element_size() / ms / 1e6
 
 
-def _softmax_cases():
+def _sm_count(device: str) -> int:
+    from probact_gpu._runtime import sm_count
+
+    return sm_count(torch.device(device))
+
+
+def _softmax_cases(device: str, small: bool):
     from probact_gpu import tiling
     from probact_gpu.ops.softmax import softmax_fwd
     from probact_gpu.tiling import RowConfig
 
     shapes = [(1 << 14, 1 << 14), (1 << 13, 1 << 15), (1 << 12, 1 << 16), (1 << 10, 1 << 18),
               (32, 1 << 18), (8, 1 << 18)]
+    if small:  # the smoke pass: every kind of config, interpreter-sized
+        shapes = [(4, 1 << 14), (2, 1 << 18)]
     for m, n in shapes:
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, n, device=device, dtype=torch.bfloat16)
         nbytes = 2 * m * n * 2
-        current = tiling.choose_row_config(m, n, 2, torch.cuda.get_device_properties(0)
-                                           .multi_processor_count)
+        current = tiling.choose_row_config(m, n, 2, _sm_count(device))
         configs = []
         if n <= 1 << 16:
             configs += [RowConfig("single", n, w) for w in (8, 16, 32)]
@@ -78,16 +86,16 @@ def _softmax_cases():
         del x
 
 
-def _ce_cases():
+def _ce_cases(device: str, small: bool):
     from probact_gpu import tiling
     from probact_gpu.ops.cross_entropy import cross_entropy_fwd
     from probact_gpu.tiling import RowConfig
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = _sm_count(device)
     for v in (32000, 128256):
-        m = 4096
-        x = torch.randn(m, v, device="cuda", dtype=torch.bfloat16)
-        t = torch.randint(0, v, (m,), device="cuda")
+        m = 2 if small else 4096
+        x = torch.randn(m, v, device=device, dtype=torch.bfloat16)
+        t = torch.randint(0, v, (m,), device=device)
         t[::8] = -100
         nbytes = 2 * m * v * 2
         current = tiling.choose_cross_entropy_config(m, v, 2, sms)
@@ -103,14 +111,14 @@ def _ce_cases():
         del x
 
 
-def _bce_cases():
+def _bce_cases(device: str, small: bool):
     from probact_gpu import tiling
     from probact_gpu.ops.bce import bce_fwd
     from probact_gpu.tiling import ElementwiseConfig
 
-    n = 1 << 28
-    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    t = torch.rand(n, device="cuda", dtype=torch.bfloat16)
+    n = 1 << 14 if small else 1 << 28
+    x = torch.randn(n, device=device, dtype=torch.bfloat16)
+    t = torch.rand(n, device=device, dtype=torch.bfloat16)
     current = tiling.choose_bce_config(n, 2)
     configs = [ElementwiseConfig(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
     if current not in configs:
@@ -129,16 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="markdown file (JSON beside it)")
     parser.add_argument("--family", action="append", choices=("softmax", "ce", "bce"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="no GPU needed: run every candidate config once on tiny shapes "
+                             "through the interpreter (TRITON_INTERPRET=1), untimed")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("sweep_tiling: needs a CUDA device; nothing measured")
-        return 2
     families = args.family or ["softmax", "ce", "bce"]
+    makers = {"softmax": _softmax_cases, "ce": _ce_cases, "bce": _bce_cases}
+    if args.smoke:
+        n = 0
+        for fam in families:
+            for _family, _shape, _cfg, _current, _nbytes, fn in makers[fam]("cpu", True):
+                fn()
+                n += 1
+        print(f"sweep_tiling --smoke: {n} configs ran (untimed)")
+        return 0
+    if not torch.cuda.is_available():
+        print("sweep_tiling: needs a CUDA device; nothing measured (--smoke runs without one)")
+        return 2
     copy = _copy_gbps()
     results: list[Result] = []
-    makers = {"softmax": _softmax_cases, "ce": _ce_cases, "bce": _bce_cases}
     for fam in families:
-        for family, shape, cfg, current, nbytes, fn in makers[fam]():
+        for family, shape, cfg, current, nbytes, fn in makers[fam]("cuda", False):
             try:
                 ms = _bench(fn)
                 gbps = nbytes / ms / 1e6
