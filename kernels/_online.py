@@ -37,7 +37,7 @@ def upcast(x):
 @triton.jit
 def row_offset(row, n_inner, outer_stride, inner_stride):
     """Element offset (int64) of the first column of ``row`` in a (outer, cols, inner) view."""
-    row = row.to(tl.int64)
+    row = tl.cast(row, tl.int64)  # a plain int under the interpreter's loops
     return (row // n_inner) * outer_stride + (row % n_inner) * inner_stride
 
 

@@ -16,7 +16,8 @@ Three paths (chosen in ``probact_gpu.tiling``):
 
 - single tile (``SINGLE_TILE``): ``BLOCK_M`` rows x ``BLOCK_N >= n_cols`` per program, the row
   held in registers. HBM per row: fwd reads x, writes y (2·N·e); bwd reads y, dy, writes dx (3·N·e).
-- multi tile: one program per row; sweep 1 folds tiles into the online (max, sum) (bwd: the dot
+- multi tile: one program per row (or a persistent grid of P programs, each taking rows P
+  apart: ``RowConfig.n_programs``); sweep 1 folds tiles into the online (max, sum) (bwd: the dot
   product), sweep 2 walks the tiles *in reverse* so the first tiles it re-reads are the ones
   sweep 1 read last, most likely still in L2. HBM per row: fwd 3·N·e (x read twice unless L2
   holds it), bwd 5·N·e likewise.
@@ -51,9 +52,11 @@ def softmax_fwd_kernel(
     y_outer_stride, y_inner_stride, y_col_stride,
     # tiling and flavour
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, IS_LOG: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Single tile: program p computes rows [p·BLOCK_M, (p+1)·BLOCK_M). Multi tile: program p
-    computes row p with two sweeps of BLOCK_N columns."""
+    computes row p (``PERSISTENT``: rows p, p + P, ... of P programs) with two sweeps of
+    BLOCK_N columns each."""
     if SINGLE_TILE:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -68,27 +71,43 @@ def softmax_fwd_kernel(
         y_offs = row_offset(rows, n_inner, y_outer_stride, y_inner_stride)[:, None]
         tl.store(y_ptr + y_offs + cols[None, :] * y_col_stride,
                  y.to(y_ptr.dtype.element_ty), mask=mask)
+    elif PERSISTENT:
+        # Rows pid, pid + P, ... (P programs). A flag, not the only path: the loop costs
+        # registers on sm_90 (triton 3.6: 32 -> 40 here), so one program per row skips it.
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _softmax_row_fwd(x_ptr, y_ptr, row, n_cols, n_inner, x_outer_stride, x_inner_stride,
+                             x_col_stride, y_outer_stride, y_inner_stride, y_col_stride,
+                             BLOCK_N, IS_LOG)
     else:
-        row = tl.program_id(0)
-        x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-        y_row = y_ptr + row_offset(row, n_inner, y_outer_stride, y_inner_stride)
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        # Sweep 1: online (max, sum). The first tile seeds the state (its dtype is the math's).
-        x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < n_cols, other=float("-inf")))
-        row_max = tl.max(x, axis=0)
-        row_sum = tl.sum(tl.exp2((x - safe_max(row_max)) * LOG2E), axis=0)
-        for start in range(BLOCK_N, n_cols, BLOCK_N):
-            c = start + cols
-            x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols, other=float("-inf")))
-            row_max, row_sum = online_update(row_max, row_sum, x, 0)
-        # Sweep 2, last tile first.
-        shift = safe_max(row_max)
-        n_tiles = tl.cdiv(n_cols, BLOCK_N)
-        for i in range(0, n_tiles):
-            c = (n_tiles - 1 - i) * BLOCK_N + cols
-            x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols))
-            y = _softmax_out(x, shift, row_sum, IS_LOG)
-            tl.store(y_row + c * y_col_stride, y.to(y_ptr.dtype.element_ty), mask=c < n_cols)
+        _softmax_row_fwd(x_ptr, y_ptr, tl.program_id(0), n_cols, n_inner, x_outer_stride,
+                         x_inner_stride, x_col_stride, y_outer_stride, y_inner_stride,
+                         y_col_stride, BLOCK_N, IS_LOG)
+
+
+@triton.jit
+def _softmax_row_fwd(x_ptr, y_ptr, row, n_cols, n_inner, x_outer_stride, x_inner_stride,
+                     x_col_stride, y_outer_stride, y_inner_stride, y_col_stride,
+                     BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr):
+    """One row, multi tile: the online sweep, then the normalising sweep last tile first."""
+    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    y_row = y_ptr + row_offset(row, n_inner, y_outer_stride, y_inner_stride)
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    # Sweep 1: online (max, sum). The first tile seeds the state (its dtype is the math's).
+    x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < n_cols, other=float("-inf")))
+    row_max = tl.max(x, axis=0)
+    row_sum = tl.sum(tl.exp2((x - safe_max(row_max)) * LOG2E), axis=0)
+    for start in range(BLOCK_N, n_cols, BLOCK_N):
+        c = start + cols
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols, other=float("-inf")))
+        row_max, row_sum = online_update(row_max, row_sum, x, 0)
+    # Sweep 2, last tile first.
+    shift = safe_max(row_max)
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    for i in range(0, n_tiles):
+        c = (n_tiles - 1 - i) * BLOCK_N + cols
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols))
+        y = _softmax_out(x, shift, row_sum, IS_LOG)
+        tl.store(y_row + c * y_col_stride, y.to(y_ptr.dtype.element_ty), mask=c < n_cols)
 
 
 @triton.jit
@@ -193,6 +212,7 @@ def softmax_bwd_kernel(
     y_outer_stride, y_inner_stride, y_col_stride,
     dy_outer_stride, dy_inner_stride, dy_col_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, IS_LOG: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Program mapping as the forward. dot = Σ dy⊙y (softmax) or Σ dy (log_softmax), accumulated
     per lane and reduced once after the loop."""
@@ -209,29 +229,43 @@ def softmax_bwd_kernel(
         dot = tl.sum(_bwd_term(y, dy, IS_LOG), axis=1)[:, None]
         dx = _bwd_out(y, dy, dot, IS_LOG)
         tl.store(dx_ptr + y_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    elif PERSISTENT:
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, row, n_cols, n_inner, y_outer_stride,
+                             y_inner_stride, y_col_stride, dy_outer_stride, dy_inner_stride,
+                             dy_col_stride, BLOCK_N, IS_LOG)
     else:
-        row = tl.program_id(0)
-        y_base = row_offset(row, n_inner, y_outer_stride, y_inner_stride)
-        dy_row = dy_ptr + row_offset(row, n_inner, dy_outer_stride, dy_inner_stride)
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        y = upcast(tl.load(y_ptr + y_base + cols * y_col_stride, mask=mask, other=0.0))
-        dy = upcast(tl.load(dy_row + cols * dy_col_stride, mask=mask, other=0.0))
-        acc = _bwd_term(y, dy, IS_LOG)
-        for start in range(BLOCK_N, n_cols, BLOCK_N):
-            c = start + cols
-            y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
-            dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
-            acc += _bwd_term(y, dy, IS_LOG)
-        dot = tl.sum(acc, axis=0)
-        n_tiles = tl.cdiv(n_cols, BLOCK_N)
-        for i in range(0, n_tiles):
-            c = (n_tiles - 1 - i) * BLOCK_N + cols
-            y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
-            dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
-            dx = _bwd_out(y, dy, dot, IS_LOG)
-            tl.store(dx_ptr + y_base + c * y_col_stride, dx.to(dx_ptr.dtype.element_ty),
-                     mask=c < n_cols)
+        _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, tl.program_id(0), n_cols, n_inner,
+                         y_outer_stride, y_inner_stride, y_col_stride, dy_outer_stride,
+                         dy_inner_stride, dy_col_stride, BLOCK_N, IS_LOG)
+
+
+@triton.jit
+def _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, row, n_cols, n_inner, y_outer_stride,
+                     y_inner_stride, y_col_stride, dy_outer_stride, dy_inner_stride,
+                     dy_col_stride, BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr):
+    """One row, multi tile: the dot product sweep, then the gradient sweep last tile first."""
+    y_base = row_offset(row, n_inner, y_outer_stride, y_inner_stride)
+    dy_row = dy_ptr + row_offset(row, n_inner, dy_outer_stride, dy_inner_stride)
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    mask = cols < n_cols
+    y = upcast(tl.load(y_ptr + y_base + cols * y_col_stride, mask=mask, other=0.0))
+    dy = upcast(tl.load(dy_row + cols * dy_col_stride, mask=mask, other=0.0))
+    acc = _bwd_term(y, dy, IS_LOG)
+    for start in range(BLOCK_N, n_cols, BLOCK_N):
+        c = start + cols
+        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
+        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
+        acc += _bwd_term(y, dy, IS_LOG)
+    dot = tl.sum(acc, axis=0)
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    for i in range(0, n_tiles):
+        c = (n_tiles - 1 - i) * BLOCK_N + cols
+        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
+        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
+        dx = _bwd_out(y, dy, dot, IS_LOG)
+        tl.store(dx_ptr + y_base + c * y_col_stride, dx.to(dx_ptr.dtype.element_ty),
+                 mask=c < n_cols)
 
 
 @triton.jit

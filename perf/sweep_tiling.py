@@ -3,8 +3,9 @@ cite a measurement. One call times every candidate config of the hot paths throu
 launchers' ``config=`` override, beside the config the heuristics pick today:
 
 - softmax fwd (bf16): single tile vs multi tile at 16k-64k columns, tile width and warps at 256k,
-  split counts for few long rows;
-- cross-entropy fwd with the fused gradient written in place (bf16, 4096 rows): tile width and
+  a persistent grid (``n_programs`` = 1, 2, 4 per SM) for many long rows, split counts for few
+  long rows;
+- cross-entropy fwd with the fused gradient written in place (bf16, 4096 rows): tile width,
   warps of the multi-tile path at 32k and 128k classes, single tile at 32k;
 - BCE fused forward (bf16, 2^28): block size and warps.
 
@@ -75,6 +76,10 @@ def _softmax_cases(device: str, small: bool):
             configs += [RowConfig("single", n, w) for w in (8, 16, 32)]
         configs += [RowConfig("multi", b, w) for b in (4096, 8192, 16384) for w in (8, 16)
                     if b <= n]
+        if small or (m >= 1024 and n >= 1 << 16):  # a persistent grid: fewer rows in flight
+            sms = _sm_count(device)
+            configs += [RowConfig("multi", min(8192, n), 16, n_programs=k * sms)
+                        for k in (1, 2, 4)]
         if m < 512:
             configs += [RowConfig("split", b, w, n_splits=s) for b in (4096, 8192)
                         for w in (8, 16) for s in (8, 16, 32, 64, 128) if s * b <= n]

@@ -48,13 +48,19 @@ def cdiv(a: int, b: int) -> int:
 @dataclass(frozen=True)
 class RowConfig:
     """How a row reduction is launched. ``block_m`` is used by ``single`` only, ``n_splits`` by
-    ``split`` only (1 elsewhere)."""
+    ``split`` only (1 elsewhere). ``n_programs`` (``multi`` only): 0 launches one program per
+    row; k > 0 launches min(k, rows) programs that each loop over rows k apart — a persistent
+    grid bounding the rows in flight (and so the L2 footprint of the second sweep). Softmax
+    only: the row loop raised the cross-entropy forward from 64 to 73 registers on sm_90 (32 to
+    16 resident warps, scripts/sm90_report.py), so its launcher refuses it. The heuristics leave
+    it at 0 until a GPU sweep (perf/sweep_tiling.py) shows a gain."""
 
     path: str
     block_n: int
     num_warps: int
     block_m: int = 1
     n_splits: int = 1
+    n_programs: int = 0
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -71,6 +77,9 @@ class RowConfig:
             raise ValueError(f"n_splits={self.n_splits} only applies to the split path")
         if self.path != "single" and self.block_m != 1:
             raise ValueError(f"block_m={self.block_m} only applies to the single path")
+        if self.n_programs < 0 or (self.n_programs and self.path != "multi"):
+            raise ValueError(f"n_programs={self.n_programs} must be >= 0 and applies to the "
+                             "multi path only")
 
     def validate_for(self, n_cols: int) -> None:
         """A single tile must cover the row; raise otherwise (a user-supplied config)."""
@@ -126,6 +135,13 @@ def choose_row_config(
             block_n = min(block_n, next_power_of_2(cdiv(n_cols, n_splits)))
             return RowConfig("split", block_n, warps_for(block_n), n_splits=n_splits)
     return RowConfig("multi", block_n, warps_for(block_n))
+
+
+def row_programs(n_rows: int, config: RowConfig) -> int:
+    """Programs of a ``single`` or ``multi`` launch (see ``RowConfig.n_programs``)."""
+    if config.path == "single":
+        return cdiv(n_rows, config.block_m)
+    return min(n_rows, config.n_programs) if config.n_programs else n_rows
 
 
 def split_chunk(n_cols: int, config: RowConfig) -> int:

@@ -161,14 +161,23 @@ def _meta(shape, dtype):
     return torch.empty(shape, dtype=getattr(torch, DTYPES.get(dtype, dtype)), device="meta")
 
 
-def softmax_case(dtype: str, m: int, n: int, logs=(False, True)) -> Callable[[], None]:
+def softmax_case(dtype: str, m: int, n: int, logs=(False, True),
+                 n_programs: int = 0) -> Callable[[], None]:
+    """The launchers' default configs; with ``n_programs``, the multi-tile path on a persistent
+    grid of that many programs (the variant perf/sweep_tiling.py times)."""
     def run():
+        from probact_gpu import tiling
         from probact_gpu.ops.softmax import softmax_bwd, softmax_fwd
+        from probact_gpu.tiling import RowConfig
 
+        config = None
+        if n_programs:
+            width = tiling.loop_block(2 if dtype == "bf16" else 4)
+            config = RowConfig("multi", width, tiling.warps_for(width), n_programs=n_programs)
         x = _meta((m, n), dtype)
         for log in logs:
-            y = softmax_fwd(x, log=log)
-            softmax_bwd(y, _meta((m, n), dtype), log=log)
+            y = softmax_fwd(x, log=log, config=config)
+            softmax_bwd(y, _meta((m, n), dtype), log=log, config=config)
     return run
 
 
@@ -263,6 +272,8 @@ def full_cases() -> list[Case]:
             cases.append(Case(f"softmax {TOTAL // n}x{n}", dtype,
                               softmax_case(dtype, TOTAL // n, n)))
         cases.append(Case("softmax 32x262144", dtype, softmax_case(dtype, 32, 262144)))
+        cases.append(Case("softmax 4096x65536 (persistent, 264 programs)", dtype,
+                          softmax_case(dtype, 4096, 65536, n_programs=264)))
         for v in CE_V:
             for variant in CE_VARIANTS:
                 cases.append(Case(f"CE {CE_TOKENS}x{v} {variant}", dtype,
@@ -299,6 +310,8 @@ def smoke_cases() -> list[Case]:
         Case("softmax 65536x4096", "bf16", softmax_case("bf16", 65536, 4096, logs=(True,))),
         Case("softmax 4096x65536", "bf16", softmax_case("bf16", 4096, 65536, logs=(False,))),
         Case("softmax 32x262144", "bf16", softmax_case("bf16", 32, 262144, logs=(True,))),
+        Case("softmax 4096x65536 (persistent)", "bf16",
+             softmax_case("bf16", 4096, 65536, logs=(False,), n_programs=264)),
         Case("CE 4096x128256 perf", "bf16", ce_case("bf16", 4096, 128256, "perf")),
         Case("CE 4096x128256 on", "bf16", ce_case("bf16", 4096, 128256, "on")),
         Case("CE 4096x8192 on (single tile)", "bf16", ce_case("bf16", 4096, 8192, "on")),

@@ -360,6 +360,13 @@ def test_cross_entropy_gradcheck_fp64(device, rng, reduction):
            dy=None if reduction == "mean" else torch.ones(4, dtype=torch.float64, device=device))
 
 
+def test_cross_entropy_refuses_a_persistent_grid(device):
+    x = torch.randn(4, 100, device=device)
+    t = torch.zeros(4, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="n_programs=2"):
+        ce.cross_entropy_fwd(x, t, config=RowConfig("multi", 32, 4, n_programs=2))
+
+
 def test_cross_entropy_backward_twice_with_retain_graph(device, rng):
     """The fused gradient is scaled in place on the first backward; a second one (retain_graph)
     returns a new tensor rescaled by the ratio and leaves the first result untouched."""

@@ -28,6 +28,8 @@ PATH_CASES = [
     (RowConfig("single", 1, 1, block_m=1), (5, 1), "single column"),
     (RowConfig("multi", 32, 4), (6, 129), "multi tile: 5 tiles, last one 1 column"),
     (RowConfig("multi", 64, 4), (3, 64), "multi tile, exactly one full tile"),
+    (RowConfig("multi", 32, 4, n_programs=3), (7, 129), "multi tile, persistent: 3 programs "
+     "loop over 7 rows (rows 0, 3, 6 / 1, 4 / 2, 5)"),
     (RowConfig("split", 16, 4, n_splits=3), (4, 100), "split: 3 chunks of 48 columns, last short"),
     (RowConfig("split", 16, 4, n_splits=8), (2, 40), "split with empty trailing chunks"),
 ]
@@ -71,6 +73,17 @@ def test_softmax_odd_sizes_default_config(n_cols, why, log, device, rng):
     x, x64 = make_input((3, n_cols), torch.float32, rng, scale=2.0, device=device)
     dy, dy64 = make_input((3, n_cols), torch.float32, rng, device=device)
     _fwd_bwd_check(x, x64, dy, dy64, -1, log, torch.float32, None)
+
+
+def test_softmax_persistent_grid_launches_n_programs(device, rng):
+    x, x64 = make_input((7, 100), torch.float32, rng, device=device)
+    for n_programs, expected in ((3, 3), (50, 7)):
+        cfg = RowConfig("multi", 32, 4, n_programs=n_programs)
+        with record_launches() as launches:
+            y = softmax_fwd(x, config=cfg)
+            softmax_bwd(y, y, config=cfg)
+        assert [launch.grid for launch in launches] == [(expected,), (expected,)]
+        assert_close_to_reference(y, reference.softmax(x64), torch.float32)
 
 
 def test_tiling_reaches_each_path_by_default():

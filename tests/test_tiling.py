@@ -67,3 +67,12 @@ def test_row_config_rejects_nonsense():
         RowConfig("multi", 128, 3)
     with pytest.raises(ValueError, match="block_m=2 only applies"):
         RowConfig("multi", 128, 4, block_m=2)
+    with pytest.raises(ValueError, match="n_programs=4 must be >= 0 and applies to the multi"):
+        RowConfig("single", 128, 4, n_programs=4)
+
+
+def test_row_programs():
+    assert tiling.row_programs(10, RowConfig("single", 128, 4, block_m=4)) == 3
+    assert tiling.row_programs(10, RowConfig("multi", 128, 4)) == 10
+    assert tiling.row_programs(10, RowConfig("multi", 128, 4, n_programs=4)) == 4
+    assert tiling.row_programs(3, RowConfig("multi", 128, 4, n_programs=4)) == 3

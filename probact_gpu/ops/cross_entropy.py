@@ -85,6 +85,9 @@ def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None)
         return tiling.choose_cross_entropy_config(n_rows, n_cols, t.element_size(),
                                                   sm_count(t.device))
     config.validate_for(n_cols)
+    if config.n_programs:
+        raise ValueError(f"config.n_programs={config.n_programs}: the cross-entropy kernels run "
+                         "one program per row (a persistent grid cost them occupancy on sm_90)")
     return config
 
 

@@ -88,11 +88,11 @@ def softmax_fwd(
             record(softmax_split_fwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
         else:
             single = cfg.path == "single"
-            grid = (tiling.cdiv(xv.n_rows, cfg.block_m),)
+            grid = (tiling.row_programs(xv.n_rows, cfg),)
             softmax_fwd_kernel[grid](
                 xv.tensor, y, xv.n_rows, xv.n_cols, xv.n_inner, *xv.strides, *yv.strides,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=single, IS_LOG=log,
-                num_warps=cfg.num_warps,
+                PERSISTENT=cfg.n_programs > 0, num_warps=cfg.num_warps,
             )
             record(softmax_fwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
     return y
@@ -143,11 +143,11 @@ def softmax_bwd(
             )
             record(softmax_split_bwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
         else:
-            grid = (tiling.cdiv(yv.n_rows, cfg.block_m),)
+            grid = (tiling.row_programs(yv.n_rows, cfg),)
             softmax_bwd_kernel[grid](
                 y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.path == "single",
-                IS_LOG=log, num_warps=cfg.num_warps,
+                IS_LOG=log, PERSISTENT=cfg.n_programs > 0, num_warps=cfg.num_warps,
             )
             record(softmax_bwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
     return dx
