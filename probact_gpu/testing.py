@@ -106,7 +106,8 @@ def errors(actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch
         np.isneginf(a) == np.isneginf(e)
     )
     finite = np.isfinite(a) & np.isfinite(e)
-    diff = np.where(finite, np.abs(a - e), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf where neither is finite
+        diff = np.where(finite, np.abs(a - e), 0.0)
     ok = same_special & (diff <= atol + rtol * np.abs(np.where(finite, e, 0.0)))
     max_abs = float(diff.max())
     big = finite & (np.abs(e) > atol)
