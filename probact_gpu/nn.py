@@ -125,9 +125,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         class_weight: torch.Tensor | None = None,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
+        low_memory: bool = False,
     ) -> None:
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
+        self.low_memory = low_memory
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
         self.softcap, self.logit_scale = softcap, logit_scale
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
@@ -145,4 +147,5 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             softcap=self.softcap, logit_scale=self.logit_scale, class_weight=self.class_weight,
             chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+            low_memory=self.low_memory,
         )

@@ -156,6 +156,19 @@ def test_softmax_dtype_argument(device, rng):
                               reference.softmax(to_numpy64(ints), 1), torch.float64)
 
 
+def test_softmax_implicit_dim_as_torch(device, rng):
+    for shape in ((5,), (2, 3, 4), (2, 3), (2, 3, 4, 5)):
+        x = torch.randn(shape, device=device)
+        with pytest.warns(UserWarning, match="Implicit dimension choice for softmax"):
+            ours = pg.softmax(x, None)
+        with pytest.warns(UserWarning, match="Implicit dimension choice"):
+            theirs = torch.nn.functional.softmax(x, None)
+        torch.testing.assert_close(ours, theirs)
+        with pytest.warns(UserWarning, match="log_softmax"):
+            torch.testing.assert_close(pg.log_softmax(x, dim=None),
+                                       torch.log_softmax(x, 0 if x.ndim in (0, 1, 3) else 1))
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_softmax_gradcheck_float64(log, device):
     fn = pg.log_softmax if log else pg.softmax

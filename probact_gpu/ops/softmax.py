@@ -9,6 +9,8 @@ registered on the forward op; ``softmax`` / ``log_softmax`` are the public funct
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import tiling
@@ -197,26 +199,36 @@ torch.library.register_autograd("probact_gpu::softmax_fwd", _backward, setup_con
 # --------------------------------------------------------------------------- public functions
 
 
-def _prepare(input: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+def _prepare(
+    input: torch.Tensor, dim: int | None, dtype: torch.dtype | None, name: str
+) -> tuple[torch.Tensor, int]:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if dim is None:  # torch's deprecated implicit dim, with its warning
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the "
+                      "call to include dim=X as an argument.", stacklevel=3)
+        dim = 0 if input.ndim in (0, 1, 3) else 1
     if dtype is not None and not input.dtype.is_floating_point:
         input = input.to(dtype)  # torch casts integer input to `dtype` first
     check_float("input", input)
     normalize_dim(dim, input.ndim)
-    return input
+    return input, dim
 
 
-def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+def softmax(
+    input: torch.Tensor, dim: int | None = -1, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``exp(x − max) / Σ exp(x − max)`` along ``dim``, as ``torch.softmax``; computed in fp32
-    (fp64 for fp64 input) and returned in ``dtype`` (default: the input's dtype)."""
-    input = _prepare(input, dim, dtype)
+    (fp64 for fp64 input) and returned in ``dtype`` (default: the input's dtype). ``dim=None``
+    picks torch's deprecated implicit dim (0 for 0-, 1- and 3-d input, else 1) and warns."""
+    input, dim = _prepare(input, dim, dtype, "softmax")
     return _softmax_fwd_op(input, dim, False, dtype)
 
 
 def log_softmax(
-    input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None
+    input: torch.Tensor, dim: int | None = -1, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``(x − max) − log Σ exp(x − max)`` along ``dim``, as ``torch.log_softmax``."""
-    input = _prepare(input, dim, dtype)
+    """``(x − max) − log Σ exp(x − max)`` along ``dim``, as ``torch.log_softmax`` (``dim=None``
+    as in ``softmax``)."""
+    input, dim = _prepare(input, dim, dtype, "log_softmax")
     return _softmax_fwd_op(input, dim, True, dtype)
