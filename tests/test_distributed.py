@@ -211,7 +211,7 @@ def _spawn(world: int, out_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def world_results(request, tmp_path_factory):
+def world_results(request, tmp_path_factory, interpreter_subprocess):
     world = request.param
     return world, _spawn(world, tmp_path_factory.mktemp(f"world{world}"))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sweep_tiling_smoke_runs_every_candidate():
+def test_sweep_tiling_smoke_runs_every_candidate(interpreter_subprocess):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, str(ROOT / "perf" / "sweep_tiling.py"), "--smoke"],
                          capture_output=True, text=True, env=env, timeout=300)
