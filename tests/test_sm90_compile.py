@@ -24,13 +24,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sm90_report.py"
 
-# Default-tiling specialisations that spill registers at sm_90 with triton 3.9's ptxas 13.4
-# (perf/sm90_static.md, "Findings"; triton 3.6's ptxas 12.8 keeps this one at 250 registers):
-# reported as a warning, not asserted, until the tiling changes. Every other specialisation the
-# smoke run compiles must not spill.
+# Default-tiling specialisations with a stack frame at sm_90 (perf/sm90_static*.md, "Findings"):
+# reported as a warning, not asserted. Every other specialisation the smoke run compiles must
+# not spill. (The BCE forward that spilled at 32 elements a thread was fixed by
+# tiling.choose_bce_config.)
 KNOWN_SPILLS = {
-    # BCE with per-class weight and pos_weight: the int64 index terms of 32 elements a thread.
-    ("bce_fwd_kernel", "bf16", "B=8192 W_TERMS=1 PW_TERMS=1 w=8 REDUCE,COMPUTE_GRAD"),
+    # triton 3.6's ptxas 12.8 only (3.9's does not): 24 B of STL/LDL at 64 registers with both
+    # broadcast weights — likely registers saved around the 64-bit division the index terms
+    # call; not investigated further.
+    ("bce_bwd_kernel", "bf16", "B=4096 W_TERMS=1 PW_TERMS=1 w=8 G_SCALAR"),
 }
 # Kernels whose global loads are narrow by design: the split combine reads a (rows, splits, 4)
 # workspace with stride 4; the probe loads one value.
