@@ -41,6 +41,25 @@ Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
   mean's divisor) on the device, in a fixed order, before the forward (reads the targets).
 - ``cross_entropy_scale_grad_kernel``: backward of a fused gradient, ``dx *= grad_output`` read on
   the device; every program returns at once when it is exactly 1 (no host check, no traffic).
+
+Unaligned rows (``PEEL_EDGES``: the multi tile forward, ``cross_entropy_bwd_kernel`` and
+``cross_entropy_scale_grad_kernel``). A tile loads or stores 16 bytes a thread only when Triton
+can prove each run of VEC = 16 / e elements 16-byte aligned and its mask constant over it; it
+proves that from launch-time hints (pointers 16-byte aligned, ints divisible by 16), which a
+row stride like V = 50257 or a sliced view's base defeats: such rows load 2 bytes a thread in
+bf16. The launcher (``tiling.peel_row_edges``) then sets ``PEEL_EDGES`` and each row is split
+at the first 16-byte boundary after its start, ``c0 = VEC − head`` columns in (``head``: the
+start's distance in elements past the boundary below it):
+
+- the body, columns ``[c0, c0 + n_body)`` with ``n_body`` a multiple of VEC, swept by the usual
+  tiles from a base the kernel hints 16-byte aligned (``tl.multiple_of``), masks against
+  ``n_body``: 16 bytes a thread, as aligned rows;
+- the edges, one masked tile of 2·VEC lanes: the VEC columns before the body (the head; the
+  lanes before column 0 touch nothing) and the fewer than VEC after it (the tail).
+
+The body and edge offsets, the target (``local_t``) and the class weights (``w_row``) count
+from column c0. The same bytes move; only the access width changes. The single-tile forward and
+the split-stats kernel keep narrow loads on such rows.
 """
 
 import triton
@@ -144,6 +163,62 @@ def _load_w(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _logits(ptrs, mask, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z of a tile of logits, −inf in masked-out lanes."""
+    x = upcast(tl.load(ptrs, mask=mask, other=0.0))
+    return tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def _fold_stats(z, c, mask, tgt, ref, row_max, row_sum, z_t, weight_ptr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Fold tile ``z`` (columns ``c``) into the row's online (max, Σexp) and target logit;
+    returns them and the tile's ``w·(z − ref)`` per lane (0 without smoothing), which the caller
+    accumulates."""
+    row_max, row_sum = online_update(row_max, row_sum, z, 0)
+    z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
+    if HAS_SMOOTHING:
+        wz = tl.where(mask, (z - ref) * _load_w(weight_ptr, c, mask, HAS_WEIGHT), 0.0)
+    else:
+        wz = 0.0
+    return row_max, row_sum, z_t, wz
+
+
+@triton.jit
+def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, shift, inv_sum, coef,
+                true_coef, smooth_coef, logit_scale, softcap, HAS_WEIGHT: tl.constexpr,
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Read a tile of logits (columns ``c``), write its dx (``shift``, ``inv_sum``: see
+    ``_grad_tile``)."""
+    z = _logits(x_ptrs, mask, logit_scale, softcap, HAS_SOFTCAP)
+    w = _load_w(weight_ptr, c, mask, HAS_WEIGHT)
+    dz = _grad_tile(z, c == tgt, w, shift, inv_sum, coef, true_coef, smooth_coef,
+                    HAS_SMOOTHING)
+    dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
+    tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _peel(row_ptr, n_cols):
+    """(c0, n_body) of the row starting at ``row_ptr`` (``PEEL_EDGES``, module docstring), int32:
+    int64 offsets here took the bf16 forward from 64 to 96 registers on sm_90."""
+    VEC: tl.constexpr = 16 // (row_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    head = ((row_ptr.to(tl.int64) % 16) // (16 // VEC)).to(tl.int32)
+    c0 = VEC - head
+    n_body = (tl.maximum(n_cols - c0, 0) // VEC) * VEC
+    return c0, n_body
+
+
+@triton.jit
+def _edge_offsets(body_ptr, n_body):
+    """Offsets from the body's base of the edge tile: −VEC .. −1, then n_body .. n_body + VEC − 1
+    (the columns c0 − VEC .. c0 − 1 and c0 + n_body .. c0 + n_body + VEC − 1)."""
+    VEC: tl.constexpr = 16 // (body_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    j = tl.arange(0, 2 * VEC).to(tl.int64)
+    return j - VEC + tl.where(j >= VEC, n_body, 0)
+
+
+@triton.jit
 def cross_entropy_fwd_kernel(
     # data: logits, targets (int32/int64), class weights, Σ w (device scalar), mean divisor
     # (device scalar), per-row loss and lse (fp32; fp64 for fp64 input), dlogits
@@ -158,13 +233,14 @@ def cross_entropy_fwd_kernel(
     # tiling and flavour
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr, PEEL_EDGES: tl.constexpr,
 ):
     """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in registers;
     loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / divisor (``HAS_DIVISOR``, mean) or 1
     (sum) come from the one read. Multi tile: program p owns row p, sweeps it once for the online
     (max, Σexp), target logit and Σ w·z, then (``COMPUTE_GRAD``) sweeps it in reverse to write
-    dx."""
+    dx; with ``PEEL_EDGES`` the sweeps cover the row's body, and its edge tile last in sweep 1,
+    first in sweep 2 (module docstring)."""
     if HAS_DIVISOR:
         g = 1.0 / upcast(tl.load(divisor_ptr))
     else:
@@ -209,31 +285,51 @@ def cross_entropy_fwd_kernel(
     else:
         row = tl.program_id(0)
         x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
         tgt = tl.load(target_ptr + row).to(tl.int64)
         valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
+        # The tiles sweep the row's body; offsets, local_t and w_row count from its first column.
+        if PEEL_EDGES:
+            c0, n_body = _peel(x_row, n_cols)
+            x_row = tl.multiple_of(x_row + c0, 16)
+            dx_row = tl.multiple_of(dx_row + c0, 16)
+            local_t = tgt - c0
+            w_row = weight_ptr + c0
+            # A body tile's masked-out lanes are real columns (the tail), −inf there: a target
+            # outside the body must match none of them.
+            body_t = tl.where(local_t < n_body, local_t, -1)
+        else:
+            n_body = n_cols
+            local_t = tgt
+            w_row = weight_ptr
+            body_t = tgt
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
         # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
-        mask = cols < n_cols
-        x = upcast(tl.load(x_row + cols * x_col_stride, mask=mask, other=0.0))
-        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        mask = cols < n_body
+        z = _logits(x_row + cols * x_col_stride, mask, logit_scale, softcap, HAS_SOFTCAP)
         row_max = tl.max(z, axis=0)
         row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
-        z_t = tl.sum(tl.where(cols == tgt, z, 0.0), axis=0)
+        z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
         # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
         ref = safe_max(row_max)
         if HAS_SMOOTHING:
-            smooth_acc = tl.where(mask, (z - ref) * _load_w(weight_ptr, cols, mask, HAS_WEIGHT),
-                                  0.0)
-        for start in range(BLOCK_N, n_cols, BLOCK_N):
-            c = start + cols
-            mask = c < n_cols
-            x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
-            z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-            row_max, row_sum = online_update(row_max, row_sum, z, 0)
-            z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
+            smooth_acc = tl.where(mask, (z - ref) * _load_w(w_row, cols, mask, HAS_WEIGHT), 0.0)
+        for start in range(BLOCK_N, n_body, BLOCK_N):
+            q = start + cols
+            mask = q < n_body
+            z = _logits(x_row + q * x_col_stride, mask, logit_scale, softcap, HAS_SOFTCAP)
+            row_max, row_sum, z_t, wz = _fold_stats(z, q, mask, body_t, ref, row_max, row_sum,
+                                                    z_t, w_row, HAS_WEIGHT, HAS_SMOOTHING)
             if HAS_SMOOTHING:
-                smooth_acc += tl.where(mask, (z - ref) * _load_w(weight_ptr, c, mask, HAS_WEIGHT),
-                                       0.0)
+                smooth_acc += wz
+        if PEEL_EDGES:
+            e = _edge_offsets(x_row, n_body)
+            edge = (e >= -c0) & (e < n_cols - c0)  # outside the body: compared with local_t
+            z = _logits(x_row + e, edge, logit_scale, softcap, HAS_SOFTCAP)
+            row_max, row_sum, z_t, wz = _fold_stats(z, e, edge, local_t, ref, row_max, row_sum,
+                                                    z_t, w_row, HAS_WEIGHT, HAS_SMOOTHING)
+            if HAS_SMOOTHING:
+                smooth_edge = tl.sum(wz, axis=0)
         shift = safe_max(row_max)
         log_sum = tl.log(row_sum)
         lse = shift + log_sum
@@ -241,6 +337,8 @@ def cross_entropy_fwd_kernel(
         W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
         if HAS_SMOOTHING:  # W·(lse − ref) − Σ w·(z − ref)
             smooth = W * ((shift - ref) + log_sum) - tl.sum(smooth_acc, axis=0)
+            if PEEL_EDGES:
+                smooth -= smooth_edge
         else:
             smooth = 0.0
         loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
@@ -250,20 +348,19 @@ def cross_entropy_fwd_kernel(
         if COMPUTE_GRAD:
             coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
                                                        label_smoothing, z_loss)
-            dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
-            n_tiles = tl.cdiv(n_cols, BLOCK_N)
-            # Sweep 2, last tile first (those are the tiles most likely still in L2).
+            # Sweep 2 in reverse: the edges (read last), then the last tile first (those are
+            # the tiles most likely still in L2).
+            if PEEL_EDGES:
+                _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, w_row, shift,
+                            1.0 / row_sum, coef, true_coef, smooth_coef, logit_scale, softcap,
+                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            n_tiles = tl.cdiv(n_body, BLOCK_N)
             for i in range(0, n_tiles):
-                c = (n_tiles - 1 - i) * BLOCK_N + cols
-                mask = c < n_cols
-                x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
-                z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP),
-                             float("-inf"))
-                w = _load_w(weight_ptr, c, mask, HAS_WEIGHT)
-                dz = _grad_tile(z, c == tgt, w, shift, 1.0 / row_sum, coef, true_coef,
-                                smooth_coef, HAS_SMOOTHING)
-                dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
-                tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                q = (n_tiles - 1 - i) * BLOCK_N + cols
+                _write_grad(x_row + q * x_col_stride, dx_row + q * dx_col_stride, q, q < n_body,
+                            body_t, valid, w_row, shift, 1.0 / row_sum, coef, true_coef,
+                            smooth_coef, logit_scale, softcap, HAS_WEIGHT, HAS_SMOOTHING,
+                            HAS_SOFTCAP)
 
 
 @triton.jit
@@ -369,11 +466,12 @@ def cross_entropy_bwd_kernel(
     # options
     label_smoothing, z_loss, softcap, logit_scale,
     BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DIVISOR: tl.constexpr, PEEL_EDGES: tl.constexpr,
 ):
     """dx over one chunk of one row from the row's lse, with g = grad[row · grad_row_stride]
     (/ divisor). Reads chunk·e, writes chunk·e; each element is read before it is written, so
-    ``dx_ptr`` may be ``x_ptr`` (in place)."""
+    ``dx_ptr`` may be ``x_ptr`` (in place). With ``PEEL_EDGES`` the chunks (a multiple of 16
+    columns) divide the row's body and split 0 also writes the edge tile (module docstring)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
@@ -385,21 +483,31 @@ def cross_entropy_bwd_kernel(
     W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
     coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_classes,
                                                label_smoothing, z_loss)
-    local_t = tgt - vocab_start
     x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
     dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
+    # Offsets, local_t and w_row count from the first column of the row's body.
+    if PEEL_EDGES:
+        c0, n_body = _peel(x_row, n_cols)
+        x_row = tl.multiple_of(x_row + c0, 16)
+        dx_row = tl.multiple_of(dx_row + c0, 16)
+    else:
+        c0 = 0
+        n_body = n_cols
+    local_t = tgt - vocab_start - c0
+    w_row = weight_ptr + vocab_start + c0
+    if PEEL_EDGES:
+        if split == 0:  # split 0 also writes the edges
+            e = _edge_offsets(x_row, n_body)
+            _write_grad(x_row + e, dx_row + e, e, (e >= -c0) & (e < n_cols - c0), local_t,
+                        valid, w_row, lse, 1.0, coef, true_coef, smooth_coef, logit_scale,
+                        softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
     start = split.to(tl.int64) * chunk
-    end = tl.minimum(start + chunk, n_cols)
+    end = tl.minimum(start + chunk, n_body)
     for tile in range(start, end, BLOCK_N):
-        c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = c < end
-        x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
-        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        w = _load_w(weight_ptr + vocab_start, c, mask, HAS_WEIGHT)
-        dz = _grad_tile(z, c == local_t, w, lse, 1.0, coef, true_coef, smooth_coef,
-                        HAS_SMOOTHING)
-        dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
-        tl.store(dx_row + c * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
+        _write_grad(x_row + q * x_col_stride, dx_row + q * dx_col_stride, q, q < end, local_t,
+                    valid, w_row, lse, 1.0, coef, true_coef, smooth_coef, logit_scale, softcap,
+                    HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -424,6 +532,13 @@ def cross_entropy_total_weight_kernel(
 
 
 @triton.jit
+def _scale_tile(ptrs, g, mask):
+    """``dx *= g`` over a masked tile."""
+    dx = upcast(tl.load(ptrs, mask=mask, other=0.0))
+    tl.store(ptrs, (dx * g).to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def cross_entropy_scale_grad_kernel(
     # data: the fused gradient (scaled in place) and grad_output (a 0-d tensor)
     dx_ptr, grad_ptr,
@@ -431,16 +546,23 @@ def cross_entropy_scale_grad_kernel(
     n_cols, n_inner,
     # strides (elements) of dx
     dx_outer_stride, dx_inner_stride, dx_col_stride,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PEEL_EDGES: tl.constexpr,
 ):
     """Program (row, block) multiplies dx[row, block] by grad_output, unless it is exactly 1:
-    then it returns without touching memory (the usual ``loss.backward()``)."""
+    then it returns without touching memory (the usual ``loss.backward()``). With
+    ``PEEL_EDGES`` the blocks cover the row's body and block 0 also scales the edges."""
     g = upcast(tl.load(grad_ptr))
     if g != 1.0:
         row = tl.program_id(0)
-        c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = c < n_cols
-        ptrs = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride) \
-            + c * dx_col_stride
-        dx = upcast(tl.load(ptrs, mask=mask, other=0.0))
-        tl.store(ptrs, (dx * g).to(dx_ptr.dtype.element_ty), mask=mask)
+        block = tl.program_id(1)
+        dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
+        if PEEL_EDGES:
+            c0, n_body = _peel(dx_row, n_cols)
+            dx_row = tl.multiple_of(dx_row + c0, 16)
+            if block == 0:
+                e = _edge_offsets(dx_row, n_body)
+                _scale_tile(dx_row + e, g, (e >= -c0) & (e < n_cols - c0))
+        else:
+            n_body = n_cols
+        q = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        _scale_tile(dx_row + q * dx_col_stride, g, q < n_body)

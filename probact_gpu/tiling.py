@@ -244,3 +244,47 @@ def choose_vocab_chunk(
     """Classes per chunk of the low-memory linear + cross-entropy backward, whose (tokens ×
     chunk) logits block must fit ``budget_bytes``; same rounding as ``choose_token_chunk``."""
     return _rows_in_budget(n_classes, n_tokens, elem_size, budget_bytes)
+
+
+# --------------------------------------------------------------------------- row alignment
+
+# Bytes of the widest global access per thread (LDG.E.128 / STG.E.128).
+VECTOR_BYTES = 16
+
+
+def peel_row_edges(elem_size: int, n_cols: int, block_n: int, frames) -> bool:
+    """Whether a row kernel should peel its rows (``PEEL_EDGES``, kernels/cross_entropy.py): split
+    each row at the first 16-byte boundary after its start into a body of whole 16-byte vectors,
+    tiled as usual but 16 bytes a thread, and one small masked tile for the head and the tail --
+    instead of tiling it from its first column.
+
+    ``frames``: one ``(address, outer_stride, inner_stride, col_stride, n_inner)`` per tensor the
+    kernel walks along its rows: the data pointer in bytes, the ``RowView`` strides in elements.
+
+    False (tile from the first column, as always) when
+    - Triton's launch-time specialisation already proves every row aligned: every address a
+      multiple of 16 bytes, ``n_cols`` and every row stride a multiple of 16 (it marks such ints
+      ``tt.divisibility = 16``), so the masked tiles vectorise as they are;
+    - the columns are not contiguous (no 16-byte access either way);
+    - the tensors' rows do not all sit at the same distance from a 16-byte boundary (one tiling
+      cannot align both), or an address is not a multiple of the element size;
+    - a tile is narrower than one 16-byte vector.
+    Otherwise True: V = 50257 rows (a 100514-byte bf16 stride) or a sliced view's base.
+    """
+    vec = VECTOR_BYTES // elem_size
+    if block_n < vec or any(col != 1 for _, _, _, col, _ in frames):
+        return False
+    if any(addr % elem_size for addr, *_ in frames):
+        return False
+    ints = [n_cols]
+    for _, outer, inner, _, n_inner in frames:
+        ints += [outer, inner] if n_inner > 1 else [outer]
+    if all(a % VECTOR_BYTES == 0 for a, *_ in frames) and all(i % 16 == 0 for i in ints):
+        return False
+
+    def offsets(frame):  # bytes from a 16-byte boundary: the base, a step along each row dim
+        addr, outer, inner, _, n_inner = frame
+        steps = (outer, inner) if n_inner > 1 else (outer,)
+        return (addr % VECTOR_BYTES,) + tuple(s * elem_size % VECTOR_BYTES for s in steps)
+
+    return len({offsets(f) for f in frames}) == 1

@@ -14,7 +14,7 @@ import probact_gpu
 from probact_gpu import reference
 from probact_gpu.ops import cross_entropy as ce
 from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
-from probact_gpu.tiling import RowConfig, choose_cross_entropy_config
+from probact_gpu.tiling import RowConfig, choose_cross_entropy_config, peel_row_edges
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's inf − inf lanes
 
@@ -571,6 +571,186 @@ def test_cross_entropy_bad_input_raises(bad, exc, match):
         probact_gpu.cross_entropy(**kw)
 
 
+# ----------------------------------------------------------------------------- unaligned rows
+
+
+# Rows Triton cannot prove 16-byte aligned run PEEL_EDGES (kernels/cross_entropy.py): a body of
+# whole 16-byte vectors from the first boundary in the row, and an edge tile for the head and the
+# tail. n_rows = 9 rows of an odd width put the row starts at every offset from a boundary
+# (VEC = 16 / element size of them) in every dtype; widths: under one vector (1, 3, 5: the row
+# lies in the edge tile, and may straddle a boundary; 1 is a constexpr to Triton), under one tile
+# (13 < BLOCK_N = 32), many tiles (1001).
+PEEL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+PEEL_MULTI = RowConfig("multi", 32, 4)
+PEEL_SPLIT = RowConfig("split", 16, 4, n_splits=3)
+
+
+def _stats_tol(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _peeled(log, kernel):
+    flags = {launch.meta.get("PEEL_EDGES") for launch in log if launch.kernel == kernel}
+    assert flags, f"{kernel} did not run: {[launch.kernel for launch in log]}"
+    return flags == {True}
+
+
+def test_peel_row_edges_rule():
+    rule = peel_row_edges
+    row = (0, 50257, 0, 1, 1)  # (address, outer, inner, col stride, n_inner): V = 50257
+    assert rule(2, 50257, 8192, [row, row])                     # bf16 rows 100514 B apart
+    assert not rule(2, 32000, 8192, [(0, 32000, 0, 1, 1)] * 2)  # Triton's hints suffice
+    assert rule(2, 32000, 8192, [(6, 32000, 0, 1, 1)])          # a sliced view's base
+    assert rule(4, 4000, 1024, [(0, 4004, 0, 1, 1)])            # 16 B rows, stride not % 16
+    assert rule(4, 4001, 1024, [(0, 4096, 0, 1, 1)])            # aligned rows, odd width
+    assert rule(2, 50257, 8192, [row, (32, 50257, 0, 1, 1)])    # dx 32 B further: same offsets
+    assert not rule(2, 50257, 8192, [row, (2, 50257, 0, 1, 1)])      # dx at another offset
+    assert not rule(2, 50257, 8192, [row, (0, 50264, 0, 1, 1)])      # dx rows padded
+    assert not rule(2, 50257, 8192, [(0, 50257 * 3, 0, 3, 1)])       # strided columns
+    assert not rule(2, 50257, 4, [row])                              # tile under 16 bytes
+    assert not rule(2, 50257, 8192, [(1, 50257, 0, 1, 1)])           # address not a bf16's
+    assert not rule(2, 64, 64, [(0, 4096, 64, 1, 4)])               # inner rows, all aligned
+    assert rule(2, 64, 64, [(0, 4096, 65, 1, 4)])                    # inner stride 65
+    assert not rule(2, 64, 64, [(0, 4096, 65, 1, 4), (0, 4096, 64, 1, 4)])
+
+
+@pytest.mark.parametrize("n_cols", [1, 3, 13, 101, 1001])
+@pytest.mark.parametrize("dtype", PEEL_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "options-in-place"])
+def test_cross_entropy_fwd_peeled_rows(device, rng, dtype, n_cols, variant):
+    """Multi tile forward + fused gradient on rows at every offset from a 16-byte boundary; in
+    place, the gradient overwrites the logits (every element read before it is written)."""
+    n_rows = 9
+    x, _ = make_input((n_rows, n_cols), dtype, rng, scale=3.0, device=device)
+    t = _targets(rng, n_rows, n_cols, device=device)
+    opts = dict(reduction="mean")
+    if variant != "plain":
+        opts.update(ALL_OPTS, weight=_weight(rng, n_cols, _stats_tol(dtype), device=device))
+    buf = x.clone() if variant != "plain" else None
+    with record_launches() as log:
+        rows, lse, dx = ce.cross_entropy_fwd(buf if buf is not None else x, t, compute_grad=True,
+                                             grad_out=buf, config=PEEL_MULTI, **opts)
+    assert _peeled(log, "cross_entropy_fwd_kernel")
+    assert buf is None or dx is buf
+    ref_rows, ref_lse, ref_g = _ref(x, t, **dict(opts, reduction="none"))
+    _, _, ref_g = _ref(x, t, **opts)
+    assert_close_to_reference(rows, ref_rows, _stats_tol(dtype), "loss rows")
+    assert_close_to_reference(lse, ref_lse, _stats_tol(dtype), "lse")
+    assert_close_to_reference(dx, ref_g, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", PEEL_DTYPES, ids=str)
+def test_cross_entropy_peeled_rows_of_a_sliced_view(device, rng, dtype):
+    """A view whose base is 5 elements past a 16-byte boundary (row stride 1013): in place, and
+    loss-only, it is peeled and the columns around the view stay untouched; with a new gradient
+    buffer (rows at other offsets than the logits') it is not peeled, and still right."""
+    big, _ = make_input((9, 1013), dtype, rng, scale=3.0, device=device)
+    t = _targets(rng, 9, 1001, device=device)
+    x = big[:, 5:1006]
+    ref_rows, ref_lse, _ = _ref(x, t, reduction="none", label_smoothing=0.25)
+    _, _, ref_g = _ref(x, t, reduction="sum", label_smoothing=0.25)
+    buf = big.clone()
+    view = buf[:, 5:1006]
+    with record_launches() as log:
+        rows, lse, _ = ce.cross_entropy_fwd(view, t, reduction="sum", label_smoothing=0.25,
+                                            compute_grad=True, grad_out=view, config=PEEL_MULTI)
+        rows_only, lse_only, _ = ce.cross_entropy_fwd(x, t, label_smoothing=0.25,
+                                                      config=PEEL_MULTI)
+    assert [launch.meta["PEEL_EDGES"] for launch in log] == [True, True]
+    assert torch.equal(buf[:, :5], big[:, :5]) and torch.equal(buf[:, 1006:], big[:, 1006:])
+    assert_close_to_reference(view, ref_g, dtype, "dlogits in place")
+    for got_rows, got_lse in ((rows, lse), (rows_only, lse_only)):
+        assert_close_to_reference(got_rows, ref_rows, _stats_tol(dtype), "loss rows")
+        assert_close_to_reference(got_lse, ref_lse, _stats_tol(dtype), "lse")
+    with record_launches() as log:
+        _, _, dx = ce.cross_entropy_fwd(x, t, reduction="sum", label_smoothing=0.25,
+                                        compute_grad=True, config=PEEL_MULTI)
+    assert not _peeled(log, "cross_entropy_fwd_kernel")
+    assert_close_to_reference(dx, ref_g, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("n_cols", [5, 101])  # 5: one tile of 8 (the launcher's next power of 2)
+@pytest.mark.parametrize("path", ["multi", "split"])
+@pytest.mark.parametrize("dtype", PEEL_DTYPES, ids=str)
+def test_cross_entropy_grad_peeled_rows(device, rng, dtype, path, n_cols):
+    """The backward kernel from lse on peeled rows, in place, a per-row grad_output, every
+    option; the split path's chunks divide the body and split 0 writes the edges."""
+    n_rows = 9
+    x, _ = make_input((n_rows, n_cols), dtype, rng, scale=3.0, device=device)
+    t = _targets(rng, n_rows, n_cols, device=device)
+    w = _weight(rng, n_cols, _stats_tol(dtype), device=device)  # Σ w is summed in w's dtype
+    dy = torch.from_numpy(rng.uniform(-2, 2, n_rows)).to(_stats_tol(dtype)).to(device)
+    _, lse, _ = ce.cross_entropy_fwd(x, t, weight=w, reduction="none", **ALL_OPTS)
+    buf = x.clone()
+    cfg = PEEL_MULTI if path == "multi" else PEEL_SPLIT
+    with record_launches() as log:
+        dx = ce.cross_entropy_grad(buf, t, lse, dy, weight=w, out=buf, config=cfg, **ALL_OPTS)
+    assert dx is buf and _peeled(log, "cross_entropy_bwd_kernel")
+    assert [launch.path for launch in log] == [path]
+    _, _, ref_g = _ref(x, t, weight=w, reduction="none", dy=to_numpy64(dy), **ALL_OPTS)
+    assert_close_to_reference(buf, ref_g, dtype, "dlogits")
+
+
+def test_cross_entropy_grad_peeled_shards_with_vocab_start(device, rng):
+    """Vocab-parallel shards of a bf16 row written in place: both column shards start off a
+    16-byte boundary (shard 2 at column 50), so the target and the global class weights are
+    indexed from each row's body (vocab_start + c0)."""
+    x, _ = make_input((9, 93), torch.bfloat16, rng, scale=2.0, device=device)
+    t = torch.from_numpy(rng.integers(0, 93, 9)).to(device)
+    w = _weight(rng, 93, device=device)
+    opts = dict(label_smoothing=0.25, softcap=4.0, logit_scale=1.5)
+    _, lse, _ = ce.cross_entropy_fwd(x, t, weight=w, reduction="none", **opts)
+    buf = x.clone()
+    g = torch.ones((), device=device)
+    with record_launches() as log:
+        for v0, v1 in ((0, 50), (50, 93)):
+            shard = buf[:, v0:v1]
+            ce.cross_entropy_grad(shard, t, lse, g, vocab_start=v0, n_classes=93, weight=w,
+                                  out=shard, config=PEEL_SPLIT, **opts)
+    assert [launch.meta["PEEL_EDGES"] for launch in log] == [True, True]
+    _, _, ref_g = _ref(x, t, weight=w, reduction="none", **opts)
+    assert_close_to_reference(buf, ref_g, torch.bfloat16, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", PEEL_DTYPES, ids=str)
+def test_cross_entropy_scale_grad_peeled_rows(device, rng, dtype):
+    """dx *= g on a sliced view (base 3 elements off a boundary), rows of one block (101) and of
+    two (one loop tile + 37: block 0 also scales the edges); the columns around stay as they
+    were."""
+    for n_cols in (101, 16 * 1024 // torch.empty((), dtype=dtype).element_size() + 37):
+        big, _ = make_input((9, n_cols + 8), dtype, rng, device=device)
+        before = big.clone()
+        view = big[:, 3:3 + n_cols]
+        with record_launches() as log:
+            ce.cross_entropy_scale_grad(view, torch.tensor(0.5, device=device))
+        assert _peeled(log, "cross_entropy_scale_grad_kernel")
+        assert log[0].grid == (9, 1 if n_cols == 101 else 2)
+        torch.testing.assert_close(view, before[:, 3:3 + n_cols] * 0.5, rtol=0, atol=0)
+        assert torch.equal(big[:, :3], before[:, :3])
+        assert torch.equal(big[:, 3 + n_cols:], before[:, 3 + n_cols:])
+
+
+def test_cross_entropy_public_api_peels_an_unaligned_vocab(device, rng):
+    """The defaults on 16 rows × 8197 fp32 classes (multi tile, rows 32788 bytes apart): the
+    forward's fused gradient, the in-place variant, and grad_output ≠ 1 (the rescale)."""
+    x, _ = make_input((16, 8197), torch.float32, rng, device=device)
+    t = _targets(rng, 16, 8197, device=device)
+    ref_loss, _, ref_g = _ref(x, t, label_smoothing=0.125)
+    with record_launches() as log:
+        loss, grad = _run_ours(x, t, dy=torch.tensor(0.5, device=device), label_smoothing=0.125)
+    assert_close_to_reference(loss, ref_loss, torch.float32, "loss")
+    assert_close_to_reference(grad, ref_g * 0.5, torch.float32, "dlogits")
+    assert _peeled(log, "cross_entropy_fwd_kernel")
+    assert _peeled(log, "cross_entropy_scale_grad_kernel")
+    assert {launch.path for launch in log if launch.kernel == "cross_entropy_fwd_kernel"} == {
+        "multi"}
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    loss = probact_gpu.cross_entropy(logits, t, label_smoothing=0.125, inplace_backward=True)
+    loss.backward()
+    assert_close_to_reference(leaf.grad, ref_g, torch.float32, "dlogits in place")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -590,9 +770,38 @@ def _gpu_case(n, c, dtype=torch.bfloat16, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,c", [(4096, 32000), (4096, 128256), (8, 262144), (2, 1 << 20)])
+@pytest.mark.parametrize("n,c", [(4096, 32000), (4096, 50257), (4096, 128256), (8, 262144),
+                                 (2, 1 << 20)])
 def test_cross_entropy_large_vocab_gpu(n, c):
     _gpu_case(n, c, label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cross_entropy_unaligned_vocab_peeled_gpu(dtype):
+    """V = 50257 on the GPU, peeled (16-byte accesses from a hinted-aligned body): contiguous
+    rows and a view 3 columns into a wider tensor, the gradient written in place; the columns
+    around the view stay as they were."""
+    n, c = 1024, 50257
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(n, c + 8, device="cuda", dtype=dtype, generator=gen)
+    t = torch.randint(0, c, (n,), device="cuda", generator=gen)
+    t[::8] = IGNORE
+    for start, x in ((0, big[:, :c].contiguous()), (3, big[:, 3:3 + c])):
+        ref = x.float().requires_grad_()
+        lt = torch.nn.functional.cross_entropy(ref, t, label_smoothing=0.1, reduction="sum")
+        lt.backward()
+        buf = big.clone() if start else x.clone()
+        view = buf[:, start:start + c]
+        with record_launches() as log:
+            rows, _, _ = ce.cross_entropy_fwd(view, t, reduction="sum", label_smoothing=0.1,
+                                              compute_grad=True, grad_out=view)
+        assert _peeled(log, "cross_entropy_fwd_kernel")
+        torch.testing.assert_close(rows.sum(), lt.detach(), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(view.float(), ref.grad, rtol=2e-2, atol=1e-4)
+        if start:
+            assert torch.equal(buf[:, :start], big[:, :start])
+            assert torch.equal(buf[:, start + c:], big[:, start + c:])
 
 
 @pytest.mark.gpu

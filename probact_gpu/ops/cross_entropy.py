@@ -34,6 +34,12 @@ divisor=None, out=None, config=None) -> dlogits``
     ``grad``: 0-d or (N,) device tensor (grad_output), divided by ``divisor`` (0-d) when given.
     ``out`` may be ``logits`` (in place).
 
+Rows Triton cannot prove 16-byte aligned (a row stride like V = 50257, a sliced view's base)
+run the multi-tile forward, the backward and the gradient rescale with ``PEEL_EDGES`` (16-byte
+accesses for all but a row's first and last few elements) whenever the logits' and the
+gradient's rows sit at one offset from a 16-byte boundary: ``tiling.peel_row_edges``; the launch
+record's meta says which ran.
+
 Semantics not fixed by torch: a target outside ``[0, C)`` that is not ``ignore_index`` gives a
 NaN loss for its row (and a NaN gradient row) instead of an error; all targets ignored with
 ``reduction="mean"`` gives NaN (0 / 0), as torch; the z-loss term ``z_loss · lse²`` is added per
@@ -107,6 +113,13 @@ def _prep_weight(weight: torch.Tensor | None, label_smoothing: float):
 
 def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t  # a pointer the kernel never reads (its flag is off)
+
+
+def _peel(views, n_cols: int, block_n: int) -> bool:
+    """``PEEL_EDGES`` for a kernel walking the rows of these RowViews (``tiling.peel_row_edges``:
+    rows Triton cannot prove 16-byte aligned, all at one offset from a 16-byte boundary)."""
+    frames = [(v.tensor.data_ptr(), *v.strides, v.n_inner) for v in views]
+    return tiling.peel_row_edges(views[0].tensor.element_size(), n_cols, block_n, frames)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -247,6 +260,9 @@ def cross_entropy_grad(
     else:
         n_splits, chunk = 1, xv.n_cols
     block_n = min(cfg.block_n, tiling.next_power_of_2(chunk))
+    peel = _peel((xv, dxv), xv.n_cols, block_n)
+    if peel and n_splits == 1:  # whole tiles: Triton then knows the chunk's end is a multiple
+        chunk = tiling.cdiv(chunk, block_n) * block_n  # of 16, and the body masks stay per-vector
     grad_row_stride = 0 if grad.ndim == 0 else grad.stride(0)
     weight, w_sum = _prep_weight(weight, label_smoothing)
     grid = (xv.n_rows, n_splits)
@@ -259,9 +275,9 @@ def cross_entropy_grad(
             *xv.strides, *dxv.strides,
             label_smoothing, z_loss, 1.0 if softcap is None else softcap, logit_scale,
             BLOCK_N=block_n, **_flags(weight, label_smoothing, softcap),
-            HAS_DIVISOR=divisor is not None, num_warps=cfg.num_warps,
+            HAS_DIVISOR=divisor is not None, PEEL_EDGES=peel, num_warps=cfg.num_warps,
         )
-    record(cross_entropy_bwd_kernel, cfg.path, grid, BLOCK_N=block_n)
+    record(cross_entropy_bwd_kernel, cfg.path, grid, BLOCK_N=block_n, PEEL_EDGES=peel)
     return out
 
 
@@ -299,6 +315,7 @@ def _fwd_rows(xv, target, *, weight, ignore_index, reduction, label_smoothing, z
     single = cfg.path == "single"
     grid = (tiling.cdiv(n_rows, cfg.block_m),)
     dx_view = dxv if compute_grad else xv
+    peel = not single and _peel((xv, dxv) if compute_grad else (xv,), n_cols, cfg.block_n)
     with device_guard(x):
         cross_entropy_fwd_kernel[grid](
             x, target, _dummy(target) if weight is None else weight,
@@ -308,10 +325,11 @@ def _fwd_rows(xv, target, *, weight, ignore_index, reduction, label_smoothing, z
             label_smoothing, z_loss, 1.0 if softcap is None else softcap, logit_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=single,
             **_flags(weight, label_smoothing, softcap),
-            COMPUTE_GRAD=compute_grad, HAS_DIVISOR=divisor is not None, num_warps=cfg.num_warps,
+            COMPUTE_GRAD=compute_grad, HAS_DIVISOR=divisor is not None, PEEL_EDGES=peel,
+            num_warps=cfg.num_warps,
         )
     record(cross_entropy_fwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-           COMPUTE_GRAD=compute_grad)
+           COMPUTE_GRAD=compute_grad, PEEL_EDGES=peel)
     return loss, lse
 
 
@@ -367,13 +385,14 @@ def cross_entropy_scale_grad(dx: torch.Tensor, grad_output: torch.Tensor) -> Non
     dim = 1 if dx.ndim >= 2 else 0
     v = row_view(dx, dim)
     block = min(tiling.loop_block(dx.element_size()), tiling.next_power_of_2(v.n_cols))
+    peel = _peel((v,), v.n_cols, block)
     grid = (v.n_rows, tiling.cdiv(v.n_cols, block))
     with device_guard(dx):
         cross_entropy_scale_grad_kernel[grid](
             v.tensor, grad_output, v.n_cols, v.n_inner, *v.strides, BLOCK_N=block,
-            num_warps=tiling.warps_for(block),
+            PEEL_EDGES=peel, num_warps=tiling.warps_for(block),
         )
-    record(cross_entropy_scale_grad_kernel, "scale", grid, BLOCK_N=block)
+    record(cross_entropy_scale_grad_kernel, "scale", grid, BLOCK_N=block, PEEL_EDGES=peel)
 
 
 # --------------------------------------------------------------------------- validation
