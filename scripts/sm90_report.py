@@ -313,6 +313,7 @@ def smoke_cases() -> list[Case]:
         Case("softmax 4096x65536 (persistent)", "bf16",
              softmax_case("bf16", 4096, 65536, logs=(False,), n_programs=264)),
         Case("CE 4096x128256 perf", "bf16", ce_case("bf16", 4096, 128256, "perf")),
+        Case("CE 4096x50257 perf", "bf16", ce_case("bf16", 4096, 50257, "perf")),
         Case("CE 4096x128256 on", "bf16", ce_case("bf16", 4096, 128256, "on")),
         Case("CE 4096x8192 on (single tile)", "bf16", ce_case("bf16", 4096, 8192, "on")),
         Case("CE 32x262144 on (split)", "fp64", ce_case("fp64", 32, 262144, "on")),
