@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
 # The GPU image runs triton 3.6; CI and the test suite run triton 3.9. This runs the kernel
-# tests (through the interpreter) and the sm_90 compile check once more on triton 3.6, in a venv
-# layered over the installed torch and package, so an API or compiler difference between the
-# two shows up here rather than on the GPU. triton 3.6's interpreter needs NumPy < 2.4.
-# Run after scripts/install.sh (CI: after scripts/test.sh).
+# tests (through the interpreter) and the sm_90 compile check once more on triton 3.6, installed
+# into a separate folder put first on PYTHONPATH (the same interpreter, torch and package), so an
+# API or compiler difference between the two shows up here rather than on the GPU. triton 3.6's
+# interpreter needs NumPy < 2.4. Run after scripts/install.sh (CI: after scripts/test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${TRITON36_VENV:-/tmp/probact-triton36}
-if [[ ! -x $VENV/bin/python ]]; then
-    python3 -m venv --system-site-packages "$VENV"
-fi
-if ! "$VENV/bin/python" -m pip install -q "triton==3.6.0" "numpy<2.4"; then
+PY=${PYTHON:-python3}
+SITE=${TRITON36_SITE:-/tmp/probact-triton36}
+if ! "$PY" -m pip install -q --upgrade --target "$SITE" "triton==3.6.0" "numpy<2.4"; then
     echo "test_triton36: SKIPPED, triton 3.6.0 could not be installed (no registry?)"
     exit 0
 fi
-"$VENV/bin/python" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    -W "ignore::DeprecationWarning" \
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+exec "$PY" -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" \
     tests/test_softmax.py tests/test_sigmoid.py tests/test_bce.py tests/test_cross_entropy.py \
     tests/test_linear_cross_entropy.py tests/test_compile.py tests/test_sm90_compile.py "$@"
