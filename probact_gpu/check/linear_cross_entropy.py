@@ -20,7 +20,7 @@ LARGE = [(1024, 1024, 32000, 256, "4 chunks of an LM head"),
          (1000, 512, 50257, None, "GPT-2 vocab, default chunk")]
 
 
-def _run(n, hidden, vocab, chunk, reduction, dtype, device, rng) -> list[Row]:
+def _run(n, hidden, vocab, chunk, reduction, low_memory, dtype, device, rng) -> list[Row]:
     h, h64 = make_input((n, hidden), dtype, rng, device=device)
     w, w64 = make_input((vocab, hidden), dtype, rng, scale=hidden**-0.5, device=device)
     b, b64 = make_input((vocab,), dtype, rng, device=device)
@@ -36,7 +36,8 @@ def _run(n, hidden, vocab, chunk, reduction, dtype, device, rng) -> list[Row]:
     results = []
     for fn in (
         lambda h, w, b: linear_cross_entropy(h, w, target, b, reduction=reduction,
-                                             label_smoothing=0.05, chunk_size=chunk),
+                                             label_smoothing=0.05, chunk_size=chunk,
+                                             low_memory=low_memory),
         lambda h, w, b: torch.nn.functional.cross_entropy(
             h @ w.T + b, target, reduction=reduction, label_smoothing=0.05),
     ):
@@ -45,6 +46,7 @@ def _run(n, hidden, vocab, chunk, reduction, dtype, device, rng) -> list[Row]:
         loss.backward(dy)
         results.append((loss.detach(), hr.grad, wr.grad))
     label = f"{n}x{hidden}x{vocab} {reduction}" + (f" chunk={chunk}" if chunk else "")
+    label += " low_memory" if low_memory else ""
     names = ("loss", "dh", "dW")
     return [compare(f"linear_cross_entropy {name}", dtype, label, ours, theirs, ref)
             for name, ours, theirs, ref in zip(names, results[0], results[1], refs, strict=True)]
@@ -54,7 +56,8 @@ def cases(large: bool) -> list[Case]:
     out = []
     for n, hidden, vocab, chunk, _why in LARGE if large else SMALL:
         for dtype in (torch.float32, torch.bfloat16):
-            for reduction in ("mean", "none"):
+            for reduction, low_memory in (("mean", False), ("none", False), ("mean", True)):
                 out.append(Case("linear_cross_entropy", dtype, f"{n}x{hidden}x{vocab}",
-                                partial(_run, n, hidden, vocab, chunk, reduction, dtype)))
+                                partial(_run, n, hidden, vocab, chunk, reduction, low_memory,
+                                        dtype)))
     return out
