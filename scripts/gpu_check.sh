@@ -76,7 +76,12 @@ stage install 45 bash -c do_install
 stage nvidia-smi 10 nvidia-smi
 TIMEOUT_ARGS=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_ARGS=(--timeout 120); fi
-stage tests 170 "$PY" -m pytest -q -x "${TIMEOUT_ARGS[@]}" tests
+# Most of the suite's time on a GPU is Triton compiling a few hundred kernel specialisations,
+# one at a time per process (about 0.5 s each for sm_90 on this code): spread the test files
+# over 8 processes when pytest-xdist is there (the GPU image has it; they share Triton's cache).
+XDIST_ARGS=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST_ARGS=(-n 8 --dist loadfile); fi
+stage tests 170 "$PY" -m pytest -q -x "${TIMEOUT_ARGS[@]}" "${XDIST_ARGS[@]}" tests
 stage check 50 "$PY" -m probact_gpu check --large
 stage bench 140 "$PY" -m probact_gpu bench --quick --out "$OUT/results"
 if command -v compute-sanitizer > /dev/null; then
