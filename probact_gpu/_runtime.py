@@ -60,6 +60,13 @@ def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
     return dim % rank
 
 
+def accum_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype kernels accumulate in and keep row statistics in: float64 when any of the given
+    tensors is float64, else float32."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
 def interpreting() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU)."""
     from triton.runtime.interpreter import InterpretedFunction

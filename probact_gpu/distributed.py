@@ -59,11 +59,10 @@ from __future__ import annotations
 import torch
 
 from . import tiling
-from ._runtime import check_float, check_runnable, check_same_device
+from ._runtime import accum_dtype, check_float, check_runnable, check_same_device
 from .ops.cross_entropy import (
     _INT_DTYPES,
     _check_options,
-    _stats_dtype,
     cross_entropy,
     cross_entropy_combine,
     cross_entropy_grad,
@@ -228,7 +227,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, group, vocab_start, vocab_size, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, config):
-        sdt = _stats_dtype(input)
+        sdt = accum_dtype(input)
         target = target.contiguous()
         # 1. Local partials: (N, S, 4) = (max z, Σ exp(z − max), z_t or 0, Σ z) per chunk.
         if input.shape[1] == 0:  # an empty shard contributes nothing (and launches nothing)
@@ -342,7 +341,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, class_weight, group, vocab_start, vocab_size,
                 options):
         n_tokens, v_local = h.shape[0], weight.shape[0]
-        sdt = _stats_dtype(h)
+        sdt = accum_dtype(h)
         target = target.contiguous()
         chunk = _token_chunk(h, v_local, options)
         # 1. Per token chunk: local logits (cuBLAS, one reused buffer) → split statistics →

@@ -35,6 +35,7 @@ import torch
 
 from .. import tiling
 from .._runtime import (
+    accum_dtype,
     check_float,
     check_runnable,
     check_same_device,
@@ -89,11 +90,6 @@ def _operand(t: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | 
     if t is None:
         return None, _ABSENT
     return broadcast_terms(t, shape)
-
-
-def _math_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
-    return torch.float64 if wide else torch.float32
 
 
 def _config(x: torch.Tensor, config: ElementwiseConfig | None) -> ElementwiseConfig:
@@ -172,7 +168,7 @@ def bce_fwd(
     n_programs = tiling.cdiv(numel, cfg.block)
     grid = (n_programs,)
     partial = empty(
-        (n_programs if reduce else 0,), dtype=_math_dtype(x, target, weight, pos_weight),
+        (n_programs if reduce else 0,), dtype=accum_dtype(x, target, weight, pos_weight),
         device=x.device,
     )
     path = "fused_grad" if compute_grad else ("reduce" if reduce else "none")

@@ -60,6 +60,7 @@ import torch
 
 from .. import tiling
 from .._runtime import (
+    accum_dtype,
     check_float,
     check_runnable,
     check_same_device,
@@ -80,10 +81,6 @@ from ..tiling import RowConfig
 
 REDUCTIONS = ("none", "sum", "mean")
 _INT_DTYPES = (torch.int32, torch.int64)
-
-
-def _stats_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None) -> RowConfig:
@@ -107,7 +104,7 @@ def _prep_weight(weight: torch.Tensor | None, label_smoothing: float):
     if weight is None:
         return None, None
     weight = weight.contiguous()
-    w_sum = weight.sum(dtype=_stats_dtype(weight)) if label_smoothing > 0.0 else weight
+    w_sum = weight.sum(dtype=accum_dtype(weight)) if label_smoothing > 0.0 else weight
     return weight, w_sum
 
 
@@ -173,7 +170,7 @@ def cross_entropy_partial_stats(
                         min(cfg.block_n, tiling.loop_block(logits.element_size())),
                         cfg.num_warps, n_splits=1)
     chunk = tiling.split_chunk(xv.n_cols, cfg)
-    stats = torch.empty((xv.n_rows, cfg.n_splits, 4), dtype=_stats_dtype(logits),
+    stats = torch.empty((xv.n_rows, cfg.n_splits, 4), dtype=accum_dtype(logits),
                         device=logits.device)
     if xv.n_rows == 0:
         return stats
@@ -286,7 +283,7 @@ def _fwd_rows(xv, target, *, weight, ignore_index, reduction, label_smoothing, z
     """cross_entropy_fwd on a RowView ``xv`` (rows along the class dim) and flat targets."""
     x = xv.tensor
     n_rows, n_cols = xv.n_rows, xv.n_cols
-    sdt = _stats_dtype(x)
+    sdt = accum_dtype(x)
     divisor = None
     if compute_grad and reduction == "mean":
         divisor = total_weight if total_weight is not None else cross_entropy_total_weight(
@@ -457,7 +454,7 @@ def _run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss
          logit_scale, compute_grad, grad_out):
     """Launch for an ND input (class dim 1) and its targets; returns (loss, lse)."""
     red = REDUCTIONS[reduction]
-    sdt = _stats_dtype(input)
+    sdt = accum_dtype(input)
     if input.numel() > 0:
         check_runnable(input)
     flat = target.reshape(-1).contiguous()
@@ -486,7 +483,7 @@ def _as2(input: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_outputs(input, target, reduction):
-    sdt = _stats_dtype(input)
+    sdt = accum_dtype(input)
     loss_shape = target.shape if reduction == 0 else ()
     return (input.new_empty(loss_shape), input.new_empty(target.shape, dtype=sdt))
 
@@ -695,7 +692,7 @@ def _soft_target_ce(input, target, weight, reduction, label_smoothing, z_loss, s
     t' = (1 − ε) t + ε / C; mean divides by the number of rows, as torch."""
     from .softmax import log_softmax
 
-    math_dtype = _stats_dtype(input)
+    math_dtype = accum_dtype(input)
     z = input.to(math_dtype) * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import check_float, check_runnable, check_same_device, empty
+from .._runtime import accum_dtype, check_float, check_runnable, check_same_device, empty
 from .cross_entropy import (
     cross_entropy_fwd,
     cross_entropy_grad,
@@ -93,8 +93,7 @@ class _Grads:
             acc_dtype = weight.dtype if direct else torch.float32
             self.dw_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         if need_db:
-            acc_dtype = torch.float64 if bias.dtype == torch.float64 else torch.float32
-            self.db_acc = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
+            self.db_acc = torch.zeros(bias.shape, dtype=accum_dtype(bias), device=bias.device)
 
     def add_chunk(self, start, end, dlogits, h_chunk, weight):
         if self.dh is not None:
@@ -143,7 +142,7 @@ def linear_cross_entropy_fwd(
     grads_now = not low_memory and reduction != "none" and any(need_grads)
     n_chunks = max(1, tiling.cdiv(n_tokens, chunk))
     grads = _Grads(h, weight, bias, need_grads if grads_now else (False,) * 3, n_chunks)
-    stats_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    stats_dtype = accum_dtype(h)
     loss_rows = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
     lse = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
     total = None
@@ -275,7 +274,7 @@ def _(h, weight, target, bias, class_weight, ignore_index, reduction, label_smoo
       softcap, logit_scale, chunk_size, memory_budget, low_memory, need_grads):
     n = h.shape[0]
     now = not low_memory and reduction != "none"
-    stats_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    stats_dtype = accum_dtype(h)
     loss = h.new_empty((n,) if reduction == "none" else (), dtype=stats_dtype)
     lse = h.new_empty((n,), dtype=stats_dtype)
     return (loss, lse, *_fake_grads(h, weight, bias, [now and g for g in need_grads]))

@@ -15,6 +15,7 @@ import torch
 
 from .. import tiling
 from .._runtime import (
+    accum_dtype,
     check_float,
     check_runnable,
     check_same_device,
@@ -43,10 +44,6 @@ def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None)
     return config
 
 
-def _stats_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def softmax_fwd(
     x: torch.Tensor,
     dim: int = -1,
@@ -73,7 +70,7 @@ def softmax_fwd(
         if cfg.path == "split":
             chunk = tiling.split_chunk(xv.n_cols, cfg)
             stats = torch.empty(
-                (xv.n_rows, cfg.n_splits, 2), dtype=_stats_dtype(x), device=x.device
+                (xv.n_rows, cfg.n_splits, 2), dtype=accum_dtype(x), device=x.device
             )
             grid = (xv.n_rows, cfg.n_splits)
             softmax_split_stats_kernel[grid](
@@ -129,7 +126,7 @@ def softmax_bwd(
         if cfg.path == "split":
             chunk = tiling.split_chunk(yv.n_cols, cfg)
             partial = torch.empty(
-                (yv.n_rows, cfg.n_splits), dtype=_stats_dtype(y), device=y.device
+                (yv.n_rows, cfg.n_splits), dtype=accum_dtype(y), device=y.device
             )
             grid = (yv.n_rows, cfg.n_splits)
             softmax_split_dot_kernel[grid](
