@@ -469,9 +469,8 @@ def vocab_parallel_linear_cross_entropy(
     ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns
     the loss in ``input``'s dtype (per token, shaped like ``target``, for ``"none"``).
     """
-    _check_options(input, None, None, reduction, label_smoothing, z_loss, softcap, logit_scale)
-    _validate(input, weight, target, bias, None, reduction, label_smoothing, chunk_size,
-              memory_budget)
+    _validate(input, weight, target, bias, None, reduction, label_smoothing, z_loss, softcap,
+              logit_scale, chunk_size, memory_budget)
     _check_layout_args(vocab_start_index, vocab_size)
     if class_weight is not None:
         check_float("class_weight", class_weight)

@@ -209,6 +209,10 @@ def test_linear_ce_bad_input(device):
         pg.linear_cross_entropy(h, w, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
         pg.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+        pg.linear_cross_entropy(h, w, t, softcap=0.0)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+        pg.linear_cross_entropy(h, w, t, z_loss=-1.0)
     with pytest.raises(ValueError, match="class_weight must have shape"):
         pg.linear_cross_entropy(h, w, t, class_weight=torch.ones(3, device=device))
 

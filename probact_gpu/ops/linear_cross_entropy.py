@@ -40,13 +40,13 @@ import torch
 from .. import tiling
 from .._runtime import accum_dtype, check_float, check_runnable, check_same_device, empty
 from .cross_entropy import (
+    _check_options,
     cross_entropy_fwd,
     cross_entropy_grad,
     cross_entropy_scale_grad,
     cross_entropy_total_weight,
 )
 
-_REDUCTIONS = ("none", "sum", "mean")
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -373,8 +373,8 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------- public function
 
 
-def _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, chunk_size,
-              memory_budget):
+def _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, z_loss,
+              softcap, logit_scale, chunk_size, memory_budget):
     check_float("input", input)
     check_float("weight", weight)
     if weight.ndim != 2:
@@ -401,10 +401,8 @@ def _validate(input, weight, target, bias, class_weight, reduction, label_smooth
         if tuple(class_weight.shape) != (weight.shape[0],):
             raise ValueError(f"class_weight must have shape ({weight.shape[0]},), got "
                              f"{tuple(class_weight.shape)}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    # reduction, label_smoothing, z_loss, softcap, logit_scale: cross_entropy's own rules
+    _check_options(input, None, None, reduction, label_smoothing, z_loss, softcap, logit_scale)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if memory_budget is not None and memory_budget <= 0:
@@ -437,8 +435,8 @@ def linear_cross_entropy(
     ``low_memory=True`` computes the gradients in the backward over vocabulary chunks (4
     matmuls instead of 3, no fp32 (V, H) accumulator, any number of backward passes). Returns
     the loss in ``input``'s dtype (per token for ``reduction="none"``)."""
-    _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, chunk_size,
-              memory_budget)
+    _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, z_loss,
+              softcap, logit_scale, chunk_size, memory_budget)
     h = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1)
     if h.shape[0] > 0:
