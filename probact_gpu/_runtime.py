@@ -216,6 +216,28 @@ def record(kernel: Any, path: str, grid: tuple[int, ...], **meta: Any) -> None:
             log.append(launch)
 
 
+def launch(
+    kernel: Any,
+    grid: tuple[int, ...],
+    args: Sequence[Any],
+    *,
+    path: str,
+    num_warps: int,
+    num_stages: int | None = None,
+    **constexprs: Any,
+) -> None:
+    """``kernel[grid](*args, **constexprs)`` on the device of its first tensor argument, then
+    :func:`record` it with exactly the constexprs (and ``num_warps`` / ``num_stages``) it was
+    launched with, so the record cannot drift from the launch."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    tuning = {"num_warps": num_warps}
+    if num_stages is not None:
+        tuning["num_stages"] = num_stages
+    with device_guard(first):
+        kernel[grid](*args, **constexprs, **tuning)
+    record(kernel, path, grid, **constexprs, **tuning)
+
+
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
     """Collect every kernel launch made inside the block (kernel name, path, grid, constexprs)."""

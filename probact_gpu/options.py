@@ -1,0 +1,268 @@
+"""The options of the cross-entropy family, in one validated, frozen home.
+
+Every public entry point of the family (``cross_entropy``, ``linear_cross_entropy``, the
+vocab-parallel ops, ``token_log_probs`` and their modules) builds one :class:`CrossEntropyOptions`
+from its keywords, which validates each value once and names the offending argument. The options
+travel as that object down to the ``torch.library`` boundary, where :meth:`CrossEntropyOptions.
+schema_args` flattens them into native schema types (``reduction: str``, ``softcap: float |
+None``), and :meth:`CrossEntropyOptions.from_schema` rebuilds them on the other side.
+
+The logit transform (:class:`HeadTransform`) is applied inside the kernels, in fp32, in one
+documented order, forward and backward::
+
+    z = x (+ bias)                      the head's output (bias only in the fused linear ops)
+    z = z · logit_scale                 Cohere-style logit scale
+    z = z / logit_divisor               Granite-style ``logits_scaling``
+    z = softcap · tanh(z / softcap)     Gemma-style final-logit softcapping (when not None)
+    z = z / temperature                 sampling temperature (RL log-probs)
+
+and the loss, log-probs, entropy and lse are those of ``softmax(z)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+Reduction = Literal["none", "sum", "mean"]
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
+_INT64 = (-(2**63), 2**63 - 1)
+
+__all__ = [
+    "REDUCTIONS",
+    "CrossEntropyOptions",
+    "HeadTransform",
+    "Reduction",
+    "as_index",
+    "as_real",
+]
+
+
+# --------------------------------------------------------------------------- scalar rules
+
+
+def as_index(name: str, value: Any) -> int:
+    """An integer argument by torch's rule: a Python or NumPy integer, or a 0-d integer tensor
+    (read on the host: only pass one that lives there). A float, bool, None or out-of-int64
+    value raises, naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{name}={value} does not fit in int64")
+    return value
+
+
+def as_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """A real argument by torch's rule (a Python or NumPy number, or a 0-d tensor on the host),
+    checked against ``[low, high]`` (either end open on request) and finiteness; raises naming
+    ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """The logit transform of the LM head, applied in fp32 inside the kernels (module docstring
+    gives the order): ``logit_scale`` (finite, any sign), ``logit_divisor`` (finite, nonzero),
+    ``softcap`` (None or > 0), ``temperature`` (> 0)."""
+
+    logit_scale: float = 1.0
+    logit_divisor: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "logit_scale", as_real("logit_scale", self.logit_scale))
+        divisor = as_real("logit_divisor", self.logit_divisor)
+        if divisor == 0.0:
+            raise ValueError("logit_divisor must be a nonzero finite number, got 0.0")
+        set_(self, "logit_divisor", divisor)
+        if self.softcap is not None:
+            set_(self, "softcap", as_real("softcap", self.softcap, low=0.0, low_open=True))
+        set_(self, "temperature",
+             as_real("temperature", self.temperature, low=0.0, low_open=True))
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.logit_scale == 1.0 and self.logit_divisor == 1.0 and self.softcap is None
+                and self.temperature == 1.0)
+
+    @property
+    def pre_scale(self) -> float:
+        """``logit_scale / logit_divisor``, the one multiply before the softcap (formed in
+        float64 on the host, so the kernels see the correctly rounded fp32 factor)."""
+        return self.logit_scale / self.logit_divisor
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The transform in torch ops on a float tensor (references, the soft-target path)."""
+        z = x * self.pre_scale if self.pre_scale != 1.0 else x
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        return z
+
+
+# --------------------------------------------------------------------------- the options
+
+
+@dataclass(frozen=True, eq=False)
+class CrossEntropyOptions:
+    """The cross-entropy family's options, validated at construction.
+
+    ``weight``: per-class weights (C,) or None (torch's ``weight``); ``ignore_index``: an int64
+    target value whose rows add nothing; ``reduction``: ``"none" | "sum" | "mean"``;
+    ``label_smoothing`` in [0, 1]; ``z_loss`` ≥ 0 (adds ``z_loss · lse²`` per non-ignored row);
+    ``transform``: the :class:`HeadTransform`; ``normalizer``: with ``reduction="sum"`` only, a
+    number or a 0-d device tensor the summed loss is divided by (e.g. Hugging Face's
+    ``num_items_in_batch``), so any trainer's counting rule is reproduced without a host sync.
+    """
+
+    weight: torch.Tensor | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    transform: HeadTransform = field(default_factory=HeadTransform)
+    normalizer: float | torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "ignore_index", as_index("ignore_index", self.ignore_index))
+        if not isinstance(self.reduction, str) or self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        set_(self, "label_smoothing",
+             as_real("label_smoothing", self.label_smoothing, low=0.0, high=1.0))
+        set_(self, "z_loss", as_real("z_loss", self.z_loss, low=0.0))
+        if not isinstance(self.transform, HeadTransform):
+            raise TypeError(f"transform must be a HeadTransform, got {self.transform!r}")
+        if self.weight is not None:
+            w = self.weight
+            if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+                raise TypeError("weight (per-class weights) must be a floating tensor, got "
+                                f"{getattr(w, 'dtype', type(w).__name__)}")
+            if w.ndim != 1:
+                raise ValueError(f"weight (per-class weights) must be 1-D (C,), got shape "
+                                 f"{tuple(w.shape)}")
+        if self.normalizer is not None:
+            if self.reduction != "sum":
+                raise ValueError("normalizer divides the summed loss: it needs reduction='sum', "
+                                 f"got reduction={self.reduction!r}")
+            n = self.normalizer
+            if isinstance(n, torch.Tensor):
+                if n.ndim != 0 or not (n.dtype.is_floating_point or n.dtype in (
+                        torch.int32, torch.int64)):
+                    raise TypeError("normalizer must be a number or a 0-d int/float tensor, got "
+                                    f"shape {tuple(n.shape)}, dtype {n.dtype}")
+            else:
+                set_(self, "normalizer", as_real("normalizer", n, low=0.0, low_open=True))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        *,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        logit_scale: float = 1.0,
+        logit_divisor: float = 1.0,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        normalizer: float | torch.Tensor | None = None,
+    ) -> CrossEntropyOptions:
+        """The options from the public functions' keywords (each validated, named on error)."""
+        transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
+                                  softcap=softcap, temperature=temperature)
+        return cls(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=label_smoothing, z_loss=z_loss, transform=transform,
+                   normalizer=normalizer)
+
+    def replace(self, **changes: Any) -> CrossEntropyOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ checks against input
+
+    def check_weight(self, n_classes: int, device: torch.device) -> None:
+        """Raise unless ``weight`` is None or (n_classes,) on ``device``."""
+        w = self.weight
+        if w is None:
+            return
+        if w.shape[0] != n_classes:
+            raise ValueError(f"weight (per-class weights) must have shape ({n_classes},), got "
+                             f"{tuple(w.shape)}")
+        if w.device != device:
+            raise ValueError(f"weight is on {w.device} but the logits are on {device}: all "
+                             "tensors must be on one device")
+
+    # ------------------------------------------------------------------ the op boundary
+
+    def schema_args(self) -> tuple:
+        """Flattened for a ``torch.library`` op, in this order and with these schema types:
+        ``weight: Tensor?, ignore_index: int, reduction: str, label_smoothing: float,
+        z_loss: float, logit_scale: float, logit_divisor: float, softcap: float?,
+        temperature: float, normalizer: Tensor?, normalizer_value: float?``."""
+        t = self.transform
+        n = self.normalizer
+        return (self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                self.z_loss, t.logit_scale, t.logit_divisor, t.softcap, t.temperature,
+                n if isinstance(n, torch.Tensor) else None,
+                None if isinstance(n, torch.Tensor) else n)
+
+    @classmethod
+    def from_schema(cls, weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
+                    logit_divisor, softcap, temperature, normalizer,
+                    normalizer_value) -> CrossEntropyOptions:
+        """Inverse of :meth:`schema_args`."""
+        return cls(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=label_smoothing, z_loss=z_loss,
+                   transform=HeadTransform(logit_scale, logit_divisor, softcap, temperature),
+                   normalizer=normalizer if normalizer is not None else normalizer_value)
+
+    N_SCHEMA_ARGS = 11
