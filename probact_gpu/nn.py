@@ -1,10 +1,13 @@
-"""Modules: each stores its arguments and calls the function in ``probact_gpu.functional``."""
+"""Modules: each validates its arguments once, stores them, and calls the function in
+``probact_gpu.functional``. Tensors among the arguments (class weights, ``pos_weight``) are
+buffers, so they follow ``.to(device)``."""
 
 from __future__ import annotations
 
 import torch
 
-from . import functional as F
+from . import functional
+from .options import CrossEntropyOptions
 
 
 class Softmax(torch.nn.Module):
@@ -15,36 +18,43 @@ class Softmax(torch.nn.Module):
         self.dim = dim
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.softmax(input, self.dim)
+        return functional.softmax(input, self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
-class LogSoftmax(Softmax):
+class LogSoftmax(torch.nn.Module):
     """As ``torch.nn.LogSoftmax``; ``dim`` defaults to -1."""
 
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(input, self.dim)
+        return functional.log_softmax(input, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
 
 
 class Sigmoid(torch.nn.Module):
     """As ``torch.nn.Sigmoid``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid(input)
+        return functional.sigmoid(input)
 
 
 class LogSigmoid(torch.nn.Module):
     """As ``torch.nn.LogSigmoid``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.logsigmoid(input)
+        return functional.logsigmoid(input)
 
 
 class BCEWithLogitsLoss(torch.nn.Module):
-    """As ``torch.nn.BCEWithLogitsLoss``: ``weight`` and ``pos_weight`` are buffers (they follow
-    ``.to(device)``), ``reduction`` defaults to ``"mean"``."""
+    """As ``torch.nn.BCEWithLogitsLoss``: ``weight`` and ``pos_weight`` are buffers,
+    ``reduction`` defaults to ``"mean"``."""
 
     def __init__(
         self,
@@ -58,7 +68,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(
+        return functional.binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
         )
 
@@ -66,55 +76,92 @@ class BCEWithLogitsLoss(torch.nn.Module):
         return f"reduction={self.reduction!r}"
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """As ``torch.nn.CrossEntropyLoss`` (``weight`` is a buffer), plus probact's keyword-only
-    ``z_loss``, ``softcap``, ``logit_scale``, ``return_lse`` and ``inplace_backward`` (see
-    ``probact_gpu.cross_entropy``)."""
+def _options_repr(options: CrossEntropyOptions) -> str:
+    t = options.transform
+    parts = [f"ignore_index={options.ignore_index}", f"reduction={options.reduction!r}"]
+    if options.label_smoothing:
+        parts.append(f"label_smoothing={options.label_smoothing}")
+    if options.z_loss:
+        parts.append(f"z_loss={options.z_loss}")
+    for name, value, default in (("logit_scale", t.logit_scale, 1.0),
+                                 ("logit_divisor", t.logit_divisor, 1.0),
+                                 ("softcap", t.softcap, None),
+                                 ("temperature", t.temperature, 1.0)):
+        if value != default:
+            parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+_DEFAULTS = CrossEntropyOptions().as_kwargs()
+
+
+class _CrossEntropyOptionsModule(torch.nn.Module):
+    """Holds a validated :class:`CrossEntropyOptions` (without the class weights, which live in
+    the ``weight`` buffer so they follow the module across devices)."""
+
+    def _set_options(self, weight: torch.Tensor | None, **kwargs) -> None:
+        self.options = CrossEntropyOptions.from_kwargs(weight=weight, **kwargs).replace(
+            weight=None)
+        self.register_buffer("weight", weight)
+
+    def _kwargs(self) -> dict:
+        """The function's keywords, those left at their defaults omitted."""
+        kwargs = {k: v for k, v in self.options.as_kwargs().items()
+                  if v is not None and v != _DEFAULTS.get(k)}
+        if self.weight is not None:
+            kwargs["weight"] = self.weight
+        return kwargs
+
+    def extra_repr(self) -> str:
+        return _options_repr(self.options)
+
+
+class CrossEntropyLoss(_CrossEntropyOptionsModule):
+    """As ``torch.nn.CrossEntropyLoss`` (``weight``: per-class weights, a buffer), plus
+    probact's keyword-only options (``z_loss``, the logit transform ``logit_scale`` →
+    ``logit_divisor`` → ``softcap`` → ``temperature``, ``normalizer``, ``return_lse``,
+    ``inplace_backward``; see ``probact_gpu.cross_entropy``). Options are validated here,
+    once."""
 
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        *,
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
-        *,
         z_loss: float = 0.0,
         softcap: float | None = None,
         logit_scale: float = 1.0,
+        logit_divisor: float = 1.0,
+        temperature: float = 1.0,
+        normalizer: float | torch.Tensor | None = None,
         return_lse: bool = False,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.return_lse = return_lse
-        self.inplace_backward = inplace_backward
+        self._set_options(weight, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                          logit_scale=logit_scale, logit_divisor=logit_divisor,
+                          temperature=temperature, normalizer=normalizer)
+        self.return_lse = bool(return_lse)
+        self.inplace_backward = bool(inplace_backward)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
-        return F.cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
-            return_lse=self.return_lse, inplace_backward=self.inplace_backward,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+        return functional.cross_entropy(input, target, **self._kwargs(),
+                                        return_lse=self.return_lse,
+                                        inplace_backward=self.inplace_backward)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """Fused LM head + loss: ``forward(input, weight, target, bias=None)`` is
-    ``F.linear_cross_entropy`` with the options stored here (``class_weight`` is the per-class
-    weight of cross_entropy). The head's weight is passed in, so it stays owned by the model."""
+class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
+    """Fused LM head + loss: ``forward(input, linear_weight, target, linear_bias=None)`` is
+    ``probact_gpu.linear_cross_entropy`` with the options stored here (torch's names:
+    ``weight`` are per-class weights, a buffer; the head's ``linear_weight`` is passed in, so it
+    stays owned by the model). Options are validated here, once."""
 
     def __init__(
         self,
+        weight: torch.Tensor | None = None,
         *,
         ignore_index: int = -100,
         reduction: str = "mean",
@@ -122,30 +169,30 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         logit_scale: float = 1.0,
-        class_weight: torch.Tensor | None = None,
+        logit_divisor: float = 1.0,
+        temperature: float = 1.0,
+        normalizer: float | torch.Tensor | None = None,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         low_memory: bool = False,
     ) -> None:
         super().__init__()
-        self.ignore_index, self.reduction = ignore_index, reduction
-        self.low_memory = low_memory
-        self.label_smoothing, self.z_loss = label_smoothing, z_loss
-        self.softcap, self.logit_scale = softcap, logit_scale
+        self._set_options(weight, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                          logit_scale=logit_scale, logit_divisor=logit_divisor,
+                          temperature=temperature, normalizer=normalizer)
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
-        self.register_buffer("class_weight", class_weight)
+        self.low_memory = bool(low_memory)
 
     def forward(
         self,
         input: torch.Tensor,
-        weight: torch.Tensor,
+        linear_weight: torch.Tensor,
         target: torch.Tensor,
-        bias: torch.Tensor | None = None,
+        linear_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return F.linear_cross_entropy(
-            input, weight, target, bias, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            softcap=self.softcap, logit_scale=self.logit_scale, class_weight=self.class_weight,
+        return functional.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, **self._kwargs(),
             chunk_size=self.chunk_size, memory_budget=self.memory_budget,
             low_memory=self.low_memory,
         )

@@ -223,6 +223,16 @@ class CrossEntropyOptions:
                    label_smoothing=label_smoothing, z_loss=z_loss, transform=transform,
                    normalizer=normalizer)
 
+    def as_kwargs(self) -> dict[str, Any]:
+        """The public functions' keywords for these options (the inverse of
+        :meth:`from_kwargs`): what a module passes on to its function."""
+        t = self.transform
+        return dict(weight=self.weight, ignore_index=self.ignore_index,
+                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                    z_loss=self.z_loss, logit_scale=t.logit_scale,
+                    logit_divisor=t.logit_divisor, softcap=t.softcap,
+                    temperature=t.temperature, normalizer=self.normalizer)
+
     def replace(self, **changes: Any) -> CrossEntropyOptions:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
