@@ -1,5 +1,6 @@
 """The ``probact-gpu`` command (also ``python -m probact_gpu``).
 
+    probact-gpu --version
     probact-gpu check [--large] [--op OP ...] [--seed N]
     probact-gpu bench [--op OP|all ...] [--dtype bf16|fp16|fp32 ...] [--pass fwd|bwd|fwd_bwd ...]
                       [--quick] [--smoke] [--out DIR]
@@ -15,6 +16,8 @@ import argparse
 import os
 import signal
 import sys
+
+from . import __version__
 
 
 def _pick_device(requested: str | None) -> str:
@@ -93,6 +96,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probact-gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="compare every op with the NumPy float64 reference")

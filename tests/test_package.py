@@ -1,11 +1,24 @@
-"""Packaging: device code ships as probact_gpu.kernels (never a top-level `kernels`), the public
-API is torch's, and importing the package does no work."""
+"""Packaging: device code ships as probact_gpu.kernels (never a top-level `kernels`), the version
+has one home, importing the package does no work, and every public name resolves."""
 
+import ast
+import importlib.metadata
 import importlib.util
+import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import probact_gpu
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_VERSION = re.compile(r"\d+\.\d+\.\d+([.-]?(a|b|rc|dev|post)\d*)*")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True,
+                          timeout=120, env=dict(os.environ), cwd=ROOT)
 
 
 def test_kernels_are_a_subpackage_not_top_level():
@@ -16,12 +29,82 @@ def test_kernels_are_a_subpackage_not_top_level():
     assert spec is None or "probact_gpu" not in (spec.origin or ""), spec
 
 
-def test_import_is_lazy_and_does_not_import_triton():
-    code = "import sys, probact_gpu; print('triton' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_package_version_has_one_home():
+    # pyproject.toml declares the version dynamic and reads probact_gpu.__version__ ...
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^dynamic\s*=\s*\[\s*"version"\s*\]', pyproject, re.M), "version not dynamic"
+    assert not re.search(r'^version\s*=\s*"', pyproject, re.M), "a literal version in pyproject"
+    assert re.search(r'version\s*=\s*\{\s*attr\s*=\s*"probact_gpu.__version__"\s*\}', pyproject)
+    # ... which is a literal in __init__.py, so setuptools reads it without importing anything.
+    tree = ast.parse((ROOT / "probact_gpu" / "__init__.py").read_text())
+    literals = [n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                and [getattr(t, "id", None) for t in n.targets] == ["__version__"]
+                and isinstance(n.value, ast.Constant)]
+    assert literals == [probact_gpu.__version__]
+    assert _VERSION.fullmatch(probact_gpu.__version__), probact_gpu.__version__
+    # The installed metadata agrees (the package is installed editable by scripts/install.sh).
+    assert importlib.metadata.version("probact-gpu") == probact_gpu.__version__
 
 
-def test_public_names_resolve():
+def test_package_version_option_of_the_command():
+    out = _run("-m", "probact_gpu", "--version")
+    assert out.stdout.strip() == f"probact-gpu {probact_gpu.__version__}"
+
+
+def test_package_import_is_lazy():
+    code = ("import sys, probact_gpu; probact_gpu.__version__; dir(probact_gpu); "
+            "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))")
+    assert _run("-c", code).stdout.strip() == "[]"
+
+
+def test_package_version_option_imports_no_torch():
+    code = ("import sys; from probact_gpu.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'triton' in sys.modules)")
+    assert _run("-c", code).stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_package_all_names_resolve():
+    assert probact_gpu.__all__ == sorted(probact_gpu.__all__)
+    assert set(probact_gpu.__all__) == set(probact_gpu._EXPORTS)
     for name in probact_gpu.__all__:
-        assert getattr(probact_gpu, name) is not None, name
+        value = getattr(probact_gpu, name)
+        assert value is not None, name
+        assert getattr(value, "__name__", name) == name, (name, value)
+        assert name in dir(probact_gpu)
+
+
+def test_package_type_checking_imports_cover_all():
+    """Every exported name is imported under ``if TYPE_CHECKING:`` from the module the lazy
+    table names, so IDEs and type checkers see the real objects."""
+    tree = ast.parse((ROOT / "probact_gpu" / "__init__.py").read_text())
+    seen = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+                and node.test.id == "TYPE_CHECKING"):
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1, ast.dump(imp)
+                for alias in imp.names:
+                    seen[alias.asname or alias.name] = imp.module
+    expected = dict(probact_gpu._EXPORTS)
+    # functional re-exports the ops' functions; the lazy table may name either home
+    for name, module in seen.items():
+        assert name in expected, f"{name} imported for type checkers but not exported"
+        home = importlib.import_module(f"probact_gpu.{module}")
+        assert getattr(home, name) is getattr(probact_gpu, name), name
+    assert set(seen) == set(expected)
+
+
+def test_package_ships_py_typed():
+    assert (ROOT / "probact_gpu" / "py.typed").is_file()
+    assert re.search(r'probact_gpu\s*=\s*\[\s*"py.typed"\s*\]',
+                     (ROOT / "pyproject.toml").read_text())
+
+
+def test_package_missing_name_raises_attribute_error():
+    try:
+        probact_gpu.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("no AttributeError")
