@@ -1,0 +1,439 @@
+"""Token log-probs of an LM head's logits: the log-probability of each chosen token, the entropy
+of each row's distribution, lse and argmax — launchers, the registered custom ops, autograd and
+the public function.
+
+Read top-down: the launchers run the kernels of ``probact_gpu.kernels.token_log_probs`` (whose
+docstring has the maths and the bytes); ``probact_gpu::token_log_probs`` and
+``probact_gpu::token_log_probs_bwd`` wrap them as torch.library ops with fake implementations,
+so ``torch.compile(fullgraph=True)`` traces them; autograd is registered on the forward op;
+:func:`token_log_probs` is the public function.
+
+Launchers meant for reuse (the fused linear op, the vocab-parallel ops); no host sync in any:
+
+``token_log_probs_fwd(logits, target, *, ignore_index=-100, transform=HeadTransform(),
+compute_entropy=False, compute_argmax=False, save_stats=False, config=None)
+-> (logp, entropy | None, lse, argmax | None, stats | None)``
+    ``logits`` (N, V) of any strides (or (…, V): rows are the leading dims), ``target`` (N,)
+    int32/int64. Per-row outputs are (N,) fp32 (fp64 for fp64 logits), argmax int64; ``stats``
+    (N, 3) = (shift, log s, μ_rel) for the backward. Paths: single tile, multi tile (one read
+    of the logits either way) and split (few long rows: partials, merged on the device by
+    :func:`merge_partials` and :func:`finish_rows`).
+
+``token_log_probs_partial(logits, target, *, vocab_start=0, transform, compute_entropy,
+compute_argmax, config=None) -> (partials (N, S, 4), argmax (N, S) | None)``
+    Per (row, chunk) ``(max z, s, τ, z_t or 0)`` of a shard holding global classes
+    ``[vocab_start, vocab_start + V_local)``.
+
+``token_log_probs_bwd(logits, target, stats, grad_logp, grad_entropy, *, vocab_start=0,
+n_classes=None, ignore_index=-100, transform, out=None, config=None) -> dlogits``
+    ``grad_logp`` / ``grad_entropy``: (N,) device tensors or None. ``out`` may be ``logits``
+    itself (each element is read before it is written).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import tiling
+from .._runtime import (
+    accum_dtype,
+    check_float,
+    check_runnable,
+    check_same_device,
+    empty,
+    launch,
+    row_view,
+    sm_count,
+)
+from ..kernels.token_log_probs import (
+    token_log_probs_bwd_kernel,
+    token_log_probs_fwd_kernel,
+    token_log_probs_fwd_loop_kernel,
+    token_log_probs_partial_kernel,
+)
+from ..options import HeadTransform, as_index
+from ..tiling import RowConfig
+
+__all__ = [
+    "TokenLogProbs",
+    "finish_rows",
+    "merge_partials",
+    "token_log_probs",
+    "token_log_probs_bwd",
+    "token_log_probs_fwd",
+    "token_log_probs_partial",
+]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+NO_INDEX = 2**62  # the partial argmax of an empty chunk (kernels/token_log_probs.py)
+IDENTITY = HeadTransform()
+
+
+class TokenLogProbs(NamedTuple):
+    """What :func:`token_log_probs` returns when any ``return_*`` flag is set; a field not
+    asked for is None. ``logprobs``, ``entropy`` and ``lse`` are fp32 (fp64 for fp64 logits),
+    ``argmax`` int64, all shaped like the target."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    lse: torch.Tensor | None
+    argmax: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None) -> RowConfig:
+    if config is None:
+        return tiling.choose_cross_entropy_config(n_rows, n_cols, t.element_size(),
+                                                  sm_count(t.device))
+    config.validate_for(n_cols)
+    if config.n_programs:
+        raise ValueError(f"config.n_programs={config.n_programs}: the token log-probs kernels "
+                         "run one program per row")
+    return config
+
+
+def _transform_args(transform: HeadTransform) -> tuple[float, float, float]:
+    softcap = 1.0 if transform.softcap is None else transform.softcap
+    return transform.pre_scale, softcap, transform.inv_temperature
+
+
+def token_log_probs_partial(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    transform: HeadTransform = IDENTITY,
+    compute_entropy: bool = False,
+    compute_argmax: bool = False,
+    config: RowConfig | None = None,
+    _view=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per (row, chunk) partial statistics of ``logits`` (N, V_local ≥ 1), which hold global
+    classes ``[vocab_start, vocab_start + V_local)``: ((N, S, 4) fp32 (fp64 for fp64 logits),
+    (N, S) int64 global argmax or None)."""
+    xv = _view or row_view(logits, logits.ndim - 1)
+    cfg = config or tiling.choose_cross_entropy_config(
+        xv.n_rows, xv.n_cols, logits.element_size(), sm_count(logits.device))
+    if cfg.path != "split":
+        block_n = min(cfg.block_n, tiling.loop_block(logits.element_size()))
+        cfg = RowConfig("split", block_n, cfg.num_warps, n_splits=1)
+    chunk = tiling.split_chunk(xv.n_cols, cfg)
+    stats = empty((xv.n_rows, cfg.n_splits, 4), accum_dtype(logits), logits.device)
+    arg = (torch.empty((xv.n_rows, cfg.n_splits), dtype=torch.int64, device=logits.device)
+           if compute_argmax else None)
+    if xv.n_rows == 0:
+        return stats, arg
+    grid = (xv.n_rows, cfg.n_splits)
+    launch(token_log_probs_partial_kernel, grid,
+           (xv.tensor, target, stats, stats if arg is None else arg, xv.n_cols, xv.n_inner,
+            chunk, vocab_start, *xv.strides, *_transform_args(transform)),
+           path="split", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
+           HAS_SOFTCAP=transform.softcap is not None, COMPUTE_ENTROPY=compute_entropy,
+           COMPUTE_ARGMAX=compute_argmax)
+    return stats, arg
+
+
+def merge_partials(stats: torch.Tensor, arg: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge (N, K, 4) partials ``(m, s, τ, z_t)`` (and (N, K) argmax) over K into (N, 4) (and
+    (N,)), in torch ops on the device: ``M = max m``, ``s = Σ α s``, ``τ = Σ α (τ + d s)``
+    with ``α = exp(m − M)``, ``d = m − M`` (0 where m = −inf), ``z_t = Σ z_t``; the argmax is
+    the smallest index among the partials whose max is M."""
+    part_max = stats[..., 0]
+    row_max = part_max.amax(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)[:, None]
+    alpha = torch.exp(part_max - shift)
+    d = torch.where(part_max == float("-inf"), 0.0, part_max - shift)
+    part_sum = stats[..., 1]
+    merged = torch.stack([row_max, (alpha * part_sum).sum(dim=1),
+                          (alpha * (stats[..., 2] + d * part_sum)).sum(dim=1),
+                          stats[..., 3].sum(dim=1)], dim=1)
+    if arg is None:
+        return merged, None
+    best = torch.where(part_max == row_max[:, None], arg, NO_INDEX).amin(dim=1)
+    return merged, best
+
+
+def finish_rows(merged: torch.Tensor, target: torch.Tensor, n_classes: int, ignore_index: int,
+                compute_entropy: bool) -> tuple[torch.Tensor, ...]:
+    """(logp, entropy | None, lse, stats (N, 3)) of rows from their merged (N, 4) statistics
+    ``(max, s, τ, z_t)`` around the row max (torch ops on the device; the kernels' formulas)."""
+    row_max, row_sum, tau, z_t = merged.unbind(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    log_sum = torch.log(row_sum)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    logp = (z_t - shift) - log_sum
+    logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
+    mu_rel = tau / row_sum
+    entropy = torch.where(valid, log_sum - mu_rel, 0.0) if compute_entropy else None
+    stats = torch.stack([shift, log_sum, mu_rel], dim=1)
+    return logp, entropy, shift + log_sum, stats
+
+
+def token_log_probs_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    transform: HeadTransform = IDENTITY,
+    compute_entropy: bool = False,
+    compute_argmax: bool = False,
+    save_stats: bool = False,
+    config: RowConfig | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Per-row (logp, entropy, lse, argmax, stats) of ``logits`` (rows along the last dim, any
+    strides) and flat int32/int64 ``target``; entropy, argmax and stats are None unless asked
+    (module docstring). One read of the logits on the single- and multi-tile paths."""
+    xv = row_view(logits, logits.ndim - 1)
+    n_rows, n_cols = xv.n_rows, xv.n_cols
+    sdt, device = accum_dtype(logits), logits.device
+    if n_rows == 0:
+        z = torch.empty(0, dtype=sdt, device=device)
+        return (z, z.clone() if compute_entropy else None, z.clone(),
+                torch.empty(0, dtype=torch.int64, device=device) if compute_argmax else None,
+                torch.empty((0, 3), dtype=sdt, device=device) if save_stats else None)
+    cfg = _config(n_rows, n_cols, logits, config)
+    if cfg.path == "split":
+        partials, part_arg = token_log_probs_partial(
+            logits, target, transform=transform, compute_entropy=compute_entropy,
+            compute_argmax=compute_argmax, config=cfg, _view=xv)
+        merged, arg = merge_partials(partials, part_arg)
+        logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), n_cols,
+                                                ignore_index, compute_entropy)
+        return logp, entropy, lse, arg, stats if save_stats else None
+    logp = empty((n_rows,), sdt, device)
+    lse = empty((n_rows,), sdt, device)
+    entropy = empty((n_rows,), sdt, device) if compute_entropy else None
+    arg = torch.empty(n_rows, dtype=torch.int64, device=device) if compute_argmax else None
+    stats = empty((n_rows, 3), sdt, device) if save_stats else None
+    ptrs = (xv.tensor, target, logp, logp if entropy is None else entropy, lse,
+            logp if arg is None else arg, logp if stats is None else stats)
+    flags = dict(HAS_SOFTCAP=transform.softcap is not None, COMPUTE_ENTROPY=compute_entropy,
+                 COMPUTE_ARGMAX=compute_argmax, SAVE_STATS=save_stats)
+    if cfg.path == "single":
+        grid = (tiling.cdiv(n_rows, cfg.block_m),)
+        launch(token_log_probs_fwd_kernel, grid,
+               (*ptrs, n_rows, n_cols, xv.n_inner, ignore_index, *xv.strides,
+                *_transform_args(transform)),
+               path="single", num_warps=cfg.num_warps, BLOCK_M=cfg.block_m,
+               BLOCK_N=cfg.block_n, **flags)
+    else:
+        launch(token_log_probs_fwd_loop_kernel, (n_rows,),
+               (*ptrs, n_cols, xv.n_inner, ignore_index, *xv.strides,
+                *_transform_args(transform)),
+               path="multi", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, **flags)
+    return logp, entropy, lse, arg, stats
+
+
+def token_log_probs_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    vocab_start: int = 0,
+    n_classes: int | None = None,
+    ignore_index: int = -100,
+    transform: HeadTransform = IDENTITY,
+    out: torch.Tensor | None = None,
+    config: RowConfig | None = None,
+) -> torch.Tensor:
+    """dlogits = d(Σ g_logp·logp + Σ g_H·H)/dlogits from the forward's (N, 3) ``stats``; the
+    upstream gradients are flat (N,) tensors or None (not both). One read of ``logits``, one
+    write of ``out`` (a new contiguous tensor like ``logits`` when None; may be ``logits``)."""
+    if out is None:
+        out = empty(logits.shape, logits.dtype, logits.device)
+    xv, dxv = row_view(logits, logits.ndim - 1), row_view(out, out.ndim - 1)
+    if dxv.tensor is not out:
+        raise ValueError("out must be addressable as rows along its last dim without a copy")
+    n_classes = xv.n_cols if n_classes is None else n_classes
+    if xv.n_rows == 0 or xv.n_cols == 0:
+        return out
+    cfg = _config(xv.n_rows, xv.n_cols, logits, config)
+    if cfg.path == "split":
+        n_splits, chunk = cfg.n_splits, tiling.split_chunk(xv.n_cols, cfg)
+    else:
+        n_splits, chunk = 1, xv.n_cols
+    block_n = min(cfg.block_n, tiling.next_power_of_2(chunk))
+    grid = (xv.n_rows, n_splits)
+    dummy = stats
+    launch(token_log_probs_bwd_kernel, grid,
+           (xv.tensor, target, stats, dummy if grad_logp is None else grad_logp,
+            dummy if grad_entropy is None else grad_entropy, dxv.tensor,
+            xv.n_cols, xv.n_inner, chunk, vocab_start, n_classes, ignore_index,
+            *xv.strides, *dxv.strides, *_transform_args(transform)),
+           path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=block_n,
+           HAS_SOFTCAP=transform.softcap is not None, HAS_GRAD_LOGP=grad_logp is not None,
+           HAS_GRAD_ENTROPY=grad_entropy is not None)
+    return out
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _transform(logit_scale, logit_divisor, softcap, temperature) -> HeadTransform:
+    return HeadTransform(logit_scale, logit_divisor, softcap, temperature)
+
+
+@torch.library.custom_op("probact_gpu::token_log_probs", mutates_args=())
+def _tlp_op(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float, compute_entropy: bool,
+    compute_argmax: bool, save_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse, argmax, stats) shaped like ``target`` ((N, 3) for stats); an output
+    not asked for is an empty (0,) tensor."""
+    flat = target.reshape(-1)
+    logp, entropy, lse, arg, stats = token_log_probs_fwd(
+        logits, flat if flat.is_contiguous() else flat.contiguous(), ignore_index=ignore_index,
+        transform=_transform(logit_scale, logit_divisor, softcap, temperature),
+        compute_entropy=compute_entropy, compute_argmax=compute_argmax, save_stats=save_stats)
+    none = logits.new_empty(0, dtype=logp.dtype)
+    shape = target.shape
+    return (logp.reshape(shape), none if entropy is None else entropy.reshape(shape),
+            lse.reshape(shape),
+            logits.new_empty(0, dtype=torch.int64) if arg is None else arg.reshape(shape),
+            none.clone() if stats is None else stats)
+
+
+@_tlp_op.register_fake
+def _(logits, target, ignore_index, logit_scale, logit_divisor, softcap, temperature,
+      compute_entropy, compute_argmax, save_stats):
+    sdt = accum_dtype(logits)
+    shape = target.shape
+    return (logits.new_empty(shape, dtype=sdt),
+            logits.new_empty(shape if compute_entropy else (0,), dtype=sdt),
+            logits.new_empty(shape, dtype=sdt),
+            logits.new_empty(shape if compute_argmax else (0,), dtype=torch.int64),
+            logits.new_empty((target.numel(), 3) if save_stats else (0,), dtype=sdt))
+
+
+@torch.library.custom_op("probact_gpu::token_log_probs_bwd", mutates_args=())
+def _tlp_bwd_op(
+    logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+    grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, ignore_index: int,
+    logit_scale: float, logit_divisor: float, softcap: float | None, temperature: float,
+) -> torch.Tensor:
+    """dlogits (a new contiguous tensor like ``logits``) from the saved stats and the upstream
+    gradients (shaped like ``target``; at least one given)."""
+    def flat(t):
+        return None if t is None else t.reshape(-1).contiguous()
+
+    return token_log_probs_bwd(
+        logits, flat(target), stats, flat(grad_logp), flat(grad_entropy),
+        ignore_index=ignore_index,
+        transform=_transform(logit_scale, logit_divisor, softcap, temperature))
+
+
+@_tlp_bwd_op.register_fake
+def _(logits, target, stats, grad_logp, grad_entropy, ignore_index, logit_scale, logit_divisor,
+      softcap, temperature):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, target, ignore_index, logit_scale, logit_divisor, softcap, temperature,
+     compute_entropy, compute_argmax, save_stats) = inputs
+    _, _, lse, arg, stats = output
+    ctx.mark_non_differentiable(lse, arg, stats)
+    ctx.set_materialize_grads(False)  # lse and argmax never get a zero-filled gradient
+    ctx.save_for_backward(logits, target, stats)
+    ctx.opts = (ignore_index, logit_scale, logit_divisor, softcap, temperature)
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
+    none = (None,) * 9
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("token_log_probs does not support double backward "
+                           "(backward with create_graph=True)")
+    if grad_logp is None and grad_entropy is None:
+        return (None,) + none
+    logits, target, stats = ctx.saved_tensors
+    dx = _tlp_bwd_op(logits, target, stats, grad_logp, grad_entropy, *ctx.opts)
+    return (dx,) + none
+
+
+torch.library.register_autograd("probact_gpu::token_log_probs", _backward,
+                                setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def check_target(logits: torch.Tensor, target: torch.Tensor, what: str = "logits") -> None:
+    """``target`` an int32/int64 tensor shaped like ``logits`` without its last dim."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _INT_DTYPES:
+        raise TypeError(f"target must hold class indices as int32 or int64, got "
+                        f"dtype={target.dtype}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} ({what} "
+                         f"{tuple(logits.shape)} without the class dim), got "
+                         f"{tuple(target.shape)}")
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    check_float("logits", logits)
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a class dim of at least one class, got shape "
+                         f"{tuple(logits.shape)}")
+
+
+def token_log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+):
+    """Log-probability of each chosen token under ``softmax(z)`` (``logp = z_t − lse``),
+    without materialising a (tokens × V) fp32 copy of the logits.
+
+    - ``logits``: (…, V), any float dtype, any strides; ``target``: (…) int32/int64 class
+      indices (the leading shape of ``logits``).
+    - ``z`` is the transformed logits, applied inside the kernels in fp32 (fp64 for fp64
+      logits), in this order: ``· logit_scale``, ``/ logit_divisor``, ``softcap ·
+      tanh(· / softcap)`` (when not None), ``/ temperature``.
+    - ``ignore_index`` rows: logp 0 and entropy 0, no gradient (lse and argmax still reported).
+      A target outside ``[0, V)`` that is not ``ignore_index`` gives NaN (no error, no host
+      sync).
+    - ``return_entropy``: ``H = lse − Σ p·z`` per row, differentiable (together with logp or
+      alone). ``return_lse``: lse of z per row, not differentiable. ``return_argmax``: the first
+      index of the max of z (int64), not differentiable.
+
+    Returns the fp32 (fp64 for fp64 logits) logp shaped like ``target`` when no ``return_*``
+    flag is set, else a :class:`TokenLogProbs` ``(logprobs, entropy, lse, argmax)`` with None
+    for the fields not asked for. One read of the logits in the forward (plus the backward's
+    one read and one write of dlogits when a gradient is needed); under ``torch.no_grad`` (or
+    logits not requiring grad) nothing is saved. Double backward is not supported.
+    """
+    _check_logits(logits)
+    check_target(logits, target)
+    check_same_device(logits=logits, target=target)
+    ignore_index = as_index("ignore_index", ignore_index)
+    transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
+                              softcap=softcap, temperature=temperature)
+    if logits.numel() > 0:
+        check_runnable(logits, "logits")
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    logp, entropy, lse, arg, _ = _tlp_op(
+        logits, target, ignore_index, transform.logit_scale, transform.logit_divisor,
+        transform.softcap, transform.temperature, bool(return_entropy), bool(return_argmax),
+        needs_grad)
+    if not (return_entropy or return_lse or return_argmax):
+        return logp
+    return TokenLogProbs(logp, entropy if return_entropy else None, lse if return_lse else None,
+                         arg if return_argmax else None)
