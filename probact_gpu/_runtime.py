@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from . import _interpreter
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_SM_COUNT = 4  # what tiling sees under the interpreter: small, so multi-program paths are cheap
 
@@ -77,10 +79,13 @@ def interpreting() -> bool:
 
 
 def check_runnable(t: torch.Tensor, name: str = "input") -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter."""
+    """Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter. Before the
+    first kernel runs on the interpreter, its float conversions are made to round as the GPU's
+    do (:mod:`probact_gpu._interpreter`); every launcher calls this first."""
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu" and interpreting():
+        _interpreter.install()
         return
     if t.device.type == "cpu":
         raise RuntimeError(

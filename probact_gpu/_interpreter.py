@@ -1,0 +1,140 @@
+"""Float conversions for Triton's interpreter that match the GPU's.
+
+Under ``TRITON_INTERPRET=1`` Triton runs a kernel's operations one by one in NumPy, and its
+float conversions (``InterpreterBuilder.cast_impl`` / ``create_fp_to_fp``, which every
+``x.to(dtype)`` and every store into a narrower tensor goes through) differ from the GPU's:
+
+* fp32 → bf16 *truncates* (the GPU rounds to nearest even): every bf16 output is biased towards
+  zero by up to one ulp; sigmoid(14.9375) stores 0.99609375 where the GPU and torch store 1.0.
+* fp64 → bf16 is an integer conversion of the value (``astype(uint16)``, bf16 being stored as
+  uint16): 0.73 becomes 0, 3.0 a subnormal.
+* fp16 → bf16 goes through fp32 and truncates.
+* bf16 subnormals are decoded and encoded wrongly in both directions (a bf16 load is not exact).
+
+fp32 / fp64 → fp16 and fp64 → fp32 go through NumPy's ``astype``, which rounds to nearest even
+from the source's bits (one rounding), as the GPU does; they are right already.
+
+:func:`install` replaces the two conversion methods of the interpreter's builder, for the four
+float formats only, by exact NumPy code: decode the source (bf16 bits → fp32 is a 16-bit shift,
+exact), then round once to nearest even into the destination. fp64 → bf16 rounds to fp32 *to odd*
+first, which keeps the one rounding to bf16 correct (fp32 carries 16 bits more than bf16).
+Anything else (integers, fp8, a rounding mode other than round-to-nearest-even) is left to
+Triton. It is installed the first time a kernel is about to run on the interpreter
+(``_runtime.check_runnable``), never at import, and is valid for triton 3.6 and 3.9, whose
+builders have the same two methods. ``docs/interpreter.md`` has a reproducer for each defect.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+_QUIET_NAN_BF16 = np.uint16(0x7FC0)
+
+
+# --------------------------------------------------------------------------- exact conversions
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) → their exact float32 values."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(
+        np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bf16 bit patterns (uint16), rounded to nearest, ties to even; overflow → ±inf;
+    NaN → a quiet NaN of the same sign."""
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = ((bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype(np.uint16)
+    sign = ((bits >> np.uint32(16)) & np.uint32(0x8000)).astype(np.uint16)
+    return np.where(np.isnan(x), sign | _QUIET_NAN_BF16, rounded).astype(np.uint16)
+
+
+def f64_to_f32_round_to_odd(x: np.ndarray) -> np.ndarray:
+    """float64 → float32 rounded *to odd* (truncate, then set the last bit when inexact).
+
+    Rounding to odd onto a format with at least two more bits than the final one makes a second
+    rounding to nearest exact: fp64 → (odd) fp32 → (nearest even) bf16 equals fp64 → bf16 rounded
+    once. Plain fp64 → fp32 → bf16 would round twice (1 + 2⁻⁸ + 2⁻³⁰ → 1 instead of 1 + 2⁻⁷).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore"):  # beyond fp32's range: inf, stepped back to FLT_MAX below
+        f = x.astype(np.float32)
+    bits = f.view(np.uint32).copy()
+    finite = np.isfinite(x)
+    inexact = finite & (f.astype(np.float64) != x)
+    away = inexact & (np.abs(f.astype(np.float64)) > np.abs(x))  # rounded away from zero
+    bits[away] -= np.uint32(1)  # sign-magnitude: one step towards zero
+    bits[inexact] |= np.uint32(1)
+    return bits.view(np.float32)
+
+
+# --------------------------------------------------------------------------- the shim
+
+_FLOATS = ("fp16", "bf16", "fp32", "fp64")
+_NUMPY = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
+
+
+def _name(tl_dtype: Any) -> str | None:
+    name = getattr(tl_dtype, "name", None)
+    return name if name in _FLOATS else None
+
+
+def convert(data: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Convert the interpreter's storage of a ``src`` tensor (bf16 as uint16 bits, the others
+    as their NumPy float type) to the storage of ``dst``, rounding once to nearest even."""
+    if src == "bf16":
+        data = bf16_bits_to_f32(data)
+    if dst != "bf16":
+        # overflow to ±inf is the conversion's result; a signalling NaN becomes a quiet one
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(data).astype(_NUMPY[dst])
+    if src == "fp64":
+        data = f64_to_f32_round_to_odd(data)
+    return f32_to_bf16_bits(np.asarray(data).astype(np.float32))
+
+
+def _is_rtne(rounding_mode: Any) -> bool:
+    from triton._C.libtriton import ir
+
+    return rounding_mode is None or rounding_mode == ir.ROUNDING_MODE.RTNE
+
+
+@functools.cache
+def install() -> None:
+    """Replace the interpreter's float ↔ float conversions (idempotent; call only when kernels
+    are about to run on the interpreter)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    handle = interpreter.TensorHandle
+    triton_cast = builder.cast_impl
+    triton_fp_to_fp = builder.create_fp_to_fp
+
+    def cast_impl(self, src, dst_type):
+        s, d = _name(src.dtype.scalar), _name(dst_type.scalar)
+        if s is None or d is None or s == d:
+            return triton_cast(self, src, dst_type)
+        return handle(convert(src.data, s, d), dst_type.scalar)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        s, d = _name(src.dtype.scalar), _name(dst_type.scalar)
+        if s is None or d is None or s == d or not _is_rtne(rounding_mode):
+            return triton_fp_to_fp(self, src, dst_type, rounding_mode)
+        return handle(convert(src.data, s, d), dst_type.scalar)
+
+    cast_impl.__wrapped__ = triton_cast
+    create_fp_to_fp.__wrapped__ = triton_fp_to_fp
+    builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+
+
+def installed() -> bool:
+    """True once :func:`install` has replaced the interpreter's conversions."""
+    from triton.runtime import interpreter
+
+    return hasattr(interpreter.InterpreterBuilder.cast_impl, "__wrapped__")
