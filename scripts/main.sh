@@ -2,15 +2,17 @@
 # The main job: `probact-gpu check` (every op against the NumPy float64 reference, with torch
 # eager's error beside ours), then `probact-gpu bench`: the quick benchmark with its table,
 # JSON and plot in bench-out/ on a CUDA machine; without CUDA, the harness's untimed smoke pass.
-# Small shapes through Triton's interpreter without CUDA; GPU-sized shapes with it.
+# Small shapes through Triton's interpreter without CUDA; GPU-sized shapes with it. Runs on the
+# Python scripts/install.sh installed into ($PYTHON, or ./.venv), never whatever is on the PATH.
+# Arguments go to `probact-gpu check`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+PY=$(bash scripts/install.sh)
 status=0
-probact-gpu check "$@" || status=$?
-if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    probact-gpu bench --quick --out bench-out || status=$?
+"$PY" -m probact_gpu check "$@" || status=$?
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    "$PY" -m probact_gpu bench --quick --out bench-out || status=$?
 else
-    probact-gpu bench || status=$?
+    "$PY" -m probact_gpu bench || status=$?
 fi
 exit $status

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test suite. On a machine without CUDA, the Triton kernels run on the CPU through the
-# interpreter (tests/conftest.py sets TRITON_INTERPRET=1); `gpu` tests are reported as skipped.
+# The test suite, on the Python scripts/install.sh installed into ($PYTHON, or ./.venv where the
+# system Python is externally managed). Arguments go to pytest, e.g. `-k cross_entropy`.
+# On a machine without CUDA the Triton kernels run on the CPU through the interpreter
+# (tests/conftest.py sets TRITON_INTERPRET=1); `gpu` tests are reported as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+PY=$(bash scripts/install.sh)
+exec "$PY" -m pytest -q "$@"
