@@ -289,6 +289,8 @@ def _tlp_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse, argmax, stats) shaped like ``target`` ((N, 3) for stats); an output
     not asked for is an empty (0,) tensor."""
+    if logits.numel() > 0:
+        check_runnable(logits, "logits")
     flat = target.reshape(-1)
     logp, entropy, lse, arg, stats = token_log_probs_fwd(
         logits, flat if flat.is_contiguous() else flat.contiguous(), ignore_index=ignore_index,
@@ -426,8 +428,6 @@ def token_log_probs(
     ignore_index = as_index("ignore_index", ignore_index)
     transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
                               softcap=softcap, temperature=temperature)
-    if logits.numel() > 0:
-        check_runnable(logits, "logits")
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     logp, entropy, lse, arg, _ = _tlp_op(
         logits, target, ignore_index, transform.logit_scale, transform.logit_divisor,
