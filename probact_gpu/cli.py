@@ -3,7 +3,7 @@
     probact-gpu --version
     probact-gpu check [--large] [--op OP ...] [--seed N]
     probact-gpu bench [--op OP|all ...] [--dtype bf16|fp16|fp32 ...] [--pass fwd|bwd|fwd_bwd ...]
-                      [--quick] [--smoke] [--out DIR]
+                      [--quick] [--smoke] [--traffic] [--out DIR]
 
 On a machine without CUDA the kernels run on the CPU through Triton's interpreter; this module
 sets ``TRITON_INTERPRET=1`` before anything imports triton, so it must not import the kernels at
@@ -51,7 +51,32 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _traffic(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        raise SystemExit("probact-gpu bench --traffic counts through Triton's interpreter: "
+                         "it runs on the CPU (drop --device cuda)")
+    _pick_device("cpu")
+    from .bench import report, traffic
+    from .bench.shapes import OPS
+
+    ops = OPS if not args.op or "all" in args.op else tuple(dict.fromkeys(args.op))
+    dtypes = tuple(dict.fromkeys(args.dtype or ["bf16"]))
+    passes = tuple(dict.fromkeys(args.passes)) if args.passes else None
+    env = report.environment("traffic", "cpu (Triton interpreter)", quick=False,
+                             command="probact-gpu " + " ".join(args.argv))
+    rows = traffic.run(ops, dtypes, passes,
+                       progress=lambda what: print(f"counting {what}", file=sys.stderr))
+    print(report.format_traffic_header(env))
+    print(report.format_traffic_table(rows))
+    if args.out:
+        for path in report.write_traffic(args.out, env, rows):
+            print(f"wrote {path}")
+    return 0 if any(r.status == "ok" for r in rows) else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.traffic:
+        return _traffic(args)
     device = _pick_device(args.device)
     smoke = args.smoke or device == "cpu"
     if device == "cpu":
@@ -124,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a subset of PERF.md's shapes (~1 min)")
     b.add_argument("--smoke", action="store_true",
                    help="tiny shapes, each provider once, untimed (what CI runs)")
+    b.add_argument("--traffic", action="store_true",
+                   help="count bytes, launches and allocations per call through the interpreter "
+                        "at the full shapes' launch configs (any machine; nothing timed)")
     b.add_argument("--out", metavar="DIR",
-                   help="write DIR/<gpu>/<date>.{md,json,png}")
+                   help="write DIR/<gpu>/<date>.{md,json,png} (with --traffic: "
+                        "DIR/traffic/<date>.{md,json}, or a FILE.md and its .json)")
     b.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu (smoke pass only)")
     b.set_defaults(func=_bench)

@@ -358,5 +358,123 @@ def write_results(out_dir: str | os.PathLike, env: dict, copy_gbps: float | None
     return written
 
 
+# --------------------------------------------------------------------------- traffic
+
+TRAFFIC_SCHEMA = "probact-gpu-traffic/1"
+_TRAFFIC_KEYS = ("op", "pass", "dtype", "shape", "provider", "status", "reason", "run_shape",
+                 "path", "minimal", "triton_loaded", "triton_stored", "reread", "torch_bytes",
+                 "triton_launches", "torch_launches", "triton_ratio", "total_ratio", "hbm_ratio",
+                 "kernels", "allocations", "syncs")
+
+
+def validate_traffic(doc: dict) -> None:
+    """Raise ValueError naming the first field of a ``bench --traffic`` document that breaks
+    its schema: ``{"schema", "env" (as the bench's, mode "traffic"), "rows": [...]}``, each row
+    with exactly ``_TRAFFIC_KEYS`` (see ``bench/traffic.py``'s ``TrafficRow``)."""
+    if doc.get("schema") != TRAFFIC_SCHEMA:
+        raise ValueError(f"schema must be {TRAFFIC_SCHEMA!r}, got {doc.get('schema')!r}")
+    env = doc.get("env")
+    if not isinstance(env, dict) or [k for k in _ENV_KEYS if k not in env]:
+        raise ValueError(f"env must be an object with {_ENV_KEYS}")
+    if env["mode"] != "traffic":
+        raise ValueError(f"env.mode must be 'traffic', got {env['mode']!r}")
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError("rows must be a list")
+    for i, row in enumerate(rows):
+        if set(row) != set(_TRAFFIC_KEYS):
+            raise ValueError(f"rows[{i}] has keys {sorted(row)}, expected {sorted(_TRAFFIC_KEYS)}")
+        if row["status"] not in ("ok", "skipped"):
+            raise ValueError(f"rows[{i}].status = {row['status']!r}")
+        if row["status"] == "skipped" and not row["reason"]:
+            raise ValueError(f"rows[{i}] is skipped without a reason")
+        for key in ("kernels", "allocations", "syncs"):
+            if not isinstance(row[key], list):
+                raise ValueError(f"rows[{i}].{key} must be a list")
+
+
+def _launch_list(kernels: list[str]) -> str:
+    """``['a (fwd)', 'a (fwd)', 'aten.b (bwd)']`` -> ``fwd: a ×2; bwd: aten.b``."""
+    phases: dict[str, dict[str, int]] = {}
+    for k in kernels:
+        name, _, phase = k.rpartition(" (")
+        name = name.removesuffix("_kernel")
+        counts = phases.setdefault(phase.rstrip(")"), {})
+        counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{phase}: " + ", ".join(n + (f" ×{c}" if c > 1 else "")
+                                               for n, c in names.items())
+                     for phase, names in phases.items())
+
+
+def format_traffic_table(rows) -> str:
+    """One markdown table per op: launches, bytes over the minimal-bytes model (Triton alone,
+    with torch's kernels, and HBM after the L2 model), re-reads, big allocations."""
+    out: list[str] = []
+    for op in dict.fromkeys(r.op for r in rows):
+        out.append(f"### {op}\n")
+        out.append("| pass | dtype | shape (counted at) | provider | path | launches Triton + "
+                   "torch | bytes ÷ min: Triton | + torch | HBM (L2 model) | re-read ÷ min | "
+                   "allocations ≥ ½ input | launched |")
+        out.append("|" + "---|" * 12)
+        for r in (r for r in rows if r.op == op):
+            if r.status != "ok":
+                out.append(f"| {r.pass_} | {r.dtype} | {label(r.shape)} | {r.provider} | – | – "
+                           f"| – | – | – | – | – | skipped: {r.reason} |")
+                continue
+            reread = "–" if not r.minimal else f"{r.reread / r.minimal:.2f}"
+            allocs = ", ".join(r.allocations) or "none"
+            launched = _launch_list(r.kernels).replace("|", "/")
+            if r.syncs:
+                launched += "; HOST SYNC: " + ", ".join(r.syncs)
+            out.append(
+                f"| {r.pass_} | {r.dtype} | {label(r.shape)} ({label(r.run_shape)}) | "
+                f"{r.provider} | {r.path} | {r.triton_launches} + {r.torch_launches} | "
+                f"{_num(r.triton_ratio, '.2f')} | {_num(r.total_ratio, '.2f')} | "
+                f"{_num(r.hbm_ratio, '.2f')} | {reread} | {allocs} | {launched} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_traffic_header(env: dict) -> str:
+    return "\n".join([
+        "# probact-gpu bench --traffic",
+        "",
+        "**Counted, not timed**: each op ran once through Triton's interpreter at a scaled-down "
+        "shape that takes the full shape's launch config (rows fewer, row length and config "
+        "kept; `tiling` asked for the full shape on 132 SMs). Ratios are over the minimal-bytes "
+        "model at the counted shape (per row, so the full shape's up to per-call constants).",
+        "",
+        f"- torch {env['torch']}, triton {env['triton']}, probact_gpu {env['probact_gpu']}; "
+        f"{env['date']} {env['time_utc']} UTC: `{env['command']}`",
+        "- bytes ÷ min, Triton: unmasked lanes of every `tl.load` / `tl.store` × element size; "
+        "+ torch: with the torch kernels outside them (each tensor input read once, each output "
+        "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines, "
+        "resident programs × 132 SMs in flight) serves at the full shape",
+        "- re-read: bytes a program loads again after loading them itself; allocations: "
+        "new tensors ≥ ½ the input's bytes, in units of it; launched: Triton kernels "
+        "(`_kernel` dropped) and `aten.*` ops that would be GPU kernels, per phase",
+    ]) + "\n"
+
+
+def traffic_document(env: dict, rows) -> dict:
+    doc = {"schema": TRAFFIC_SCHEMA, "env": env, "rows": [r.to_json() for r in rows]}
+    validate_traffic(doc)
+    return doc
+
+
+def write_traffic(out: str | os.PathLike, env: dict, rows) -> list[Path]:
+    """``out`` ending in ``.md``: that file and its ``.json`` beside it; else
+    ``<out>/traffic/<date>.{md,json}``. Returns the paths written."""
+    out = Path(out)
+    md_path = out if out.suffix == ".md" else out / "traffic" / f"{env['date']}.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = md_path.with_suffix(".json")
+    json_path.write_text(json.dumps(traffic_document(env, rows), indent=1) + "\n")
+    md_path.write_text(format_traffic_header(env) + "\n" + format_traffic_table(rows))
+    return [json_path, md_path]
+
+
 __all__ = ["Row", "SCHEMA", "format_header", "format_table", "load_json", "plot", "slug",
-           "to_document", "validate", "write_results", "environment"]
+           "to_document", "validate", "write_results", "environment", "TRAFFIC_SCHEMA",
+           "format_traffic_header", "format_traffic_table", "traffic_document",
+           "validate_traffic", "write_traffic"]
