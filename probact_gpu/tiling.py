@@ -189,6 +189,28 @@ def choose_bce_config(numel: int, elem_size: int) -> ElementwiseConfig:
     return choose_elementwise_config(numel, elem_size, max_elems_per_thread=cap)
 
 
+# The finishing sum of a reduced BCE loss: one program adds the forward's per-program partials
+# (65,536 fp32 values at 2^28 elements and 4096 a program). 16 warps and 64 KiB of partials a
+# trip (16 fp32 / 8 fp64 values a thread, 16-byte loads) make that 4 trips of a full SM's worth
+# of loads in flight instead of 64 dependent trips of 4 KiB.
+BCE_FINISH_BYTES = 64 * 1024
+BCE_FINISH_WARPS = 16
+
+
+def choose_bce_finish_config(n_partials: int, partial_size: int) -> ElementwiseConfig:
+    """Lanes of the single finishing program: ``BCE_FINISH_BYTES`` of partials a trip, fewer
+    (a power of two >= 16) when there are fewer partials."""
+    block = min(BCE_FINISH_BYTES // partial_size, next_power_of_2(n_partials))
+    block = max(block, 16)
+    return ElementwiseConfig(block, BCE_FINISH_WARPS if block >= 4096 else 4)
+
+
+def grid_stride_programs(numel: int, block: int, sm_count: int) -> int:
+    """Programs of a grid-stride elementwise launch (the BCE gradient rescale): one per SM, no
+    more than there are blocks. Each walks blocks ``programs`` apart."""
+    return max(1, min(sm_count, cdiv(numel, block)))
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 # Longest row the cross-entropy single-tile kernel holds on-chip. Lower than the softmax limit

@@ -451,8 +451,10 @@ _SHORT = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK": "B", "BLOCK_S": "BS"}
 def config_text(job: Job) -> str:
     parts, flags = [], []
     names = list(job.signature)
-    for (i,), value in sorted(job.constexprs.items()):
-        name = names[i]
+    for key, value in sorted(job.constexprs.items()):
+        if len(key) != 1:  # an element of a tuple argument (BCE's index terms), not a flag
+            continue
+        name = names[key[0]]
         if name.startswith("BLOCK"):
             parts.append(f"{_SHORT.get(name, name)}={value}")
         elif name.isupper() and isinstance(value, bool):

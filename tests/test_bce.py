@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as torch_F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import probact_gpu as pg
 from probact_gpu import reference
+from probact_gpu._runtime import sm_count
 from probact_gpu.ops.bce import bce_bwd, bce_fwd, bce_scale_grad_, broadcast_terms
 from probact_gpu.testing import (
     assert_close_to_reference,
@@ -88,9 +90,11 @@ def test_bce_in_forward_gradient_path(reduction, device, rng):
                                config=config)
             bce_scale_grad_(dx, torch.tensor(scale, device=device), config=config)
         assert [(lc.kernel, lc.path) for lc in launches] == [
-            ("bce_fwd_kernel", "fused_grad"), ("sum_partials_kernel", "fused_grad"),
+            ("bce_fwd_kernel", "fused_grad"), ("bce_finish_kernel", "fused_grad"),
             ("bce_scale_grad_kernel", "fused_grad")]
         assert launches[0].grid == (-(-9 * 37 // 64),)
+        # The rescale: one program per SM, no more than the 6 blocks of 64 (4 SMs on CPU: loops).
+        assert launches[2].grid == (min(sm_count(device), 6),)
         dy = torch.tensor(scale, dtype=torch.float32, device=device)
         _check(x, t, w, pw, reduction, dy, loss, dx, torch.float32)
     # Through the public API and autograd: the same kernels, and never bce_bwd_kernel.
@@ -99,7 +103,7 @@ def test_bce_in_forward_gradient_path(reduction, device, rng):
         loss = pg.binary_cross_entropy_with_logits(xr, t, w, reduction=reduction, pos_weight=pw)
         (loss * 3.0).backward()
     kernels = [lc.kernel for lc in launches]
-    assert kernels == ["bce_fwd_kernel", "sum_partials_kernel", "bce_scale_grad_kernel"]
+    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_scale_grad_kernel"]
     _check(x, t, w, pw, reduction, torch.tensor(3.0, device=device), loss.detach(), xr.grad,
            torch.float32)
 
@@ -162,7 +166,104 @@ def test_bce_no_gradient_means_no_gradient_work(device, rng):
         with ctx, record_launches() as launches:
             pg.binary_cross_entropy_with_logits(xr, t)
         assert [(lc.kernel, lc.path) for lc in launches] == [
-            ("bce_fwd_kernel", "reduce"), ("sum_partials_kernel", "reduce")]
+            ("bce_fwd_kernel", "reduce"), ("bce_finish_kernel", "reduce")]
+
+
+# --------------------------------------------------------------------------- autograd glue
+
+
+class _AtenLog(TorchDispatchMode):
+    """Every aten op run inside the block with the element count of its (first) output."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        numel = first.numel() if isinstance(first, torch.Tensor) else 0
+        self.ops.append((str(func.overloadpacket), numel))
+        return out
+
+
+# Ops that launch no kernel: allocation, views, metadata.
+_NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.detach", "aten.view", "aten._unsafe_view",
+              "aten.as_strided", "aten.expand", "aten.t", "aten.reshape", "aten.alias",
+              "aten.empty_like", "aten.clone_view"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bce_fwd_bwd_launches_three_kernels_and_no_zero_fill(reduction, device, rng,
+                                                             monkeypatch):
+    """The whole forward + backward of a reduced loss: bce_fwd_kernel, bce_finish_kernel,
+    bce_scale_grad_kernel and no torch kernel -- in particular no input-sized zeros for the
+    non-differentiable fused-gradient output (ctx.set_materialize_grads(False))."""
+    from probact_gpu import _runtime
+
+    monkeypatch.setattr(_runtime, "_poison", [])  # plain torch.empty, as outside the tests
+    x, t, w, pw = make_bce_inputs((16, 33), torch.float32, rng, device, options="wps")
+    xr = x.clone().requires_grad_()
+    g = torch.tensor(1.0, device=device)
+    with record_launches() as launches, _AtenLog() as fwd_log:
+        loss = pg.binary_cross_entropy_with_logits(xr, t, w, reduction=reduction, pos_weight=pw)
+    with record_launches() as bwd_launches, _AtenLog() as bwd_log:
+        loss.backward(g)
+    kernels = [lc.kernel for lc in launches + bwd_launches]
+    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_scale_grad_kernel"]
+    torch_ops = [(op, n) for op, n in fwd_log.ops + bwd_log.ops
+                 if not op.startswith("probact_gpu.") and op not in _NO_KERNEL]
+    assert torch_ops == [], torch_ops
+    assert not [op for op, n in bwd_log.ops
+                if n == x.numel() and any(k in op for k in ("zero", "fill", "full"))]
+    _check(x, t, w, pw, reduction, g, loss.detach(), xr.grad, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_second_derivatives_are_exact(reduction, device):
+    """create_graph=True used to hand back the forward's gradient as a constant (its second
+    derivative silently 0); now backward recomputes through a differentiable op."""
+    x = torch.linspace(-3, 3, 12, dtype=torch.float64, device=device).reshape(3, 4)
+    x.requires_grad_()
+    t = torch.tensor([[0.0, 1.0, 0.3, 0.9]] * 3, dtype=torch.float64, device=device)
+    w = torch.tensor([[0.5], [1.0], [2.0]], dtype=torch.float64, device=device)
+    pw = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64, device=device)
+
+    def f(x):
+        return pg.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=pw)
+
+    assert torch.autograd.gradgradcheck(f, (x,))
+    # Against torch's own second derivative, through sum/mean's autograd.grad(create_graph).
+    (ours,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    xe = x.detach().clone().requires_grad_()
+    ref = torch_F.binary_cross_entropy_with_logits(xe, t, w, reduction=reduction, pos_weight=pw)
+    (theirs,) = torch.autograd.grad(ref.sum(), xe, create_graph=True)
+    torch.testing.assert_close(ours, theirs)
+    hess_ours = torch.autograd.grad(ours.pow(2).sum(), x)[0]
+    hess_theirs = torch.autograd.grad(theirs.pow(2).sum(), xe)[0]
+    assert hess_ours.abs().sum() > 0
+    torch.testing.assert_close(hess_ours, hess_theirs)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_bce_mutating_a_returned_gradient_spares_later_backwards(compiled, device, rng):
+    """autograd.grad on a retained graph hands out the forward-written buffer once; mutating it
+    must not change what a second backward through the same graph returns."""
+    x, t, w, pw = make_bce_inputs((5, 17), torch.float32, rng, device, options="wps")
+
+    def f(x):
+        return pg.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw)
+
+    fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+    xr = x.clone().requires_grad_()
+    loss = fn(xr)
+    (first,) = torch.autograd.grad(loss, xr, retain_graph=True)
+    expected = first.clone()
+    first.mul_(-7.0).add_(3.0)
+    (second,) = torch.autograd.grad(loss, xr, retain_graph=True)
+    torch.testing.assert_close(second, expected)
+    (third,) = torch.autograd.grad(loss * 2.0, xr)
+    torch.testing.assert_close(third, 2.0 * expected)
 
 
 # --------------------------------------------------------------------------- reduction
@@ -182,13 +283,22 @@ def test_bce_reduction_is_deterministic(device, rng):
     _check(x, t, None, pw, "sum", torch.tensor(1.0), runs[0][0], runs[0][1], torch.float32)
 
 
-def test_bce_partials_loop_in_the_sum_kernel(device, rng):
-    """More than 1024 partials: the final-sum kernel loops over several tiles."""
+def test_bce_finish_kernel_loops_over_many_partials(device, rng, monkeypatch):
+    """More partials than the finishing program has lanes: it loops (lanes narrowed to 16 here;
+    by default 16384 fp32 lanes, so 2^28 elements take 4 trips)."""
+    from probact_gpu import tiling
+
+    monkeypatch.setattr(tiling, "BCE_FINISH_BYTES", 64)
     x, t, _, _ = make_bce_inputs((2100,), torch.float32, rng, device)
     with record_launches() as launches:
-        loss, _ = bce_fwd(x, t, reduction="mean", config=ElementwiseConfig(1, 1))
-    assert launches[0].grid == (2100,)
+        loss, _ = bce_fwd(x, t, reduction="mean", config=ElementwiseConfig(16, 1))
+    assert launches[0].grid == (132,) and launches[1].meta["BLOCK"] == 16  # 9 trips
     _check(x, t, None, None, "mean", None, loss, None, torch.float32)
+    assert tiling.choose_bce_finish_config(1 << 16, 4).block == 16
+    monkeypatch.undo()
+    assert tiling.choose_bce_finish_config(1 << 16, 4) == ElementwiseConfig(16384, 16)
+    assert tiling.choose_bce_finish_config(1 << 16, 8) == ElementwiseConfig(8192, 16)
+    assert tiling.choose_bce_finish_config(3, 4) == ElementwiseConfig(16, 4)
 
 
 # --------------------------------------------------------------------------- broadcast operands
@@ -409,6 +519,14 @@ def test_bce_rejects_bad_input(device):
         f(x, t, reduction="avg")
     with pytest.raises(TypeError, match="weight.*torch.int64"):
         f(x, t, weight=torch.ones(3, dtype=torch.long, device=device))
+    with pytest.raises(TypeError, match="positional"):  # the target API: keyword-only options
+        f(x, t, None, "sum")
+    with pytest.raises(ValueError, match="compute_grad=True needs reduction"):
+        bce_fwd(x, t, reduction="none", compute_grad=True)
+    with pytest.raises(ValueError, match="dx must be contiguous"):
+        bce_scale_grad_(torch.zeros(3, 2, device=device).t(), torch.tensor(1.0, device=device))
+    with pytest.raises(ValueError, match="grad_output must hold one value"):
+        bce_scale_grad_(torch.zeros(3, device=device), torch.ones(2, device=device))
     with pytest.raises(NotImplementedError, match="target requires grad"):
         f(x, t.clone().requires_grad_())
     if device.type == "cpu" and torch.cuda.is_available():  # pragma: no cover - needs both

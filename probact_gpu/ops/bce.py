@@ -4,26 +4,32 @@ function.
 Read top-down: ``bce_fwd`` / ``bce_bwd`` / ``bce_scale_grad_`` launch the kernels of
 ``probact_gpu.kernels.bce``; ``probact_gpu::bce_fwd`` / ``::bce_bwd`` / ``::bce_scale_grad_``
 wrap them as torch.library ops with fake implementations; autograd is registered on the forward
-op; ``binary_cross_entropy_with_logits`` is the public function (torch's signature).
+op and on ``::bce_bwd``; ``binary_cross_entropy_with_logits`` is the public function (torch's
+names; arguments after ``weight`` keyword-only).
 
 Two gradient paths:
 
 - **in-forward** (``reduction`` ``sum`` / ``mean`` and the input needs a gradient): the forward
   kernel writes ``dx`` (already divided by ``numel`` for mean) beside the loss partials; backward
   multiplies it in place by ``grad_output``, read on the device — when it is exactly 1 (a plain
-  ``loss.backward()``) the kernel touches nothing. Forward+backward moves 3 bytes-per-element
-  passes: read x, read target, write dx. Should backward run a second time on the same graph
-  (``retain_graph=True``), the buffer has been handed out, so it falls back to recomputing.
-- **recompute** (``reduction="none"``, or the input did not need a gradient at forward time):
-  backward recomputes ``dx`` from the saved input and target with the per-element (or scalar)
-  ``grad_output``.
+  ``loss.backward()``) the launch returns at once. Forward+backward moves 3 bytes-per-element
+  passes (read x, read target, write dx) in three launches: ``bce_fwd_kernel``,
+  ``bce_finish_kernel`` (one program), ``bce_scale_grad_kernel`` (about one program per SM), and
+  no torch kernel: the fused-gradient output is non-differentiable and
+  ``set_materialize_grads(False)`` keeps autograd from filling zeros for it. Should backward run
+  a second time on the same graph (``retain_graph=True``), the buffer has been handed out, so it
+  recomputes: mutating a gradient autograd returned never reaches a later backward.
+- **recompute** (``reduction="none"``, the input did not need a gradient at forward time, or a
+  backward with ``create_graph=True``): ``bce_bwd_kernel`` recomputes ``dx`` from the saved input
+  and target with the per-element (or scalar) ``grad_output``. That op has its own autograd
+  formula (torch ops), so second derivatives are exact.
 
 Layout: input and target are flattened; non-contiguous ones are first made contiguous (a copy).
 ``weight`` and ``pos_weight`` are read through broadcast index terms (see ``broadcast_terms``)
 and never expanded to the input's size, except when the broadcast needs more than two terms
 (e.g. a weight of shape (A, 1, C, 1, E) against (A, B, C, D, E)): then that operand alone is
 materialised. The reductions are deterministic: one partial sum per program, summed in a fixed
-order by a single program (no atomics).
+order by a single wide program (no atomics).
 
 Dtypes (torch's): the loss has the *target*'s dtype, the gradient the input's; the maths runs in
 fp32, or fp64 when any operand is fp64.
@@ -39,21 +45,20 @@ from .._runtime import (
     check_float,
     check_runnable,
     check_same_device,
-    device_guard,
     empty,
-    record,
+    launch,
+    sm_count,
 )
 from ..kernels.bce import (
     bce_bwd_kernel,
+    bce_finish_kernel,
     bce_fwd_kernel,
     bce_scale_grad_kernel,
-    sum_partials_kernel,
 )
 from ..tiling import ElementwiseConfig
 
 REDUCTIONS = ("none", "mean", "sum")
 MAX_TERMS = 2  # index terms the kernels take per broadcast operand
-SUM_BLOCK = 1024  # lanes of the single program that sums the partials
 
 Terms = tuple[int, tuple[int, ...]]  # (TERMS constexpr, 6 ints: inner0, size0, stride0, ...)
 _ABSENT: Terms = (-1, (1, 1, 0, 1, 1, 0))
@@ -64,8 +69,9 @@ def broadcast_terms(operand: torch.Tensor, shape: torch.Size) -> tuple[torch.Ten
     ``i`` of the flat input reads ``Σ ((i // inner) % size) · stride`` of the operand's storage.
 
     Dims of size 1 and broadcast (stride-0) dims contribute nothing; neighbouring dims whose
-    strides chain merge into one term. Returns the tensor the kernel reads and its terms; more
-    than ``MAX_TERMS`` terms and the operand is materialised to ``shape`` (one term)."""
+    strides chain merge into one term. Returns the tensor the kernel reads and its terms (the
+    six ints are the kernels' ``*_terms`` tuple argument); more than ``MAX_TERMS`` terms and the
+    operand is materialised to ``shape`` (one term)."""
     view = operand.expand(shape)
     terms: list[list[int]] = []  # innermost first: [inner, size, stride]
     inner = 1
@@ -126,7 +132,7 @@ def _check(
         if shape != x.shape:
             raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the "
                              f"input's shape {tuple(x.shape)}")
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not a valid value: expected one of "
                          f"{REDUCTIONS}")
     check_same_device(input=x, target=target, weight=weight, pos_weight=pos_weight)
@@ -148,10 +154,11 @@ def bce_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (shape of ``x`` for ``none``, else 0-d; ``target``'s dtype) and, when
     ``compute_grad`` (``sum`` / ``mean`` only), ``d loss / dx`` for a grad_output of 1 (``x``'s
-    dtype); otherwise an empty tensor in its place."""
+    dtype); otherwise an empty tensor in its place. Launches: ``bce_fwd_kernel``, then for a
+    reduced loss ``bce_finish_kernel`` (one program)."""
     _check(x, target, weight, pos_weight, reduction)
     if compute_grad and reduction == "none":
-        raise ValueError("compute_grad needs reduction 'sum' or 'mean' (none recomputes)")
+        raise ValueError("compute_grad=True needs reduction 'sum' or 'mean' (none recomputes)")
     reduce = reduction != "none"
     loss = empty(() if reduce else x.shape, dtype=target.dtype, device=x.device)
     dx = empty(x.shape if compute_grad else (0,), dtype=x.dtype, device=x.device)
@@ -166,27 +173,23 @@ def bce_fwd(
     pw, pw_terms = _operand(pos_weight, x.shape)
     cfg = _config(x, config)
     n_programs = tiling.cdiv(numel, cfg.block)
-    grid = (n_programs,)
     partial = empty(
         (n_programs if reduce else 0,), dtype=accum_dtype(x, target, weight, pos_weight),
         device=x.device,
     )
     path = "fused_grad" if compute_grad else ("reduce" if reduce else "none")
-    with device_guard(x):
-        bce_fwd_kernel[grid](
-            x, target, x if w is None else w, x if pw is None else pw, loss, partial, dx,
-            numel, _divisor(reduction, numel), *w_terms[1], *pw_terms[1],
-            BLOCK=cfg.block, W_TERMS=w_terms[0], PW_TERMS=pw_terms[0],
-            REDUCE=reduce, COMPUTE_GRAD=compute_grad, num_warps=cfg.num_warps,
-        )
-        record(bce_fwd_kernel, path, grid, BLOCK=cfg.block, W_TERMS=w_terms[0],
-               PW_TERMS=pw_terms[0])
-        if reduce:
-            sum_partials_kernel[(1,)](
-                partial, loss, n_programs, _divisor(reduction, numel), BLOCK=SUM_BLOCK,
-                num_warps=4,
-            )
-            record(sum_partials_kernel, path, (1,), BLOCK=SUM_BLOCK)
+    divisor = _divisor(reduction, numel)
+    launch(
+        bce_fwd_kernel, (n_programs,),
+        (x, target, x if w is None else w, x if pw is None else pw, loss, partial, dx,
+         numel, divisor, w_terms[1], pw_terms[1]),
+        path=path, num_warps=cfg.num_warps, BLOCK=cfg.block, W_TERMS=w_terms[0],
+        PW_TERMS=pw_terms[0], REDUCE=reduce, COMPUTE_GRAD=compute_grad,
+    )
+    if reduce:
+        fin = tiling.choose_bce_finish_config(n_programs, partial.element_size())
+        launch(bce_finish_kernel, (1,), (partial, loss, n_programs, divisor),
+               path=path, num_warps=fin.num_warps, BLOCK=fin.block)
     return loss, dx
 
 
@@ -218,16 +221,13 @@ def bce_bwd(
     w, w_terms = _operand(weight, x.shape)
     pw, pw_terms = _operand(pos_weight, x.shape)
     cfg = _config(x, config)
-    grid = (tiling.cdiv(numel, cfg.block),)
-    with device_guard(x):
-        bce_bwd_kernel[grid](
-            x, target, x if w is None else w, x if pw is None else pw, g, dx,
-            numel, _divisor(reduction, numel), *w_terms[1], *pw_terms[1],
-            BLOCK=cfg.block, W_TERMS=w_terms[0], PW_TERMS=pw_terms[0],
-            G_SCALAR=reduction != "none", num_warps=cfg.num_warps,
-        )
-    record(bce_bwd_kernel, "recompute", grid, BLOCK=cfg.block, W_TERMS=w_terms[0],
-           PW_TERMS=pw_terms[0])
+    launch(
+        bce_bwd_kernel, (tiling.cdiv(numel, cfg.block),),
+        (x, target, x if w is None else w, x if pw is None else pw, g, dx,
+         numel, _divisor(reduction, numel), w_terms[1], pw_terms[1]),
+        path="recompute", num_warps=cfg.num_warps, BLOCK=cfg.block, W_TERMS=w_terms[0],
+        PW_TERMS=pw_terms[0], G_SCALAR=reduction != "none",
+    )
     return dx
 
 
@@ -235,7 +235,9 @@ def bce_scale_grad_(
     dx: torch.Tensor, grad_output: torch.Tensor, *, config: ElementwiseConfig | None = None
 ) -> None:
     """``dx *= grad_output`` in place (``dx`` contiguous, ``grad_output`` 0-d), reading
-    grad_output on the device: a no-op pass when it is exactly 1."""
+    grad_output on the device: one launch of about one program per SM (``config.block``
+    elements a step), each returning at once when grad_output is exactly 1."""
+    check_float("dx", dx)
     check_float("grad_output", grad_output)
     if grad_output.numel() != 1:
         raise ValueError(f"grad_output must hold one value, got shape {tuple(grad_output.shape)}")
@@ -245,12 +247,10 @@ def bce_scale_grad_(
     if dx.numel() == 0:
         return
     check_runnable(dx, "dx")
-    cfg = _config(dx, config)
-    grid = (tiling.cdiv(dx.numel(), cfg.block),)
-    with device_guard(dx):
-        bce_scale_grad_kernel[grid](dx, grad_output, dx.numel(), BLOCK=cfg.block,
-                                    num_warps=cfg.num_warps)
-    record(bce_scale_grad_kernel, "fused_grad", grid, BLOCK=cfg.block)
+    cfg = config or tiling.choose_elementwise_config(dx.numel(), dx.element_size())
+    grid = (tiling.grid_stride_programs(dx.numel(), cfg.block, sm_count(dx.device)),)
+    launch(bce_scale_grad_kernel, grid, (dx, grad_output, dx.numel()), path="fused_grad",
+           num_warps=cfg.num_warps, BLOCK=cfg.block)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -307,6 +307,9 @@ def _setup_context(ctx, inputs, output):
     x, target, weight, pos_weight, reduction, compute_grad = inputs
     _, dx = output
     ctx.mark_non_differentiable(dx)
+    # The fused-gradient output never receives a gradient: without this autograd would fill an
+    # input-sized tensor of zeros for it on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, target, weight, pos_weight)
     ctx.reduction = reduction
     # Held outside save_for_backward so backward can hand the buffer itself to autograd (and
@@ -315,16 +318,55 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_dx):
+    if grad_loss is None:  # the loss itself got no gradient
+        return None, None, None, None, None, None
     x, target, weight, pos_weight = ctx.saved_tensors
-    if ctx.dx is not None:
+    if ctx.dx is not None and not torch.is_grad_enabled():
+        # The buffer is handed out once: a second backward through a retained graph recomputes,
+        # so whatever the caller does to the gradient it was given cannot reach a later one.
         dx, ctx.dx = ctx.dx, None
         _bce_scale_grad_op(dx, grad_loss)
     else:
+        # Recompute; under create_graph=True (grad mode on in backward) this op is
+        # differentiable (_bwd_backward), so second derivatives are exact, never a constant.
         dx = _bce_bwd_op(grad_loss, x, target, weight, pos_weight, ctx.reduction)
     return dx, None, None, None, None, None
 
 
 torch.library.register_autograd("probact_gpu::bce_fwd", _backward, setup_context=_setup_context)
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    grad_output, x, target, weight, pos_weight, reduction = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_output, x, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+def _bwd_backward(ctx, grad_dx):
+    """Derivatives of ``dx = w·(σ(x)·lw − pw·t)·g / divisor`` (torch ops, themselves
+    differentiable): d/dx = w·lw·σ(x)·σ(−x)·g / divisor, d/dg = w·(σ(x)·lw − pw·t) / divisor
+    summed to g's shape. Reached only by double backward; target and weights get none."""
+    if grad_dx is None:
+        return None, None, None, None, None, None
+    g, x, target, weight, pos_weight = ctx.saved_tensors
+    math = accum_dtype(x, target, weight, pos_weight)
+    xm, tm = x.to(math), target.to(math)
+    w = 1.0 if weight is None else weight.to(math)
+    pw = 1.0 if pos_weight is None else pos_weight.to(math)
+    lw = 1.0 + (pw - 1.0) * tm
+    sig = torch.sigmoid(xm)
+    scale = grad_dx.to(math) * w / _divisor(ctx.reduction, x.numel())
+    grad_x = grad_g = None
+    if ctx.needs_input_grad[1]:
+        grad_x = (scale * lw * sig * torch.sigmoid(-xm) * g.to(math)).to(x.dtype)
+    if ctx.needs_input_grad[0]:
+        grad_g = (scale * (sig * lw - pw * tm)).sum_to_size(g.shape).to(g.dtype)
+    return grad_g, grad_x, None, None, None, None
+
+
+torch.library.register_autograd("probact_gpu::bce_bwd", _bwd_backward,
+                                setup_context=_bwd_setup_context)
 
 
 # --------------------------------------------------------------------------- public function
@@ -334,6 +376,7 @@ def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    *,
     reduction: str = "mean",
     pos_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -342,7 +385,9 @@ def binary_cross_entropy_with_logits(
     ``w · ((1 − t)·x + (1 + (pw − 1)·t) · (log1p(exp(−|x|)) + max(−x, 0)))``, reduced by
     ``reduction`` (``"none"``, ``"mean"`` — NaN for an empty input, as torch — or ``"sum"``).
     ``weight`` broadcasts to the input, ``pos_weight`` along the last (class) dim (any shape that
-    broadcasts to the input is accepted). Differentiable w.r.t. ``input`` only."""
+    broadcasts to the input is accepted). Arguments after ``weight`` are keyword-only.
+    Differentiable w.r.t. ``input`` only, to any order (``create_graph=True`` gives exact second
+    derivatives)."""
     _check(input, target, weight, pos_weight, reduction)
     grad_on = torch.is_grad_enabled()
     for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
