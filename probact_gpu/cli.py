@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from . import __version__, registry
 
 
 def _pick_device(requested: str | None) -> str:
@@ -43,7 +43,7 @@ def _check(args: argparse.Namespace) -> int:
     where = "CUDA: " + torch.cuda.get_device_name() if device == "cuda" else (
         "CPU through the Triton interpreter (small shapes)")
     print(f"probact-gpu check on {where}; reference: NumPy float64\n")
-    ops = tuple(args.op) if args.op else None
+    ops = tuple(dict.fromkeys(args.op)) if args.op else None
     return check.run(torch.device(device), large=large, ops=ops, seed=args.seed)
 
 
@@ -132,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="GPU-sized shapes (default on CUDA)")
     size.add_argument("--small", dest="large", action="store_false",
                       help="interpreter-sized shapes (default on CPU)")
-    p.add_argument("--op", action="append", help="only this op family (repeatable)")
+    p.add_argument("--op", action="append", choices=registry.check_ops(),
+                   help="only this op (repeatable; default all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_check)
 
     b = sub.add_parser("bench", help="time every op against torch, torch.compile and Liger")
     b.add_argument("--op", action="append",
-                   choices=("softmax", "log_softmax", "sigmoid", "cross_entropy", "bce",
-                            "linear_cross_entropy", "all"),
+                   choices=registry.bench_ops() + ("all",),
                    help="op family (repeatable; default all)")
     b.add_argument("--dtype", action="append", choices=("bf16", "fp16", "fp32"),
                    help="repeatable; default bf16")

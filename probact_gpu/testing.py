@@ -88,6 +88,7 @@ class Errors:
     passed: bool
     first_bad: tuple[int, ...] | None
     detail: str
+    special_ok: bool = True  # NaN and ±inf in the reference's places (always True when passed)
 
 
 def errors(actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch.dtype) -> Errors:
@@ -119,7 +120,7 @@ def errors(actual: torch.Tensor | np.ndarray, expected: np.ndarray, dtype: torch
         + (f"{len(bad)} bad, first at {first}: got {a[first]!r}, expected {e[first]!r}"
            if first is not None else "all within tolerance")
     )
-    return Errors(max_abs, max_rel, first is None, first, detail)
+    return Errors(max_abs, max_rel, first is None, first, detail, bool(same_special.all()))
 
 
 def assert_close_to_reference(

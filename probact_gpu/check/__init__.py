@@ -1,9 +1,23 @@
 """``probact-gpu check``: every op × dtype × a table of shapes against the NumPy float64
-reference, with torch eager's error on the same inputs printed beside ours.
+reference, with torch eager's error on the same inputs beside ours, and the accuracy promise
+checked in numbers.
 
-Each op family has a module here exposing ``cases(large: bool) -> list[Case]``; ``MODULES``
-lists them. A case's ``run(device, rng)`` returns one :class:`Row` per compared output (forward
+Each op family has a module here exposing ``cases(large: bool) -> list[Case]``; the op registry
+(:mod:`probact_gpu.registry`) names them (``MODULES``), a module appearing there as soon as its
+file exists. A case's ``run(device, rng)`` returns one :class:`Row` per compared output (forward
 value, each gradient).
+
+The promise: **no output is worse than torch eager's by more than one ulp of the output dtype.**
+A row is *worse than torch* when
+
+    ours_err > torch_err + ulp(dtype, scale)
+
+with ``ours_err`` and ``torch_err`` the max abs errors against the float64 reference on the same
+inputs, ``scale`` the largest finite |reference| of that output, and ``ulp(dtype, x)`` the
+spacing of ``dtype``'s values at ``x`` (``eps · 2**floor(log2 x)``; the subnormal spacing below
+the smallest normal): the one rounding to the output dtype that either side may lose to the
+other at the output's largest value. ``check`` exits non-zero on a tolerance failure, a crash, or
+a row worse than torch.
 """
 
 from __future__ import annotations
@@ -11,18 +25,31 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import registry
 from ..testing import TOLERANCES, Errors, errors
 
-MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy")
+MODULES = registry.check_modules()
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
+
+
+def ulp(dtype: torch.dtype, x: float) -> float:
+    """The spacing of ``dtype``'s values at magnitude ``x``: ``eps · 2**floor(log2 |x|)`` for a
+    normal |x|, the subnormal spacing ``eps · tiny`` below the smallest normal (and at 0), the
+    spacing at the largest finite value beyond it."""
+    finfo = torch.finfo(dtype)
+    x = min(abs(x), finfo.max) if math.isfinite(x) else finfo.max
+    if x < finfo.tiny:
+        return finfo.eps * finfo.tiny
+    return finfo.eps * 2.0 ** math.floor(math.log2(x))
 
 
 @dataclass(frozen=True)
@@ -32,10 +59,43 @@ class Row:
     shape: str
     ours: Errors
     torch_err: Errors | None  # None where torch has no equivalent
+    scale: float = 0.0  # the largest finite |reference| of this output
 
     @property
     def passed(self) -> bool:
+        """Within ``TOLERANCES[dtype]`` of the float64 reference."""
         return self.ours.passed
+
+    @property
+    def ulp(self) -> float:
+        """One ulp of the output dtype at the output's largest reference value."""
+        return ulp(self.dtype, self.scale)
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / torch max abs error (None without torch; 1 when both are exact)."""
+        if self.torch_err is None:
+            return None
+        ours, theirs = self.ours.max_abs, self.torch_err.max_abs
+        if theirs == 0.0:
+            return 1.0 if ours == 0.0 else math.inf
+        return ours / theirs
+
+    @property
+    def worse_than_torch(self) -> bool:
+        """Our max abs error exceeds torch eager's by more than one ulp (the module docstring's
+        rule); also when torch gets the NaN / ±inf placement right and we do not."""
+        if self.torch_err is None:
+            return False
+        if self.torch_err.special_ok and not self.ours.special_ok:
+            return True
+        return self.ours.max_abs > self.torch_err.max_abs + self.ulp
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "FAIL"
+        return "WORSE" if self.worse_than_torch else "PASS"
 
 
 @dataclass(frozen=True)
@@ -46,16 +106,26 @@ class Case:
     run: Callable[[torch.device, np.random.Generator], list[Row]]
 
 
+def _scale(expected: np.ndarray) -> float:
+    e = np.abs(np.asarray(expected, dtype=np.float64))
+    e = e[np.isfinite(e)]
+    return float(e.max()) if e.size else 0.0
+
+
 def compare(op: str, dtype: torch.dtype, shape: str, ours: torch.Tensor,
             theirs: torch.Tensor | None, expected: np.ndarray) -> Row:
     """One output of one case: our error and torch's against the same float64 reference."""
     torch_err = None if theirs is None else errors(theirs, expected, dtype)
-    return Row(op, dtype, shape, errors(ours, expected, dtype), torch_err)
+    return Row(op, dtype, shape, errors(ours, expected, dtype), torch_err, _scale(expected))
 
 
 def collect(large: bool, ops: tuple[str, ...] | None = None) -> list[Case]:
+    """The cases of every registered check module (of the ops named in ``ops`` only, by the
+    first word of the case's op)."""
     cases: list[Case] = []
-    for name in MODULES:
+    modules = MODULES if ops is None else tuple(
+        dict.fromkeys(registry.lookup(op).check_module for op in ops))
+    for name in modules:
         module = importlib.import_module(f".{name}", __name__)
         cases += [c for c in module.cases(large) if ops is None or c.op.split()[0] in ops]
     return cases
@@ -65,36 +135,73 @@ def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.2e}"
 
 
+def _fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "–"
+    return "inf" if math.isinf(r) else f"{r:.2f}"
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("| op | dtype | shape | max abs err | max rel err | torch max abs err | "
-            "tolerance (atol, rtol) | result |")
-    lines = [head, "|" + "---|" * 8]
+            "ours / torch | tolerance (atol, rtol) | result |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         atol, rtol = TOLERANCES[r.dtype]
         theirs = "–" if r.torch_err is None else _fmt(r.torch_err.max_abs)
-        verdict = "PASS" if r.passed else "FAIL"
         lines.append(f"| {r.op} | {DTYPE_NAMES[r.dtype]} | {r.shape} | {_fmt(r.ours.max_abs)} | "
-                     f"{_fmt(r.ours.max_rel)} | {theirs} | {atol:g}, {rtol:g} | {verdict} |")
+                     f"{_fmt(r.ours.max_rel)} | {theirs} | {_fmt_ratio(r.ratio)} | "
+                     f"{atol:g}, {rtol:g} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[Row], crashed: int = 0) -> str:
+    """Counts: within tolerance, compared with torch (better / equal / worse, within the one-ulp
+    allowance or beyond it), and the rows beyond it."""
+    compared = [r for r in rows if r.torch_err is not None]
+    better = sum(r.ours.max_abs < r.torch_err.max_abs for r in compared)
+    equal = sum(r.ours.max_abs == r.torch_err.max_abs for r in compared)
+    worse = [r for r in compared if r.worse_than_torch]
+    within_ulp = len(compared) - better - equal - len(worse)
+    failed = sum(not r.passed for r in rows)
+    lines = [
+        f"{len(rows)} rows: {len(rows) - failed} within tolerance, {failed} outside"
+        + (f", {crashed} cases crashed" if crashed else ""),
+        f"against torch eager ({len(compared)} rows with a torch equivalent): {better} better, "
+        f"{equal} equal, {within_ulp} worse by at most one ulp, {len(worse)} worse by more",
+    ]
+    if worse:
+        lines.append("worse than torch by more than one ulp of the output dtype:")
+        lines += [f"  {r.op} {DTYPE_NAMES[r.dtype]} {r.shape}: ours {_fmt(r.ours.max_abs)}, "
+                  f"torch {_fmt(r.torch_err.max_abs)}, one ulp {_fmt(r.ulp)}" for r in worse]
     return "\n".join(lines)
 
 
 def run(device: torch.device, large: bool, ops: tuple[str, ...] | None = None,
         seed: int = 0, out=sys.stdout) -> int:
-    """Run every case; print the table (and the failures' details); return the exit status."""
+    """Run every case; print the table, the failures' details and the summary; return the exit
+    status: 1 on a tolerance failure, a crash, a row worse than torch by more than one ulp, or
+    no rows at all.
+
+    The interpreter's NumPy warnings (overflow, inf − inf, log 0 on the deliberate ±inf / NaN
+    inputs of the edge rows) are silenced: the table reports what came out."""
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
     crashed: list[str] = []
-    for case in collect(large, ops):
-        try:
-            rows += case.run(device, rng)
-        except Exception as exc:  # a crash is a failure of that case, reported, not a stop
-            crashed.append(f"{case.op} {DTYPE_NAMES[case.dtype]} {case.shape}: "
-                           f"{type(exc).__name__}: {exc}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                module=r"triton\.runtime\.interpreter")
+        for case in collect(large, ops):
+            try:
+                rows += case.run(device, rng)
+            except Exception as exc:  # a crash is a failure of that case, reported, not a stop
+                crashed.append(f"{case.op} {DTYPE_NAMES[case.dtype]} {case.shape}: "
+                               f"{type(exc).__name__}: {exc}")
     print(format_table(rows), file=out)
     failed = [r for r in rows if not r.passed]
     for r in failed:
         print(f"FAIL {r.op} {DTYPE_NAMES[r.dtype]} {r.shape}: {r.ours.detail}", file=out)
     for line in crashed:
         print(f"ERROR {line}", file=out)
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed) + len(crashed)} failed", file=out)
-    return 1 if failed or crashed or not rows else 0
+    print("\n" + format_summary(rows, len(crashed)), file=out)
+    worse = any(r.worse_than_torch for r in rows)
+    return 1 if failed or crashed or worse or not rows else 0

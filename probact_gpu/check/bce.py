@@ -1,5 +1,5 @@
-"""check cases: binary_cross_entropy_with_logits (loss and input gradient) through the public
-API, each option alone and together."""
+"""check cases: ``bce``, binary_cross_entropy_with_logits (loss and input gradient) through the
+public API, each option alone and together."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def _run(shape, options, scale, reduction, dtype, device, rng) -> list[Row]:
     loss_ref = to_numpy64(torch.from_numpy(np.array(loss_ref)).to(dtype))
     grad_ref = reference.bce_with_logits_grad(*args, dy64, **kw)
     return [
-        compare("bce_with_logits fwd", dtype, label, results[0][0], results[1][0], loss_ref),
-        compare("bce_with_logits bwd", dtype, label, results[0][1], results[1][1], grad_ref),
+        compare("bce fwd", dtype, label, results[0][0], results[1][0], loss_ref),
+        compare("bce bwd", dtype, label, results[0][1], results[1][1], grad_ref),
     ]
 
 
@@ -83,7 +83,7 @@ def _edge_rows(dtype, device, rng) -> list[Row]:
                                     reduction="none")
     ours = binary_cross_entropy_with_logits(x, t, reduction="none", pos_weight=pw)
     theirs = torch_F.binary_cross_entropy_with_logits(x, t, reduction="none", pos_weight=pw)
-    return [compare("bce_with_logits fwd", dtype, "±1000, ±1e4, ±inf, NaN", ours, theirs, ref)]
+    return [compare("bce fwd", dtype, "±1000, ±1e4, ±inf, NaN", ours, theirs, ref)]
 
 
 def cases(large: bool) -> list[Case]:
@@ -94,7 +94,7 @@ def cases(large: bool) -> list[Case]:
         for shape, options, scale, _why in table:
             for reduction in ("mean", "sum", "none"):
                 label = "x".join(map(str, shape)) or "0-d"
-                out.append(Case("bce_with_logits", dtype, label,
+                out.append(Case("bce", dtype, label,
                                 partial(_run, shape, options, scale, reduction, dtype)))
-        out.append(Case("bce_with_logits", dtype, "edge values", partial(_edge_rows, dtype)))
+        out.append(Case("bce", dtype, "edge values", partial(_edge_rows, dtype)))
     return out
