@@ -27,8 +27,8 @@ _EXPORTS: dict[str, str] = {
     "binary_cross_entropy_with_logits": "functional",
     "cross_entropy": "functional",
     "linear_cross_entropy": "functional",
-    "token_log_probs": "functional",
-    "linear_token_log_probs": "functional",
+    "token_log_probs": "ops.token_log_probs",
+    "linear_token_log_probs": "ops.linear_token_log_probs",
     # result and option types
     "TokenLogProbs": "ops.token_log_probs",
     "CrossEntropyOptions": "options",
@@ -70,12 +70,10 @@ if TYPE_CHECKING:
         binary_cross_entropy_with_logits,
         cross_entropy,
         linear_cross_entropy,
-        linear_token_log_probs,
         log_softmax,
         logsigmoid,
         sigmoid,
         softmax,
-        token_log_probs,
     )
     from .nn import (
         BCEWithLogitsLoss,
@@ -86,7 +84,8 @@ if TYPE_CHECKING:
         Sigmoid,
         Softmax,
     )
-    from .ops.token_log_probs import TokenLogProbs
+    from .ops.linear_token_log_probs import linear_token_log_probs
+    from .ops.token_log_probs import TokenLogProbs, token_log_probs
     from .options import CrossEntropyOptions, HeadTransform
 
 
