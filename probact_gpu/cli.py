@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pass", dest="passes", action="append", choices=("fwd", "bwd", "fwd_bwd"),
                    help="repeatable; default: fwd and fwd_bwd for softmax/sigmoid, fwd_bwd for "
                         "the losses")
-    b.add_argument("--quick", action="store_true", help="a subset of PERF.md's shapes (~1 min)")
+    b.add_argument("--quick", action="store_true", help="a subset of the bench shapes (~1 min)")
     b.add_argument("--smoke", action="store_true",
                    help="tiny shapes, each provider once, untimed (what CI runs)")
     b.add_argument("--traffic", action="store_true",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -65,6 +66,8 @@ def _rows() -> list[Row]:
         ("cross_entropy", "fwd", (4, 100), 2, 400 * 2 + 8 * 4),
         ("bce", "fwd_bwd", (10,), 2, 3 * 10 * 2),
         ("bce", "fwd", (10,), 4, 2 * 10 * 4),
+        ("token_log_probs", "fwd", (4, 100), 2, 400 * 2 + 16 * 4),  # + target, logp, entropy
+        ("token_log_probs", "fwd_bwd", (4, 100), 2, 2 * 400 * 2 + 24 * 4),  # + their grads
     ],
 )
 def test_bytes_model_matches_perf_md(op, pass_, shape, elem, expected):
@@ -74,6 +77,7 @@ def test_bytes_model_matches_perf_md(op, pass_, shape, elem, expected):
 def test_bytes_model_weights_and_compute_bound_ops():
     assert bm.minimal_bytes("bce", "fwd_bwd", (10,), 2, weighted=True) == 4 * 10 * 2
     assert bm.minimal_bytes("linear_cross_entropy", "fwd_bwd", (8, 4, 16), 2) is None
+    assert bm.minimal_bytes("linear_token_log_probs", "fwd", (8, 4, 16), 2) is None
     assert bm.matmul_flops("fwd_bwd", 8192, 4096, 128256) == 3 * 2 * 8192 * 4096 * 128256
     assert bm.matmul_flops("fwd", 2, 3, 5) == 60
     # 512 MiB bf16 softmax forward in 0.25 ms is 4.29 TB/s.
@@ -99,10 +103,12 @@ def test_shapes_follow_perf_md():
     assert (32, 262144) in full  # few long rows
     assert shapes.shapes("cross_entropy", "full") == [(4096, v) for v in shapes.CE_VOCABS]
     assert shapes.shapes("linear_cross_entropy") == [(8192, 4096, 128256)]
+    assert shapes.shapes("token_log_probs") == shapes.shapes("cross_entropy")
+    assert shapes.shapes("linear_token_log_probs") == shapes.shapes("linear_cross_entropy")
     for op in shapes.OPS:  # quick is a subset of full, and every quick input is >= 256 MiB bf16
         quick = shapes.shapes(op, "quick")
         assert quick and set(quick) <= set(shapes.shapes(op, "full"))
-        if op != "linear_cross_entropy":  # few long rows are small by design
+        if op not in shapes.LINEAR_OPS:  # few long rows are small by design
             big = [s for s in quick if s != shapes.FEW_ROWS]
             assert all(torch.Size(s).numel() * 2 >= 250 * 2**20 for s in big), op
 
@@ -203,12 +209,69 @@ def test_slug():
 # --------------------------------------------------------------------------- providers
 
 
-def test_missing_probact_op_is_a_skip():
+def test_bench_ops_are_the_registry_s():
+    from probact_gpu import registry
+
+    assert shapes.OPS == registry.bench_ops()
+    for op in shapes.OPS:  # every bench op has shapes, a bytes model, inputs and a torch path
+        assert shapes.shapes(op, "smoke") and bm.supported_passes(op)
+        assert op in prov.PUBLIC_NAMES and op in prov.TORCH_FNS and op in prov.GRAD_INPUTS
+
+
+def test_missing_probact_op_is_a_skip(monkeypatch):
     with pytest.raises(prov.Skip, match="has no softmax"):
         prov.probact_fn("softmax", module="probact_gpu.testing")
     with pytest.raises(prov.Skip, match="not importable"):
         prov.probact_fn("softmax", module="probact_gpu.no_such_module")
     assert prov.probact_fn("softmax") is __import__("probact_gpu").functional.softmax
+    # A public name whose lazy import fails (its module mid-change) is a skip with the reason.
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise ImportError(f"cannot import name {name!r}")
+
+    monkeypatch.setitem(sys.modules, "broken_probact", Broken("broken_probact"))
+    with pytest.raises(prov.Skip, match="broken_probact.linear_token_log_probs not importable"):
+        prov.probact_fn("linear_token_log_probs", module="broken_probact")
+
+
+def test_peer_providers_skip_with_the_reason(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(prov.Skip, match="needs a CUDA device"):
+        prov.resolve("cce", "linear_cross_entropy", device=cpu)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    with pytest.raises(prov.Skip, match="cut-cross-entropy not importable"):
+        prov.cce_fn("linear_cross_entropy")
+    with pytest.raises(prov.Skip, match="has no softmax"):
+        prov.cce_fn("softmax")
+    with pytest.raises(prov.Skip, match="LM-head path"):
+        prov.resolve("torch_chunked", "softmax", device=cpu)
+    with pytest.raises(ValueError, match="unknown provider"):
+        prov.resolve("nobody", "softmax", device=cpu)
+
+
+def test_lm_head_torch_paths_agree(monkeypatch, device):
+    """The chunked torch path is the unfused one over token chunks; ignored tokens are 0."""
+    monkeypatch.setattr(prov, "CHUNK_TOKENS", 5)
+    inputs = prov.make_inputs("token_log_probs", (16, 50), torch.float32, device)
+    logp, entropy = prov.TORCH_FNS["token_log_probs"](*inputs.values())
+    for a, b in zip((logp, entropy), prov.CHUNKED_FNS["token_log_probs"](*inputs.values()),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    ignored = inputs["target"] == prov.IGNORE_INDEX
+    assert ignored.any() and (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    ref = torch.log_softmax(inputs["logits"], -1)
+    kept = ~ignored
+    torch.testing.assert_close(logp[kept], ref[kept].gather(-1, inputs["target"][kept, None])[:, 0])
+    lin = prov.make_inputs("linear_token_log_probs", (12, 8, 30), torch.float32, device)
+    for a, b in zip(prov.TORCH_FNS["linear_token_log_probs"](*lin.values()),
+                    prov.CHUNKED_FNS["linear_token_log_probs"](*lin.values()), strict=True):
+        torch.testing.assert_close(a, b)
+    step = prov.build_step(prov.CHUNKED_FNS["token_log_probs"], "token_log_probs", "fwd_bwd",
+                           inputs)
+    step.run()
+    assert inputs["logits"].grad.shape == inputs["logits"].shape
+    with pytest.raises(ValueError, match="no separate bwd"):
+        prov.build_step(prov.TORCH_FNS["token_log_probs"], "token_log_probs", "bwd", inputs)
 
 
 def test_liger_unimportable_or_without_the_op_is_a_skip(monkeypatch):

@@ -5,7 +5,7 @@ CPU) accepts code the GPU compiler rejects -- plain-float globals in ``@jit`` co
 ``scripts/sm90_report.py --smoke`` runs in a fresh process without ``TRITON_INTERPRET``: the real
 launchers run on ``meta`` tensors, each launch is specialised as Triton's launcher would on an
 H200 and compiled for ``cuda:90`` by the ptxas shipped in the triton wheel; its cubin is read with
-cuobjdump. The full table over every PERF.md shape is ``perf/sm90_static.md``.
+cuobjdump. The full table over every bench shape is ``perf/sm90_static.md``.
 """
 
 from __future__ import annotations

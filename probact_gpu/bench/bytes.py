@@ -1,4 +1,4 @@
-"""The minimal-bytes model of ``PERF.md``: the HBM traffic an op cannot avoid, per pass.
+"""The minimal-bytes model (perf/NOTES.md): the HBM traffic an op cannot avoid, per pass.
 
 Each input is read once and each output written once, in its own dtype (``e`` bytes an element):
 
@@ -7,16 +7,20 @@ Each input is read once and each output written once, in its own dtype (``e`` by
 | softmax, log_softmax (M × N) | ``2·M·N·e`` (x, y) | ``3·M·N·e`` (y, dy, dx) | ``5·M·N·e`` |
 | sigmoid (n elements) | ``2·n·e`` | ``3·n·e`` | ``5·n·e`` |
 | cross_entropy (M × V) | ``M·V·e + 8·M`` | – | ``2·M·V·e + 12·M`` |
+| token_log_probs (M × V) | ``M·V·e + 16·M`` | – | ``2·M·V·e + 24·M`` |
 | bce (n elements) | ``2·n·e`` (+ ``n·e`` weight) | – | ``3·n·e`` (+ ``n·e`` weight) |
 
 Cross-entropy's row vectors: int64 targets (8 B a row) read by every pass, plus the fp32 per-row
 log-sum-exp (4 B a row) that fwd+bwd keeps between its two halves. The floor is one read and one
-write of the logits. BCE's fwd+bwd reads x and the target and writes dx; its scalar loss and the
-upstream gradient are negligible. ``bwd`` alone is modelled only where the forward's output is
+write of the logits. token_log_probs (with the entropy): the int64 target read and the fp32
+logp and entropy written (16 B a row); fwd+bwd adds their fp32 gradients read (8 B a row).
+BCE's fwd+bwd reads x and the target and writes dx; its scalar loss and the upstream gradient
+are negligible. ``bwd`` alone is modelled only where the forward's output is
 what the backward reads (softmax, sigmoid); the losses fuse their gradient into one pass.
 
-``linear_cross_entropy`` is compute bound: it is reported in time, memory and TFLOP/s of its
-matmuls (``2·T·H·V`` each; one in fwd, three in fwd_bwd: logits, d input, d weight), never GB/s.
+``linear_cross_entropy`` and ``linear_token_log_probs`` are compute bound: they are reported in
+time, memory and TFLOP/s of their matmuls (``2·T·H·V`` each; one in fwd, three in fwd_bwd:
+logits, d input, d weight — a recomputation of the logits is not counted), never GB/s.
 """
 
 from __future__ import annotations
@@ -34,15 +38,15 @@ _STREAMS = {
 }
 CE_TARGET_BYTES = 8  # int64 target, a row
 CE_LSE_BYTES = 4  # fp32 log-sum-exp kept between forward and backward, a row
+TLP_OUT_BYTES = 8  # fp32 logp and entropy written (fwd), their gradients read (bwd), a row
+COMPUTE_BOUND = ("linear_cross_entropy", "linear_token_log_probs")
 
 
 def supported_passes(op: str) -> tuple[str, ...]:
     """The passes the model (and so the bench) defines for ``op``."""
     if op in _STREAMS:
         return tuple(p for p in PASSES if p in _STREAMS[op])
-    if op == "cross_entropy":
-        return ("fwd", "fwd_bwd")
-    if op == "linear_cross_entropy":
+    if op in ("cross_entropy", "token_log_probs") or op in COMPUTE_BOUND:
         return ("fwd", "fwd_bwd")
     raise ValueError(f"unknown op {op!r}")
 
@@ -50,12 +54,17 @@ def supported_passes(op: str) -> tuple[str, ...]:
 def minimal_bytes(op: str, pass_: str, shape: tuple[int, ...], elem_size: int,
                   *, weighted: bool = False) -> int | None:
     """Minimal HBM bytes of one call of ``op`` in ``pass_`` on ``shape`` (``None`` for the
-    compute-bound ``linear_cross_entropy``). ``weighted`` adds BCE's elementwise weight."""
+    compute-bound linear ops). ``weighted`` adds BCE's elementwise weight."""
     if pass_ not in supported_passes(op):
         raise ValueError(f"{op} has no {pass_!r} pass in the bytes model")
-    if op == "linear_cross_entropy":
+    if op in COMPUTE_BOUND:
         return None
     n = math.prod(shape)
+    if op == "token_log_probs":
+        rows = math.prod(shape[:-1])
+        if pass_ == "fwd":
+            return n * elem_size + (CE_TARGET_BYTES + TLP_OUT_BYTES) * rows
+        return 2 * n * elem_size + (CE_TARGET_BYTES + 2 * TLP_OUT_BYTES) * rows
     if op == "cross_entropy":
         rows = math.prod(shape[:-1])
         if pass_ == "fwd":
@@ -68,9 +77,9 @@ def minimal_bytes(op: str, pass_: str, shape: tuple[int, ...], elem_size: int,
 
 
 def matmul_flops(pass_: str, tokens: int, hidden: int, vocab: int) -> int:
-    """FLOPs of linear + cross-entropy's matmuls: ``2·T·H·V`` each, 1 (fwd) or 3 (fwd_bwd)."""
+    """FLOPs of a linear op's matmuls: ``2·T·H·V`` each, 1 (fwd) or 3 (fwd_bwd)."""
     if pass_ not in ("fwd", "fwd_bwd"):
-        raise ValueError(f"linear_cross_entropy has no {pass_!r} pass")
+        raise ValueError(f"the linear ops have no {pass_!r} pass")
     return (1 if pass_ == "fwd" else 3) * 2 * tokens * hidden * vocab
 
 

@@ -1,23 +1,31 @@
 """The providers compared side by side, the inputs they share, and the step each pass times.
 
-- ``probact``: ``probact_gpu.functional.<name>``, looked up at run time, so the bench works with
-  whichever ops exist (a missing one is a skipped row that says so). ``probact_inplace``
-  (cross-entropy only): the same with ``inplace_backward=True``, the gradient written into the
-  logits' storage (no logits-sized buffer). ``probact_low_memory`` (linear + cross-entropy
-  only): ``low_memory=True``, gradients recomputed over vocabulary blocks in the backward.
-- ``torch``: torch eager (``torch.softmax``, ``F.cross_entropy``, ...).
-- ``compile``: the same eager functions through ``torch.compile(dynamic=False)``; dynamo's caches
-  are reset per case so no shape silently falls back to eager after too many recompiles.
+- ``probact``: the public function of ``probact_gpu`` (``PUBLIC_NAMES``), looked up at run time,
+  so the bench works with whichever ops the installed package has (one it lacks is a skipped
+  row that says so). ``probact_inplace`` (cross-entropy only): the same with
+  ``inplace_backward=True``, the gradient written into the logits' storage (no logits-sized
+  buffer). ``probact_low_memory`` (linear + cross-entropy only): ``low_memory=True``, gradients
+  recomputed over vocabulary blocks in the backward.
+- ``torch``: torch eager (``torch.softmax``, ``F.cross_entropy``, ...); for the LM-head outputs
+  (``token_log_probs``: per-token log-prob and entropy) the unfused path: ``log_softmax`` in fp32,
+  ``gather``, entropy from the same (tokens × V) fp32 tensor.
+- ``torch_chunked`` (LM-head outputs only): that torch path over ``CHUNK_TOKENS`` tokens at a time
+  (the logits of linear + token log-probs computed per chunk), concatenated.
+- ``compile``: the torch eager functions through ``torch.compile(dynamic=False)``; dynamo's
+  caches are reset per case so no shape silently falls back to eager after too many recompiles.
 - ``liger``: Liger-Kernel (``liger_kernel.transformers.functional`` / ``liger_kernel.ops``) where
   it has the op and is importable.
+- ``cce`` (linear + cross-entropy only): cut-cross-entropy's
+  ``cut_cross_entropy.linear_cross_entropy`` with its defaults, when importable.
 
 A provider that is missing, lacks the op or raises on a shape becomes a skipped row with the
 reason (:class:`Skip`, or the exception the runner catches) — never a crash of the run.
 
 Every provider's forward has the positional signature of its op family: ``(x)`` for softmax,
-log_softmax and sigmoid, ``(logits, target)`` for cross-entropy, ``(x, target)`` for BCE,
-``(x, weight, target)`` for linear + cross-entropy; defaults (``ignore_index=-100``,
-``reduction="mean"``, ``dim=-1``) are torch's.
+log_softmax and sigmoid, ``(logits, target)`` for cross-entropy and token log-probs, ``(x,
+target)`` for BCE, ``(x, weight, target)`` for the linear ops; defaults (``ignore_index=-100``,
+``reduction="mean"``, ``dim=-1``) are torch's. The LM-head outputs return ``(logp, entropy)``,
+both per token, zero on ignored tokens.
 """
 
 from __future__ import annotations
@@ -32,12 +40,19 @@ import torch.nn.functional as F
 from .shapes import CE_IGNORED_FRACTION
 
 PROVIDERS = ("probact", "torch", "compile", "liger")
-# Variants of probact measured beside it for some ops; speed-ups compare probact with the others.
+# Providers measured beside those for some ops only (when probact is): probact's variants, and
+# the peers that exist for one op family. Speed-ups compare probact's rows with every other.
 VARIANTS = {"cross_entropy": ("probact_inplace",),
-            "linear_cross_entropy": ("probact_low_memory",)}
+            "linear_cross_entropy": ("probact_low_memory", "cce"),
+            "token_log_probs": ("torch_chunked",),
+            "linear_token_log_probs": ("torch_chunked",)}
 IGNORE_INDEX = -100
+# Tokens per chunk of the torch_chunked LM-head path (8 chunks of 4096 tokens, 16 of 8192).
+CHUNK_TOKENS = 512
+# Ops whose forward returns (logp, entropy) per token; their backward takes a gradient for each.
+LM_HEAD_OPS = ("token_log_probs", "linear_token_log_probs")
 
-# probact_gpu.functional's public name for each bench op.
+# probact_gpu's public name for each bench op.
 PUBLIC_NAMES = {
     "softmax": "softmax",
     "log_softmax": "log_softmax",
@@ -45,6 +60,8 @@ PUBLIC_NAMES = {
     "cross_entropy": "cross_entropy",
     "bce": "binary_cross_entropy_with_logits",
     "linear_cross_entropy": "linear_cross_entropy",
+    "token_log_probs": "token_log_probs",
+    "linear_token_log_probs": "linear_token_log_probs",
 }
 
 
@@ -79,6 +96,33 @@ def _torch_linear_cross_entropy(x, weight, target):
     return F.cross_entropy(x @ weight.t(), target, ignore_index=IGNORE_INDEX)
 
 
+def _torch_token_log_probs(logits, target):
+    """The unfused path: a (tokens × V) fp32 log_softmax, a gather, the entropy from it."""
+    logp_all = torch.log_softmax(logits.float(), -1)
+    ignored = target == IGNORE_INDEX
+    logp = logp_all.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+def _torch_linear_token_log_probs(x, weight, target):
+    return _torch_token_log_probs(x @ weight.t(), target)
+
+
+def _cat_pairs(pairs):
+    return tuple(torch.cat(parts) for parts in zip(*pairs, strict=True))
+
+
+def _torch_chunked_token_log_probs(logits, target):
+    return _cat_pairs(_torch_token_log_probs(z, t) for z, t in
+                      zip(logits.split(CHUNK_TOKENS), target.split(CHUNK_TOKENS), strict=True))
+
+
+def _torch_chunked_linear_token_log_probs(x, weight, target):
+    return _cat_pairs(_torch_token_log_probs(h @ weight.t(), t) for h, t in
+                      zip(x.split(CHUNK_TOKENS), target.split(CHUNK_TOKENS), strict=True))
+
+
 TORCH_FNS: dict[str, Callable] = {
     "softmax": _torch_softmax,
     "log_softmax": _torch_log_softmax,
@@ -86,6 +130,12 @@ TORCH_FNS: dict[str, Callable] = {
     "cross_entropy": _torch_cross_entropy,
     "bce": _torch_bce,
     "linear_cross_entropy": _torch_linear_cross_entropy,
+    "token_log_probs": _torch_token_log_probs,
+    "linear_token_log_probs": _torch_linear_token_log_probs,
+}
+CHUNKED_FNS: dict[str, Callable] = {
+    "token_log_probs": _torch_chunked_token_log_probs,
+    "linear_token_log_probs": _torch_chunked_linear_token_log_probs,
 }
 
 
@@ -106,17 +156,49 @@ class _Upstream(torch.autograd.Function):
         return grad
 
 
-def probact_fn(op: str, module: str = "probact_gpu.functional") -> Callable:
-    """``probact_gpu.functional.<name>`` now, or :class:`Skip` saying it does not exist yet."""
+def probact_fn(op: str, module: str = "probact_gpu") -> Callable:
+    """``probact_gpu.<name>`` (``PUBLIC_NAMES``), or :class:`Skip` with the reason it cannot be
+    had: the module or the function's own module does not import, or has no such name."""
     name = PUBLIC_NAMES[op]
     try:
-        functional = importlib.import_module(module)
+        package = importlib.import_module(module)
+        fn = getattr(package, name, None)
     except Exception as exc:  # a broken or absent module is a skipped row, not a crash
-        raise Skip(f"{module} not importable: {type(exc).__name__}: {exc}") from exc
-    fn = getattr(functional, name, None)
+        raise Skip(f"{module}.{name} not importable: {type(exc).__name__}: {exc}") from exc
     if fn is None:
-        raise Skip(f"{module} has no {name} (not implemented yet)")
+        raise Skip(f"{module} has no {name}")
     return fn
+
+
+def _lm_head(op: str, fn: Callable) -> Callable:
+    """probact's LM-head function returning (logp, entropy) like the torch paths."""
+    if op == "token_log_probs":
+        def probact_token_log_probs(logits, target):
+            out = fn(logits, target, return_entropy=True)
+            return out.logprobs, out.entropy
+
+        return probact_token_log_probs
+
+    def probact_linear_token_log_probs(x, weight, target):
+        out = fn(x, weight, target, return_entropy=True)
+        return out.logprobs, out.entropy
+
+    return probact_linear_token_log_probs
+
+
+def cce_fn(op: str) -> Callable:
+    """cut-cross-entropy's ``linear_cross_entropy`` (its defaults), or :class:`Skip`."""
+    if op != "linear_cross_entropy":
+        raise Skip(f"cut-cross-entropy has no {op}")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        raise Skip(f"cut-cross-entropy not importable ({type(exc).__name__}: {exc})") from exc
+
+    def cce_linear_cross_entropy(x, weight, target):
+        return linear_cross_entropy(x, weight, target, ignore_index=IGNORE_INDEX)
+
+    return cce_linear_cross_entropy
 
 
 def compiled_fn(op: str, backend: str = "inductor") -> Callable:
@@ -162,7 +244,8 @@ def liger_fn(op: str) -> Callable:
 def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False) -> Callable:
     """The forward function ``provider`` offers for ``op``, or :class:`Skip` with the reason."""
     if provider == "probact":
-        return probact_fn(op)
+        fn = probact_fn(op)
+        return _lm_head(op, fn) if op in LM_HEAD_OPS else fn
     if provider == "probact_inplace" and op == "cross_entropy":
         ce = probact_fn(op)
 
@@ -181,6 +264,14 @@ def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False
         return probact_linear_cross_entropy_low_memory
     if provider == "torch":
         return TORCH_FNS[op]
+    if provider == "torch_chunked":
+        if op not in CHUNKED_FNS:
+            raise Skip(f"torch_chunked is an LM-head path; not defined for {op}")
+        return CHUNKED_FNS[op]
+    if provider == "cce":
+        if device.type != "cuda":
+            raise Skip("cut-cross-entropy needs a CUDA device")
+        return cce_fn(op)
     if provider == "compile":
         if smoke:
             raise Skip("torch.compile is not run in a smoke pass (compile time)")
@@ -189,7 +280,8 @@ def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False
         if device.type != "cuda":
             raise Skip("liger-kernel needs a CUDA device")
         return liger_fn(op)
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    known = PROVIDERS + tuple(dict.fromkeys(v for vs in VARIANTS.values() for v in vs))
+    raise ValueError(f"unknown provider {provider!r}; expected one of {known}")
 
 
 # --------------------------------------------------------------------------- inputs and steps
@@ -213,13 +305,13 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
 
     if op in ("softmax", "log_softmax", "sigmoid"):
         return {"x": randn(*shape)}
-    if op == "cross_entropy":
+    if op in ("cross_entropy", "token_log_probs"):
         rows, vocab = shape
         return {"logits": randn(rows, vocab), "target": targets(rows, vocab)}
     if op == "bce":
         target = torch.rand(*shape, dtype=dtype, device=device, generator=g)
         return {"x": randn(*shape), "target": target}
-    if op == "linear_cross_entropy":
+    if op in ("linear_cross_entropy", "linear_token_log_probs"):
         tokens, hidden, vocab = shape
         # Unit-variance logits: x ~ N(0, 1), weight ~ N(0, 1/hidden).
         return {"x": randn(tokens, hidden), "weight": randn(vocab, hidden, scale=hidden**-0.5),
@@ -230,7 +322,8 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
 # The inputs a backward differentiates (the "leaves").
 GRAD_INPUTS = {"softmax": ("x",), "log_softmax": ("x",), "sigmoid": ("x",),
                "cross_entropy": ("logits",), "bce": ("x",),
-               "linear_cross_entropy": ("x", "weight")}
+               "linear_cross_entropy": ("x", "weight"), "token_log_probs": ("logits",),
+               "linear_token_log_probs": ("x", "weight")}
 
 
 @dataclass
@@ -246,33 +339,54 @@ class Step:
             t.grad = None
 
 
+SCALAR_LOSS_OPS = ("cross_entropy", "bce", "linear_cross_entropy")
+
+
+def upstream_grads(op: str, inputs: dict[str, torch.Tensor], seed: int = 1):
+    """The gradient a backward of ``op``'s output starts from: None for the scalar losses; a
+    random tensor like ``x`` for softmax, log_softmax and sigmoid; for the LM-head outputs a
+    random fp32 weight per token for each of logp and entropy (an RL update's advantages and
+    entropy bonus)."""
+    if op in SCALAR_LOSS_OPS:
+        return None
+    like = inputs["target"] if op in LM_HEAD_OPS else inputs["x"]
+    g = torch.Generator(device=like.device)
+    g.manual_seed(seed)
+    if op in LM_HEAD_OPS:
+        return tuple(torch.randn(like.shape, dtype=torch.float32, device=like.device,
+                                 generator=g) for _ in range(2))
+    return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=g)
+
+
+def backward(out, grads) -> None:
+    """``out.backward(grads)``, or both LM-head outputs at once."""
+    if isinstance(out, tuple):
+        torch.autograd.backward(out, grads)
+    else:
+        out.backward(grads)
+
+
 def build_step(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
                seed: int = 1) -> Step:
     """The call timed for ``pass_``: ``fwd`` the forward alone (no autograd graph); ``fwd_bwd``
-    forward then ``backward()`` (a random upstream gradient for non-scalar outputs); ``bwd`` the
-    backward alone, replayed on one retained forward graph."""
+    forward then ``backward()`` (from :func:`upstream_grads`); ``bwd`` the backward alone,
+    replayed on one retained forward graph (softmax, log_softmax, sigmoid)."""
     args = list(inputs.values())
     if pass_ == "fwd":
         return Step(lambda: fn(*args))
     leaves = tuple(inputs[name].requires_grad_() for name in GRAD_INPUTS[op])
-    scalar_loss = op in ("cross_entropy", "bce", "linear_cross_entropy")
-    dy = None
-    if not scalar_loss:
-        x = inputs["x"]
-        g = torch.Generator(device=x.device)
-        g.manual_seed(seed)
-        dy = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=g)
+    dy = upstream_grads(op, inputs, seed)
     if pass_ == "fwd_bwd":
         def fwd_bwd():
             for t in leaves:
                 t.grad = None
             out = fn(*args)
-            out.backward(dy)
+            backward(out, dy)
             return out
 
         return Step(fwd_bwd, leaves)
     if pass_ == "bwd":
-        if scalar_loss:
+        if op in SCALAR_LOSS_OPS or op in LM_HEAD_OPS:
             raise ValueError(f"{op} has no separate bwd pass in the bench")
         out = fn(*args)
 

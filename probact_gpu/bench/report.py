@@ -17,14 +17,14 @@ JSON schema (``SCHEMA`` = ``"probact-gpu-bench/1"``), checked by :func:`validate
       "rows": [{
         "op": str, "pass": "fwd" | "bwd" | "fwd_bwd", "dtype": "bf16" | "fp16" | "fp32",
         "shape": [int, ...],
-        "provider": "probact" | "probact_inplace" | "probact_low_memory" | "torch" | "compile"
-                    | "liger",
+        "provider": "probact" | "probact_inplace" | "probact_low_memory" | "torch"
+                    | "torch_chunked" | "compile" | "liger" | "cce",
         "status": "ok" | "skipped" | "smoke",
         "reason": str | null,        # why skipped (or what the smoke pass saw)
         "ms": float | null, "ms_p20": float | null, "ms_p80": float | null,
-        "bytes": int | null,         # minimal-bytes model (null for linear_cross_entropy)
+        "bytes": int | null,         # minimal-bytes model (null for the linear ops)
         "gbps": float | null, "pct_copy": float | null,
-        "tflops": float | null,      # linear_cross_entropy only: its 1 or 3 matmuls
+        "tflops": float | null,      # the linear ops only: their 1 or 3 matmuls
         "extra_mib": float | null,   # peak memory above the inputs during one call
         "speedup": float | null,     # probact rows: best non-probact provider's ms / this ms
         "speedup_vs": str | null     # ... and which provider that was
@@ -44,13 +44,14 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .bytes import COMPUTE_BOUND
 from .shapes import label, row_length
 
 SCHEMA = "probact-gpu-bench/1"
 # One colour per provider in every panel.
 COLORS = {"probact": "tab:blue", "probact_inplace": "tab:cyan", "probact_low_memory": "tab:purple",
-          "torch": "tab:orange",
-          "compile": "tab:red", "liger": "tab:green"}
+          "torch": "tab:orange", "torch_chunked": "tab:brown", "compile": "tab:red",
+          "liger": "tab:green", "cce": "tab:olive"}
 STATUSES = ("ok", "skipped", "smoke")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
@@ -219,13 +220,13 @@ def _speedup(r: Row) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """One markdown table per op, in run order. linear_cross_entropy shows TFLOP/s of its
-    matmuls instead of GB/s and % of copy."""
+    """One markdown table per op, in run order. The linear ops show TFLOP/s of their matmuls
+    instead of GB/s and % of copy."""
     out: list[str] = []
     ops = list(dict.fromkeys(r.op for r in rows))
     for op in ops:
         mine = [r for r in rows if r.op == op]
-        compute = op == "linear_cross_entropy"
+        compute = op in COMPUTE_BOUND
         rate = "TFLOP/s" if compute else "GB/s | % copy"
         out.append(f"### {op}\n")
         out.append(f"| pass | dtype | shape | provider | ms median (p20–p80) | {rate} | "

@@ -86,7 +86,7 @@ def run_case(case: Case, provider: str, device: torch.device, *, smoke: bool,
         row.extra_mib = peak_extra_mib(step.run, device)
         row.status = "ok"
         row.ms, row.ms_p20, row.ms_p80 = timing.ms, timing.p20, timing.p80
-        if case.op == "linear_cross_entropy":
+        if case.op in bytes_model.COMPUTE_BOUND:
             tokens, hidden, vocab = case.shape
             flops = bytes_model.matmul_flops(case.pass_, tokens, hidden, vocab)
             row.tflops = bytes_model.tflops(flops, timing.ms)
@@ -112,7 +112,9 @@ def _smoke_note(case: Case, out, step: prov.Step, device: torch.device, seed: in
     torch eager's on the same inputs."""
     inputs = prov.make_inputs(case.op, case.shape, DTYPES[case.dtype], device, seed)
     if case.pass_ == "fwd":
-        ours, theirs = [out], [prov.TORCH_FNS[case.op](*inputs.values())]
+        theirs = prov.TORCH_FNS[case.op](*inputs.values())
+        ours = list(out) if isinstance(out, tuple) else [out]
+        theirs = list(theirs) if isinstance(theirs, tuple) else [theirs]
     elif case.pass_ == "fwd_bwd":
         ref = prov.build_step(prov.TORCH_FNS[case.op], case.op, case.pass_, inputs)
         ref.run()

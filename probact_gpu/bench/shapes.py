@@ -1,15 +1,20 @@
-"""The benchmark's shapes: PERF.md's table (full), a subset that takes about a minute on an H200
-(``--quick``), and tiny shapes for the interpreter (``--smoke``).
+"""The benchmark's shapes: the full table (perf/NOTES.md), a subset that takes about a minute on
+an H200 (``--quick``), and tiny shapes for the interpreter (``--smoke``). The one home of the
+bench shapes: ``perf/sweep_tiling.py``, ``scripts/sm90_report.py`` and ``bench --traffic`` read
+them from here.
 
-Shapes are tuples: ``(M, N)`` rows × row length for softmax / log_softmax / cross-entropy,
-``(n,)`` for the elementwise ops, ``(tokens, hidden, vocab)`` for linear + cross-entropy. Full and
-quick inputs are at least 256 MiB wherever PERF.md asks for it (far beyond the 60 MB L2), so
-timings measure HBM, not cache.
+Shapes are tuples: ``(M, N)`` rows × row length for softmax / log_softmax / cross-entropy /
+token log-probs, ``(n,)`` for the elementwise ops, ``(tokens, hidden, vocab)`` for the linear
+ops. Full and quick inputs are at least 256 MiB wherever the convention asks for it (far beyond
+the 50 MB L2), so timings measure HBM, not cache. The op names are the command line's
+(``probact_gpu.registry``: the ops ``bench`` times).
 """
 
 from __future__ import annotations
 
-OPS = ("softmax", "log_softmax", "sigmoid", "cross_entropy", "bce", "linear_cross_entropy")
+from ..registry import bench_ops
+
+OPS = bench_ops()
 SIZES = ("full", "quick", "smoke")
 
 BUDGET = 1 << 28  # elements of the softmax, sigmoid and BCE inputs (512 MiB in bf16)
@@ -20,7 +25,7 @@ CE_VOCABS = (32000, 50257, 128256, 151936, 262144)
 LINEAR_CE = (8192, 4096, 128256)  # tokens, hidden, vocab
 CE_IGNORED_FRACTION = 8  # one target in 8 is ignore_index
 
-# The passes each op runs when --pass is not given (the ones PERF.md compares).
+# The passes each op runs when --pass is not given (the ones perf/NOTES.md compares).
 DEFAULT_PASSES = {
     "softmax": ("fwd", "fwd_bwd"),
     "log_softmax": ("fwd", "fwd_bwd"),
@@ -28,7 +33,10 @@ DEFAULT_PASSES = {
     "cross_entropy": ("fwd_bwd",),
     "bce": ("fwd_bwd",),
     "linear_cross_entropy": ("fwd_bwd",),
+    "token_log_probs": ("fwd", "fwd_bwd"),  # fwd alone: the log-probs of a rollout
+    "linear_token_log_probs": ("fwd", "fwd_bwd"),
 }
+LINEAR_OPS = ("linear_cross_entropy", "linear_token_log_probs")
 
 
 def _rows_of(ns: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -49,6 +57,8 @@ def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
             "cross_entropy": [(8, 100)],
             "bce": [(1000,)],
             "linear_cross_entropy": [(16, 32, 100)],
+            "token_log_probs": [(8, 100)],
+            "linear_token_log_probs": [(16, 32, 100)],
         }[op]
     if op in ("softmax", "log_softmax"):
         if size == "quick":  # one short row, one long row, few long rows
@@ -58,7 +68,7 @@ def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
         return _rows_of(SOFTMAX_N) + [FEW_ROWS]
     if op in ("sigmoid", "bce"):
         return [(BUDGET,)]
-    if op == "cross_entropy":
+    if op in ("cross_entropy", "token_log_probs"):
         vocabs = (32000, 128256) if size == "quick" else CE_VOCABS
         return [(CE_TOKENS, v) for v in vocabs]
     return [LINEAR_CE]
@@ -66,7 +76,7 @@ def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
 
 def row_length(op: str, shape: tuple[int, ...]) -> int:
     """The x axis of the plots: row length (N or V); the element count for elementwise ops."""
-    if op == "linear_cross_entropy":
+    if op in LINEAR_OPS:
         return shape[2]
     return shape[-1]
 

@@ -1,4 +1,4 @@
-"""Timing, the copy-rate ceiling and peak extra memory, as PERF.md defines them.
+"""Timing, the copy-rate ceiling and peak extra memory, as perf/NOTES.md defines them.
 
 - Time: ``triton.testing.do_bench`` (it flushes L2 between calls), median with the 20th and 80th
   percentiles, after its warm-up.

@@ -345,13 +345,13 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
 
 
 def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200_SMS):
-    """The launch config ``tiling`` picks for ``op`` at the full ``shape`` (None for linear +
-    CE, whose CE config follows from its token chunk)."""
+    """The launch config ``tiling`` picks for ``op`` at the full ``shape`` (None for the linear
+    ops, whose row config follows from their token chunk)."""
     from .. import tiling
 
     if op in ("softmax", "log_softmax"):
         return tiling.choose_row_config(shape[0], shape[1], elem_size, sms)
-    if op == "cross_entropy":
+    if op in ("cross_entropy", "token_log_probs"):
         return tiling.choose_cross_entropy_config(shape[0], shape[1], elem_size, sms)
     if op == "sigmoid":
         return tiling.choose_elementwise_config(shape[0], elem_size)
@@ -362,13 +362,13 @@ def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200
 
 def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...]:
     """The scaled-down shape a full ``shape`` is counted at: the row length kept, two programs
-    of rows (eight rows for the losses, so one in eight targets can be ignored), four blocks of
-    an elementwise op, sixteen tokens × hidden 64 for linear + CE (the matmuls are torch's)."""
+    of rows (eight rows of targets, so one in eight can be ignored), four blocks of an
+    elementwise op, sixteen tokens × hidden 64 for the linear ops (their matmuls are torch's)."""
     cfg = full_config(op, shape, elem_size)
     if op in ("softmax", "log_softmax"):
         rows = 2 * cfg.block_m if cfg.path == "single" else 2
         return (min(shape[0], rows), shape[1])
-    if op == "cross_entropy":
+    if op in ("cross_entropy", "token_log_probs"):
         return (min(shape[0], 8), shape[1])
     if op in ("sigmoid", "bce"):
         return (min(shape[0], 4 * cfg.block),)
@@ -378,7 +378,7 @@ def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...
 
 def path_of(op: str, shape: tuple[int, ...], elem_size: int, provider: str) -> str:
     """A short name of the launch path the full shape takes."""
-    if op == "linear_cross_entropy":
+    if op in shape_table.LINEAR_OPS:
         return "low memory" if provider == "probact_low_memory" else "token chunks"
     cfg = full_config(op, shape, elem_size)
     if op in ("sigmoid", "bce"):
@@ -437,14 +437,14 @@ class TrafficRow:
 
 
 def _main_input(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return inputs["logits"] if op == "cross_entropy" else inputs["x"]
+    return inputs["logits"] if "logits" in inputs else inputs["x"]
 
 
 def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
                seed: int = 1) -> Counts:
     """Run ``fn`` once on ``inputs`` for ``pass_`` (``fwd`` without autograd; ``fwd_bwd``
     forward, then ``backward()`` labelled ``bwd``) and count it."""
-    from .providers import GRAD_INPUTS
+    from .providers import GRAD_INPUTS, backward, upstream_grads
 
     args = list(inputs.values())
     threshold = int(ALLOC_FRACTION * _nbytes(_main_input(op, inputs)))
@@ -454,16 +454,11 @@ def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor
         return counts
     for name in GRAD_INPUTS[op]:
         inputs[name].requires_grad_()
-    dy = None
-    if op in ("softmax", "log_softmax", "sigmoid"):
-        x = inputs["x"]
-        g = torch.Generator(device=x.device)
-        g.manual_seed(seed)
-        dy = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=g)
+    dy = upstream_grads(op, inputs, seed)
     with counting(threshold) as counts:
         out = fn(*args)
         counts.phase = "bwd"
-        out.backward(dy)
+        backward(out, dy)
     return counts
 
 
