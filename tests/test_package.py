@@ -108,3 +108,27 @@ def test_package_missing_name_raises_attribute_error():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("no AttributeError")
+
+
+def test_package_scripts_run_the_installed_interpreter():
+    """test.sh and main.sh run the Python that install.sh printed, never `python3` or
+    `probact-gpu` from the PATH (which, on an externally managed system, is not the one the
+    package was installed into)."""
+    for name in ("test.sh", "main.sh"):
+        text = (ROOT / "scripts" / name).read_text()
+        code = [line.split("#")[0] for line in text.splitlines()]
+        assert 'PY=$(bash scripts/install.sh)' in text, name
+        for line in code:
+            words = line.replace('"', " ").split()
+            assert "python3" not in words and "python" not in words, (name, line)
+            assert "probact-gpu" not in words, (name, line)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+
+
+def test_package_install_script_names_a_missing_interpreter():
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHON="/nonexistent/py"))
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert "/nonexistent/py" in out.stderr
