@@ -58,18 +58,28 @@ from __future__ import annotations
 
 import torch
 
-from . import tiling
-from ._runtime import accum_dtype, check_float, check_runnable, check_same_device
+from ._runtime import accum_dtype, check_runnable, check_same_device
+from .ops._common import (
+    LinearGrads,
+    ce_launch_options,
+    check_chunking,
+    check_head_inputs,
+    chunk_logits,
+    flatten_head_input,
+    loss_divisor,
+    no_second_derivative,
+    reduce_rows,
+    token_chunk,
+    token_chunks,
+)
 from .ops.cross_entropy import (
-    _INT_DTYPES,
-    _check_options,
     cross_entropy,
     cross_entropy_combine,
     cross_entropy_grad,
     cross_entropy_partial_stats,
-    cross_entropy_total_weight,
 )
-from .ops.linear_cross_entropy import _chunks, _Grads, _logits, _validate, linear_cross_entropy
+from .ops.linear_cross_entropy import linear_cross_entropy
+from .options import CrossEntropyOptions
 from .tiling import RowConfig
 
 __all__ = [
@@ -205,64 +215,91 @@ def _check_backend(dist, group, input) -> None:
                          f"{input.device}")
 
 
-def _check_inputs(input, target, reduction, label_smoothing, z_loss, softcap) -> None:
-    _check_options(input, None, None, reduction, label_smoothing, z_loss, softcap, 1.0)
+def _stats_options(options: CrossEntropyOptions) -> dict:
+    """``cross_entropy_partial_stats``'s keywords: per-class weights, smoothing, transform."""
+    ce = ce_launch_options(options)
+    del ce["ignore_index"], ce["z_loss"]
+    return ce
+
+
+def _combine_options(options: CrossEntropyOptions) -> dict:
+    """``cross_entropy_combine``'s keywords."""
+    return dict(weight=options.weight, ignore_index=options.ignore_index,
+                label_smoothing=options.label_smoothing, z_loss=options.z_loss)
+
+
+def _local_kwargs(options: CrossEntropyOptions) -> dict:
+    """The public functions' keywords for ``options``, those at their defaults left out (the
+    one-rank path calls the local op with them)."""
+    defaults = CrossEntropyOptions().as_kwargs()
+    return {k: v for k, v in options.as_kwargs().items()
+            if isinstance(v, torch.Tensor) or (v is not None and v != defaults[k])}
+
+
+def _global_loss(merged, target, vocab_size, options, sdt):
+    """(loss rows reduced as the options say, lse, divisor) from the (N, 1, 4) global stats."""
+    rows, lse = cross_entropy_combine(merged, target, vocab_size, **_combine_options(options))
+    # The targets are replicated: every rank computes the same divisor, no collective.
+    divisor = loss_divisor(options, target, vocab_size, sdt)
+    return reduce_rows(rows, options, divisor), lse, divisor
+
+
+def _check_inputs(input, target, options) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"input (logits) must be a floating tensor, got dtype={input.dtype}")
     if input.ndim != 2:
         raise ValueError(f"input must be this rank's (N, V_local) logits, got shape "
                          f"{tuple(input.shape)}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in _INT_DTYPES or tuple(target.shape) != (input.shape[0],):
+    if target.dtype not in (torch.int32, torch.int64) or tuple(target.shape) != (input.shape[0],):
         raise ValueError(f"target must hold global class ids as an int32/int64 tensor of shape "
                          f"({input.shape[0]},), got dtype={target.dtype}, "
                          f"shape={tuple(target.shape)}")
-    check_same_device(input=input, target=target)
+    normalizer = options.normalizer if isinstance(options.normalizer, torch.Tensor) else None
+    check_same_device(input=input, target=target, weight=options.weight, normalizer=normalizer)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """The split path with its collectives, for any group size (world size 1 included: the GPU
-    test runs NCCL through it on one device). :func:`vocab_parallel_cross_entropy` validates
-    its arguments and sends world size 1 to the local op instead."""
+    test runs NCCL through it on one device). ``options`` is a :class:`CrossEntropyOptions`
+    (``weight`` the global (V,) vector); :func:`vocab_parallel_cross_entropy` validates its
+    arguments and sends world size 1 to the local op instead."""
 
     @staticmethod
-    def forward(ctx, input, target, group, vocab_start, vocab_size, ignore_index, reduction,
-                label_smoothing, z_loss, softcap, config):
+    def forward(ctx, input, target, group, vocab_start, vocab_size, options, config):
         sdt = accum_dtype(input)
         target = target.contiguous()
-        # 1. Local partials: (N, S, 4) = (max z, Σ exp(z − max), z_t or 0, Σ z) per chunk.
+        # 1. Local partials: (N, S, 4) = (max z, Σ exp(z − max), z_t or 0, Σ w·z) per chunk.
         if input.shape[1] == 0:  # an empty shard contributes nothing (and launches nothing)
             stats = torch.zeros((input.shape[0], 1, 4), dtype=sdt, device=input.device)
             stats[..., 0] = float("-inf")
         else:
-            stats = cross_entropy_partial_stats(
-                input, target, vocab_start=vocab_start, label_smoothing=label_smoothing,
-                softcap=softcap, config=config)
+            stats = cross_entropy_partial_stats(input, target, vocab_start=vocab_start,
+                                                config=config, **_stats_options(options))
         # 2. Global max, then the sums rescaled to it: two all_reduces of N and 3·N floats.
         merged = _global_row_stats(_local_row_stats(stats), group)
         # 3. Loss and lse from the global statistics (one "split" per row), same on every rank.
-        rows, lse = cross_entropy_combine(
-            merged, target, vocab_size, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss)
-        divisor = None
-        if reduction == "none":
-            loss = rows.to(input.dtype)
-        elif reduction == "sum":
-            loss = rows.sum().to(input.dtype)
-        else:
-            divisor = cross_entropy_total_weight(target, vocab_size, ignore_index=ignore_index,
-                                                 dtype=sdt)
-            loss = (rows.sum() / divisor).to(input.dtype)
+        loss, lse, divisor = _global_loss(merged, target, vocab_size, options, sdt)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, target, lse, divisor)
-        ctx.opts = dict(vocab_start=vocab_start, n_classes=vocab_size, ignore_index=ignore_index,
-                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                        config=config)
-        return loss
+        ctx.vocab_start, ctx.vocab_size, ctx.options, ctx.config = (vocab_start, vocab_size,
+                                                                    options, config)
+        return loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        no_second_derivative("vocab_parallel_cross_entropy")
+        none = (None,) * 6
+        if grad_loss is None:
+            return (None,) + none
         input, target, lse, divisor = ctx.saved_tensors
-        dx = cross_entropy_grad(input, target, lse, grad_loss, divisor=divisor, **ctx.opts)
-        return dx, None, None, None, None, None, None, None, None, None, None
+        dx = cross_entropy_grad(input, target, lse, grad_loss, vocab_start=ctx.vocab_start,
+                                n_classes=ctx.vocab_size, divisor=divisor, config=ctx.config,
+                                **ce_launch_options(ctx.options))
+        return (dx,) + none
 
 
 def vocab_parallel_cross_entropy(
@@ -272,19 +309,25 @@ def vocab_parallel_cross_entropy(
     group=None,
     vocab_start_index: int | None = None,
     vocab_size: int | None = None,
+    weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None,
     config: RowConfig | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of logits split along the vocabulary over the ranks of ``group`` (default:
     the world). Every rank calls it with its shard and gets the same loss: the value of
     ``probact_gpu.cross_entropy`` on the logits concatenated in vocabulary order, with the same
-    ``ignore_index``, ``reduction``, ``label_smoothing`` (torch's semantics), ``z_loss``
-    (``z_loss · lse²`` per non-ignored row) and ``softcap`` (``softcap · tanh(x / softcap)``
-    before the softmax).
+    options (``weight``: the *global* (V,) per-class weights, the same on every rank;
+    ``ignore_index``, ``reduction``, ``label_smoothing``: torch's semantics; ``z_loss``,
+    ``softcap``, ``logit_scale``, ``logit_divisor``, ``temperature``, ``normalizer``: as
+    ``probact_gpu.cross_entropy``).
 
     - ``input``: this rank's (N, V_local) logits, any strides, any float dtype (the same on
       every rank); shards may be uneven (V not divisible by the world size) or empty.
@@ -300,20 +343,25 @@ def vocab_parallel_cross_entropy(
 
     Communication per call: two all_reduces of N and 3·N floats (fp32, fp64 for fp64 logits):
     O(N) per rank, independent of V. The backward communicates nothing: it returns the gradient
-    of this rank's shard only (the gradients of the other shards live on their ranks).
+    of this rank's shard only (the gradients of the other shards live on their ranks). Second
+    derivatives are not supported (a backward with ``create_graph=True`` raises).
 
     Without an initialized process group, or with a group of one rank, this is the local op
     ``probact_gpu.cross_entropy(input, target, ...)`` (vocab_start_index must then be 0 or None).
     """
-    _check_inputs(input, target, reduction, label_smoothing, z_loss, softcap)
+    options = CrossEntropyOptions.from_kwargs(
+        weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
+        logit_divisor=logit_divisor, softcap=softcap, temperature=temperature,
+        normalizer=normalizer)
+    _check_inputs(input, target, options)
     _check_layout_args(vocab_start_index, vocab_size)
+    if vocab_size is not None:
+        options.check_weight(vocab_size, input.device)
     rank, world = _group_world(group)
-    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
-    softcap = None if softcap is None else float(softcap)
     if world == 1:
         _check_whole_vocabulary(input.shape[1], vocab_start_index, vocab_size)
-        return cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return cross_entropy(input, target, **_local_kwargs(options))
     import torch.distributed as dist
 
     _check_backend(dist, group, input)
@@ -321,9 +369,9 @@ def vocab_parallel_cross_entropy(
         check_runnable(input)
     vocab_start, n_classes = _layout(input.shape[0], input.shape[1], input.dtype, input.device,
                                      group, rank, world, vocab_start_index, vocab_size)
+    options.check_weight(n_classes, input.device)
     return VocabParallelCrossEntropyFunction.apply(
-        input, target, group, vocab_start, n_classes, int(ignore_index), reduction,
-        label_smoothing, z_loss, softcap, config)
+        input, target, group, vocab_start, n_classes, options, config)
 
 
 # --------------------------------------------------------------------------- linear + CE
@@ -332,18 +380,19 @@ def vocab_parallel_cross_entropy(
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     """Fused linear + cross-entropy over a vocab-parallel LM head, for any group size (world
     size 1 included: the GPU test runs NCCL through it on one device). ``h`` is 2-D (N, H),
-    ``weight`` this rank's (V_local, H) rows, ``bias`` its (V_local,) entries or None,
-    ``target`` (N,) global ids, ``class_weight`` the global (V,) vector or None; ``options`` the
-    dict built by :func:`vocab_parallel_linear_cross_entropy` (ignore_index, reduction,
-    label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, config)."""
+    ``linear_weight`` this rank's (V_local, H) rows, ``linear_bias`` its (V_local,) entries or
+    None, ``target`` (N,) global ids; ``options`` a :class:`CrossEntropyOptions` (``weight`` the
+    global (V,) vector); ``chunking`` = (chunk_size, memory_budget, config), as built by
+    :func:`vocab_parallel_linear_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, class_weight, group, vocab_start, vocab_size,
-                options):
-        n_tokens, v_local = h.shape[0], weight.shape[0]
+    def forward(ctx, h, linear_weight, linear_bias, target, group, vocab_start, vocab_size,
+                options, chunking):
+        chunk_size, memory_budget, config = chunking
+        n_tokens, v_local = h.shape[0], linear_weight.shape[0]
         sdt = accum_dtype(h)
         target = target.contiguous()
-        chunk = _token_chunk(h, v_local, options)
+        chunk = token_chunk(n_tokens, v_local, h.element_size(), chunk_size, memory_budget)
         # 1. Per token chunk: local logits (cuBLAS, one reused buffer) → split statistics →
         #    merged per row into (C, 4). An empty shard contributes (−inf, 0, 0, 0).
         local = torch.empty((n_tokens, 4), dtype=sdt, device=h.device)
@@ -351,109 +400,97 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             local.zero_()
             local[:, 0] = float("-inf")
         else:
+            stats_opts = _stats_options(options)
             buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype, device=h.device)
-            for start, end in _chunks(n_tokens, chunk):
-                logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+            for start, end in token_chunks(n_tokens, chunk):
+                logits = chunk_logits(h[start:end], linear_weight, linear_bias,
+                                      buffer[: end - start])
                 stats = cross_entropy_partial_stats(
-                    logits, target[start:end], vocab_start=vocab_start, weight=class_weight,
-                    label_smoothing=options["label_smoothing"], softcap=options["softcap"],
-                    logit_scale=options["logit_scale"], config=options["config"])
+                    logits, target[start:end], vocab_start=vocab_start, config=config,
+                    **stats_opts)
                 local[start:end] = _local_row_stats(stats)
         # 2. The two all_reduces (N and 3·N floats) over every token at once; 3. the combine.
         merged = _global_row_stats(local, group)
-        rows, lse = cross_entropy_combine(
-            merged, target, vocab_size, weight=class_weight,
-            ignore_index=options["ignore_index"], label_smoothing=options["label_smoothing"],
-            z_loss=options["z_loss"])
-        divisor = None
-        if options["reduction"] == "none":
-            loss = rows
-        elif options["reduction"] == "sum":
-            loss = rows.sum()
-        else:  # the targets are replicated: every rank computes the same divisor, no collective
-            divisor = cross_entropy_total_weight(target, vocab_size, weight=class_weight,
-                                                 ignore_index=options["ignore_index"], dtype=sdt)
-            loss = rows.sum() / divisor
-        ctx.save_for_backward(h, weight, bias, target, lse, class_weight, divisor)
-        ctx.group, ctx.vocab_start, ctx.vocab_size, ctx.options = (group, vocab_start,
-                                                                    vocab_size, options)
+        loss, lse, divisor = _global_loss(merged, target, vocab_size, options, sdt)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, linear_weight, linear_bias, target, lse, divisor)
+        ctx.group, ctx.vocab_start, ctx.vocab_size = group, vocab_start, vocab_size
+        ctx.options, ctx.chunk, ctx.config = options, chunk, config
         return loss.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         import torch.distributed as dist
 
-        h, weight, bias, target, lse, class_weight, divisor = ctx.saved_tensors
+        no_second_derivative("vocab_parallel_linear_cross_entropy")
+        none = (None,) * 6
+        if grad_loss is None:
+            return (None,) * 3 + none
+        h, weight, bias, target, lse, divisor = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])  # (dh, dW, db); db implies a bias
-        options = ctx.options
-        n_tokens, v_local = h.shape[0], weight.shape[0]
         grad = grad_loss.to(lse.dtype)
         per_token = grad.ndim == 1
-        chunk = _token_chunk(h, v_local, options)
-        grads = _Grads(h, weight, bias, need, max(1, tiling.cdiv(n_tokens, chunk)))
+        grads = LinearGrads(h, weight, bias, need)
         if any(need):
             # With V_local = 0 the matmuls are empty (dh_r is then zeros) and the CE gradient
             # launches nothing.
-            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype, device=h.device)
-            for start, end in _chunks(n_tokens, chunk):
-                logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+            ce = dict(ce_launch_options(ctx.options), divisor=divisor, config=ctx.config,
+                      vocab_start=ctx.vocab_start, n_classes=ctx.vocab_size)
+            n_tokens = h.shape[0]
+            buffer = torch.empty((min(ctx.chunk, n_tokens), weight.shape[0]), dtype=h.dtype,
+                                 device=h.device)
+            for start, end in token_chunks(n_tokens, ctx.chunk):
+                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
                 dlogits = cross_entropy_grad(
                     logits, target[start:end], lse[start:end],
-                    grad[start:end] if per_token else grad, vocab_start=ctx.vocab_start,
-                    n_classes=ctx.vocab_size, weight=class_weight,
-                    ignore_index=options["ignore_index"],
-                    label_smoothing=options["label_smoothing"], z_loss=options["z_loss"],
-                    softcap=options["softcap"], logit_scale=options["logit_scale"],
-                    divisor=divisor, out=logits, config=options["config"])
+                    grad[start:end] if per_token else grad, out=logits, **ce)
                 grads.add_chunk(start, end, dlogits, h[start:end], weight)
-        dh, dw, db = grads.results(weight, bias)
+        dh, dw, db = grads.results(h, weight, bias)
         if need[0]:  # dh = Σ_r dlogits_r @ W_r: the column-parallel input-gradient reduction
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
-        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                None, None, None, None, None, None)
-
-
-def _token_chunk(h: torch.Tensor, v_local: int, options: dict) -> int:
-    return options["chunk_size"] or tiling.choose_token_chunk(
-        h.shape[0], v_local, h.element_size(), options["memory_budget"])
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + none
 
 
 def vocab_parallel_linear_cross_entropy(
     input: torch.Tensor,
-    weight: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None = None,
     *,
+    linear_bias: torch.Tensor | None = None,
     group=None,
     vocab_start_index: int | None = None,
     vocab_size: int | None = None,
-    ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    class_weight: torch.Tensor | None = None,
+    logit_divisor: float = 1.0,
+    temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     config: RowConfig | None = None,
 ) -> torch.Tensor:
-    """``probact_gpu.linear_cross_entropy(input, W, target, b, ...)`` for an LM head ``W``
-    (V, H) split along the vocabulary over the ranks of ``group`` (default: the world), without
-    gathering ``W`` or holding the logits. Every rank calls it and gets the same loss.
+    """``probact_gpu.linear_cross_entropy(input, W, target, linear_bias=b, ...)`` for an LM head
+    ``W`` (V, H) split along the vocabulary over the ranks of ``group`` (default: the world),
+    without gathering ``W`` or holding the logits. Every rank calls it and gets the same loss.
 
     - ``input``: (…, H) hidden states, the *same* on every rank (replicated over the
       tensor-parallel group; its ``requires_grad`` must agree across ranks, since the backward's
       input-gradient all_reduce runs only when it is set).
-    - ``weight``: this rank's (V_local, H) rows of ``W`` (``nn.Linear`` layout; shards may be
-      uneven or empty), the same dtype as ``input``; ``bias``: its (V_local,) entries or None.
-    - ``target``: (…) int32/int64 *global* class ids, the same on every rank.
+    - ``linear_weight``: this rank's (V_local, H) rows of ``W`` (``nn.Linear`` layout; shards
+      may be uneven or empty), the same dtype as ``input``; ``linear_bias``: its (V_local,)
+      entries or None.
+    - ``target``: (…) int32/int64 *global* class ids, the same on every rank (class
+      probabilities are not supported here).
     - ``vocab_start_index`` / ``vocab_size``: as in :func:`vocab_parallel_cross_entropy` (None:
       shards in rank order, learnt with one all_gather of 5 integers per rank that also checks
       N, dtype and H agree; both given: no layout collective, nothing checked across ranks).
-    - ``class_weight``: the *global* (V,) per-class weights (cross_entropy's ``weight``), the
-      same on every rank; ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``,
-      ``softcap``, ``logit_scale``: as ``probact_gpu.linear_cross_entropy``.
+    - ``weight``: the *global* (V,) per-class weights, the same on every rank; the other
+      options as ``probact_gpu.linear_cross_entropy``.
     - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of (C, V_local) logits per chunk):
       the token chunk, as ``linear_cross_entropy``; ``config``: a launch override for the
       statistics and gradient kernels (tests, tuning).
@@ -462,48 +499,42 @@ def vocab_parallel_linear_cross_entropy(
     input); backward, one all_reduce(SUM) of the (N, H) input gradient in the input's dtype
     (N·H elements per rank) when ``input`` requires grad. The weight and bias gradients are
     local: each rank gets those of its own shard. Memory: one (C, V_local) logits buffer, the
-    (N, 4) statistics, lse (N,), and in the backward dh (N, H) plus, for a 16-bit head over
-    several chunks, a (V_local, H) fp32 dW accumulator.
+    (N, 4) statistics, lse (N,), and in the backward dh (N, H) and dW in the weight's dtype,
+    accumulated in fp32 one vocabulary block at a time (``ops._common.LinearGrads``: no
+    (V_local, H) fp32 buffer). Second derivatives are not supported (a backward with
+    ``create_graph=True`` raises).
 
     Without an initialized process group, or with a group of one rank, this is the local
     ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns
     the loss in ``input``'s dtype (per token, shaped like ``target``, for ``"none"``).
     """
-    _validate(input, weight, target, bias, None, reduction, label_smoothing, z_loss, softcap,
-              logit_scale, chunk_size, memory_budget)
+    options = CrossEntropyOptions.from_kwargs(
+        weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
+        temperature=temperature, normalizer=normalizer)
+    chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     _check_layout_args(vocab_start_index, vocab_size)
-    if class_weight is not None:
-        check_float("class_weight", class_weight)
-        check_same_device(input=input, class_weight=class_weight)
-        if class_weight.ndim != 1 or (vocab_size is not None
-                                      and class_weight.shape[0] != vocab_size):
-            raise ValueError(f"class_weight must be the global ({vocab_size or 'V'},) vector of "
-                             f"per-class weights, got shape {tuple(class_weight.shape)}")
+    n_weights = None if options.weight is None else (vocab_size or options.weight.shape[0])
+    check_head_inputs(input, linear_weight, target, linear_bias, options,
+                      allow_probabilities=False, n_classes=n_weights)
     rank, world = _group_world(group)
-    options = dict(ignore_index=int(ignore_index), reduction=reduction,
-                   label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                   softcap=None if softcap is None else float(softcap),
-                   logit_scale=float(logit_scale), chunk_size=chunk_size,
-                   memory_budget=None if memory_budget is None else int(memory_budget),
-                   config=config)
     if world == 1:
-        _check_whole_vocabulary(weight.shape[0], vocab_start_index, vocab_size)
-        return linear_cross_entropy(
-            input, weight, target, bias, class_weight=class_weight,
-            **{k: v for k, v in options.items() if k != "config"})
+        _check_whole_vocabulary(linear_weight.shape[0], vocab_start_index, vocab_size)
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    **_local_kwargs(options), chunk_size=chunk_size,
+                                    memory_budget=memory_budget)
     import torch.distributed as dist
 
     _check_backend(dist, group, input)
-    h = input.reshape(-1, input.shape[-1])
-    flat_target = target.reshape(-1)
+    h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     if h.shape[0] > 0:
         check_runnable(h)
-    vocab_start, n_classes = _layout(h.shape[0], weight.shape[0], h.dtype, h.device, group, rank,
-                                     world, vocab_start_index, vocab_size,
+    vocab_start, n_classes = _layout(h.shape[0], linear_weight.shape[0], h.dtype, h.device,
+                                     group, rank, world, vocab_start_index, vocab_size,
                                      n_hidden=h.shape[1])
-    if class_weight is not None and class_weight.shape[0] != n_classes:
-        raise ValueError(f"class_weight must be the global ({n_classes},) vector of per-class "
-                         f"weights, got shape {tuple(class_weight.shape)}")
+    options.check_weight(n_classes, h.device)
     loss = VocabParallelLinearCrossEntropyFunction.apply(
-        h, weight, bias, flat_target, class_weight, group, vocab_start, n_classes, options)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+        h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
+        options, (chunk_size, memory_budget, config))
+    return loss.reshape(batch_shape) if options.reduction == "none" else loss

@@ -219,6 +219,16 @@ def grid_stride_programs(numel: int, block: int, sm_count: int) -> int:
 CE_MAX_SINGLE_COLS = 8192
 # Targets summed per step by the one-program mean-divisor pre-pass.
 CE_TOTAL_WEIGHT_BLOCK = 1024
+# Row losses summed per step by the one-program finish kernel (sum, divide, cast): 32 fp32 a
+# thread at 4 warps; 4096 rows take 4 steps.
+CE_FINISH_BLOCK = 1024
+# Programs per SM of the fused gradient's rescale (backward of sum/mean). It runs on every
+# backward and is a no-op when grad_output is 1 (the usual loss.backward()): a fixed grid of
+# about one program per SM costs one wave of programs that return at once, where a program per
+# (row, tile) cost 4096 x 16 programs for 4096 x 128k bf16 logits. When grad_output != 1 (an
+# AMP loss scale) each program walks its tiles: 2 programs of 16 KiB tiles per SM keep 32 KiB
+# of loads in flight per SM, about what HBM3 needs at ~4.8 TB/s (reasoned, not yet swept).
+CE_SCALE_PROGRAMS_PER_SM = 2
 
 
 def choose_cross_entropy_config(
@@ -229,6 +239,12 @@ def choose_cross_entropy_config(
     return choose_row_config(
         n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
     )
+
+
+def choose_cross_entropy_scale_grid(n_tiles: int, sm_count: int) -> int:
+    """Programs of the gradient rescale: ``CE_SCALE_PROGRAMS_PER_SM`` per SM, at most one per
+    tile, at least 1."""
+    return max(1, min(n_tiles, CE_SCALE_PROGRAMS_PER_SM * sm_count))
 
 
 # --------------------------------------------------------------------------- linear + CE
@@ -266,6 +282,19 @@ def choose_vocab_chunk(
     """Classes per chunk of the low-memory linear + cross-entropy backward, whose (tokens ×
     chunk) logits block must fit ``budget_bytes``; same rounding as ``choose_token_chunk``."""
     return _rows_in_budget(n_classes, n_tokens, elem_size, budget_bytes)
+
+
+# Bytes of the fp32 block of dW a multi-chunk linear + cross-entropy adds each later token
+# chunk's 16-bit dW into (``ops._common.LinearGrads``): 64 MiB is 4096 rows of a 4096-wide head,
+# so a 128k vocabulary is 32 fp32-output GEMMs per chunk, each still ~68 GFLOP at 2048 tokens.
+LINEAR_CE_DW_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def choose_dw_block(n_classes: int, n_hidden: int) -> int:
+    """Rows of dW per fp32 accumulation block: as many as fit ``LINEAR_CE_DW_BLOCK_BYTES`` of
+    fp32, a multiple of ``LINEAR_CE_CHUNK_ALIGN`` when that many fit, at least 1, at most
+    ``n_classes``."""
+    return _rows_in_budget(n_classes, n_hidden, 4, LINEAR_CE_DW_BLOCK_BYTES)
 
 
 # --------------------------------------------------------------------------- row alignment

@@ -35,6 +35,7 @@ from probact_gpu.distributed import (  # noqa: E402
     VocabParallelCrossEntropyFunction,
     vocab_parallel_cross_entropy,
 )
+from probact_gpu.options import CrossEntropyOptions  # noqa: E402
 from probact_gpu.testing import (  # noqa: E402
     TOLERANCES,
     assert_close_to_reference,
@@ -362,8 +363,9 @@ def test_vocab_parallel_world_size_one(world_of_one, rng, device):
     _check_against_reference(loss, x, target, args)
     x.grad = None
     with record_launches() as log:
-        loss = VocabParallelCrossEntropyFunction.apply(
-            x, target, None, 0, 29, -100, "sum", 0.1, 0.01, 5.0, None)
+        options = CrossEntropyOptions.from_kwargs(reduction="sum", label_smoothing=0.1,
+                                                  z_loss=0.01, softcap=5.0)
+        loss = VocabParallelCrossEntropyFunction.apply(x, target, None, 0, 29, options, None)
         loss.backward()
     assert [launch.kernel for launch in log] == [
         "cross_entropy_split_stats_kernel", "cross_entropy_combine_kernel",
@@ -431,8 +433,9 @@ def test_vocab_parallel_nccl_world_size_one_large(world_of_one, device):
     x.requires_grad_()
     target = torch.from_numpy(rng.integers(0, v, n)).to(device)
     target[::7] = -100
-    loss = VocabParallelCrossEntropyFunction.apply(
-        x, target, None, 0, v, -100, "sum", 0.1, 1e-4, 30.0, None)
+    options = CrossEntropyOptions.from_kwargs(reduction="sum", label_smoothing=0.1, z_loss=1e-4,
+                                              softcap=30.0)
+    loss = VocabParallelCrossEntropyFunction.apply(x, target, None, 0, v, options, None)
     loss.backward()
     z = 30.0 * torch.tanh(x.detach().float() / 30.0)
     z.requires_grad_()
@@ -591,7 +594,7 @@ def _run_linear_cases(rank: int, world: int) -> dict:
         kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
                       label_smoothing=case.label_smoothing, z_loss=case.z_loss,
                       softcap=case.softcap, logit_scale=case.logit_scale,
-                      class_weight=class_weight, chunk_size=case.chunk_size, config=case.config)
+                      weight=class_weight, chunk_size=case.chunk_size, config=case.config)
         if case.explicit:
             kwargs["vocab_start_index"] = start
         if case.with_size:
@@ -599,7 +602,8 @@ def _run_linear_cases(rank: int, world: int) -> dict:
         try:
             with poison_outputs(), record_launches() as log, _CountCollectives() as fwd_comm:
                 loss = vocab_parallel_linear_cross_entropy(
-                    leaves["input"], leaves["weight"], target, leaves["bias"], **kwargs)
+                    leaves["input"], leaves["weight"], target, linear_bias=leaves["bias"],
+                    **kwargs)
                 n_fwd = len(log)
             with poison_outputs(), record_launches() as bwd_log, \
                     _CountCollectives() as bwd_comm:
@@ -688,9 +692,10 @@ def test_vocab_parallel_linear_matches_single_process_op(world_results, device):
         for name in case.grads:
             leaves[name].requires_grad_()
         loss = pg.linear_cross_entropy(
-            h, weight, target, bias, reduction=case.reduction, ignore_index=case.ignore_index,
-            label_smoothing=case.label_smoothing, z_loss=case.z_loss, softcap=case.softcap,
-            logit_scale=case.logit_scale, class_weight=class_weight, chunk_size=case.chunk_size)
+            h, weight, target, linear_bias=bias, reduction=case.reduction,
+            ignore_index=case.ignore_index, label_smoothing=case.label_smoothing,
+            z_loss=case.z_loss, softcap=case.softcap, logit_scale=case.logit_scale,
+            weight=class_weight, chunk_size=case.chunk_size)
         loss.backward(grad)
         expected = {"loss": loss, **{f"d_{n}": t.grad for n, t in leaves.items() if t is not None}}
         for name, values in _linear_outputs(case, results):
@@ -774,8 +779,9 @@ def test_vocab_parallel_linear_without_process_group_is_the_local_op(rng, device
     h, w, b, target = _lin_problem(rng, device)
     args = _ce_args()
     with record_launches() as log:
-        loss = vocab_parallel_linear_cross_entropy(h, w, target, b, vocab_start_index=0,
-                                                   vocab_size=19, chunk_size=4, **args)
+        loss = vocab_parallel_linear_cross_entropy(h, w, target, linear_bias=b,
+                                                   vocab_start_index=0, vocab_size=19,
+                                                   chunk_size=4, **args)
         loss.backward()
     kernels = [launch.kernel for launch in log]
     assert "cross_entropy_fwd_kernel" in kernels
@@ -796,16 +802,17 @@ def test_vocab_parallel_linear_world_size_one(world_of_one, rng, device):
     grad = rng.standard_normal(6)
     grad_t = torch.from_numpy(grad).float().to(device)
     with record_launches() as log:
-        loss = vocab_parallel_linear_cross_entropy(h, w, target, b, chunk_size=4, **args)
+        loss = vocab_parallel_linear_cross_entropy(h, w, target, linear_bias=b, chunk_size=4,
+                                                   **args)
         loss.backward(grad_t)
     assert "cross_entropy_split_stats_kernel" not in [launch.kernel for launch in log]
     _check_linear_against_reference(loss, h, w, b, target, args, grad)
     for t in (h, w, b):
         t.grad = None
-    options = dict(args, logit_scale=1.0, chunk_size=4, memory_budget=None, config=None)
+    options = CrossEntropyOptions.from_kwargs(**args)
     with record_launches() as log:
-        loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, None, 0, 19,
-                                                             options)
+        loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, 0, 19,
+                                                             options, (4, None, None))
         loss.backward(grad_t)
     assert [launch.kernel for launch in log] == [
         "cross_entropy_split_stats_kernel", "cross_entropy_split_stats_kernel",
@@ -824,30 +831,32 @@ def test_vocab_parallel_linear_world_size_one_rejects_a_partial_shard(world_of_o
 
 def _lin_args(**change):
     """(input, weight, target, kwargs) of a valid call, with ``change`` applied."""
-    args = dict(input=torch.zeros(2, 3), weight=torch.zeros(5, 3),
+    args = dict(input=torch.zeros(2, 3), linear_weight=torch.zeros(5, 3),
                 target=torch.zeros(2, dtype=torch.long))
     kwargs = {k: change.pop(k) for k in list(change) if k not in args}
     args.update(change)
-    return args["input"], args["weight"], args["target"], kwargs
+    return args["input"], args["linear_weight"], args["target"], kwargs
 
 
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(weight=torch.zeros(5)), ValueError, r"weight must be 2-D"),
-        (dict(weight=torch.zeros(5, 4)), ValueError, "hidden size"),
-        (dict(weight=torch.zeros(5, 3, dtype=torch.float64)), TypeError, "must match"),
+        (dict(linear_weight=torch.zeros(5)), ValueError, r"linear_weight must be 2-D"),
+        (dict(linear_weight=torch.zeros(5, 4)), ValueError, "hidden size"),
+        (dict(linear_weight=torch.zeros(5, 3, dtype=torch.float64)), TypeError, "must match"),
         (dict(input=torch.zeros(2, 3, dtype=torch.long)), TypeError, "float"),
         (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target shape"),
         (dict(target=torch.zeros(2)), TypeError, "class indices"),
-        (dict(bias=torch.zeros(4)), ValueError, "bias must be"),
-        (dict(class_weight=torch.zeros(4), vocab_size=5), ValueError, "class_weight"),
-        (dict(class_weight=torch.zeros(5, dtype=torch.long)), TypeError, "class_weight"),
+        (dict(linear_bias=torch.zeros(4)), ValueError, "linear_bias must be"),
+        (dict(weight=torch.zeros(4), vocab_size=5), ValueError, r"per-class weights\) must"),
+        (dict(weight=torch.zeros(5, dtype=torch.long)), TypeError, "per-class weights"),
         (dict(target=torch.zeros(2, dtype=torch.long, device="meta")), ValueError, "device"),
         (dict(reduction="avg"), ValueError, "reduction"),
         (dict(z_loss=-1.0), ValueError, "z_loss"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(memory_budget="1"), TypeError, "memory_budget"),
+        (dict(ignore_index=-100.0), TypeError, "ignore_index"),
         (dict(vocab_start_index=-1), ValueError, "vocab_start_index"),
         (dict(vocab_size=7), ValueError, "whole vocabulary"),
         (dict(group=object()), RuntimeError, "init_process_group"),
@@ -855,7 +864,8 @@ def _lin_args(**change):
     ids=["1d_weight", "hidden_mismatch", "dtype_mismatch", "int_input", "target_shape",
          "float_target", "bias_shape", "class_weight_shape", "int_class_weight",
          "mixed_devices", "bad_reduction", "negative_z_loss", "zero_softcap", "zero_chunk",
-         "negative_start", "size_without_group", "group_without_init"],
+         "str_memory_budget", "float_ignore_index", "negative_start", "size_without_group",
+         "group_without_init"],
 )
 def test_vocab_parallel_linear_rejects_bad_arguments(change, error, match):
     from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
@@ -888,14 +898,12 @@ def test_vocab_parallel_linear_nccl_world_size_one_large(world_of_one, device):
     h, w, b = make((n, hidden), 1.0), make((vocab, hidden), hidden ** -0.5), make((vocab,), 0.1)
     target = torch.from_numpy(rng.integers(0, vocab, n)).to(device)
     target[::9] = -100
-    options = dict(ignore_index=-100, reduction="mean", label_smoothing=0.1, z_loss=1e-4,
-                   softcap=30.0, logit_scale=1.0, chunk_size=512, memory_budget=None,
-                   config=None)
-    loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, None, 0, vocab,
-                                                         options)
+    local = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    options = CrossEntropyOptions.from_kwargs(**local)
+    loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, 0, vocab,
+                                                         options, (512, None, None))
     grads = torch.autograd.grad(loss, (h, w, b))
-    local = {k: v for k, v in options.items() if k != "config"}
-    expected = pg.linear_cross_entropy(h, w, target, b, **local)
+    expected = pg.linear_cross_entropy(h, w, target, linear_bias=b, chunk_size=512, **local)
     expected_grads = torch.autograd.grad(expected, (h, w, b))
     torch.testing.assert_close(loss.float(), expected.float(), atol=0.0, rtol=1e-2)
     for name, ours, theirs in zip(("dh", "dW", "db"), grads, expected_grads, strict=True):

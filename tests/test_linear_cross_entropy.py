@@ -36,7 +36,7 @@ def _reference(h64, w64, b64, target, reduction, dy, **opts):
 def _run(h, w, b, target, reduction, dy, **kw):
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
     br = None if b is None else b.clone().requires_grad_()
-    loss = pg.linear_cross_entropy(hr, wr, target, br, reduction=reduction, **kw)
+    loss = pg.linear_cross_entropy(hr, wr, target, linear_bias=br, reduction=reduction, **kw)
     loss.backward(dy)
     return loss, hr.grad, wr.grad, None if br is None else br.grad
 
@@ -70,18 +70,18 @@ def test_linear_ce_matches_float64_reference(chunk_size, why, reduction, low_mem
 @pytest.mark.parametrize(
     "opts",
     [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=3.0), dict(logit_scale=0.5),
-     dict(label_smoothing=0.2, class_weight=True), dict(softcap=2.0, z_loss=1e-2,
+     dict(label_smoothing=0.2, weight=True), dict(softcap=2.0, z_loss=1e-2,
                                                          logit_scale=1.5)],
     ids=lambda o: ",".join(o),
 )
 def test_linear_ce_options(opts, device, rng):
     (h, h64), (w, w64), (b, b64), target = _problem(rng, device)
     opts = dict(opts)
-    ref_opts = {k: v for k, v in opts.items() if k != "class_weight"}
-    if opts.pop("class_weight", False):
+    ref_opts = {k: v for k, v in opts.items() if k != "weight"}
+    if opts.pop("weight", False):
         cw, cw64 = make_input((V,), torch.float32, rng, device=device)
         cw, cw64 = cw.abs(), np.abs(cw64)
-        opts["class_weight"], ref_opts["weight"] = cw, cw64
+        opts["weight"], ref_opts["weight"] = cw, cw64
     for reduction, dy_np in (("mean", 1.0), ("none", rng.standard_normal(N))):
         dy = torch.tensor(dy_np, dtype=torch.float32, device=device)
         loss, dh, dw, db = _run(h, w, b, target, reduction, dy, chunk_size=16, **opts)
@@ -105,6 +105,66 @@ def test_linear_ce_bf16_accumulates_dw_in_fp32(device, rng):
     assert_close_to_reference(db, dlogits.sum(0), torch.bfloat16, "db")
 
 
+def _soft_problem(rng, device, dtype, lead=(N,)):
+    h = torch.from_numpy(rng.standard_normal(lead + (H,))).to(device, dtype)
+    w = torch.from_numpy(rng.standard_normal((V, H)) * 0.5).to(device, dtype)
+    b = torch.from_numpy(rng.standard_normal(V)).to(device, dtype)
+    probs = torch.from_numpy(rng.dirichlet(np.full(V, 0.3), size=lead)).to(device, dtype)
+    cw = torch.from_numpy(rng.uniform(0.5, 2.0, V)).to(device, dtype)
+    return h, w, b, probs, cw
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_ce_class_probabilities_match_torch(reduction, dtype, device, rng):
+    """Float (N, V) targets (torch's class probabilities), with class weights and smoothing,
+    over 5 token chunks: loss and the three gradients against torch's F.linear_cross_entropy
+    (reference path) in float64 on the same rounded inputs."""
+    h, w, b, probs, cw = _soft_problem(rng, device, dtype)
+    dy = torch.from_numpy(rng.standard_normal(N) if reduction == "none" else np.array(0.5))
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=0.1)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = pg.linear_cross_entropy(leaves[0], leaves[1], probs, linear_bias=leaves[2],
+                                   chunk_size=8, **kw)
+    loss.backward(dy.to(device, dtype))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    ref = torch.nn.functional.linear_cross_entropy(
+        ref_leaves[0], ref_leaves[1], probs.double(), linear_bias=ref_leaves[2],
+        **dict(kw, weight=cw.double()))
+    ref.backward(dy.to(device, torch.float64))
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    assert_close_to_reference(loss, to_numpy64(ref), dtype, "loss")
+    for name, ours, theirs in zip(("dh", "dW", "db"), leaves, ref_leaves, strict=True):
+        assert_close_to_reference(ours.grad, to_numpy64(theirs.grad), dtype, name)
+
+
+def test_linear_ce_class_probabilities_options_and_shapes(device, rng):
+    """Soft targets with the logit transform and z-loss (against the transform composed in
+    float64 torch ops), a (3, 4, H) input, repeated backward (the path recomputes)."""
+    h, w, b, probs, _ = _soft_problem(rng, device, torch.float64, lead=(3, 4))
+    opts = dict(softcap=2.0, logit_scale=1.5, z_loss=1e-2)
+    hr = h.clone().requires_grad_()
+    loss = pg.linear_cross_entropy(hr, w, probs, linear_bias=b, reduction="sum", chunk_size=5,
+                                   **opts)
+    (g1,) = torch.autograd.grad(loss, hr, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 2.0, hr)
+    ref_h = h.clone().requires_grad_()
+    z = 2.0 * torch.tanh((ref_h @ w.T + b) * 1.5 / 2.0)
+    lse = torch.logsumexp(z, -1)
+    ref = -(probs * torch.log_softmax(z, -1)).sum() + 1e-2 * (lse * lse).sum()
+    (ref_g,) = torch.autograd.grad(ref, ref_h)
+    assert_close_to_reference(loss, to_numpy64(ref), torch.float64, "loss")
+    assert_close_to_reference(g1, to_numpy64(ref_g), torch.float64, "dh")
+    assert_close_to_reference(g2, 2.0 * to_numpy64(ref_g), torch.float64, "dh, second backward")
+
+
+def test_linear_ce_ignore_index_none_is_torch_default(device, rng):
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    default = pg.linear_cross_entropy(h, w, target, linear_bias=b)
+    torch.testing.assert_close(pg.linear_cross_entropy(h, w, target, linear_bias=b,
+                                                       ignore_index=None), default)
+
+
 def test_linear_ce_float64_gradcheck(device, rng):
     h = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(7, 3, dtype=torch.float64, device=device, requires_grad=True)
@@ -115,8 +175,9 @@ def test_linear_ce_float64_gradcheck(device, rng):
     for reduction, low_memory in (("none", False), ("mean", True)):
         assert torch.autograd.gradcheck(
             lambda h, w, b, reduction=reduction, low_memory=low_memory: pg.linear_cross_entropy(
-                h, w, target, b, reduction=reduction, chunk_size=4, label_smoothing=0.125,
-                class_weight=torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device),
+                h, w, target, linear_bias=b, reduction=reduction, chunk_size=4,
+                label_smoothing=0.125,
+                weight=torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device),
                 low_memory=low_memory),
             (h, w, b))
 
@@ -124,11 +185,11 @@ def test_linear_ce_float64_gradcheck(device, rng):
 def test_linear_ce_only_required_grads(device, rng):
     (h, _), (w, _), (b, _), target = _problem(rng, device)
     hr = h.clone().requires_grad_()
-    loss = pg.linear_cross_entropy(hr, w, target, b)  # frozen head
+    loss = pg.linear_cross_entropy(hr, w, target, linear_bias=b)  # frozen head
     loss.backward()
     assert hr.grad is not None
     with torch.no_grad():
-        out = pg.linear_cross_entropy(h.clone().requires_grad_(), w, target, b)
+        out = pg.linear_cross_entropy(h.clone().requires_grad_(), w, target, linear_bias=b)
     assert not out.requires_grad
     wr = w.clone().requires_grad_()
     pg.linear_cross_entropy(h, wr, target).backward()  # frozen input, no bias
@@ -138,7 +199,7 @@ def test_linear_ce_only_required_grads(device, rng):
 def test_linear_ce_shapes_and_module(device, rng):
     (h, h64), (w, w64), (b, b64), target = _problem(rng, device, ignore_every=0)
     h3, t3 = h[:36].reshape(4, 9, H), target[:36].reshape(4, 9)
-    per_token = pg.linear_cross_entropy(h3, w, t3, b, reduction="none")
+    per_token = pg.linear_cross_entropy(h3, w, t3, linear_bias=b, reduction="none")
     assert per_token.shape == (4, 9)
     module = pg.LinearCrossEntropyLoss(reduction="sum", chunk_size=10)
     total = module(h3, w, t3, b)
@@ -161,7 +222,8 @@ def test_linear_ce_low_memory_walks_the_vocabulary(device, rng):
     (h, _), (w, _), (b, _), target = _problem(rng, device)
     hr = h.clone().requires_grad_()
     with record_launches() as launches:
-        loss = pg.linear_cross_entropy(hr, w, target, b, low_memory=True, chunk_size=30)
+        loss = pg.linear_cross_entropy(hr, w, target, linear_bias=b, low_memory=True,
+                                       chunk_size=30)
     assert all(not x.meta.get("COMPUTE_GRAD", False) for x in launches)
     with record_launches() as launches:
         loss.backward()
@@ -183,7 +245,7 @@ def test_linear_ce_backward_twice_raises(device, rng):
     silently return gradients scaled twice."""
     (h, _), (w, _), (b, _), target = _problem(rng, device)
     hr = h.clone().requires_grad_()
-    loss = pg.linear_cross_entropy(hr, w, target, b)
+    loss = pg.linear_cross_entropy(hr, w, target, linear_bias=b)
     torch.autograd.grad(loss * 3.0, hr, retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated\\s+once"):
         torch.autograd.grad(loss * -0.5, hr)
@@ -195,26 +257,44 @@ def test_linear_ce_bad_input(device):
     t = torch.zeros(4, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="hidden size 8"):
         pg.linear_cross_entropy(torch.randn(4, 7, device=device), w, t)
-    with pytest.raises(TypeError, match="weight dtype torch.float16 must match"):
+    with pytest.raises(TypeError, match="linear_weight dtype torch.float16 must match"):
         pg.linear_cross_entropy(h, w.half(), t)
     with pytest.raises(ValueError, match="target shape"):
         pg.linear_cross_entropy(h, w, t[:3])
-    with pytest.raises(TypeError, match="target must be an int64 or int32"):
+    with pytest.raises(ValueError, match="class probabilities .* must have shape \\(4, 10\\)"):
         pg.linear_cross_entropy(h, w, t.float())
-    with pytest.raises(ValueError, match="bias must be"):
-        pg.linear_cross_entropy(h, w, t, torch.randn(9, device=device))
+    with pytest.raises(TypeError, match="target must be an int64 or int32"):
+        pg.linear_cross_entropy(h, w, t.bool())
+    with pytest.raises(ValueError, match="linear_bias must be"):
+        pg.linear_cross_entropy(h, w, t, linear_bias=torch.randn(9, device=device))
     with pytest.raises(ValueError, match="reduction must be one of"):
         pg.linear_cross_entropy(h, w, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         pg.linear_cross_entropy(h, w, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
         pg.linear_cross_entropy(h, w, t, chunk_size=0)
-    with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+    with pytest.raises(ValueError, match="softcap must be in"):
         pg.linear_cross_entropy(h, w, t, softcap=0.0)
-    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="z_loss must be in"):
         pg.linear_cross_entropy(h, w, t, z_loss=-1.0)
-    with pytest.raises(ValueError, match="class_weight must have shape"):
-        pg.linear_cross_entropy(h, w, t, class_weight=torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="per-class weights\\) must have shape \\(10,\\)"):
+        pg.linear_cross_entropy(h, w, t, weight=torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pg.linear_cross_entropy(h, w, t, ignore_index=-100.0)
+    with pytest.raises(TypeError, match="memory_budget must be an int"):
+        pg.linear_cross_entropy(h, w, t, memory_budget="1")
+    with pytest.raises(ValueError, match="memory_budget must be a positive int"):
+        pg.linear_cross_entropy(h, w, t, memory_budget=0)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        pg.linear_cross_entropy(h, w, t, chunk_size=2.0)
+    with pytest.raises(TypeError, match="low_memory must be a bool"):
+        pg.linear_cross_entropy(h, w, t, low_memory=1)
+    with pytest.raises(ValueError, match="logit_divisor must be a nonzero"):
+        pg.linear_cross_entropy(h, w, t, logit_divisor=0.0)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        pg.linear_cross_entropy(h, w, t, temperature=-1.0)
+    with pytest.raises(ValueError, match="normalizer divides the summed loss"):
+        pg.linear_cross_entropy(h, w, t, normalizer=2.0)
 
 
 @pytest.mark.gpu

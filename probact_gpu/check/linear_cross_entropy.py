@@ -35,7 +35,7 @@ def _run(n, hidden, vocab, chunk, reduction, low_memory, dtype, device, rng) -> 
     refs = (np.asarray(loss_ref), dlogits @ w64, dlogits.T @ h64)
     results = []
     for fn in (
-        lambda h, w, b: linear_cross_entropy(h, w, target, b, reduction=reduction,
+        lambda h, w, b: linear_cross_entropy(h, w, target, linear_bias=b, reduction=reduction,
                                              label_smoothing=0.05, chunk_size=chunk,
                                              low_memory=low_memory),
         lambda h, w, b: torch.nn.functional.cross_entropy(

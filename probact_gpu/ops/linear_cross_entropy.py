@@ -1,14 +1,16 @@
-"""Fused linear + cross-entropy for LM heads: ``cross_entropy(input @ weight.T + bias, target)``
-without ever holding the (tokens × vocab) logits.
+"""Fused linear + cross-entropy for LM heads: ``cross_entropy(input @ linear_weight.T +
+linear_bias, target)`` without ever holding the (tokens × vocab) logits; torch 2.13's
+``F.linear_cross_entropy`` names (``weight`` are per-class weights).
 
 Tokens are processed in chunks of ``C`` rows (``tiling.choose_token_chunk``: ``chunk_size``
 tokens, or as many as fit ``memory_budget`` bytes of logits). Per chunk, with ``h`` (C, H),
-``W`` (V, H):
+``W`` (V, H) (``ops._common`` holds these steps, shared with the vocab-parallel op):
 
     logits = h @ W.T + b               cuBLAS, into one reused (C, V) buffer
-    loss, lse, dlogits                 our CE kernel, dlogits written over the logits (in place)
+    loss, lse, dlogits                 our CE kernel (it applies the logit transform in fp32),
+                                       dlogits written over the logits (in place)
     dh[chunk]  = dlogits @ W           cuBLAS (fp32 accumulation inside, one rounding)
-    dW        += dlogits.T @ h         fp32 accumulator across chunks, cast once at the end
+    dW        += dlogits.T @ h         in fp32, one vocabulary block at a time (LinearGrads)
     db        += Σ_rows dlogits        fp32
 
 For ``reduction`` "sum"/"mean" the gradients are computed in the forward (3 matmuls in all, as
@@ -16,98 +18,68 @@ eager) and the backward only multiplies them by ``grad_output`` on the device, i
 kernel when it is 1), so such a loss can be backpropagated once; a second backward through the
 same graph raises. For "none" the per-token ``grad_output`` is only known in the backward, which
 recomputes each chunk's logits and scales each *row* of dlogits before the two gradient
-matmuls (4 matmuls in all) — never scaling after dW was summed over tokens.
+matmuls (4 matmuls in all) — never scaling after dW was summed over tokens. The divisor of
+"mean" (Σ w_t) and the ``normalizer`` of "sum" divide dlogits inside the CE kernel.
 
-Memory beyond inputs and outputs: the (C, V) chunk buffer, plus a (V, H) fp32 dW accumulator
-when there is more than one chunk and the weight is not fp32 (for 128256 × 4096 that is 2 GiB:
-the price of fp32 accumulation across chunks; a single chunk needs none).
+**Memory model** (beyond the inputs and the returned gradients dh (N, H), dW (V, H), db (V,)),
+default mode, at 8192 × 4096 × 128256 bf16 (C = 2048):
 
-``low_memory=True`` trades one matmul for that accumulator: the forward only computes the loss
-and lse (token chunks, 1 matmul); the backward walks the vocabulary in blocks of ``V_c``
-classes (``tiling.choose_vocab_chunk``): the (N, V_c) logits block is recomputed (1 matmul),
-our CE gradient kernel overwrites it in place (with ``vocab_start``, as one shard of a
+- the (C, V) logits buffer: 501 MiB (``LINEAR_CE_LOGITS_BUDGET``);
+- one fp32 (V_b, H) block of dW for chunks after the first (``LINEAR_CE_DW_BLOCK_BYTES``,
+  64 MiB; plus fp32 copies of a (C, V_b) dlogits block and of h[chunk], 2 × 32 MiB, where torch
+  has no fp32-output GEMM for bf16 operands);
+- (N,) fp32 loss rows and lse, a (V,) fp32 db accumulator: < 1 MiB.
+
+So ≈ 0.6 GiB, against ~3.5 GiB for an fp32 (V, H) accumulator (2 GiB, zero-filled, read and
+written by every chunk, then cast) plus autograd's (V, H) zero gradient for the
+non-differentiable outputs (``set_materialize_grads(False)`` here: none is made). dW of a
+16-bit head is rounded to its dtype once per token chunk (4 roundings at this shape); its
+error against float64 stays within eager bf16's (test_linear_ce_bf16_dw_accuracy_vs_eager),
+and tests/test_linear_cross_entropy.py counts the allocations at a scaled-down shape.
+
+``low_memory=True`` trades one matmul for the in-forward gradients: the forward only computes
+the loss and lse (token chunks, 1 matmul); the backward walks the vocabulary in blocks of
+``V_c`` classes (``tiling.choose_vocab_chunk``): the (N, V_c) logits block is recomputed (1
+matmul), our CE gradient kernel overwrites it in place (with ``vocab_start``, as one shard of a
 vocab-parallel head), and it gives ``dW[v0:v1]`` directly — cuBLAS reduces over all N tokens
-in fp32 and rounds once — while ``dh`` accumulates in an (N, H) fp32 buffer. Extra memory:
-the (N, V_c) block plus (N, H) fp32; 4 matmuls in all. The gradients then come from the
-backward, so any ``grad_output`` and any number of backward passes work. The mean's divisor is
-computed on the device before the first chunk, so every chunk's gradient is final: no host sync.
+in fp32 and rounds once — while ``dh`` accumulates in an (N, H) fp32 buffer. Extra memory: the
+(N, V_c) block plus (N, H) fp32; 4 matmuls in all. The gradients then come from the backward,
+so any ``grad_output`` and any number of backward passes work.
+
+**Class-probability targets** (float, (…, V), as torch): a chunked path of torch ops in fp32
+(z = transform(logits), ``loss_row = Σ_c w_c t'_c (lse − z_c) + z_loss · lse²`` with
+``t' = (1 − ε) t + ε / V``; "mean" divides by the number of rows, as torch). Its backward
+recomputes each chunk (``dz = (Σ_c w_c t'_c + 2 z_loss lse) p − w ⊙ t'``, through the
+transform's chain rule), so it supports any ``grad_output`` and repeated backward passes;
+``ignore_index`` does not apply and ``low_memory`` changes nothing.
+
+Second derivatives are not supported (every path raises in a backward run with
+``create_graph=True``). No host sync in forward or backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import tiling
-from .._runtime import accum_dtype, check_float, check_runnable, check_same_device, empty
-from .cross_entropy import (
-    _check_options,
-    cross_entropy_fwd,
-    cross_entropy_grad,
-    cross_entropy_scale_grad,
-    cross_entropy_total_weight,
+from .._runtime import accum_dtype, check_runnable, empty
+from ..options import CrossEntropyOptions
+from ._common import (
+    LinearGrads,
+    accumulate_fp32,
+    ce_launch_options,
+    check_chunking,
+    check_head_inputs,
+    chunk_logits,
+    flatten_head_input,
+    loss_divisor,
+    no_second_derivative,
+    reduce_rows,
+    token_chunk,
+    token_chunks,
 )
+from .cross_entropy import cross_entropy_fwd, cross_entropy_grad, cross_entropy_scale_grad
 
-_INT_DTYPES = (torch.int32, torch.int64)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` possibly 16-bit, without a 16-bit
-    rounding of the product: cuBLAS's fp32-output GEMM where torch has it, else fp32 operands
-    (the interpreter's CPU path, and a slow but exact fallback)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc.addmm_(a.float(), b.float())
-
-
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor) -> torch.Tensor:
-    if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias, h, weight.t(), out=out)
-
-
-def _chunks(n_tokens: int, chunk: int):
-    for start in range(0, n_tokens, chunk):
-        yield start, min(start + chunk, n_tokens)
-
-
-class _Grads:
-    """The three gradients, allocated only where wanted; dW/db accumulate in fp32 over chunks."""
-
-    def __init__(self, h, weight, bias, need, n_chunks):
-        need_dh, need_dw, need_db = need  # need_db implies a bias
-        self.dh = empty(h.shape, h.dtype, h.device) if need_dh else None
-        self.dw_acc = self.db_acc = None
-        if need_dw:
-            direct = n_chunks == 1 or weight.dtype in (torch.float32, torch.float64)
-            acc_dtype = weight.dtype if direct else torch.float32
-            self.dw_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-        if need_db:
-            self.db_acc = torch.zeros(bias.shape, dtype=accum_dtype(bias), device=bias.device)
-
-    def add_chunk(self, start, end, dlogits, h_chunk, weight):
-        if self.dh is not None:
-            torch.mm(dlogits, weight, out=self.dh[start:end])
-        if self.dw_acc is not None:
-            _accumulate_fp32(self.dw_acc, dlogits.t(), h_chunk)
-        if self.db_acc is not None:
-            self.db_acc += dlogits.sum(0, dtype=self.db_acc.dtype)
-
-    def results(self, weight, bias):
-        dh = weight.new_empty(0) if self.dh is None else self.dh
-        dw = weight.new_empty(0) if self.dw_acc is None else self.dw_acc.to(weight.dtype)
-        db = weight.new_empty(0) if self.db_acc is None else self.db_acc.to(bias.dtype)
-        return dh, dw, db
+_NO_GRADS = (False, False, False)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -115,77 +87,55 @@ class _Grads:
 
 def linear_cross_entropy_fwd(
     h: torch.Tensor,
-    weight: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    linear_bias: torch.Tensor | None = None,
     *,
-    class_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
+    options: CrossEntropyOptions | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     low_memory: bool = False,
-    need_grads: tuple[bool, bool, bool] = (False, False, False),
+    need_grads: tuple[bool, bool, bool] = _NO_GRADS,
 ) -> tuple[torch.Tensor, ...]:
-    """Loss of ``cross_entropy(h @ weight.T + bias, target)`` for 2-D ``h`` (N, H); returns
-    ``(loss, lse, dh, dW, db)``. ``loss`` is reduced as ``reduction`` says and ``lse`` is (N,),
-    both fp32 (fp64 for fp64 input). With ``need_grads`` (dh, dW, db), reduction "sum"/"mean"
-    and not ``low_memory``, those gradients of the reduced loss for grad_output 1; else empty
-    tensors (the backward recomputes them)."""
-    n_tokens, n_classes = h.shape[0], weight.shape[0]
-    chunk = chunk_size or tiling.choose_token_chunk(
-        n_tokens, n_classes, h.element_size(), memory_budget)
-    grads_now = not low_memory and reduction != "none" and any(need_grads)
-    n_chunks = max(1, tiling.cdiv(n_tokens, chunk))
-    grads = _Grads(h, weight, bias, need_grads if grads_now else (False,) * 3, n_chunks)
+    """Loss of ``cross_entropy(h @ linear_weight.T + linear_bias, target)`` for 2-D ``h`` (N, H)
+    and class-index ``target`` (N,); returns ``(loss, lse, dh, dW, db)``. ``loss`` is reduced as
+    ``options.reduction`` says and ``lse`` is (N,), both fp32 (fp64 for fp64 input). With
+    ``need_grads`` (dh, dW, db), reduction "sum"/"mean" and not ``low_memory``, those gradients
+    of the reduced loss for grad_output 1; else empty tensors (the backward recomputes them)."""
+    options = options or CrossEntropyOptions()
+    n_tokens, n_classes = h.shape[0], linear_weight.shape[0]
+    chunk = token_chunk(n_tokens, n_classes, h.element_size(), chunk_size, memory_budget)
+    grads_now = not low_memory and options.reduction != "none" and any(need_grads)
+    grads = LinearGrads(h, linear_weight, linear_bias, need_grads if grads_now else _NO_GRADS)
     stats_dtype = accum_dtype(h)
     loss_rows = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
     lse = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
-    total = None
-    if reduction == "mean":
-        total = cross_entropy_total_weight(target, n_classes, weight=class_weight,
-                                           ignore_index=ignore_index, dtype=stats_dtype)
+    divisor = loss_divisor(options, target, n_classes, stats_dtype)
+    ce = ce_launch_options(options)
     buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
-    for start, end in _chunks(n_tokens, chunk):
-        logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+    for start, end in token_chunks(n_tokens, chunk):
+        logits = chunk_logits(h[start:end], linear_weight, linear_bias, buffer[: end - start])
         rows, row_lse, dlogits = cross_entropy_fwd(
-            logits, target[start:end], weight=class_weight, ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, logit_scale=logit_scale, compute_grad=grads_now,
-            grad_out=logits if grads_now else None, total_weight=total,
-        )
+            logits, target[start:end], reduction="sum" if divisor is None else "mean",
+            compute_grad=grads_now, grad_out=logits if grads_now else None,
+            total_weight=divisor, **ce)
         loss_rows[start:end] = rows
         lse[start:end] = row_lse
         if grads_now:
-            grads.add_chunk(start, end, dlogits, h[start:end], weight)
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / total
-    return (loss, lse, *grads.results(weight, bias))
+            grads.add_chunk(start, end, dlogits, h[start:end], linear_weight)
+    loss = reduce_rows(loss_rows, options, divisor)
+    return (loss, lse, *grads.results(h, linear_weight, linear_bias))
 
 
 def linear_cross_entropy_bwd(
     h: torch.Tensor,
-    weight: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None,
+    linear_bias: torch.Tensor | None,
     lse: torch.Tensor,
     grad_output: torch.Tensor,
     *,
-    reduction: str = "none",
-    class_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
+    options: CrossEntropyOptions | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     low_memory: bool = False,
@@ -193,91 +143,91 @@ def linear_cross_entropy_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients recomputed from the forward's ``lse``, for ``grad_output`` (one per token for
     ``reduction="none"``, else 0-d): each chunk's logits are recomputed and each row of dlogits
-    is scaled by its grad_output (and the mean's divisor) *before* the gradient matmuls.
-    Token chunks (dW accumulated in fp32), or with ``low_memory`` vocabulary chunks: each
-    (N, V_chunk) block of logits gives its rows of dW directly (cuBLAS reduces over all tokens
-    in fp32), dh accumulates in an (N, H) fp32 buffer, and nothing (V, H)-sized but dW itself is
-    allocated. Returns (dh, dW, db), empty where not needed."""
-    n_tokens, n_classes = h.shape[0], weight.shape[0]
-    divisor = None
-    if reduction == "mean":
-        divisor = cross_entropy_total_weight(target, n_classes, weight=class_weight,
-                                             ignore_index=ignore_index, dtype=lse.dtype)
-    ce_opts = dict(weight=class_weight, ignore_index=ignore_index,
-                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                   logit_scale=logit_scale, divisor=divisor)
-    per_token = grad_output.ndim == 1
+    is scaled by its grad_output (and the mean's divisor or the normalizer) *before* the
+    gradient matmuls. Token chunks (``LinearGrads``), or with ``low_memory`` vocabulary chunks:
+    each (N, V_chunk) block of logits gives its rows of dW directly (cuBLAS reduces over all
+    tokens in fp32), dh accumulates in an (N, H) fp32 buffer, and nothing (V, H)-sized but dW
+    itself is allocated. Returns (dh, dW, db), empty where not needed."""
+    options = options or CrossEntropyOptions()
+    n_tokens, n_classes = h.shape[0], linear_weight.shape[0]
+    divisor = loss_divisor(options, target, n_classes, lse.dtype)
+    ce = dict(ce_launch_options(options), divisor=divisor)
     if low_memory:
-        return _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce_opts,
+        return _bwd_vocab_chunks(h, linear_weight, target, linear_bias, lse, grad_output, ce,
                                  chunk_size, memory_budget, need_grads)
-    chunk = chunk_size or tiling.choose_token_chunk(
-        n_tokens, n_classes, h.element_size(), memory_budget)
-    grads = _Grads(h, weight, bias, need_grads, max(1, tiling.cdiv(n_tokens, chunk)))
+    per_token = grad_output.ndim == 1
+    chunk = token_chunk(n_tokens, n_classes, h.element_size(), chunk_size, memory_budget)
+    grads = LinearGrads(h, linear_weight, linear_bias, need_grads)
     buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
-    for start, end in _chunks(n_tokens, chunk):
-        logits = _logits(h[start:end], weight, bias, buffer[: end - start])
+    for start, end in token_chunks(n_tokens, chunk):
+        logits = chunk_logits(h[start:end], linear_weight, linear_bias, buffer[: end - start])
         dlogits = cross_entropy_grad(
             logits, target[start:end], lse[start:end],
-            grad_output[start:end] if per_token else grad_output, out=logits, **ce_opts)
-        grads.add_chunk(start, end, dlogits, h[start:end], weight)
-    return grads.results(weight, bias)
+            grad_output[start:end] if per_token else grad_output, out=logits, **ce)
+        grads.add_chunk(start, end, dlogits, h[start:end], linear_weight)
+    return grads.results(h, linear_weight, linear_bias)
 
 
-def _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce_opts, chunk_size,
-                      memory_budget, need_grads):
+def _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce, chunk_size, memory_budget,
+                      need_grads):
     """The low-memory backward: loop over blocks of classes (see linear_cross_entropy_bwd)."""
+    from .. import tiling
+
     n_tokens, n_classes = h.shape[0], weight.shape[0]
     need_dh, need_dw, need_db = need_grads
     chunk = chunk_size or tiling.choose_vocab_chunk(
         n_tokens, n_classes, h.element_size(), memory_budget)
-    wide = h.dtype in (torch.float32, torch.float64)
-    dh_acc = torch.zeros(h.shape, dtype=h.dtype if wide else torch.float32,
-                         device=h.device) if need_dh else None
+    dh_acc = torch.zeros(h.shape, dtype=accum_dtype(h), device=h.device) if need_dh else None
     dw = empty(weight.shape, weight.dtype, weight.device) if need_dw else weight.new_empty(0)
     db = empty(bias.shape, bias.dtype, bias.device) if need_db else weight.new_empty(0)
     buffer = torch.empty(n_tokens * min(chunk, n_classes), dtype=h.dtype, device=h.device)
-    for v0, v1 in _chunks(n_classes, chunk):
-        logits = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1],
-                         buffer[: n_tokens * (v1 - v0)].view(n_tokens, v1 - v0))
+    for v0, v1 in token_chunks(n_classes, chunk):
+        logits = chunk_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1],
+                              buffer[: n_tokens * (v1 - v0)].view(n_tokens, v1 - v0))
         dlogits = cross_entropy_grad(logits, target, lse, grad_output, vocab_start=v0,
-                                     n_classes=n_classes, out=logits, **ce_opts)
+                                     n_classes=n_classes, out=logits, **ce)
         if need_dw:
             torch.mm(dlogits.t(), h, out=dw[v0:v1])
         if need_db:
-            db[v0:v1] = dlogits.sum(0, dtype=torch.float64 if bias.dtype == torch.float64
-                                    else torch.float32)
+            db[v0:v1] = dlogits.sum(0, dtype=accum_dtype(bias))
         if need_dh:
-            _accumulate_fp32(dh_acc, dlogits, weight[v0:v1])
+            accumulate_fp32(dh_acc, dlogits, weight[v0:v1])
     dh = h.new_empty(0) if dh_acc is None else dh_acc.to(h.dtype)
     return dh, dw, db
 
 
 # --------------------------------------------------------------------------- custom ops
+# Options cross the torch.library boundary as CrossEntropyOptions.schema_args() (11 values, native
+# schema types), then the chunking arguments.
 
 
 @torch.library.custom_op("probact_gpu::linear_cross_entropy", mutates_args=())
 def _lce_op(
-    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
-    class_weight: torch.Tensor | None, ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float,
-    chunk_size: int | None, memory_budget: int | None, low_memory: bool, need_grads: list[bool],
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, weight: torch.Tensor | None, ignore_index: int,
+    reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float,
+    normalizer: torch.Tensor | None, normalizer_value: float | None, chunk_size: int | None,
+    memory_budget: int | None, low_memory: bool, need_grads: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = CrossEntropyOptions.from_schema(
+        weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, logit_divisor,
+        softcap, temperature, normalizer, normalizer_value)
     return linear_cross_entropy_fwd(
-        h, weight, target, bias, class_weight=class_weight, ignore_index=ignore_index,
-        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        logit_scale=logit_scale, chunk_size=chunk_size, memory_budget=memory_budget,
-        low_memory=low_memory, need_grads=tuple(need_grads))
+        h, linear_weight, target, linear_bias, options=options, chunk_size=chunk_size,
+        memory_budget=memory_budget, low_memory=low_memory, need_grads=tuple(need_grads))
 
 
 @_lce_op.register_fake
-def _(h, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, logit_scale, chunk_size, memory_budget, low_memory, need_grads):
+def _(h, linear_weight, target, linear_bias, *args):
+    reduction, low_memory, need_grads = args[2], args[-2], args[-1]
     n = h.shape[0]
     now = not low_memory and reduction != "none"
     stats_dtype = accum_dtype(h)
     loss = h.new_empty((n,) if reduction == "none" else (), dtype=stats_dtype)
     lse = h.new_empty((n,), dtype=stats_dtype)
-    return (loss, lse, *_fake_grads(h, weight, bias, [now and g for g in need_grads]))
+    return (loss, lse, *_fake_grads(h, linear_weight, linear_bias,
+                                    [now and g for g in need_grads]))
 
 
 def _fake_grads(h, weight, bias, need):
@@ -289,24 +239,25 @@ def _fake_grads(h, weight, bias, need):
 
 @torch.library.custom_op("probact_gpu::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd_op(
-    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
-    lse: torch.Tensor, grad_output: torch.Tensor, class_weight: torch.Tensor | None,
-    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-    softcap: float | None, logit_scale: float, chunk_size: int | None,
-    memory_budget: int | None, low_memory: bool, need_grads: list[bool],
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, lse: torch.Tensor, grad_output: torch.Tensor,
+    weight: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
+    z_loss: float, logit_scale: float, logit_divisor: float, softcap: float | None,
+    temperature: float, normalizer: torch.Tensor | None, normalizer_value: float | None,
+    chunk_size: int | None, memory_budget: int | None, low_memory: bool, need_grads: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = CrossEntropyOptions.from_schema(
+        weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, logit_divisor,
+        softcap, temperature, normalizer, normalizer_value)
     return linear_cross_entropy_bwd(
-        h, weight, target, bias, lse, grad_output, reduction=reduction,
-        class_weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
-        memory_budget=memory_budget, low_memory=low_memory, need_grads=tuple(need_grads))
+        h, linear_weight, target, linear_bias, lse, grad_output, options=options,
+        chunk_size=chunk_size, memory_budget=memory_budget, low_memory=low_memory,
+        need_grads=tuple(need_grads))
 
 
 @_lce_bwd_op.register_fake
-def _(h, weight, target, bias, lse, grad_output, class_weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, low_memory,
-      need_grads):
-    return _fake_grads(h, weight, bias, need_grads)
+def _(h, linear_weight, target, linear_bias, lse, grad_output, *args):
+    return _fake_grads(h, linear_weight, linear_bias, args[-1])
 
 
 @torch.library.custom_op("probact_gpu::scale_grads", mutates_args=("dh", "dw", "db"))
@@ -322,18 +273,21 @@ def _(dh, dw, db, grad_output):
     return None
 
 
-_OPTION_NAMES = ("class_weight", "ignore_index", "reduction", "label_smoothing", "z_loss",
-                 "softcap", "logit_scale", "chunk_size", "memory_budget", "low_memory",
-                 "need_grads")
+_N_OPTIONS = CrossEntropyOptions.N_SCHEMA_ARGS
+_N_CHUNKING = 4  # chunk_size, memory_budget, low_memory, need_grads
 
 
 def _setup_context(ctx, inputs, output):
     h, weight, target, bias = inputs[:4]
-    ctx.options = dict(zip(_OPTION_NAMES, inputs[4:], strict=True))
+    ctx.schema = inputs[4:4 + _N_OPTIONS]
+    ctx.chunking = inputs[4 + _N_OPTIONS:]
     ctx.has_bias = bias is not None
     _, lse, dh, dw, db = output
+    # lse and the gradients are outputs no one differentiates: no zero gradients for them.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, dh, dw, db)
-    ctx.recompute = ctx.options["reduction"] == "none" or ctx.options["low_memory"]
+    reduction, low_memory = ctx.schema[2], ctx.chunking[2]
+    ctx.recompute = reduction == "none" or low_memory
     if ctx.recompute:
         ctx.save_for_backward(h, weight, target, bias, lse)
     else:
@@ -341,114 +295,182 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_lse, _gdh, _gdw, _gdb):
-    opts = ctx.options
-    need = opts["need_grads"]
+    no_second_derivative("linear_cross_entropy")
+    need = ctx.chunking[-1]
+    none = (None,) * (_N_OPTIONS + _N_CHUNKING)
+    if grad_loss is None:
+        return (None,) * 4 + none
     if ctx.recompute:
         h, weight, target, bias, lse = ctx.saved_tensors
-        dh, dw, db = _lce_bwd_op(
-            h, weight, target, bias, lse, grad_loss.to(lse.dtype), opts["class_weight"],
-            opts["ignore_index"], opts["reduction"], opts["label_smoothing"], opts["z_loss"],
-            opts["softcap"], opts["logit_scale"], opts["chunk_size"], opts["memory_budget"],
-            opts["low_memory"], need)
+        dh, dw, db = _lce_bwd_op(h, weight, target, bias, lse, grad_loss.to(lse.dtype),
+                                 *ctx.schema, *ctx.chunking)
     else:
         # The saved gradients are for grad_output 1; they are scaled in place (no new dW-sized
-        # buffer) and handed to autograd, which can then keep them as .grad without a copy.
+        # buffer) and handed to autograd, which can then keep them as .grad without a copy. The
+        # in-place scale bumps their version, so a second backward (retain_graph) — or one after
+        # the caller mutated a gradient it was handed — cannot unpack them and raises here.
         try:
             dh, dw, db = ctx.saved_tensors
         except RuntimeError as exc:
             raise RuntimeError(
                 "linear_cross_entropy with reduction='sum'/'mean' computes its gradients in the "
                 "forward and scales them in place in the backward, so it can be backpropagated "
-                "once (no retain_graph re-use); use reduction='none' and reduce outside to "
-                "backpropagate several times") from exc
+                "once (no retain_graph re-use); use reduction='none' and reduce outside, or "
+                "low_memory=True, to backpropagate several times") from exc
         _scale_grads_op(dh, dw, db, grad_loss)
     return (dh if need[0] else None, dw if need[1] else None, None,
-            db if need[2] and ctx.has_bias else None) + (None,) * len(_OPTION_NAMES)
+            db if need[2] and ctx.has_bias else None) + none
 
 
 torch.library.register_autograd(
     "probact_gpu::linear_cross_entropy", _backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------- soft targets
+
+
+def _transform_grad(transform, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """dL/dx from dL/dz for ``z = transform.apply(x)`` (the kernels' ``head_chain``)."""
+    factor = transform.pre_scale * transform.inv_temperature
+    if transform.softcap is None:
+        return dz * factor if factor != 1.0 else dz
+    r = z / (transform.softcap * transform.inv_temperature)
+    return dz * (factor * (1.0 - r * r))
+
+
+class _SoftTargetLinearCE(torch.autograd.Function):
+    """Class-probability targets (module docstring): forward per token chunk in fp32 torch
+    ops, backward recomputing each chunk. ``target`` (N, V) float."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, options, chunk):
+        n_tokens, n_classes = h.shape[0], weight.shape[0]
+        sdt = accum_dtype(h)
+        rows = torch.empty(n_tokens, dtype=sdt, device=h.device)
+        lse = torch.empty(n_tokens, dtype=sdt, device=h.device)
+        buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
+        for start, end in token_chunks(n_tokens, chunk):
+            z = options.transform.apply(
+                chunk_logits(h[start:end], weight, bias, buffer[: end - start]).to(sdt))
+            row_lse = torch.logsumexp(z, 1)
+            t = _smoothed(target[start:end], options, sdt)
+            row = (t * (row_lse[:, None] - z)).sum(1)
+            if options.z_loss:
+                row = row + options.z_loss * row_lse * row_lse
+            rows[start:end] = row
+            lse[start:end] = row_lse
+        divisor = loss_divisor(options, target, n_classes, sdt)
+        ctx.save_for_backward(h, weight, bias, target, lse, divisor)
+        ctx.options, ctx.chunk = options, chunk
+        ctx.set_materialize_grads(False)
+        return reduce_rows(rows, options, divisor).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        no_second_derivative("linear_cross_entropy")
+        if grad_loss is None:
+            return (None,) * 6
+        h, weight, bias, target, lse, divisor = ctx.saved_tensors
+        options = ctx.options
+        need = ctx.needs_input_grad[:3]
+        g = grad_loss.to(lse.dtype)
+        if divisor is not None:
+            g = g / divisor
+        grads = LinearGrads(h, weight, bias, (need[0], need[1], need[2] and bias is not None))
+        for start, end in token_chunks(h.shape[0], ctx.chunk):
+            x = chunk_logits(h[start:end], weight, bias,
+                             torch.empty((end - start, weight.shape[0]), dtype=h.dtype,
+                                         device=h.device))
+            z = options.transform.apply(x.to(lse.dtype))
+            row_lse = lse[start:end, None]
+            p = torch.exp(z - row_lse)
+            t = _smoothed(target[start:end], options, lse.dtype)
+            coef = t.sum(1, keepdim=True)
+            if options.z_loss:
+                coef = coef + 2.0 * options.z_loss * row_lse
+            dz = coef * p - t
+            dz = dz * (g[start:end, None] if g.ndim == 1 else g)
+            dlogits = _transform_grad(options.transform, z, dz).to(h.dtype)
+            grads.add_chunk(start, end, dlogits, h[start:end], weight)
+        dh, dw, db = grads.results(h, weight, bias)
+        return (dh if need[0] else None, dw if need[1] else None,
+                db if need[2] and bias is not None else None, None, None, None)
+
+
+def _smoothed(target: torch.Tensor, options: CrossEntropyOptions, dtype) -> torch.Tensor:
+    """``w ⊙ ((1 − ε) t + ε / V)`` in ``dtype``."""
+    t = target.to(dtype)
+    eps = options.label_smoothing
+    if eps > 0.0:
+        t = t * (1.0 - eps) + eps / t.shape[1]
+    if options.weight is not None:
+        t = t * options.weight.to(dtype)
+    return t
+
+
 # --------------------------------------------------------------------------- public function
-
-
-def _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, z_loss,
-              softcap, logit_scale, chunk_size, memory_budget):
-    check_float("input", input)
-    check_float("weight", weight)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
-    if input.ndim < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"input's last dim must be the hidden size {weight.shape[1]} of weight "
-            f"{tuple(weight.shape)}, got input shape {tuple(input.shape)}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match input dtype {input.dtype}")
-    if not isinstance(target, torch.Tensor) or target.dtype not in _INT_DTYPES:
-        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
-        raise TypeError(f"target must be an int64 or int32 tensor of class indices, got {got}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} must be input's shape without "
-                         f"the hidden dim, {tuple(input.shape[:-1])}")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != input.dtype:
-            raise ValueError(f"bias must be ({weight.shape[0]},) of dtype {input.dtype}, got "
-                             f"shape {tuple(bias.shape)}, dtype {bias.dtype}")
-    if class_weight is not None:
-        check_float("class_weight", class_weight)
-        if tuple(class_weight.shape) != (weight.shape[0],):
-            raise ValueError(f"class_weight must have shape ({weight.shape[0]},), got "
-                             f"{tuple(class_weight.shape)}")
-    # reduction, label_smoothing, z_loss, softcap, logit_scale: cross_entropy's own rules
-    _check_options(input, None, None, reduction, label_smoothing, z_loss, softcap, logit_scale)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    check_same_device(input=input, weight=weight, target=target, bias=bias,
-                      class_weight=class_weight)
 
 
 def linear_cross_entropy(
     input: torch.Tensor,
-    weight: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None = None,
     *,
-    ignore_index: int = -100,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    class_weight: torch.Tensor | None = None,
+    logit_divisor: float = 1.0,
+    temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     low_memory: bool = False,
 ) -> torch.Tensor:
-    """``probact_gpu.cross_entropy(input @ weight.T + bias, target, ...)`` without holding the
-    logits. ``input`` (…, H), ``weight`` (V, H) (``nn.Linear`` layout), ``target`` (…) class
-    indices; every cross-entropy option (``class_weight`` is cross_entropy's ``weight``).
-    ``chunk_size`` or ``memory_budget`` (bytes of logits per chunk) trade speed for memory;
-    ``low_memory=True`` computes the gradients in the backward over vocabulary chunks (4
-    matmuls instead of 3, no fp32 (V, H) accumulator, any number of backward passes). Returns
-    the loss in ``input``'s dtype (per token for ``reduction="none"``)."""
-    _validate(input, weight, target, bias, class_weight, reduction, label_smoothing, z_loss,
-              softcap, logit_scale, chunk_size, memory_budget)
-    h = input.reshape(-1, input.shape[-1])
-    flat_target = target.reshape(-1)
+    """``probact_gpu.cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without
+    holding the logits; torch 2.13's ``F.linear_cross_entropy`` names and order.
+
+    - ``input`` (…, H); ``linear_weight`` (V, H) (``nn.Linear`` layout), same dtype;
+      ``linear_bias`` (V,) or None, added before the logit transform.
+    - ``target``: (…) int64/int32 class indices, or (…, V) float class probabilities (torch's
+      rule; ``ignore_index`` then does not apply).
+    - ``weight``: per-class weights (V,); ``reduction``, ``ignore_index`` (None means -100, as
+      torch), ``label_smoothing``: torch's semantics. ``z_loss``, ``softcap``, ``logit_scale``,
+      ``logit_divisor``, ``temperature``, ``normalizer``: as ``probact_gpu.cross_entropy``
+      (the transform runs inside the kernels, in fp32, after the bias).
+    - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of logits per chunk) trade speed for
+      memory; ``low_memory=True`` computes the gradients in the backward over vocabulary chunks
+      (4 matmuls instead of 3, any number of backward passes).
+
+    Returns the loss in ``input``'s dtype (per token, shaped like ``target``'s leading dims, for
+    ``reduction="none"``). The module docstring has the memory model.
+    """
+    options = CrossEntropyOptions.from_kwargs(
+        weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
+        temperature=temperature, normalizer=normalizer)
+    chunk_size, memory_budget, low_memory = check_chunking(chunk_size, memory_budget, low_memory)
+    soft = check_head_inputs(input, linear_weight, target, linear_bias, options)
+    h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     if h.shape[0] > 0:
         check_runnable(h)
+    if soft:
+        n_classes = linear_weight.shape[0]
+        chunk = chunk_size or token_chunk(h.shape[0], n_classes, 4 * accum_dtype(h).itemsize,
+                                          None, memory_budget)
+        loss = _SoftTargetLinearCE.apply(h, linear_weight, linear_bias,
+                                         target.reshape(h.shape[0], n_classes), options, chunk)
+        return loss.reshape(batch_shape) if reduction == "none" else loss
     grad_on = torch.is_grad_enabled()
-    need = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad]
-    loss, *_ = _lce_op(
-        h, weight, flat_target, bias, class_weight, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-        float(logit_scale), chunk_size, None if memory_budget is None else int(memory_budget),
-        bool(low_memory), need)
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
+    need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
+            grad_on and linear_bias is not None and linear_bias.requires_grad]
+    loss, *_ = _lce_op(h, linear_weight, target.reshape(-1), linear_bias,
+                       *options.schema_args(), chunk_size, memory_budget, low_memory, need)
+    if options.reduction == "none":
+        loss = loss.reshape(batch_shape)
     return loss.to(input.dtype)

@@ -1,0 +1,315 @@
+"""Host-side pieces shared by the fused LM-head ops (linear + cross-entropy, linear token
+log-probs, their vocab-parallel forms). Everything here is plain torch on the host side of the
+launches: no kernel, no host sync, nothing at import.
+
+Stable surface (other op modules import these names):
+
+``check_chunking(chunk_size, memory_budget, low_memory=False) -> (chunk_size, memory_budget,
+low_memory)``
+    The chunking knobs validated once, each error naming its argument.
+``check_head_inputs(input, linear_weight, target, linear_bias, options, *,
+allow_probabilities=True, n_classes=None) -> bool``
+    A fused head's tensors validated (shapes, dtypes, devices, the per-class weights' length),
+    each error naming its argument; True for class-probability targets.
+``flatten_head_input(input, n_hidden) -> (h, batch_shape)``
+    ``input`` (…, H) as a 2-D (N, H) view (H = 0 allowed), and the leading shape to restore.
+``token_chunk(n_tokens, n_classes, elem_size, chunk_size, memory_budget) -> int``
+    Tokens per chunk: ``chunk_size`` when given, else ``tiling.choose_token_chunk``.
+``token_chunks(n, chunk)``
+    ``(start, end)`` of consecutive chunks of ``chunk`` rows (the last one short); none for
+    ``n == 0``.
+``chunk_logits(h, weight, bias, out) -> out``
+    ``out = h @ weight.T (+ bias)`` by cuBLAS, written into ``out`` (a reused chunk buffer).
+``accumulate_fp32(acc, a, b)``
+    ``acc += a @ b`` with ``acc`` fp32 and 16-bit operands, no 16-bit rounding of the product.
+``LinearGrads``
+    dh, dW, db of a linear head fed one token chunk of dlogits at a time, with the memory and
+    rounding model written in its docstring.
+``ce_launch_options(options) -> dict``
+    The keywords of the cross-entropy launchers (``cross_entropy_fwd``, ``cross_entropy_grad``,
+    ``cross_entropy_partial_stats``, ``cross_entropy_combine``) from a ``CrossEntropyOptions``.
+``loss_divisor(options, target, n_classes, dtype) -> Tensor | None``
+    The 0-d device tensor the summed loss and its gradient are divided by: the mean's Σ w_t,
+    the ``normalizer`` with ``reduction="sum"``, else None.
+``reduce_rows(rows, options, divisor)``
+    ``rows`` (N,) reduced as ``options.reduction`` says, divided by ``divisor`` when given.
+``no_second_derivative(name)``
+    Raise when a backward runs with ``create_graph=True`` outside of compilation: these ops'
+    gradients are computed by kernels and are not themselves differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .. import tiling
+from .._runtime import accum_dtype, check_float, check_same_device, empty
+from ..options import CrossEntropyOptions, as_index
+
+__all__ = [
+    "LinearGrads",
+    "accumulate_fp32",
+    "ce_launch_options",
+    "check_chunking",
+    "check_head_inputs",
+    "chunk_logits",
+    "flatten_head_input",
+    "loss_divisor",
+    "no_second_derivative",
+    "reduce_rows",
+    "token_chunk",
+    "token_chunks",
+]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def check_chunking(chunk_size: Any, memory_budget: Any,
+                   low_memory: Any = False) -> tuple[int | None, int | None, bool]:
+    """``chunk_size`` (None or an int ≥ 1), ``memory_budget`` (None or an int ≥ 1 of bytes) and
+    ``low_memory`` (a bool) validated, with errors naming the argument."""
+    if chunk_size is not None:
+        chunk_size = as_index("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got "
+                             f"{chunk_size}")
+    if memory_budget is not None:
+        memory_budget = as_index("memory_budget", memory_budget)
+        if memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive int (bytes of logits per "
+                             f"chunk), got {memory_budget}")
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be a bool, got {low_memory!r} "
+                        f"({type(low_memory).__name__})")
+    return chunk_size, memory_budget, low_memory
+
+
+def check_head_inputs(input, linear_weight, target, linear_bias, options, *,
+                      allow_probabilities=True, n_classes=None) -> bool:
+    """Validate a fused head's tensors (``input`` (…, H), ``linear_weight`` (V, H),
+    ``linear_bias`` (V,) or None, ``target`` (…) class indices or, when allowed, (…, V) class
+    probabilities) and their devices, naming the offending argument. ``n_classes`` is the
+    per-class weights' length (default: V). Returns True for class-probability targets."""
+    check_float("input", input)
+    check_float("linear_weight", linear_weight)
+    if linear_weight.ndim != 2:
+        raise ValueError(f"linear_weight must be 2-D (V, H), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    if input.ndim < 1 or input.shape[-1] != linear_weight.shape[1]:
+        raise ValueError(
+            f"input's last dim must be the hidden size {linear_weight.shape[1]} of linear_weight "
+            f"{tuple(linear_weight.shape)}, got input shape {tuple(input.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must match input dtype "
+                        f"{input.dtype}")
+    v_local = linear_weight.shape[0]
+    if linear_bias is not None:
+        check_float("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (v_local,) or linear_bias.dtype != input.dtype:
+            raise ValueError(f"linear_bias must be ({v_local},) of dtype {input.dtype}, got "
+                             f"shape {tuple(linear_bias.shape)}, dtype {linear_bias.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    batch = tuple(input.shape[:-1])
+    soft = target.dtype.is_floating_point
+    if soft:
+        if not allow_probabilities:
+            raise TypeError(f"target must be an int64 or int32 tensor of class indices, got "
+                            f"{target.dtype}")
+        if tuple(target.shape) != batch + (v_local,):
+            raise ValueError(f"target holds class probabilities (dtype={target.dtype}) so it "
+                             f"must have shape {batch + (v_local,)}, got {tuple(target.shape)}")
+    elif target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target must be an int64 or int32 tensor of class indices or a float "
+                        f"tensor of class probabilities, got {target.dtype}")
+    elif tuple(target.shape) != batch:
+        raise ValueError(f"target shape {tuple(target.shape)} must be input's shape without "
+                         f"the hidden dim, {batch}")
+    normalizer = options.normalizer if isinstance(options.normalizer, torch.Tensor) else None
+    check_same_device(input=input, linear_weight=linear_weight, target=target,
+                      linear_bias=linear_bias, weight=options.weight, normalizer=normalizer)
+    options.check_weight(v_local if n_classes is None else n_classes, input.device)
+    return soft
+
+
+def flatten_head_input(input: torch.Tensor, n_hidden: int) -> tuple[torch.Tensor, torch.Size]:
+    """(N, H) view of ``input`` (…, H) and its leading shape; an H of 0 is allowed (``reshape(-1,
+    0)`` is not)."""
+    batch_shape = input.shape[:-1]
+    return input.reshape(math.prod(batch_shape), n_hidden), batch_shape
+
+
+def token_chunk(n_tokens: int, n_classes: int, elem_size: int, chunk_size: int | None,
+                memory_budget: int | None) -> int:
+    """Tokens per chunk: ``chunk_size``, or as many as fit ``memory_budget`` bytes of logits
+    (``tiling.choose_token_chunk``)."""
+    return chunk_size or tiling.choose_token_chunk(n_tokens, n_classes, elem_size,
+                                                   memory_budget)
+
+
+def token_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive chunks of ``chunk`` rows of ``n`` (the last one short)."""
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+# --------------------------------------------------------------------------- matmuls
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor) -> torch.Tensor:
+    """``out = h @ weight.T + bias`` (cuBLAS, fp32 accumulation, one rounding to out's dtype).
+    The bias is added before any logit transform (the kernels apply that)."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 (or fp64) and ``a``, ``b`` possibly 16-bit, without a
+    16-bit rounding of the product: cuBLAS's fp32-output GEMM where torch has it, else fp32
+    operands (the interpreter's CPU path, and an exact fallback)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class LinearGrads:
+    """The gradients of a linear head ``x = h @ W.T + b`` fed one token chunk of ``dlogits`` at a
+    time, each allocated only where wanted: ``dh`` (N, H), ``dW`` (V, H), ``db`` (V,).
+
+    - ``dh[chunk] = dlogits @ W``: one GEMM per chunk, written straight into dh.
+    - ``db += Σ_rows dlogits`` in an fp32 (V,) accumulator (fp64 for fp64), cast at the end.
+    - ``dW``: in the weight's dtype from the start; no (V, H) accumulator of another dtype is
+      ever allocated. The first chunk writes ``dW = dlogits.T @ h[chunk]`` (cuBLAS sums the
+      chunk's tokens in fp32, one rounding). Each later chunk, for a 16-bit weight, walks the
+      vocabulary in blocks of ``V_b`` rows (``tiling.choose_dw_block``: an fp32 (V_b, H) block
+      of at most ``LINEAR_CE_DW_BLOCK_BYTES``): ``acc = float(dW[block]); acc +=
+      dlogits[:, block].T @ h[chunk]`` (fp32 GEMM output), ``dW[block] = round(acc)`` — fp32
+      addition, one rounding to the weight's dtype per chunk. An fp32/fp64 weight adds in place.
+
+    Memory beyond the returned gradients: one (V_b, H) fp32 block and the (V,) db accumulator
+    (plus, where torch has no fp32-output GEMM for the operands, fp32 copies of one (C, V_b)
+    block of dlogits and of h[chunk]). dW of a 16-bit head is rounded once per token chunk
+    (k roundings for k chunks) instead of once; its error stays within eager's, whose dlogits
+    carry a rounding each (tests/test_linear_cross_entropy.py measures both against float64).
+    """
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 need: tuple[bool, bool, bool]):
+        need_dh, need_dw, need_db = need  # need_db implies a bias
+        self.dh = empty(h.shape, h.dtype, h.device) if need_dh else None
+        self.dw = empty(weight.shape, weight.dtype, weight.device) if need_dw else None
+        self.db_acc = None
+        if need_db:
+            self.db_acc = torch.zeros(bias.shape, dtype=accum_dtype(bias), device=bias.device)
+        self._dw_started = False
+
+    def add_chunk(self, start: int, end: int, dlogits: torch.Tensor, h_chunk: torch.Tensor,
+                  weight: torch.Tensor) -> None:
+        if self.dh is not None:
+            torch.mm(dlogits, weight, out=self.dh[start:end])
+        if self.dw is not None:
+            self._add_dw(dlogits, h_chunk)
+        if self.db_acc is not None:
+            self.db_acc += dlogits.sum(0, dtype=self.db_acc.dtype)
+
+    def _add_dw(self, dlogits: torch.Tensor, h_chunk: torch.Tensor) -> None:
+        dw = self.dw
+        if not self._dw_started:
+            self._dw_started = True
+            torch.mm(dlogits.t(), h_chunk, out=dw)
+            return
+        if dw.dtype in (torch.float32, torch.float64):
+            dw.addmm_(dlogits.t(), h_chunk)
+            return
+        n_classes, n_hidden = dw.shape
+        block = tiling.choose_dw_block(n_classes, n_hidden)
+        for v0, v1 in token_chunks(n_classes, block):
+            acc = dw[v0:v1].float()
+            accumulate_fp32(acc, dlogits[:, v0:v1].t(), h_chunk)
+            dw[v0:v1].copy_(acc)
+
+    def results(self, h: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dh, dW, db), an empty tensor for each not wanted; a wanted dh/dW over no tokens is
+        zeros."""
+        dh = weight.new_empty(0) if self.dh is None else self.dh
+        if self.dw is None:
+            dw = weight.new_empty(0)
+        else:
+            dw = self.dw if self._dw_started else self.dw.zero_()
+        db = weight.new_empty(0) if self.db_acc is None else self.db_acc.to(bias.dtype)
+        return dh, dw, db
+
+
+# --------------------------------------------------------------------------- CE options
+
+
+def ce_launch_options(options: CrossEntropyOptions) -> dict:
+    """The cross-entropy launchers' keywords for ``options`` (per-class ``weight``,
+    ``ignore_index``, ``label_smoothing``, ``z_loss`` and the logit transform); ``reduction``
+    and ``normalizer`` are the caller's (see :func:`loss_divisor`)."""
+    t = options.transform
+    kw = dict(weight=options.weight, ignore_index=options.ignore_index,
+              label_smoothing=options.label_smoothing, z_loss=options.z_loss,
+              softcap=t.softcap, logit_scale=t.logit_scale)
+    # Passed only when set, so the launchers' defaults stay theirs.
+    if t.logit_divisor != 1.0:
+        kw["logit_divisor"] = t.logit_divisor
+    if t.temperature != 1.0:
+        kw["temperature"] = t.temperature
+    return kw
+
+
+def loss_divisor(options: CrossEntropyOptions, target: torch.Tensor, n_classes: int,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """What the summed loss (and so every gradient) is divided by, as a 0-d ``dtype`` tensor on
+    the targets' device, with no host sync: Σ w_t over non-ignored class-index targets for
+    ``"mean"`` (the row count for class-probability targets, as torch), the ``normalizer`` for
+    ``"sum"`` when one is given, else None."""
+    if options.reduction == "mean":
+        if target.dtype.is_floating_point:
+            return torch.full((), target.numel() // max(n_classes, 1), dtype=dtype,
+                              device=target.device)
+        from .cross_entropy import cross_entropy_total_weight
+
+        return cross_entropy_total_weight(target, n_classes, weight=options.weight,
+                                          ignore_index=options.ignore_index, dtype=dtype)
+    n = options.normalizer
+    if n is None:
+        return None
+    if isinstance(n, torch.Tensor):
+        return n.to(device=target.device, dtype=dtype)
+    return torch.full((), n, dtype=dtype, device=target.device)
+
+
+def reduce_rows(rows: torch.Tensor, options: CrossEntropyOptions,
+                divisor: torch.Tensor | None) -> torch.Tensor:
+    """Per-row losses reduced as ``options.reduction`` says, divided by ``divisor`` if any."""
+    if options.reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if divisor is None else total / divisor
+
+
+def no_second_derivative(name: str) -> None:
+    """Raise when called in a backward run with ``create_graph=True`` (grad mode on), except
+    while torch.compile traces the backward (it runs it with grad mode off anyway)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{name} does not support second derivatives: its gradients come from kernels and "
+            "are not differentiable; backpropagate without create_graph=True (or differentiate "
+            "an eager reference for a Hessian)")
