@@ -1,0 +1,456 @@
+"""Vocab-parallel token log-probs: the LM head's per-token log-prob, entropy, lse and argmax
+when its logits (or its weight) are split along the vocabulary over the ranks of a
+``torch.distributed`` process group, without gathering the logits. Re-exported by
+``probact_gpu.distributed``.
+
+Rank ``r`` holds the columns of global classes ``[s_r, s_r + V_r)`` of the same N rows, and
+every rank holds the same targets (global class ids). Per row the outputs need only, with ``z``
+the transformed logits (``kernels/_head.py``) and everything kept around a max::
+
+    m_r = max z over rank r's columns          M = max_r m_r
+    s_r = Σ exp(z − m_r)                        S = Σ_r exp(m_r − M) · s_r
+    τ_r = Σ exp(z − m_r) · (z − m_r)            T = Σ_r exp(m_r − M) · (τ_r + (m_r − M) · s_r)
+    z_t (on the rank holding t, else 0)         Z = Σ_r z_t,r
+    argmax: the smallest global index among the ranks whose m_r = M
+
+    lse = M + log S,  logp = (Z − M) − log S,  H = log S − T / S
+
+Forward, on every rank:
+
+1. our partial-statistics kernel on the local shard (``token_log_probs_partial`` with
+   ``vocab_start = s_r``), its chunks merged into per-row ``(m_r, s_r, τ_r, z_t,r)``;
+2. ``all_reduce(MAX)`` of the N local maxima, then ``(s, τ, z_t)`` rescaled to the global max
+   as (N, 3) and one ``all_reduce(SUM)`` — and, only with ``return_argmax``, one
+   ``all_reduce(MIN)`` of N int64 candidate indices;
+3. logp, H, lse and the backward's statistics ``(M, log S, T / S)`` from the global sums, the
+   same on every rank.
+
+Communication: 4·N floats (fp32; fp64 for fp64 logits) in two all_reduces, plus N int64 for the
+argmax — O(N), never the logits (N·V). The shard layout costs one more, tiny, all_gather unless
+both ``vocab_start_index`` and ``vocab_size`` are given (as ``vocab_parallel_cross_entropy``).
+
+Backward is local: ``dx_r = g_logp·(onehot − p) − g_H·p·(z − Σp·z)`` over rank r's columns from
+the global statistics (``token_log_probs_bwd`` with ``vocab_start = s_r``): the entropy's
+gradient needs the *global* Σp·z, which the forward computed. No communication, except the
+fused linear form's one ``all_reduce(SUM)`` of the (N, H) input gradient.
+
+**DTensor logits.** :func:`vocab_parallel_token_log_probs` also takes a
+``torch.distributed.tensor.DTensor`` on a 1-D device mesh sharded on its class dim
+(``Shard(-1)``, torch.chunk's layout): it is unwrapped to the local shard (``to_local``, through
+which the gradient flows back as a DTensor of the same placement), the group is the mesh's,
+and ``vocab_start`` / ``vocab_size`` come from the mesh and the global shape (no layout
+collective). The target may be a replicated DTensor or a plain tensor. The outputs are plain
+tensors (per-token values, identical on every rank).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import accum_dtype, check_float, check_runnable, check_same_device
+from .ops._common import (
+    LinearGrads,
+    check_chunking,
+    check_head_inputs,
+    chunk_logits,
+    flatten_head_input,
+    no_second_derivative,
+    token_chunk,
+    token_chunks,
+)
+from .ops.linear_token_log_probs import linear_token_log_probs
+from .ops.token_log_probs import (
+    NO_INDEX,
+    TokenLogProbs,
+    check_target,
+    finish_rows,
+    merge_partials,
+    token_log_probs,
+    token_log_probs_bwd,
+    token_log_probs_partial,
+)
+from .options import CrossEntropyOptions, HeadTransform, as_index
+from .tiling import RowConfig
+
+__all__ = [
+    "VocabParallelLinearTokenLogProbsFunction",
+    "VocabParallelTokenLogProbsFunction",
+    "vocab_parallel_linear_token_log_probs",
+    "vocab_parallel_token_log_probs",
+]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _empty_shard_stats(n_rows: int, dtype: torch.dtype, device: torch.device,
+                       compute_argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a shard of no classes contributes: (−inf, 0, 0, 0) a row, no argmax candidate."""
+    local = torch.zeros((n_rows, 4), dtype=dtype, device=device)
+    local[:, 0] = float("-inf")
+    arg = (torch.full((n_rows,), NO_INDEX, dtype=torch.int64, device=device)
+           if compute_argmax else None)
+    return local, arg
+
+
+def _local_stats(logits, target, vocab_start, transform, compute_entropy, compute_argmax,
+                 config):
+    """This shard's per-row (N, 4) ``(m_r, s_r, τ_r, z_t,r)`` and (N,) argmax candidates."""
+    if logits.shape[1] == 0:
+        return _empty_shard_stats(logits.shape[0], accum_dtype(logits), logits.device,
+                                  compute_argmax)
+    partials, arg = token_log_probs_partial(
+        logits, target, vocab_start=vocab_start, transform=transform,
+        compute_entropy=compute_entropy, compute_argmax=compute_argmax, config=config)
+    return merge_partials(partials, arg)
+
+
+def _global_stats(local: torch.Tensor, arg: torch.Tensor | None, group
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, 4) ``(M, S, T, Z)`` over every rank's classes (and the global argmax) from this
+    rank's (N, 4) ``local`` statistics: ``all_reduce(MAX)`` of N floats, one
+    ``all_reduce(SUM)`` of 3·N, and with ``arg`` one ``all_reduce(MIN)`` of N int64."""
+    import torch.distributed as dist
+
+    part_max = local[:, 0]
+    row_max = part_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    alpha = torch.exp(part_max - shift)
+    d = torch.where(part_max == float("-inf"), 0.0, part_max - shift)
+    part_sum = local[:, 1]
+    sums = torch.stack([alpha * part_sum, alpha * (local[:, 2] + d * part_sum), local[:, 3]],
+                       dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    best = None
+    if arg is not None:
+        best = torch.where(part_max == row_max, arg, NO_INDEX)
+        dist.all_reduce(best, op=dist.ReduceOp.MIN, group=group)
+    return torch.cat([row_max[:, None], sums], dim=1), best
+
+
+# --------------------------------------------------------------------------- logits
+
+
+class VocabParallelTokenLogProbsFunction(torch.autograd.Function):
+    """Autograd of the vocab-parallel op for any group size (one included): ``x`` this rank's
+    (N, V_local) logits, ``target`` (N,) global ids. Returns (logp, entropy | None, lse,
+    argmax | None); lse and argmax not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, target, group, vocab_start, vocab_size, ignore_index, transform,
+                compute_entropy, compute_argmax, config, needs_grad):
+        target = target.contiguous()
+        local, arg = _local_stats(x, target, vocab_start, transform, compute_entropy,
+                                  compute_argmax, config)
+        merged, arg = _global_stats(local, arg, group)
+        logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), vocab_size,
+                                                ignore_index, compute_entropy)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
+        if needs_grad:
+            ctx.save_for_backward(x, target, stats)
+        ctx.opts = dict(vocab_start=vocab_start, n_classes=vocab_size,
+                        ignore_index=ignore_index, transform=transform, config=config)
+        return logp, entropy, lse, arg
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
+        no_second_derivative("vocab_parallel_token_log_probs")
+        none = (None,) * 10
+        if grad_logp is None and grad_entropy is None:
+            return (None,) + none
+        x, target, stats = ctx.saved_tensors
+        dx = token_log_probs_bwd(
+            x, target, stats, None if grad_logp is None else grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(), **ctx.opts)
+        return (dx,) + none
+
+
+def _group_and_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size,
+                      n_hidden=None):
+    """(rank, world, vocab_start, vocab_size): world 1 checks the shard is the whole
+    vocabulary; more ranks learn or check the layout (``probact_gpu.distributed``)."""
+    from .distributed import _check_backend, _check_whole_vocabulary, _group_world, _layout
+
+    rank, world = _group_world(group)
+    if world == 1:
+        _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
+        return rank, world, 0, v_local
+    import torch.distributed as dist
+
+    _check_backend(dist, group, torch.empty(0, device=device))
+    start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
+                           vocab_start_index, vocab_size, n_hidden=n_hidden)
+    return rank, world, start, total
+
+
+def _check_layout_args(vocab_start_index, vocab_size):
+    from .distributed import _check_layout_args
+
+    _check_layout_args(vocab_start_index, vocab_size)
+
+
+def _unwrap_dtensor(input, target, group, vocab_start_index, vocab_size):
+    """(local logits, local target, group, vocab_start, vocab_size) of a DTensor input sharded
+    on its class dim over a 1-D mesh (module docstring)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = input.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"input is a DTensor on a {mesh.ndim}-D device mesh: only a 1-D mesh "
+                         "(the tensor-parallel group) is supported")
+    (placement,) = input.placements
+    class_dim = input.ndim - 1
+    if not (isinstance(placement, Shard) and placement.dim % input.ndim == class_dim):
+        raise ValueError(f"input is a DTensor with placement {placement}: it must be sharded "
+                         f"on its class dim (Shard(-1))")
+    if group is not None or vocab_start_index is not None or vocab_size is not None:
+        raise ValueError("group, vocab_start_index and vocab_size come from a DTensor input's "
+                         "mesh and shape: leave them None")
+    if isinstance(target, DTensor):
+        if any(not isinstance(p, Replicate) for p in target.placements):
+            raise ValueError(f"target is a DTensor with placements {target.placements}: it must "
+                             "be replicated")
+        target = target.to_local()
+    world, rank = mesh.size(), mesh.get_local_rank()
+    vocab = input.shape[-1]
+    chunk = -(-vocab // world)  # torch.chunk's layout
+    start = min(rank * chunk, vocab)
+    local = input.to_local()
+    if local.shape[-1] != min(chunk, vocab - start):
+        raise ValueError(f"input's local shard has {local.shape[-1]} classes but Shard(-1) of "
+                         f"{vocab} over {world} ranks gives rank {rank} "
+                         f"{min(chunk, vocab - start)}")
+    return local, target, mesh.get_group(), start, vocab
+
+
+def vocab_parallel_token_log_probs(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+    config: RowConfig | None = None,
+):
+    """:func:`probact_gpu.token_log_probs` of logits split along the vocabulary over the ranks
+    of ``group`` (default: the world). Every rank calls it with its shard and gets the same
+    per-token outputs: those of ``token_log_probs`` on the logits concatenated in vocabulary
+    order, with the same options and return conventions.
+
+    - ``input``: this rank's (N, V_local) logits, any strides and float dtype (the same on every
+      rank); shards may be uneven or empty. Or a DTensor sharded on its class dim (module
+      docstring): then ``group``, ``vocab_start_index`` and ``vocab_size`` must be None.
+    - ``target``: (N,) int32/int64 *global* class ids, the same on every rank.
+    - ``vocab_start_index`` / ``vocab_size``: as ``vocab_parallel_cross_entropy`` (None: shards
+      in rank order, learnt with one all_gather of 4 integers per rank, read on the host; both
+      given: no layout collective, nothing checked across ranks).
+    - ``config``: a launch override for the statistics and gradient kernels (tests, tuning).
+
+    Communication: 4·N floats in two all_reduces (+ N int64 with ``return_argmax``); the
+    backward communicates nothing and returns the gradient of this rank's shard only. Without
+    an initialized process group, or with one rank, this is the local ``token_log_probs``.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(input, DTensor):
+        input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
+            input, target, group, vocab_start_index, vocab_size)
+    check_float("input", input)
+    if input.ndim != 2:
+        raise ValueError(f"input must be this rank's (N, V_local) logits, got shape "
+                         f"{tuple(input.shape)}")
+    check_target(input, target, "input")
+    check_same_device(input=input, target=target)
+    _check_layout_args(vocab_start_index, vocab_size)
+    ignore_index = as_index("ignore_index", ignore_index)
+    transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
+                              softcap=softcap, temperature=temperature)
+    flags = dict(return_entropy=return_entropy, return_lse=return_lse,
+                 return_argmax=return_argmax)
+    _, world, vocab_start, n_classes = _group_and_layout(
+        input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
+        vocab_size)
+    if world == 1:
+        return token_log_probs(input, target, ignore_index=ignore_index,
+                               logit_scale=logit_scale, logit_divisor=logit_divisor,
+                               softcap=softcap, temperature=temperature, **flags)
+    if input.numel() > 0:
+        check_runnable(input)
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    logp, entropy, lse, arg = VocabParallelTokenLogProbsFunction.apply(
+        input, target, group, vocab_start, n_classes, ignore_index, transform,
+        bool(return_entropy), bool(return_argmax), config, needs_grad)
+    return _outputs(logp, entropy, lse, arg, **flags)
+
+
+def _outputs(logp, entropy, lse, arg, *, return_entropy, return_lse, return_argmax,
+             shape=None):
+    def shaped(t):
+        return t if t is None or shape is None else t.reshape(shape)
+
+    if not (return_entropy or return_lse or return_argmax):
+        return shaped(logp)
+    return TokenLogProbs(shaped(logp), shaped(entropy) if return_entropy else None,
+                         shaped(lse) if return_lse else None,
+                         shaped(arg) if return_argmax else None)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+class VocabParallelLinearTokenLogProbsFunction(torch.autograd.Function):
+    """Autograd of the vocab-parallel fused linear op for any group size: ``h`` (N, H)
+    replicated, ``weight`` this rank's (V_local, H) rows, ``bias`` its (V_local,) entries or
+    None, ``target`` (N,) global ids."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, group, vocab_start, vocab_size, ignore_index,
+                transform, compute_entropy, compute_argmax, chunk, config, needs_grad):
+        n_tokens, v_local = h.shape[0], weight.shape[0]
+        sdt = accum_dtype(h)
+        target = target.contiguous()
+        # 1. Per token chunk: local logits (one reused buffer) → this shard's row statistics.
+        if v_local == 0:
+            local, arg = _empty_shard_stats(n_tokens, sdt, h.device, compute_argmax)
+        else:
+            local = torch.empty((n_tokens, 4), dtype=sdt, device=h.device)
+            arg = (torch.empty(n_tokens, dtype=torch.int64, device=h.device)
+                   if compute_argmax else None)
+            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype,
+                                 device=h.device)
+            for start, end in token_chunks(n_tokens, chunk):
+                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
+                part_local, part_arg = _local_stats(logits, target[start:end], vocab_start,
+                                                    transform, compute_entropy,
+                                                    compute_argmax, config)
+                local[start:end] = part_local
+                if arg is not None:
+                    arg[start:end] = part_arg
+        # 2. The collectives over every token at once; 3. the outputs.
+        merged, arg = _global_stats(local, arg, group)
+        logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), vocab_size,
+                                                ignore_index, compute_entropy)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
+        if needs_grad:
+            ctx.save_for_backward(h, weight, bias, target, stats)
+        ctx.group, ctx.chunk = group, chunk
+        ctx.opts = dict(vocab_start=vocab_start, n_classes=vocab_size,
+                        ignore_index=ignore_index, transform=transform, config=config)
+        return logp, entropy, lse, arg
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
+        import torch.distributed as dist
+
+        no_second_derivative("vocab_parallel_linear_token_log_probs")
+        none = (None,) * 11
+        if grad_logp is None and grad_entropy is None:
+            return (None, None, None) + none
+        h, weight, bias, target, stats = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
+        g_logp = None if grad_logp is None else grad_logp.contiguous()
+        g_entropy = None if grad_entropy is None else grad_entropy.contiguous()
+        n_tokens, v_local = h.shape[0], weight.shape[0]
+        grads = LinearGrads(h, weight, bias, need)
+        if any(need) and n_tokens > 0:
+            buffer = torch.empty((min(ctx.chunk, n_tokens), v_local), dtype=h.dtype,
+                                 device=h.device)
+            for start, end in token_chunks(n_tokens, ctx.chunk):
+                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
+                dz = token_log_probs_bwd(
+                    logits, target[start:end], stats[start:end],
+                    None if g_logp is None else g_logp[start:end],
+                    None if g_entropy is None else g_entropy[start:end], out=logits,
+                    **ctx.opts)
+                grads.add_chunk(start, end, dz, h[start:end], weight)
+        dh, dw, db = grads.results(h, weight, bias)
+        if need[0]:  # dh = Σ_r dz_r @ W_r: the column-parallel input-gradient reduction
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                *none)
+
+
+def vocab_parallel_linear_token_log_probs(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    group=None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    config: RowConfig | None = None,
+):
+    """:func:`probact_gpu.linear_token_log_probs` for an LM head ``W`` (V, H) split along the
+    vocabulary over the ranks of ``group``, without gathering ``W`` or holding the logits.
+
+    - ``input``: (…, H) hidden states, the *same* on every rank (replicated over the group; its
+      ``requires_grad`` must agree across ranks: the backward all-reduces dh only when set).
+    - ``linear_weight``: this rank's (V_local, H) rows (uneven or empty shards allowed), the
+      input's dtype; ``linear_bias``: its (V_local,) entries or None.
+    - ``target``: (…) int32/int64 global class ids, the same on every rank.
+    - ``vocab_start_index`` / ``vocab_size`` / ``config``: as
+      :func:`vocab_parallel_token_log_probs` (the layout exchange also checks H agrees);
+      ``chunk_size`` / ``memory_budget``: tokens per chunk, as ``linear_token_log_probs``
+      (bytes of (C, V_local) logits).
+
+    Per token chunk, forward: local logits (1 GEMM), the partial-statistics kernel; after the
+    last chunk the collectives of :func:`vocab_parallel_token_log_probs` over all N tokens at
+    once. Backward: per chunk the local logits recomputed, overwritten with dz by the gradient
+    kernel (global statistics), ``dh_r = dz @ W_r``, ``dW_r += dz.T @ h``, ``db_r += Σ dz``
+    (3 GEMMs), then one ``all_reduce(SUM)`` of dh (N·H elements in the input's dtype). dW and
+    db are local (this shard's). Without a process group, or with one rank, this is the local
+    ``linear_token_log_probs``.
+    """
+    options = CrossEntropyOptions.from_kwargs(
+        ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
+        softcap=softcap, temperature=temperature)
+    check_head_inputs(input, linear_weight, target, linear_bias, options,
+                      allow_probabilities=False)
+    chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
+    _check_layout_args(vocab_start_index, vocab_size)
+    flags = dict(return_entropy=return_entropy, return_lse=return_lse,
+                 return_argmax=return_argmax)
+    h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
+    _, world, vocab_start, n_classes = _group_and_layout(
+        h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
+        vocab_size, n_hidden=h.shape[1])
+    if world == 1:
+        return linear_token_log_probs(
+            input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
+            logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
+            temperature=temperature, chunk_size=chunk_size, memory_budget=memory_budget,
+            **flags)
+    if h.shape[0] > 0:
+        check_runnable(h, "input")
+    chunk = token_chunk(h.shape[0], max(1, linear_weight.shape[0]), h.element_size(),
+                        chunk_size, memory_budget)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    logp, entropy, lse, arg = VocabParallelLinearTokenLogProbsFunction.apply(
+        h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
+        options.ignore_index, options.transform, bool(return_entropy), bool(return_argmax),
+        chunk, config, needs_grad)
+    return _outputs(logp, entropy, lse, arg, shape=batch_shape, **flags)
