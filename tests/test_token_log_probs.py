@@ -325,3 +325,17 @@ def test_token_log_probs_large_vocab_gpu(device):
     assert_close_to_reference(out.logprobs, expected["logp"], torch.float32, "logp")
     assert_close_to_reference(out.entropy, expected["entropy"], torch.float32, "entropy")
     assert_close_to_reference(xr.grad, expected["dx"], torch.bfloat16, "dlogits")
+
+
+def test_token_log_probs_check_cases_pass(device, rng):
+    """``probact-gpu check``'s token_log_probs cases: a single-tile and a split shape, every
+    row passes (ours against float64; torch's unfused error reported beside)."""
+    from probact_gpu.check import token_log_probs as check_module
+
+    chosen = [c for c in check_module.cases(False)
+              if c.dtype == torch.bfloat16 and c.shape in ("9x7", "3x9000")
+              and c.op == "token_log_probs softcap+temperature+scale"]
+    assert len(chosen) == 2
+    rows = [row for case in chosen for row in case.run(device, rng)]
+    assert len(rows) == 8 and all(row.passed for row in rows), [r.ours.detail for r in rows]
+    assert all(row.torch_err is not None for row in rows)
