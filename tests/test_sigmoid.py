@@ -161,6 +161,21 @@ def test_sigmoid_gradcheck_float64(log, device):
     assert torch.autograd.gradcheck(OPS[log][0], (x,))
 
 
+@pytest.mark.parametrize("log", [False, True], ids=IDS.get)
+def test_sigmoid_second_derivatives(log, device):
+    """create_graph=True: the backward op has its own autograd formula (it used to raise 'no
+    autograd formula was registered'); gradgradcheck in float64 and torch's Hessian-vector."""
+    ours_fn, torch_fn, _ = OPS[log]
+    x = torch.linspace(-6, 6, 13, dtype=torch.float64, device=device).requires_grad_()
+    assert torch.autograd.gradgradcheck(ours_fn, (x,))
+    xe = x.detach().clone().requires_grad_()
+    (ours,) = torch.autograd.grad(ours_fn(x).sum(), x, create_graph=True)
+    (theirs,) = torch.autograd.grad(torch_fn(xe).sum(), xe, create_graph=True)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.pow(2).sum(), x)[0],
+                               torch.autograd.grad(theirs.pow(2).sum(), xe)[0])
+
+
 def test_sigmoid_does_not_touch_its_input(device, rng):
     x, _ = make_input((33,), torch.float32, rng, device=device)
     before = x.clone()

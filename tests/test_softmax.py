@@ -61,6 +61,13 @@ def test_softmax_every_path_matches_reference(config, shape, why, dtype, log, de
                  "softmax_split_dot_kernel", "softmax_split_bwd_kernel"]
                 if config.path == "split" else ["softmax_fwd_kernel", "softmax_bwd_kernel"])
     assert [launch.kernel for launch in launches] == expected
+    # The record holds the constexprs the kernels really ran with (launched via _runtime.launch).
+    for launch in launches:
+        if launch.kernel != "softmax_split_stats_kernel":
+            assert launch.meta["IS_LOG"] == log
+        if config.path != "split":
+            assert launch.meta["PERSISTENT"] == (config.n_programs > 0)
+            assert launch.meta["SINGLE_TILE"] == (config.path == "single")
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -176,6 +183,37 @@ def test_softmax_gradcheck_float64(log, device):
     assert torch.autograd.gradcheck(lambda t: fn(t, 1), (x,))
     x2 = torch.randn(4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fn(t, 1), (x2,))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_second_derivatives(log, device):
+    """create_graph=True: the backward op has its own autograd formula (it used to raise 'no
+    autograd formula was registered'); gradgradcheck in float64 and torch's Hessian-vector."""
+    fn = pg.log_softmax if log else pg.softmax
+    x = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fn(t, 1), (x,))
+    x2 = torch.randn(4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fn(t, 1), (x2,))
+    weights = torch.randn(3, 7, dtype=torch.float64, device=device)
+    xe = x.detach().clone().requires_grad_()
+    ref = torch.log_softmax if log else torch.softmax
+    (ours,) = torch.autograd.grad((fn(x, 1) * weights).sum(), x, create_graph=True)
+    (theirs,) = torch.autograd.grad((ref(xe, 1) * weights).sum(), xe, create_graph=True)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.pow(2).sum(), x)[0],
+                               torch.autograd.grad(theirs.pow(2).sum(), xe)[0])
+
+
+def test_softmax_retained_graph_ignores_mutated_gradient(device, rng):
+    """Each backward returns a new tensor: mutating one cannot reach a later backward."""
+    x, _ = make_input((4, 40), torch.float32, rng, device=device)
+    xr = x.clone().requires_grad_()
+    out = (pg.softmax(xr, -1) * torch.arange(40.0, device=device)).sum()
+    (first,) = torch.autograd.grad(out, xr, retain_graph=True)
+    expected = first.clone()
+    first.fill_(7.0)
+    (second,) = torch.autograd.grad(out, xr)
+    torch.testing.assert_close(second, expected)
 
 
 # --------------------------------------------------------------------------- properties

@@ -3,13 +3,14 @@
 Read top-down: ``sigmoid_fwd`` / ``sigmoid_bwd`` launch the elementwise kernels of
 ``probact_gpu.kernels.sigmoid`` (``config`` overrides the tiling); ``probact_gpu::sigmoid_fwd`` /
 ``::sigmoid_bwd`` wrap them as torch.library ops with fake implementations so
-``torch.compile(fullgraph=True)`` traces them; autograd is registered on the forward op;
-``sigmoid`` / ``logsigmoid`` are the public functions.
+``torch.compile(fullgraph=True)`` traces them; autograd is registered on the forward op and on
+the backward op; ``sigmoid`` / ``logsigmoid`` are the public functions.
 
 Layout: the kernels walk a flat contiguous buffer. A non-contiguous input (a transpose, a slice)
 is first copied to a contiguous one (``Tensor.contiguous``, two extra passes over it); the output
 always has the input's shape and is contiguous. Backward saves ``y`` for sigmoid (``dx =
-dy·y·(1 − y)``) and the input ``x`` for logsigmoid (``dx = dy·σ(−x)``).
+dy·y·(1 − y)``) and the input ``x`` for logsigmoid (``dx = dy·σ(−x)``). The backward op has its
+own autograd formula (torch ops), so ``create_graph=True`` gives exact second derivatives.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 
 from .. import tiling
 from .._runtime import (
+    accum_dtype,
     check_float,
     check_runnable,
     check_same_device,
-    device_guard,
     empty,
-    record,
+    launch,
 )
 from ..kernels.sigmoid import sigmoid_bwd_kernel, sigmoid_fwd_kernel
 from ..tiling import ElementwiseConfig
@@ -46,11 +47,8 @@ def sigmoid_fwd(
     check_runnable(x)
     x = x.contiguous()
     cfg = _config(x, config)
-    grid = (tiling.cdiv(x.numel(), cfg.block),)
-    with device_guard(x):
-        sigmoid_fwd_kernel[grid](x, y, x.numel(), BLOCK=cfg.block, IS_LOG=log,
-                                 num_warps=cfg.num_warps)
-    record(sigmoid_fwd_kernel, "elementwise", grid, BLOCK=cfg.block, IS_LOG=log)
+    launch(sigmoid_fwd_kernel, (tiling.cdiv(x.numel(), cfg.block),), (x, y, x.numel()),
+           path="elementwise", num_warps=cfg.num_warps, BLOCK=cfg.block, IS_LOG=log)
     return y
 
 
@@ -76,11 +74,9 @@ def sigmoid_bwd(
     check_runnable(saved, "saved")
     saved, dy = saved.contiguous(), dy.contiguous()
     cfg = _config(saved, config)
-    grid = (tiling.cdiv(saved.numel(), cfg.block),)
-    with device_guard(saved):
-        sigmoid_bwd_kernel[grid](saved, dy, dx, saved.numel(), BLOCK=cfg.block, IS_LOG=log,
-                                 num_warps=cfg.num_warps)
-    record(sigmoid_bwd_kernel, "elementwise", grid, BLOCK=cfg.block, IS_LOG=log)
+    launch(sigmoid_bwd_kernel, (tiling.cdiv(saved.numel(), cfg.block),),
+           (saved, dy, dx, saved.numel()),
+           path="elementwise", num_warps=cfg.num_warps, BLOCK=cfg.block, IS_LOG=log)
     return dx
 
 
@@ -109,16 +105,50 @@ def _(saved, dy, log):
 
 def _setup_context(ctx, inputs, output):
     x, log = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x if log else output)
     ctx.log = log
 
 
 def _backward(ctx, dy):
+    if dy is None:
+        return None, None
     (saved,) = ctx.saved_tensors
     return _sigmoid_bwd_op(saved, dy, ctx.log), None
 
 
 torch.library.register_autograd("probact_gpu::sigmoid_fwd", _backward, setup_context=_setup_context)
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    saved, dy, log = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(saved, dy)
+    ctx.log = log
+
+
+def _bwd_backward(ctx, g):
+    """Second derivatives (create_graph=True), in torch ops so they differentiate further. With
+    G the gradient of dx:
+    sigmoid     dx = dy·y·(1 − y):  d/dy = G·dy·(1 − 2y),  d/ddy = G·y·(1 − y)
+    logsigmoid  dx = dy·σ(−x):      d/dx = −G·dy·σ(x)·σ(−x),  d/ddy = G·σ(−x)"""
+    if g is None:
+        return None, None, None
+    saved, dy = ctx.saved_tensors
+    math = accum_dtype(saved, dy)
+    sm, dym, gm = saved.to(math), dy.to(math), g.to(math)
+    if ctx.log:
+        neg = torch.sigmoid(-sm)
+        grad_saved = -gm * dym * torch.sigmoid(sm) * neg
+        grad_dy = gm * neg
+    else:
+        grad_saved = gm * dym * (1.0 - 2.0 * sm)
+        grad_dy = gm * sm * (1.0 - sm)
+    return grad_saved.to(saved.dtype), grad_dy.to(dy.dtype), None
+
+
+torch.library.register_autograd("probact_gpu::sigmoid_bwd", _bwd_backward,
+                                setup_context=_bwd_setup_context)
 
 
 # --------------------------------------------------------------------------- public functions

@@ -4,7 +4,8 @@ Read top-down: ``softmax_fwd`` / ``softmax_bwd`` launch the kernels of
 ``probact_gpu.kernels.softmax`` on any strided tensor (taking a ``config`` override so tests
 reach every path); ``probact_gpu::softmax_fwd`` / ``::softmax_bwd`` wrap them as torch.library
 ops with fake implementations, so ``torch.compile(fullgraph=True)`` traces them; autograd is
-registered on the forward op; ``softmax`` / ``log_softmax`` are the public functions.
+registered on the forward op and on the backward op (second derivatives, in torch ops);
+``softmax`` / ``log_softmax`` are the public functions.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from .._runtime import (
     check_float,
     check_runnable,
     check_same_device,
-    device_guard,
     empty,
+    launch,
     normalize_dim,
-    record,
     row_view,
     sm_count,
 )
@@ -66,34 +66,23 @@ def softmax_fwd(
     check_runnable(x)
     xv, yv = row_view(x, dim), row_view(y, dim)
     cfg = _config(xv.n_rows, xv.n_cols, x, config)
-    with device_guard(x):
-        if cfg.path == "split":
-            chunk = tiling.split_chunk(xv.n_cols, cfg)
-            stats = torch.empty(
-                (xv.n_rows, cfg.n_splits, 2), dtype=accum_dtype(x), device=x.device
-            )
-            grid = (xv.n_rows, cfg.n_splits)
-            softmax_split_stats_kernel[grid](
-                xv.tensor, stats, xv.n_cols, xv.n_inner, chunk, *xv.strides,
-                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            )
-            record(softmax_split_stats_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
-            softmax_split_fwd_kernel[grid](
-                xv.tensor, y, stats, xv.n_cols, xv.n_inner, chunk, cfg.n_splits,
-                *xv.strides, *yv.strides,
-                BLOCK_N=cfg.block_n, BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log,
-                num_warps=cfg.num_warps,
-            )
-            record(softmax_split_fwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
-        else:
-            single = cfg.path == "single"
-            grid = (tiling.row_programs(xv.n_rows, cfg),)
-            softmax_fwd_kernel[grid](
-                xv.tensor, y, xv.n_rows, xv.n_cols, xv.n_inner, *xv.strides, *yv.strides,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=single, IS_LOG=log,
-                PERSISTENT=cfg.n_programs > 0, num_warps=cfg.num_warps,
-            )
-            record(softmax_fwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    if cfg.path == "split":
+        chunk = tiling.split_chunk(xv.n_cols, cfg)
+        stats = torch.empty((xv.n_rows, cfg.n_splits, 2), dtype=accum_dtype(x), device=x.device)
+        grid = (xv.n_rows, cfg.n_splits)
+        launch(softmax_split_stats_kernel, grid,
+               (xv.tensor, stats, xv.n_cols, xv.n_inner, chunk, *xv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=cfg.block_n)
+        launch(softmax_split_fwd_kernel, grid,
+               (xv.tensor, y, stats, xv.n_cols, xv.n_inner, chunk, cfg.n_splits, *xv.strides,
+                *yv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
+               BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log)
+    else:
+        launch(softmax_fwd_kernel, (tiling.row_programs(xv.n_rows, cfg),),
+               (xv.tensor, y, xv.n_rows, xv.n_cols, xv.n_inner, *xv.strides, *yv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0)
     return y
 
 
@@ -107,8 +96,11 @@ def softmax_bwd(
     config: RowConfig | None = None,
 ) -> torch.Tensor:
     """Gradient of softmax (``log=False``) or log_softmax w.r.t. its input, from the forward's
-    output ``y`` and the incoming gradient ``dy`` (any strides); ``dtype`` is the input's dtype
-    (default ``y.dtype``). Returns a new tensor laid out like ``y`` when ``y`` is contiguous."""
+    output ``y`` and the incoming gradient ``dy``; ``dtype`` is the input's dtype (default
+    ``y.dtype``). Returns a new contiguous tensor of ``y``'s shape. ``dy`` is read through its
+    strides as it is; ``y`` is read contiguous (a non-contiguous ``y`` is copied first: the
+    kernels address ``y`` and ``dx`` with one set of strides), which the forward's output
+    always is."""
     check_float("y", y)
     check_float("grad_output", dy)
     if dy.shape != y.shape:
@@ -122,33 +114,23 @@ def softmax_bwd(
     check_runnable(y, "y")
     yv, dyv = row_view(y, dim), row_view(dy, dim)
     cfg = _config(yv.n_rows, yv.n_cols, y, config)
-    with device_guard(y):
-        if cfg.path == "split":
-            chunk = tiling.split_chunk(yv.n_cols, cfg)
-            partial = torch.empty(
-                (yv.n_rows, cfg.n_splits), dtype=accum_dtype(y), device=y.device
-            )
-            grid = (yv.n_rows, cfg.n_splits)
-            softmax_split_dot_kernel[grid](
-                y, dyv.tensor, partial, yv.n_cols, yv.n_inner, chunk, *yv.strides, *dyv.strides,
-                BLOCK_N=cfg.block_n, IS_LOG=log, num_warps=cfg.num_warps,
-            )
-            record(softmax_split_dot_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
-            softmax_split_bwd_kernel[grid](
-                y, dyv.tensor, dx, partial, yv.n_cols, yv.n_inner, chunk, cfg.n_splits,
-                *yv.strides, *dyv.strides,
-                BLOCK_N=cfg.block_n, BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log,
-                num_warps=cfg.num_warps,
-            )
-            record(softmax_split_bwd_kernel, cfg.path, grid, BLOCK_N=cfg.block_n)
-        else:
-            grid = (tiling.row_programs(yv.n_rows, cfg),)
-            softmax_bwd_kernel[grid](
-                y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.path == "single",
-                IS_LOG=log, PERSISTENT=cfg.n_programs > 0, num_warps=cfg.num_warps,
-            )
-            record(softmax_bwd_kernel, cfg.path, grid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    if cfg.path == "split":
+        chunk = tiling.split_chunk(yv.n_cols, cfg)
+        partial = torch.empty((yv.n_rows, cfg.n_splits), dtype=accum_dtype(y), device=y.device)
+        grid = (yv.n_rows, cfg.n_splits)
+        launch(softmax_split_dot_kernel, grid,
+               (y, dyv.tensor, partial, yv.n_cols, yv.n_inner, chunk, *yv.strides, *dyv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, IS_LOG=log)
+        launch(softmax_split_bwd_kernel, grid,
+               (y, dyv.tensor, dx, partial, yv.n_cols, yv.n_inner, chunk, cfg.n_splits,
+                *yv.strides, *dyv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
+               BLOCK_S=tiling.next_power_of_2(cfg.n_splits), IS_LOG=log)
+    else:
+        launch(softmax_bwd_kernel, (tiling.row_programs(yv.n_rows, cfg),),
+               (y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides),
+               path=cfg.path, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0)
     return dx
 
 
@@ -181,16 +163,57 @@ def _(y, dy, dim, log, dtype):
 
 def _setup_context(ctx, inputs, output):
     x, dim, log, _ = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output)
     ctx.dim, ctx.log, ctx.in_dtype = dim, log, x.dtype
 
 
 def _backward(ctx, dy):
+    if dy is None:
+        return None, None, None, None
     (y,) = ctx.saved_tensors
     return _softmax_bwd_op(y, dy, ctx.dim, ctx.log, ctx.in_dtype), None, None, None
 
 
 torch.library.register_autograd("probact_gpu::softmax_fwd", _backward, setup_context=_setup_context)
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    y, dy, dim, log, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(y, dy)
+    ctx.dim, ctx.log = dim, log
+
+
+def _bwd_backward(ctx, g):
+    """Second derivatives (create_graph=True), in torch ops so they differentiate further. With
+    G the gradient of dx:
+    softmax      dx = y⊙(dy − s), s = Σ dy⊙y
+                 d/dy = G⊙(dy − s) − (Σ G⊙y)⊙dy,   d/ddy = y⊙(G − Σ G⊙y)
+    log_softmax  dx = dy − exp(y)·Σ dy
+                 d/dy = −G⊙exp(y)·Σ dy,            d/ddy = G − Σ G⊙exp(y)"""
+    if g is None:
+        return None, None, None, None, None
+    y, dy = ctx.saved_tensors
+    math = accum_dtype(y, dy)
+    ym, dym, gm = y.to(math), dy.to(math), g.to(math)
+
+    def row_sum(t):
+        return t.sum(ctx.dim, keepdim=True)
+
+    if ctx.log:
+        e = ym.exp()
+        grad_y = -gm * e * row_sum(dym)
+        grad_dy = gm - row_sum(gm * e)
+    else:
+        gy = row_sum(gm * ym)
+        grad_y = gm * (dym - row_sum(dym * ym)) - gy * dym
+        grad_dy = ym * (gm - gy)
+    return grad_y.to(y.dtype), grad_dy.to(dy.dtype), None, None, None
+
+
+torch.library.register_autograd("probact_gpu::softmax_bwd", _bwd_backward,
+                                setup_context=_bwd_setup_context)
 
 
 # --------------------------------------------------------------------------- public functions
