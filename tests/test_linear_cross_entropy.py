@@ -165,6 +165,75 @@ def test_linear_ce_ignore_index_none_is_torch_default(device, rng):
                                                        ignore_index=None), default)
 
 
+def _torch_reference(h, w, b, target, reduction, dy, weight=None, label_smoothing=0.0,
+                     normalizer=None, **transform):
+    """Loss and (dh, dW, db) from float64 torch autograd: the head, the logit transform in
+    options.py's order, torch's cross_entropy; the normalizer divides the sum."""
+    from probact_gpu.options import HeadTransform
+
+    leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    z = HeadTransform(**transform).apply(leaves[0] @ leaves[1].T + leaves[2])
+    loss = torch.nn.functional.cross_entropy(
+        z, target, weight=None if weight is None else weight.double(), reduction=reduction,
+        label_smoothing=label_smoothing)
+    if normalizer is not None:
+        loss = loss / normalizer
+    loss.backward(dy.double())
+    return loss.detach(), *(t.grad for t in leaves)
+
+
+_TRANSFORMS = [dict(logit_divisor=2.5), dict(temperature=0.7),
+               dict(softcap=3.0, temperature=1.7, logit_divisor=0.8, logit_scale=1.2)]
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["fused", "low_memory"])
+@pytest.mark.parametrize("transform", _TRANSFORMS, ids=lambda t: ",".join(t))
+def test_linear_ce_logit_divisor_and_temperature(transform, low_memory, device, rng):
+    """logit_divisor and temperature reach the kernels (after the bias, in options.py's order),
+    forward and every backward path, against float64 torch."""
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    for reduction, dy_np in (("mean", 0.5), ("none", rng.standard_normal(N))):
+        dy = torch.tensor(dy_np, dtype=torch.float32, device=device)
+        ours = _run(h, w, b, target, reduction, dy, chunk_size=16, low_memory=low_memory,
+                    label_smoothing=0.1, **transform)
+        ref = _torch_reference(h, w, b, target, reduction, dy, label_smoothing=0.1, **transform)
+        for name, a, r in zip(("loss", "dh", "dW", "db"), ours, ref, strict=True):
+            assert_close_to_reference(a, to_numpy64(r), torch.float32, f"{reduction} {name}")
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["fused", "low_memory"])
+def test_linear_ce_normalizer_divides_the_sum(low_memory, device, rng):
+    """reduction="sum" with a normalizer (a number, or a 0-d int tensor on the device as
+    Hugging Face's num_items_in_batch): loss and gradients divided by it."""
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    dy = torch.tensor(1.5, device=device)
+    for normalizer in (7.0, torch.tensor(7, device=device)):
+        ours = _run(h, w, b, target, "sum", dy, chunk_size=8, low_memory=low_memory,
+                    normalizer=normalizer)
+        ref = _torch_reference(h, w, b, target, "sum", dy, normalizer=7.0)
+        for name, a, r in zip(("loss", "dh", "dW", "db"), ours, ref, strict=True):
+            assert_close_to_reference(a, to_numpy64(r), torch.float32, name)
+
+
+def test_linear_ce_hidden_size_zero_is_torch(device):
+    """input (N, 0): every logit is the bias (or 0), so the loss is torch's (log V without a
+    bias), with (N, 0) and (V, 0) gradients and a bias gradient."""
+    t = torch.tensor([0, 3, -100, 9], device=device)
+    for bias in (None, torch.linspace(-1.0, 1.0, 10, device=device)):
+        h = torch.zeros(4, 0, device=device, requires_grad=True)
+        w = torch.zeros(10, 0, device=device, requires_grad=True)
+        b = None if bias is None else bias.clone().requires_grad_()
+        loss = pg.linear_cross_entropy(h, w, t, linear_bias=b)
+        loss.backward()
+        ref = torch.nn.functional.linear_cross_entropy(h.detach(), w.detach(), t,
+                                                       linear_bias=bias)
+        torch.testing.assert_close(loss, ref)
+        if bias is None:
+            torch.testing.assert_close(loss, torch.tensor(np.log(10.0), device=device).float())
+        assert h.grad.shape == (4, 0) and w.grad.shape == (10, 0)
+    assert b.grad is not None and b.grad.shape == (10,)
+
+
 def test_linear_ce_float64_gradcheck(device, rng):
     h = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(7, 3, dtype=torch.float64, device=device, requires_grad=True)
