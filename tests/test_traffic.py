@@ -106,10 +106,10 @@ PINNED = [
     ("softmax", "fwd_bwd", (4096, 65536), "probact", 1.60, 1.60, (2, 0)),
     ("softmax", "fwd", (32, 262144), "probact", 1.50, 1.50, (2, 0)),  # split ×17
     ("sigmoid", "fwd_bwd", (1 << 28,), "probact", 1.00, 1.00, (2, 0)),
-    ("cross_entropy", "fwd", (4096, 32000), "probact", 1.00, 1.00, (2, 2)),
-    ("cross_entropy", "fwd_bwd", (4096, 32000), "probact", 1.50, 2.00, (3, 6)),
-    ("cross_entropy", "fwd_bwd", (4096, 32000), "probact_inplace", 1.50, 1.50, (3, 4)),
-    ("bce", "fwd_bwd", (1 << 28,), "probact", 1.00, 1.33, (3, 2)),
+    ("cross_entropy", "fwd", (4096, 32000), "probact", 1.00, 1.00, (3, 0)),
+    ("cross_entropy", "fwd_bwd", (4096, 32000), "probact", 1.50, 1.50, (4, 0)),
+    ("cross_entropy", "fwd_bwd", (4096, 32000), "probact_inplace", 1.50, 1.50, (4, 0)),
+    ("bce", "fwd_bwd", (1 << 28,), "probact", 1.00, 1.00, (3, 0)),
 ]
 
 
@@ -151,7 +151,8 @@ def test_target_no_autograd_zero_fill_in_backward(op, shape):
 
 
 def test_target_linear_cross_entropy_no_logits_sized_zero_fill():
-    row, counts = _count("linear_cross_entropy", "fwd_bwd", (8192, 4096, 128256))
+    row, counts = _count("linear_cross_entropy", "fwd_bwd", (8192, 4096, 128256),
+                         run=(4, 16, 128256))
     tokens, _, vocab = row.run_shape
     assert row.status == "ok", row.reason
     assert _big_zero_fills(counts, tokens * vocab * 2 // 4) == [], row.kernels
@@ -172,7 +173,7 @@ def test_target_bce_fwd_bwd_at_most_3_kernels():
     ("cross_entropy", "fwd_bwd", (4096, 262144), "probact_inplace"),
 ])
 def test_target_long_row_rereads_stay_out_of_hbm(op, pass_, shape, provider):
-    row, _ = _count(op, pass_, shape, provider, run=(2, shape[1]))
+    row, _ = _count(op, pass_, shape, provider, run=(1, shape[1]))
     assert row.hbm_ratio <= 1.05, (row.hbm_ratio, row.kernels)
 
 

@@ -124,6 +124,15 @@ class Counts:
     _program: list[np.ndarray] = field(default_factory=list)
     _program_index: int = -1
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing inside is counted (what the caller, not the op, launches)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
     # -- the interpreter's side
 
     def _end_program(self) -> None:
@@ -443,7 +452,9 @@ def _main_input(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
                seed: int = 1) -> Counts:
     """Run ``fn`` once on ``inputs`` for ``pass_`` (``fwd`` without autograd; ``fwd_bwd``
-    forward, then ``backward()`` labelled ``bwd``) and count it."""
+    forward, then ``backward()`` labelled ``bwd``) and count it. The ``ones_like`` seed that
+    ``loss.backward()`` would launch for a scalar loss is made outside the count: it is the
+    caller's, the same for every provider."""
     from .providers import GRAD_INPUTS, backward, upstream_grads
 
     args = list(inputs.values())
@@ -458,6 +469,9 @@ def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor
     with counting(threshold) as counts:
         out = fn(*args)
         counts.phase = "bwd"
+        if dy is None:  # the seed of a scalar loss's backward() is the caller's, not the op's
+            with counts.paused():
+                dy = torch.ones_like(out)
         backward(out, dy)
     return counts
 
@@ -555,11 +569,13 @@ def l2_hbm_bytes(trace: list[tuple[bool, tuple[int, ...], int]], n_programs: int
 
 def l2_hits(k: KernelCount, in_flight: int, n_programs_full: int) -> int:
     """Bytes of ``k``'s loads at the run shape that the L2 model serves from cache, at the rows
-    in flight of the full shape (the fraction of program 0's loads that hit, times ``k``)."""
+    in flight of the full shape (the fraction of program 0's loads that hit, times ``k``'s
+    loads, at most its re-reads)."""
     hit, issued = l2_hbm_bytes(k.trace, n_programs_full, in_flight)
     if not issued:
         return 0
-    return round(k.loaded * hit / issued)
+    # Only a re-read can hit: a first load sharing a line with another tensor's is not one.
+    return min(k.reread, round(k.loaded * hit / issued))
 
 
 # --------------------------------------------------------------------------- the plan
