@@ -212,10 +212,13 @@ def softmax_bwd_kernel(
     y_outer_stride, y_inner_stride, y_col_stride,
     dy_outer_stride, dy_inner_stride, dy_col_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, IS_LOG: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, RELOAD: tl.constexpr,
 ):
     """Program mapping as the forward. dot = Σ dy⊙y (softmax) or Σ dy (log_softmax), accumulated
-    per lane and reduced once after the loop."""
+    per lane and reduced once after the loop. ``RELOAD`` (single tile only): read y and dy again
+    after the reduction instead of keeping both upcast tiles live across it -- the re-read comes
+    from L1/L2 (this program read the same bytes a moment before; HBM traffic unchanged) and the
+    registers drop enough for two CTAs per SM at 16384 columns (``tiling.softmax_bwd_reloads``)."""
     if SINGLE_TILE:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -227,6 +230,11 @@ def softmax_bwd_kernel(
         y = upcast(tl.load(y_ptr + y_offs, mask=mask, other=0.0))
         dy = upcast(tl.load(dy_ptr + dy_offs, mask=mask, other=0.0))
         dot = tl.sum(_bwd_term(y, dy, IS_LOG), axis=1)[:, None]
+        if RELOAD:  # a different eviction hint: a new load, not merged with the first
+            y = upcast(tl.load(y_ptr + y_offs, mask=mask, other=0.0,
+                               eviction_policy="evict_first"))
+            dy = upcast(tl.load(dy_ptr + dy_offs, mask=mask, other=0.0,
+                                eviction_policy="evict_first"))
         dx = _bwd_out(y, dy, dot, IS_LOG)
         tl.store(dx_ptr + y_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     elif PERSISTENT:

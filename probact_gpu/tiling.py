@@ -137,6 +137,19 @@ def choose_row_config(
     return RowConfig("multi", block_n, warps_for(block_n))
 
 
+# Softmax backward, single tile: at 16384 elements a program (a 32 KiB bf16 row at 16 warps)
+# keeping both upcast tiles (y, dy) live across the row reduction took 80 registers (72 for
+# log_softmax) on sm_90: one 16-warp CTA per SM. Re-reading them after the reduction (``RELOAD``,
+# served by L1/L2, HBM bytes unchanged) took 46 / 32: two / four CTAs (scripts/sm90_report.py,
+# triton 3.9). Smaller tiles already fit three or more CTAs and keep the single read.
+SOFTMAX_BWD_RELOAD_ELEMS = 16384
+
+
+def softmax_bwd_reloads(config: RowConfig) -> bool:
+    """Whether the single-tile softmax backward re-reads y and dy after its reduction."""
+    return config.path == "single" and config.block_m * config.block_n >= SOFTMAX_BWD_RELOAD_ELEMS
+
+
 def row_programs(n_rows: int, config: RowConfig) -> int:
     """Programs of a ``single`` or ``multi`` launch (see ``RowConfig.n_programs``)."""
     if config.path == "single":

@@ -26,6 +26,8 @@ PATH_CASES = [
     (RowConfig("single", 256, 4, block_m=4), (7, 129), "single tile, several rows a program, "
      "masked rows (7 % 4) and columns (129 < 256)"),
     (RowConfig("single", 1, 1, block_m=1), (5, 1), "single column"),
+    (RowConfig("single", 16384, 16), (3, 9000), "single tile of 16384 columns: the backward "
+     "re-reads y and dy after its reduction (RELOAD)"),
     (RowConfig("multi", 32, 4), (6, 129), "multi tile: 5 tiles, last one 1 column"),
     (RowConfig("multi", 64, 4), (3, 64), "multi tile, exactly one full tile"),
     (RowConfig("multi", 32, 4, n_programs=3), (7, 129), "multi tile, persistent: 3 programs "
@@ -68,6 +70,8 @@ def test_softmax_every_path_matches_reference(config, shape, why, dtype, log, de
         if config.path != "split":
             assert launch.meta["PERSISTENT"] == (config.n_programs > 0)
             assert launch.meta["SINGLE_TILE"] == (config.path == "single")
+        if launch.kernel == "softmax_bwd_kernel":
+            assert launch.meta["RELOAD"] == (config.block_n == 16384)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])

@@ -76,3 +76,13 @@ def test_row_programs():
     assert tiling.row_programs(10, RowConfig("multi", 128, 4)) == 10
     assert tiling.row_programs(10, RowConfig("multi", 128, 4, n_programs=4)) == 4
     assert tiling.row_programs(3, RowConfig("multi", 128, 4, n_programs=4)) == 3
+
+
+def test_softmax_bwd_reloads_only_tiles_that_cost_occupancy():
+    """The 16k bf16 single tile re-reads y and dy in backward (two CTAs per SM instead of one,
+    scripts/sm90_report.py); smaller tiles and the loop paths do not."""
+    assert tiling.softmax_bwd_reloads(tiling.choose_row_config(16384, 16384, 2, H200_SMS))
+    for n_rows, n_cols, elem_size in ((65536, 4096, 2), (1 << 18, 1024, 2), (4096, 8192, 4),
+                                      (4096, 65536, 2), (8, 262144, 2)):
+        cfg = tiling.choose_row_config(n_rows, n_cols, elem_size, H200_SMS)
+        assert not tiling.softmax_bwd_reloads(cfg), cfg

@@ -130,7 +130,8 @@ def softmax_bwd(
         launch(softmax_bwd_kernel, (tiling.row_programs(yv.n_rows, cfg),),
                (y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides),
                path=cfg.path, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0)
+               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0,
+               RELOAD=tiling.softmax_bwd_reloads(cfg))
     return dx
 
 
