@@ -55,6 +55,7 @@ from ..kernels.token_log_probs import (
 )
 from ..options import HeadTransform, as_index
 from ..tiling import RowConfig
+from ._common import no_second_derivative
 
 __all__ = [
     "TokenLogProbs",
@@ -351,9 +352,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
     none = (None,) * 9
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError("token_log_probs does not support double backward "
-                           "(backward with create_graph=True)")
+    no_second_derivative("token_log_probs")
     if grad_logp is None and grad_entropy is None:
         return (None,) + none
     logits, target, stats = ctx.saved_tensors
