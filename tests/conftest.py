@@ -46,12 +46,16 @@ def rng(request) -> np.random.Generator:
 
 @pytest.fixture(autouse=True)
 def _interpreted_and_poisoned():
-    """On CPU every test must run the interpreter, never a fallback; and in every test each
-    launcher's outputs start as NaN, so an element a kernel does not write fails the comparison."""
+    """On CPU every test must run the interpreter, never a fallback, with its float conversions
+    rounding as the GPU's (installed here too, so a test that launches a kernel directly, before
+    any launcher ran, sees the same conversions); and in every test each launcher's outputs start
+    as NaN, so an element a kernel does not write fails the comparison."""
+    from probact_gpu import _interpreter
     from probact_gpu._runtime import interpreting, poison_outputs
 
     if DEVICE == "cpu":
         assert interpreting(), "TRITON_INTERPRET was not honoured: kernels are not interpreted"
+        _interpreter.install()
     with poison_outputs():
         yield
 

@@ -8,6 +8,9 @@ pin the hardware's behaviour to the same expected values; the op tests pin the c
 interpreter's conversions had made real results wrong.
 """
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -213,9 +216,31 @@ def test_round_to_odd_makes_the_second_rounding_exact():
     assert odd[3] == np.finfo(np.float32).max  # rounded towards zero, then odd
 
 
+_FRESH = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from probact_gpu import _interpreter, _runtime
+from probact_gpu.ops import cross_entropy, sigmoid, softmax
+assert not _interpreter.installed(), "installed at import"
+_runtime.check_runnable(torch.zeros(1))
+assert _interpreter.installed(), "not installed by check_runnable"
+"""
+
+
+def test_shim_installed_by_the_first_launcher_not_at_import():
+    """In a fresh process: importing the ops patches nothing; the first check_runnable on a CPU
+    tensor under the interpreter installs the shim."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.skipif(not _runtime.interpreting(), reason="the interpreter's shim (CPU tier)")
-def test_shim_installed_on_first_launch_only_for_floats():
-    """check_runnable installs the shim; integer casts still go to Triton's own code."""
+def test_shim_leaves_integer_casts_to_triton():
+    """Installed (by the test set-up or the first launcher); integer casts still go to Triton's
+    own code."""
     _runtime.check_runnable(torch.zeros(1))
     assert _interpreter.installed()
     x = torch.tensor([-3, 7, 40000], dtype=torch.int32)
