@@ -5,7 +5,8 @@
 
 What it does, per case:
 
-1. Runs the real launchers of ``probact_gpu.ops`` on ``meta`` tensors of the PERF.md shapes, with
+1. Runs the real launchers of ``probact_gpu.ops`` on ``meta`` tensors of the bench shapes
+   (``probact_gpu.bench.shapes``, their one home), with
    every kernel object of the ops modules replaced by a recorder, ``sm_count`` fixed at an
    H200's 132 SMs and ``check_runnable`` off. So the arguments, constexpr flags and the configs
    ``probact_gpu.tiling`` picks are exactly the launchers' (nothing is restated here).
@@ -55,12 +56,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 H200_SMS = 132
 ARCH = 90
-TOTAL = 2**28  # the PERF.md element budget (softmax M·N, sigmoid and BCE numel)
-SOFTMAX_N = (1024, 4096, 16384, 65536, 131072, 262144)
-CE_V = (32000, 50257, 128256, 151936, 262144)
-CE_TOKENS = 4096
-KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy")
-OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy")
+KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs")
+OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs")
 # Names of @jit functions in kernels/ that no launcher calls (compiled directly below).
 UNLAUNCHED = ("probe_kernel",)
 # Int arguments that take part in addresses or masks: their 16-divisibility decides vector width.
@@ -185,7 +182,7 @@ CE_VARIANTS = ("perf", "off", "on")
 
 
 def ce_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
-    """``perf``: PERF.md's CE fwd+bwd (mean, fused gradient, backward scales it in place);
+    """``perf``: the bench's CE fwd+bwd (mean, fused gradient, backward scales it in place);
     ``off``: every flag off (reduction none, gradient recomputed by the backward kernel from lse);
     ``on``: weight + label smoothing + z-loss + softcap, mean, fused gradient, then the
     recompute backward with the same options."""
@@ -213,6 +210,30 @@ def ce_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
     return run
 
 
+def tlp_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
+    """Token log-probs. ``off``: logp alone, forward-only, then with saved statistics and the
+    backward of logp; ``on``: softcap + temperature, entropy, argmax, saved statistics, and the
+    backward of logp and entropy together."""
+    def run():
+        import torch
+
+        from probact_gpu.ops import token_log_probs as tlp
+        from probact_gpu.options import HeadTransform
+
+        x = _meta((m, v), dtype)
+        t = torch.empty(m, dtype=torch.int64, device="meta")
+        g = torch.empty(m, dtype=torch.float64 if dtype == "fp64" else torch.float32,
+                        device="meta")
+        on = variant == "on"
+        transform = HeadTransform(softcap=30.0, temperature=0.7) if on else HeadTransform()
+        if not on:
+            tlp.token_log_probs_fwd(x, t)
+        *_, stats = tlp.token_log_probs_fwd(x, t, transform=transform, compute_entropy=on,
+                                            compute_argmax=on, save_stats=True)
+        tlp.token_log_probs_bwd(x, t, stats, g, g if on else None, transform=transform)
+    return run
+
+
 def sigmoid_case(dtype: str, n: int) -> Callable[[], None]:
     def run():
         from probact_gpu.ops.sigmoid import sigmoid_bwd, sigmoid_fwd
@@ -228,7 +249,7 @@ BCE_VARIANTS = ("perf", "off", "on", "terms")
 
 
 def bce_case(dtype: str, n: int, variant: str) -> Callable[[], None]:
-    """``perf``: PERF.md's BCE fwd+bwd (mean, fused gradient, in-place rescale);
+    """``perf``: the bench's BCE fwd+bwd (mean, fused gradient, in-place rescale);
     ``off``: reduction none, no weights, recompute backward with a per-element grad;
     ``on``: per-class weight and pos_weight (one index term each), mean, fused gradient and its
     rescale, and the recompute backward with a scalar grad; ``terms``: a weight needing two index
@@ -266,27 +287,39 @@ class Case:
 
 
 def full_cases() -> list[Case]:
+    """Every bench shape (``probact_gpu.bench.shapes``) in bf16 and fp32, each CE and BCE flag
+    variant, the paths the bench shapes do not reach, and each kernel once in fp64."""
+    from probact_gpu.bench.shapes import BUDGET, CE_TOKENS, CE_VOCABS, FEW_ROWS, SOFTMAX_N
+
+    few_m, few_n = FEW_ROWS
     cases = []
     for dtype in ("bf16", "fp32"):
         for n in SOFTMAX_N:
-            cases.append(Case(f"softmax {TOTAL // n}x{n}", dtype,
-                              softmax_case(dtype, TOTAL // n, n)))
-        cases.append(Case("softmax 32x262144", dtype, softmax_case(dtype, 32, 262144)))
+            cases.append(Case(f"softmax {BUDGET // n}x{n}", dtype,
+                              softmax_case(dtype, BUDGET // n, n)))
+        cases.append(Case(f"softmax {few_m}x{few_n}", dtype, softmax_case(dtype, few_m, few_n)))
         cases.append(Case("softmax 4096x65536 (persistent, 264 programs)", dtype,
                           softmax_case(dtype, 4096, 65536, n_programs=264)))
-        for v in CE_V:
+        for v in CE_VOCABS:
             for variant in CE_VARIANTS:
                 cases.append(Case(f"CE {CE_TOKENS}x{v} {variant}", dtype,
                                   ce_case(dtype, CE_TOKENS, v, variant)))
-        # Not PERF.md shapes: the CE single-tile limit and the split path (few rows x huge V).
+        # Not bench shapes: the CE single-tile limit and the split path (few rows x huge V).
         for variant in CE_VARIANTS:
             cases.append(Case(f"CE {CE_TOKENS}x8192 {variant} (single tile)", dtype,
                               ce_case(dtype, CE_TOKENS, 8192, variant)))
             cases.append(Case(f"CE 32x262144 {variant} (split)", dtype,
                               ce_case(dtype, 32, 262144, variant)))
-        cases.append(Case("sigmoid 2^28", dtype, sigmoid_case(dtype, TOTAL)))
+        for v in CE_VOCABS:
+            for variant in ("off", "on"):
+                cases.append(Case(f"TLP {CE_TOKENS}x{v} {variant}", dtype,
+                                  tlp_case(dtype, CE_TOKENS, v, variant)))
+        cases.append(Case(f"TLP {CE_TOKENS}x8192 on (single tile)", dtype,
+                          tlp_case(dtype, CE_TOKENS, 8192, "on")))
+        cases.append(Case("TLP 32x262144 on (split)", dtype, tlp_case(dtype, 32, 262144, "on")))
+        cases.append(Case("sigmoid 2^28", dtype, sigmoid_case(dtype, BUDGET)))
         for variant in BCE_VARIANTS:
-            cases.append(Case(f"BCE 2^28 {variant}", dtype, bce_case(dtype, TOTAL, variant)))
+            cases.append(Case(f"BCE 2^28 {variant}", dtype, bce_case(dtype, BUDGET, variant)))
     # fp64: each kernel and path at least once.
     cases += [
         Case("softmax 4096x1024", "fp64", softmax_case("fp64", 4096, 1024)),
@@ -296,16 +329,18 @@ def full_cases() -> list[Case]:
         Case("CE 4096x32000 on", "fp64", ce_case("fp64", 4096, 32000, "on")),
         Case("CE 4096x32000 perf", "fp64", ce_case("fp64", 4096, 32000, "perf")),
         Case("CE 32x262144 on (split)", "fp64", ce_case("fp64", 32, 262144, "on")),
-        Case("sigmoid 2^28", "fp64", sigmoid_case("fp64", TOTAL)),
-        Case("BCE 2^28 perf", "fp64", bce_case("fp64", TOTAL, "perf")),
-        Case("BCE 2^28 on", "fp64", bce_case("fp64", TOTAL, "on")),
+        Case("sigmoid 2^28", "fp64", sigmoid_case("fp64", BUDGET)),
+        Case("BCE 2^28 perf", "fp64", bce_case("fp64", BUDGET, "perf")),
+        Case("BCE 2^28 on", "fp64", bce_case("fp64", BUDGET, "on")),
     ]
     return cases
 
 
 def smoke_cases() -> list[Case]:
-    """The CI subset: every kernel at least once, each path of the row kernels, the PERF.md
+    """The CI subset: every kernel at least once, each path of the row kernels, the bench's
     default launches of each op family in bf16, every flag on once, one fp64 split."""
+    from probact_gpu.bench.shapes import BUDGET
+
     return [
         Case("softmax 65536x4096", "bf16", softmax_case("bf16", 65536, 4096, logs=(True,))),
         Case("softmax 4096x65536", "bf16", softmax_case("bf16", 4096, 65536, logs=(False,))),
@@ -317,9 +352,12 @@ def smoke_cases() -> list[Case]:
         Case("CE 4096x128256 on", "bf16", ce_case("bf16", 4096, 128256, "on")),
         Case("CE 4096x8192 on (single tile)", "bf16", ce_case("bf16", 4096, 8192, "on")),
         Case("CE 32x262144 on (split)", "fp64", ce_case("fp64", 32, 262144, "on")),
-        Case("sigmoid 2^28", "fp32", sigmoid_case("fp32", TOTAL)),
-        Case("BCE 2^28 perf", "bf16", bce_case("bf16", TOTAL, "perf")),
-        Case("BCE 2^28 on", "bf16", bce_case("bf16", TOTAL, "on")),
+        Case("TLP 4096x128256 on", "bf16", tlp_case("bf16", 4096, 128256, "on")),
+        Case("TLP 4096x4096 off (single tile)", "bf16", tlp_case("bf16", 4096, 4096, "off")),
+        Case("TLP 32x262144 on (split)", "fp64", tlp_case("fp64", 32, 262144, "on")),
+        Case("sigmoid 2^28", "fp32", sigmoid_case("fp32", BUDGET)),
+        Case("BCE 2^28 perf", "bf16", bce_case("bf16", BUDGET, "perf")),
+        Case("BCE 2^28 on", "bf16", bce_case("bf16", BUDGET, "on")),
     ]
 
 
