@@ -339,3 +339,21 @@ def test_token_log_probs_check_cases_pass(device, rng):
     rows = [row for case in chosen for row in case.run(device, rng)]
     assert len(rows) == 8 and all(row.passed for row in rows), [r.ours.detail for r in rows]
     assert all(row.torch_err is not None for row in rows)
+
+
+def test_token_log_probs_ops_pass_opcheck(device, rng):
+    """torch.library.opcheck: schema, fake implementations, autograd registration, and AOT
+    dispatch with dynamic shapes, for the forward (with and without its optional outputs) and
+    the backward (one upstream gradient absent)."""
+    from probact_gpu.ops import token_log_probs as ops
+
+    x = torch.from_numpy(rng.standard_normal((4, 9))).float().to(device).requires_grad_()
+    t = torch.tensor([1, IGNORE, 8, 0], device=device)
+    for args in ((x, t, IGNORE, 1.0, 1.0, None, 1.0, True, True, True),
+                 (x.detach(), t, IGNORE, 1.5, 0.5, 3.0, 0.7, False, False, False)):
+        torch.library.opcheck(ops._tlp_op, args)
+    x64 = x.detach().double()
+    *_, stats = ops._tlp_op(x64, t, IGNORE, 1.0, 1.0, None, 1.0, True, False, True)
+    g = torch.ones(4, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops._tlp_bwd_op,
+                          (x64, t, stats, g, None, IGNORE, 1.0, 1.0, None, 1.0))
