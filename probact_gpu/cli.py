@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 
 from . import __version__, registry
 
@@ -161,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    with warnings.catch_warnings():
+        # NumPy's warnings from inside Triton's interpreter (overflow, inf − inf on deliberate
+        # ±inf / NaN inputs): the command reports results, not the interpreter's arithmetic.
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                module=r"triton\.runtime\.interpreter")
+        return args.func(args)
 
 
 if __name__ == "__main__":

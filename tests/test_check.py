@@ -187,3 +187,18 @@ def test_check_bf16_rows_hold_the_promise(op, device):
     worse = [f"{r.op} {r.shape}: ours {r.ours.max_abs:.3e}, torch {r.torch_err.max_abs:.3e}"
              for r in rows if r.worse_than_torch or not r.passed]
     assert not worse, worse
+
+
+def test_check_cli_prints_no_numpy_warning(device, monkeypatch, capsys):
+    """``probact-gpu check`` on the edge rows that make the interpreter's NumPy warn (inf − inf,
+    log 0, 0 · inf): nothing on stderr, exit 0."""
+    edge = [c for op in ("softmax", "log_softmax", "bce") for c in check.collect(False, (op,))
+            if c.shape.startswith("edge") and c.dtype == torch.float32]
+    monkeypatch.setattr(check, "collect", lambda large, ops: edge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status = main(["check", "--device", device.type, "--small"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.out
+    assert captured.err == ""
+    assert "0 worse by more" in captured.out

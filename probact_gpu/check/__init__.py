@@ -177,13 +177,14 @@ def format_summary(rows: list[Row], crashed: int = 0) -> str:
 
 
 def run(device: torch.device, large: bool, ops: tuple[str, ...] | None = None,
-        seed: int = 0, out=sys.stdout) -> int:
+        seed: int = 0, out=None) -> int:
     """Run every case; print the table, the failures' details and the summary; return the exit
     status: 1 on a tolerance failure, a crash, a row worse than torch by more than one ulp, or
     no rows at all.
 
     The interpreter's NumPy warnings (overflow, inf − inf, log 0 on the deliberate ±inf / NaN
     inputs of the edge rows) are silenced: the table reports what came out."""
+    out = sys.stdout if out is None else out
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
     crashed: list[str] = []
