@@ -357,3 +357,12 @@ def test_token_log_probs_ops_pass_opcheck(device, rng):
     g = torch.ones(4, dtype=torch.float64, device=device)
     torch.library.opcheck(ops._tlp_bwd_op,
                           (x64, t, stats, g, None, IGNORE, 1.0, 1.0, None, 1.0))
+
+
+def test_token_log_probs_no_rows(device):
+    x = torch.zeros((0, 5), device=device, requires_grad=True)
+    out = token_log_probs(x, torch.zeros(0, dtype=torch.int64, device=device),
+                          return_entropy=True, return_argmax=True)
+    assert out.logprobs.shape == out.entropy.shape == out.argmax.shape == (0,)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert x.grad.shape == (0, 5)
