@@ -10,9 +10,10 @@ launchers' ``config=`` override, beside the config the heuristics pick today:
 - BCE fused forward (bf16, 2^28): block size and warps.
 
 ``--smoke`` runs every candidate once, untimed, on tiny shapes through the interpreter (CI).
-Reports ms (do_bench median), GB/s on the minimal-bytes model and % of the copy rate measured in
-the same run; marks the heuristic's current choice with ``*``. Writes markdown (stdout and
-``--out``) and JSON. Needs CUDA (exits 2 without)::
+Reports ms (``probact_gpu.bench.timing``: do_bench median), GB/s on the minimal-bytes model and %
+of the copy rate measured in the same run (the bench's ``copy_rate``); marks the heuristic's
+current choice with ``*``. Writes markdown (stdout and ``--out``) and JSON. Needs CUDA (exits 2
+without)::
 
     python perf/sweep_tiling.py --out perf/results/sweep.md
 """
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from probact_gpu.bench.timing import copy_rate, measure
+
 
 @dataclass
 class Result:
@@ -37,19 +40,6 @@ class Result:
     gbps: float | None
     pct_copy: float | None
     note: str = ""
-
-
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _copy_gbps() -> float:
-    x = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    ms = _bench(lambda: y.copy_(x))
-    return 2 * x.numel() * x.element_size() / ms / 1e6
 
 
 def _sm_count(device: str) -> int:
@@ -159,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("sweep_tiling: needs a CUDA device; nothing measured (--smoke runs without one)")
         return 2
-    copy = _copy_gbps()
+    copy, _ = copy_rate(torch.device("cuda"))
     results: list[Result] = []
     for fam in families:
         for family, shape, cfg, current, nbytes, fn in makers[fam]("cuda", False):
             try:
-                ms = _bench(fn)
+                ms = measure(fn).ms
                 gbps = nbytes / ms / 1e6
                 results.append(Result(family, shape, _describe(cfg), current, ms, gbps,
                                       100 * gbps / copy))

@@ -70,7 +70,7 @@ def _rows() -> list[Row]:
         ("token_log_probs", "fwd_bwd", (4, 100), 2, 2 * 400 * 2 + 24 * 4),  # + their grads
     ],
 )
-def test_bytes_model_matches_perf_md(op, pass_, shape, elem, expected):
+def test_bytes_model_matches_the_convention(op, pass_, shape, elem, expected):
     assert bm.minimal_bytes(op, pass_, shape, elem) == expected
 
 
@@ -96,7 +96,7 @@ def test_bytes_model_rejects_passes_it_does_not_define():
     assert notes and "cross_entropy" in notes[0]
 
 
-def test_shapes_follow_perf_md():
+def test_shapes_follow_the_bench_table():
     full = shapes.shapes("softmax", "full")
     assert all(m * n == 1 << 28 for m, n in full[:-1])  # fixed 2^28 budget
     assert [n for _, n in full[:-1]] == list(shapes.SOFTMAX_N)

@@ -452,8 +452,10 @@ def format_traffic_header(env: dict) -> str:
         "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines, "
         "resident programs × 132 SMs in flight) serves at the full shape",
         "- re-read: bytes a program loads again after loading them itself; allocations: "
-        "new tensors ≥ ½ the input's bytes, in units of it; launched: Triton kernels "
-        "(`_kernel` dropped) and `aten.*` ops that would be GPU kernels, per phase",
+        "new tensors ≥ ½ the input's bytes, in units of it (linear ops: ≥ ½ the logits, by "
+        "shape at the counted shape); launched: Triton kernels (`_kernel` dropped) and `aten.*` "
+        "ops that would be GPU kernels, per phase; the linear ops' ratios are – (compute "
+        "bound, no bytes model)",
     ]) + "\n"
 
 

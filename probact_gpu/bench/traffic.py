@@ -16,7 +16,9 @@ split into its forward and backward halves) it reports:
   allocations are not; an op whose outputs all alias its inputs is not); their bytes are
   estimated as each tensor input read once and each output (or mutated argument) written once;
 - **allocations** of at least half the main input's size (factory ops and any op's new output),
-  in units of that input: the autograd zero-fill of an unused output shows up here;
+  in units of that input: the autograd zero-fill of an unused output shows up here (for the
+  linear ops: at least half the logits they compute, listed by shape and dtype at the counted
+  shape, whose hidden size is scaled down too);
 - **host syncs** (``.item()`` and friends), which must be none;
 - the **ratio** of the bytes to the minimal-bytes model (``bench/bytes.py``) at the run shape:
   row-proportional, so it is the full shape's ratio up to per-call constants.
@@ -24,8 +26,9 @@ split into its forward and backward halves) it reports:
 The L2 model (``l2_hbm_bytes``) turns a kernel's re-reads into HBM bytes at the full shape: an
 LRU cache of ``L2_BYTES`` over ``LINE_BYTES`` lines, fed by ``rows in flight`` programs running
 in lockstep, each replaying the access sequence its run-shape counterpart executed (program 0's
-trace, on its own lines). Rows in flight = resident programs per SM (``RESIDENT_PROGRAMS``,
-from ``scripts/sm90_report.py``'s static report) × 132 SMs.
+trace, on its own lines; accesses under ``TRACE_MIN_BYTES``, the row vectors, left out). Rows in
+flight = resident programs per SM (``RESIDENT_PROGRAMS``, from ``scripts/sm90_report.py``'s
+static report) × 132 SMs.
 
 The interpreter's own host copies (it stages every tensor argument in host memory around a
 launch) are not counted; they do not exist on a GPU. Counting patches the interpreter and the
@@ -60,6 +63,9 @@ RESIDENT_PROGRAMS = {
     "cross_entropy_bwd_kernel": 2,
 }
 DEFAULT_RESIDENT = 2
+# Accesses smaller than this (a row's target, its loss) stay out of the L2 model's trace: on a GPU
+# they share 128-byte lines with their neighbours' instead of taking a 16 KiB line each.
+TRACE_MIN_BYTES = 1024
 # Allocations at least this fraction of the main input's bytes are listed.
 ALLOC_FRACTION = 0.5
 
@@ -109,6 +115,8 @@ class Allocation:
     name: str
     phase: str
     nbytes: int
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
 
 
 @dataclass
@@ -168,7 +176,7 @@ class Counts:
             k.loaded += nbytes
             # Address and element size packed in one uint64 (sizes < 16, addresses ≪ 2^60).
             self._program.append((live << np.uint64(4)) | np.uint64(size))
-        if self._program_index == 0 and live.size:
+        if self._program_index == 0 and nbytes >= TRACE_MIN_BYTES:
             lines = tuple(sorted({int(a) // LINE_BYTES for a in live}))
             k.trace.append((store, lines, nbytes))
 
@@ -186,7 +194,8 @@ class Counts:
         for t in fresh:
             nbytes = _nbytes(t)
             if nbytes and nbytes >= self.alloc_threshold:
-                self.allocations.append(Allocation(name, self.phase, nbytes))
+                self.allocations.append(Allocation(name, self.phase, nbytes, tuple(t.shape),
+                                                   str(t.dtype).removeprefix("torch.")))
         if name in _NO_KERNEL or func.is_view:
             return
         mutable = func._schema.is_mutable
@@ -445,8 +454,11 @@ class TrafficRow:
         return cls(**d)
 
 
-def _main_input(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return inputs["logits"] if "logits" in inputs else inputs["x"]
+def _main_bytes(op: str, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes of the op's big input: the logits (for the linear ops, the logits they compute)."""
+    if op in shape_table.LINEAR_OPS:
+        return inputs["x"].shape[0] * inputs["weight"].shape[0] * inputs["x"].element_size()
+    return _nbytes(inputs["logits"] if "logits" in inputs else inputs["x"])
 
 
 def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
@@ -458,7 +470,7 @@ def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor
     from .providers import GRAD_INPUTS, backward, upstream_grads
 
     args = list(inputs.values())
-    threshold = int(ALLOC_FRACTION * _nbytes(_main_input(op, inputs)))
+    threshold = int(ALLOC_FRACTION * _main_bytes(op, inputs))
     if pass_ == "fwd":
         with torch.no_grad(), counting(threshold) as counts:
             fn(*args)
@@ -502,11 +514,15 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
     row.torch_bytes = sum(k.read + k.written for k in counts.torch_kernels)
     row.triton_launches = len(counts.kernels)
     row.torch_launches = len(counts.torch_kernels)
-    main_bytes = _nbytes(_main_input(op, inputs))
+    main_bytes = _main_bytes(op, inputs)
     row.kernels = [f"{k.name} ({k.phase})" for k in counts.kernels] + [
         f"aten.{k.name} ({k.phase})" for k in counts.torch_kernels]
-    row.allocations = [f"{a.name} {a.nbytes / main_bytes:.2f}× ({a.phase})"
-                       for a in counts.allocations]
+    if op in shape_table.LINEAR_OPS:  # hidden is scaled down too: sizes, not ratios
+        row.allocations = [f"{a.name} {'×'.join(map(str, a.shape))} {a.dtype} ({a.phase})"
+                           for a in counts.allocations]
+    else:
+        row.allocations = [f"{a.name} {a.nbytes / main_bytes:.2f}× ({a.phase})"
+                           for a in counts.allocations]
     row.syncs = list(counts.syncs)
     if row.minimal:
         triton = row.triton_loaded + row.triton_stored
@@ -582,7 +598,8 @@ def l2_hits(k: KernelCount, in_flight: int, n_programs_full: int) -> int:
 
 
 def cases(ops, dtypes, passes, providers=("probact",)) -> list[tuple]:
-    """(op, pass, dtype, full shape, provider) for every bench shape (``bench/shapes.py``)."""
+    """(op, pass, dtype, full shape, provider) for every bench shape (``bench/shapes.py``), with
+    probact's variants (in place, low memory) beside probact."""
     from . import providers as prov
     from .runner import DTYPES
 
@@ -598,7 +615,7 @@ def cases(ops, dtypes, passes, providers=("probact",)) -> list[tuple]:
                     for provider in providers:
                         out.append((op, p, DTYPES[dname], shape, provider))
                         for variant in prov.VARIANTS.get(op, ()):
-                            if provider == "probact":
+                            if provider == "probact" and variant.startswith("probact"):
                                 out.append((op, p, DTYPES[dname], shape, variant))
     return out
 
