@@ -153,3 +153,16 @@ def test_linear_token_log_probs_empty_input(device):
                                  torch.zeros(0, dtype=torch.int64, device=device),
                                  return_entropy=True)
     assert out.logprobs.shape == (0,) and out.entropy.shape == (0,)
+
+
+def test_linear_token_log_probs_check_cases_pass(device, rng):
+    """``probact-gpu check``'s linear_token_log_probs cases on the chunked shape, bf16, every
+    transform: every row passes, torch's unfused error beside."""
+    from probact_gpu.check import linear_token_log_probs as check_module
+
+    chosen = [c for c in check_module.cases(False)
+              if c.dtype == torch.bfloat16 and c.shape == "37x16x101"]
+    assert len(chosen) == 2
+    rows = [row for case in chosen for row in case.run(device, rng)]
+    assert len(rows) == 10 and all(row.passed for row in rows), [r.ours.detail for r in rows]
+    assert all(row.torch_err is not None for row in rows)

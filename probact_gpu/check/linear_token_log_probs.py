@@ -1,0 +1,65 @@
+"""check cases: linear_token_log_probs — log-probs and entropy from hidden states and an LM head,
+and the gradients to the hidden states, the head and its bias through both — against the float64
+reference (logits formed in float64 from the same rounded inputs); torch eager's unfused
+``log_softmax(h @ W.T + b)`` + ``gather`` + entropy beside ours."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .. import reference_lm_head
+from ..ops.linear_token_log_probs import linear_token_log_probs
+from ..options import HeadTransform
+from ..testing import make_input, to_numpy64
+from . import Case, Row, compare
+from .token_log_probs import IGNORE, _eager
+
+# (tokens, hidden, vocab, chunk_size, why)
+SMALL = [(37, 16, 101, 8, "5 chunks, V odd"), (20, 8, 1000, None, "one chunk")]
+LARGE = [(1024, 1024, 32000, 256, "4 chunks of an LM head"),
+         (2048, 4096, 128256, None, "Llama-3 vocab, default chunk")]
+OPTIONS = {"plain": dict(), "softcap+temperature": dict(softcap=30.0, temperature=0.7)}
+
+
+def _run(n, hidden, vocab, chunk, opts, dtype, device, rng) -> list[Row]:
+    h, h64 = make_input((n, hidden), dtype, rng, device=device)
+    w, w64 = make_input((vocab, hidden), dtype, rng, scale=hidden**-0.5, device=device)
+    b, b64 = make_input((vocab,), dtype, rng, device=device)
+    t = rng.integers(0, vocab, n)
+    t[::8] = IGNORE
+    target = torch.from_numpy(t).to(device)
+    # Upstream gradients of a token-mean loss (GRPO/PPO average over tokens), so dW and db, sums
+    # over tokens, stay O(1) as the tolerances assume.
+    g, _ = make_input((n,), torch.float32, rng, scale=1.0 / n, device=device)
+    gh, _ = make_input((n,), torch.float32, rng, scale=1.0 / n, device=device)
+    expected = reference_lm_head.token_log_probs(
+        h64 @ w64.T + b64, t, grad_logp=to_numpy64(g), grad_entropy=to_numpy64(gh), **opts)
+    dz = expected["dx"]
+    refs = (expected["logp"], expected["entropy"], dz @ w64, dz.T @ h64, dz.sum(axis=0))
+    transform = HeadTransform(**opts)
+    results = []
+    for fn in (lambda h, w, b: linear_token_log_probs(
+                   h, w, target, linear_bias=b, chunk_size=chunk, return_entropy=True,
+                   **opts)[:2],
+               lambda h, w, b: _eager(h @ w.T + b, target, transform)[:2]):
+        hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
+        logp, entropy = fn(hr, wr, br)
+        ((logp * g.to(logp.dtype)).sum() + (entropy * gh.to(entropy.dtype)).sum()).backward()
+        results.append((logp.detach(), entropy.detach(), hr.grad, wr.grad, br.grad))
+    label = f"{n}x{hidden}x{vocab}" + (f" chunk={chunk}" if chunk else "")
+    names = ("logp", "entropy", "dh", "dW", "db")
+    return [compare(f"linear_token_log_probs {name}", dtype, label, ours, theirs, ref)
+            for name, ours, theirs, ref in zip(names, results[0], results[1], refs, strict=True)]
+
+
+def cases(large: bool) -> list[Case]:
+    out = []
+    for n, hidden, vocab, chunk, _why in LARGE if large else SMALL:
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, opts in OPTIONS.items():
+                out.append(Case(f"linear_token_log_probs {name}", dtype,
+                                f"{n}x{hidden}x{vocab}",
+                                partial(_run, n, hidden, vocab, chunk, opts, dtype)))
+    return out
