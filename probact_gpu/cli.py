@@ -65,6 +65,7 @@ def _traffic(args: argparse.Namespace) -> int:
     passes = tuple(dict.fromkeys(args.passes)) if args.passes else None
     env = report.environment("traffic", "cpu (Triton interpreter)", quick=False,
                              command="probact-gpu " + " ".join(args.argv))
+    env["source"] = report.source_revision()
     rows = traffic.run(ops, dtypes, passes,
                        progress=lambda what: print(f"counting {what}", file=sys.stderr))
     print(report.format_traffic_header(env))

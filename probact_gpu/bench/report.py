@@ -436,7 +436,20 @@ def format_traffic_table(rows) -> str:
     return "\n".join(out)
 
 
+def source_revision() -> str | None:
+    """The git commit of the package's checkout (``-dirty`` with uncommitted changes), or None
+    for an installed copy: counts depend on the kernels' exact code."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def format_traffic_header(env: dict) -> str:
+    source = f" at commit {env['source']}" if env.get("source") else ""
     return "\n".join([
         "# probact-gpu bench --traffic",
         "",
@@ -445,8 +458,8 @@ def format_traffic_header(env: dict) -> str:
         "kept; `tiling` asked for the full shape on 132 SMs). Ratios are over the minimal-bytes "
         "model at the counted shape (per row, so the full shape's up to per-call constants).",
         "",
-        f"- torch {env['torch']}, triton {env['triton']}, probact_gpu {env['probact_gpu']}; "
-        f"{env['date']} {env['time_utc']} UTC: `{env['command']}`",
+        f"- torch {env['torch']}, triton {env['triton']}, probact_gpu {env['probact_gpu']}"
+        f"{source}; {env['date']} {env['time_utc']} UTC: `{env['command']}`",
         "- bytes ÷ min, Triton: unmasked lanes of every `tl.load` / `tl.store` × element size; "
         "+ torch: with the torch kernels outside them (each tensor input read once, each output "
         "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines, "
