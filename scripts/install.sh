@@ -88,10 +88,10 @@ have() {  # have MODULE...: every module imports
 }
 
 extras=test,bench
-modules=(pytest matplotlib tqdm)
+modules=(pytest matplotlib tqdm)       # what the extras install, by import name
 if grep -Eq '^[[:space:]]*transformers[[:space:]]*=' pyproject.toml; then
     extras+=,transformers
-    modules+=(transformers)
+    modules+=(transformers accelerate)
 fi
 
 if ! have torch; then
