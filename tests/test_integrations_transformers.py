@@ -6,6 +6,7 @@ divisor) moves the loss by far more than the tolerances."""
 import copy
 import importlib
 import sys
+import types
 import warnings
 
 import pytest
@@ -160,8 +161,9 @@ def test_transformers_patch_num_items_in_batch_gradient_accumulation(device):
 
 
 @needs_transformers
-def test_transformers_patch_head_bias(device):
-    """An output embedding with a bias: it goes into the kernel as linear_bias."""
+def test_transformers_patch_head_bias_and_op_options(device):
+    """An output embedding with a bias: it goes into the kernel as linear_bias; chunk_size
+    reaches linear_cross_entropy."""
     ref = make_model("llama", device)
     with torch.no_grad():
         head = torch.nn.Linear(64, VOCAB, bias=True).to(device)
@@ -169,7 +171,8 @@ def test_transformers_patch_head_bias(device):
         head.bias.normal_(0, 2.0)
     ref.lm_head = head
     model = copy.deepcopy(ref)
-    assert hf.patch(model)
+    # and several token chunks (linear_cross_entropy's options reach it)
+    assert hf.patch(model, chunk_size=7)
     batch = make_batch(device)
     out, want = model(**batch), ref(**batch)
     assert_close(out.loss, want.loss, what="loss")
@@ -181,21 +184,35 @@ def test_transformers_patch_head_bias(device):
 
 @needs_transformers
 def test_transformers_patch_shift_labels_and_logits_to_keep(device):
-    """Pre-shifted shift_labels; logits_to_keep as an int (the last positions) and as a boolean
-    mask (packed rows), with labels of the kept positions."""
+    """Pre-shifted shift_labels; logits_to_keep as an int (the last positions), 1-D positions,
+    2-D per-row positions and a boolean mask (packed rows), with labels of the kept positions."""
     model, ref = patched_pair("qwen3", device)
     batch = make_batch(device)
     labels = batch.pop("labels")
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
     shifted[0, 5] = -100
-    for kwargs in (dict(labels=labels, shift_labels=shifted),
-                   dict(labels=labels[:, -5:], logits_to_keep=5)):
+    positions = torch.tensor([1, 4, 6, 10], device=device)
+    rows = torch.tensor([[0, 3, 4], [2, 8, 11]], device=device)
+    cases = [dict(labels=labels, shift_labels=shifted),
+             dict(labels=labels[:, -5:], logits_to_keep=5),
+             dict(labels=labels[:, positions], logits_to_keep=positions)]
+    if hasattr(transformers.modeling_utils, "slice_logits_to_keep"):  # 2-D: newer 5.x only
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[0, 4:] = keep[1, 7:] = True
+        cases += [dict(labels=labels.gather(1, rows), logits_to_keep=rows),
+                  dict(labels=labels[keep], shift_labels=labels[keep], logits_to_keep=keep)]
+    for kwargs in cases:
         assert_close(model(**batch, **kwargs).loss, ref(**batch, **kwargs).loss,
                      what=str(sorted(kwargs)))
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[0, 4:] = keep[1, 7:] = True
-    kwargs = dict(labels=labels[keep], shift_labels=labels[keep], logits_to_keep=keep)
-    assert_close(model(**batch, **kwargs).loss, ref(**batch, **kwargs).loss, what="bool mask")
+
+
+def test_transformers_slice_hidden_without_transformers_slicer():
+    """What the forwards of transformers versions without slice_logits_to_keep do inline."""
+    hidden = torch.arange(2 * 6 * 3.0).reshape(2, 6, 3)
+    assert torch.equal(hf._slice_hidden(hidden, 0, None), hidden)
+    assert torch.equal(hf._slice_hidden(hidden, 2, None), hidden[:, 4:])
+    positions = torch.tensor([0, 3])
+    assert torch.equal(hf._slice_hidden(hidden, positions, None), hidden[:, positions])
 
 
 @needs_transformers
@@ -237,6 +254,8 @@ def test_transformers_patch_without_labels_returns_the_models_logits(device):
     assert_close(got[0], want[0], what="tuple loss")
     with pytest.raises(TypeError, match="multiple values"):
         model(batch["input_ids"], input_ids=batch["input_ids"], labels=labels)
+    with pytest.raises(TypeError, match="positional arguments"):
+        model(*[None] * 20)
 
 
 @needs_transformers
@@ -260,8 +279,19 @@ def test_transformers_patch_token_log_probs_and_entropy(device):
     out.loss.backward()
     want.loss.backward()
     assert_same_grads(model, ref)
+    alone = model(**batch, return_token_log_probs=True)
+    assert "token_entropy" not in alone
+    assert torch.equal(alone.token_log_probs, out.token_log_probs)
     with pytest.raises(ValueError, match="fused path"):
         model(**batch, return_token_log_probs=True, skip_logits=False)
+
+
+@needs_transformers
+def test_transformers_patch_token_log_probs_need_the_function(device, monkeypatch):
+    model, _ = patched_pair("llama", device)
+    monkeypatch.setattr(hf, "probact_gpu", types.SimpleNamespace())  # an install without it
+    with pytest.raises(RuntimeError, match="linear_token_log_probs"):
+        model(**make_batch(device), return_entropy=True)
 
 
 # --------------------------------------------------------------------------- declining
@@ -311,10 +341,65 @@ def test_transformers_patch_declines_and_leaves_the_model_untouched(device):
     # a key read only where its meaning is known: logits_scaling outside the Granite family
     assert_declines(make_model("llama", device, logits_scaling=4.0), "logits_scaling")
     assert_declines(make_model("gemma2", device, final_logit_softcapping=-1.0), "positive")
+    model = make_model("gemma2", device)
+    object.__setattr__(model.config, "final_logit_softcapping", "30")  # past its validator
+    assert_declines(model, "not a number")
+    model = make_model("cohere", device)
+    model.logit_scale = 0.5
+    assert_declines(model, "differs from config.logit_scale")
+    # the head: hooks, an integer weight, rows that are not the vocabulary
+    model = make_model("llama", device)
+    model.lm_head.register_forward_hook(lambda *args: None)
+    assert_declines(model, "hooks")
+    model = make_model("llama", device)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.to(torch.int8),
+                                              requires_grad=False)
+    assert_declines(model, "not floating point")
+    model = make_model("llama", device)
+    model.config.vocab_size = VOCAB + 1
+    assert_declines(model, "config.vocab_size")
+    model = make_model("llama", device)
+    model.loss_type = "ForMaskedLM"
+    assert_declines(model, "loss_type")
     # a forward that is not transformers' own
     cls = type("MyLlama", (transformers.LlamaForCausalLM,), {"forward": lambda self, **kw: None})
     mine = cls(make_model("llama", device).config)
     assert_declines(mine, "not a transformers class")
+
+
+def _fake_class(forward=None, **attrs):
+    """A LlamaForCausalLM subclass that passes for one of transformers' own."""
+    body = {"__module__": "transformers.models.fake", **attrs}
+    if forward is not None:
+        body["forward"] = forward
+    return type("FakeForCausalLM", (transformers.LlamaForCausalLM,), body)
+
+
+@needs_transformers
+def test_transformers_patch_declines_forwards_it_cannot_route(device):
+    config = make_model("llama", device).config
+    Out = transformers.modeling_outputs.CausalLMOutputWithPast
+
+    def no_labels(self, input_ids=None, **kwargs) -> Out:
+        return None
+
+    def images(self, input_ids=None, pixel_values=None, labels=None, **kwargs) -> Out:
+        return None
+
+    def untyped(self, input_ids=None, labels=None, **kwargs):
+        return None
+
+    assert_declines(_fake_class(no_labels)(config), "takes no labels")
+    assert_declines(_fake_class(images)(config), r"\['pixel_values'\]")
+    assert_declines(_fake_class(untyped)(config), "does not declare a ModelOutput")
+    assert_declines(_fake_class(base_model_prefix="body")(config), "no separate backbone")
+    decoder = torch.nn.Identity()
+    assert_declines(_fake_class(get_decoder=lambda self: decoder)(config), "composite")
+
+    def broken(self):
+        raise NotImplementedError("no decoder here")
+
+    assert_declines(_fake_class(get_decoder=broken)(config), "no decoder here")
 
 
 @needs_transformers
@@ -327,6 +412,57 @@ def test_transformers_patch_probe_declines_a_loss_it_cannot_reproduce(device):
     assert hf.patch(model, check=False)
     assert hf.unpatch(model)
     assert not hf.unpatch(model)
+
+
+@needs_transformers
+def test_transformers_patch_probe_reasons(device, monkeypatch):
+    """The probe's other reasons: it raises, a non-finite loss, an output with a field the patch
+    does not compute, another output class."""
+    real_original = hf._Patch.original
+    out_cls = transformers.modeling_outputs.MoeCausalLMOutputWithPast
+
+    def with_aux(self, model, *args, **kwargs):
+        out = real_original(self, model, *args, **kwargs)
+        out["aux_loss"] = torch.zeros(())
+        return out
+
+    def other_class(self, model, *args, **kwargs):
+        out = real_original(self, model, *args, **kwargs)
+        return out_cls(loss=out.loss, logits=out.logits)
+
+    for name, value, match in (
+            ("_linear_cross_entropy", lambda *a, **k: 1 / 0, "probe failed: ZeroDivisionError"),
+            ("_linear_cross_entropy",
+             lambda h, *a, **k: torch.full(h.shape[:1] if k["reduction"] == "none" else (),
+                                           float("nan")), "loss differs"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(hf, name, value)
+            assert_declines(make_model("llama", device), match)
+    for original, match in ((with_aux, r"\['aux_loss'\]"),
+                            (other_class, "returns MoeCausalLMOutputWithPast")):
+        with monkeypatch.context() as m:
+            m.setattr(hf._Patch, "original", original)
+            assert_declines(make_model("llama", device), match)
+
+
+@needs_transformers
+def test_transformers_patch_keeps_an_instance_forward(device):
+    """A forward already set on the instance (a hook's wrapper) is what the logits path calls
+    and what unpatch puts back."""
+    model = make_model("llama", device)
+    calls = []
+
+    def instance_forward(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = instance_forward
+    assert hf.patch(model, check=False)
+    batch = make_batch(device)
+    batch.pop("labels")
+    assert model(**batch).logits is not None and calls == [sorted(batch)]
+    assert hf.unpatch(model) and model.forward is instance_forward
 
 
 @needs_transformers
@@ -387,10 +523,11 @@ def test_transformers_patch_gradient_checkpointing_and_autocast(device):
 @needs_transformers
 @pytest.mark.slow
 def test_transformers_patch_under_torch_compile(device):
+    """The whole patched forward, backbone and fused loss, in one graph (fullgraph=True)."""
     model, ref = patched_pair("llama", device)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     batch = make_batch(device)
-    out, want = compiled(**batch), ref(**batch)
+    out, want = compiled(**batch, use_cache=False), ref(**batch, use_cache=False)
     assert out.logits is None
     assert_close(out.loss, want.loss, what="compiled loss")
     out.loss.backward()

@@ -250,14 +250,14 @@ def head_options(model) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loss
 
 
-def _slice_hidden(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """The positions the model would form logits for (transformers' ``slice_logits_to_keep``)."""
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
-        if logits_to_keep.dtype == torch.bool:
-            return hidden[logits_to_keep]
-        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+def _slice_hidden(hidden: torch.Tensor, logits_to_keep, slicer) -> torch.Tensor:
+    """The positions the model forms logits for: transformers' own ``slice_logits_to_keep``
+    where the installed version has it (2-D positions, boolean masks), else what the forwards
+    of earlier 5.x do inline."""
+    if slicer is not None:
+        return slicer(hidden, logits_to_keep)
     if isinstance(logits_to_keep, int):
-        return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        return hidden[:, slice(-logits_to_keep, None), :]
     return hidden[:, logits_to_keep, :]
 
 
@@ -323,8 +323,9 @@ def _head_loss(h, head, target, options, num_items, want_logp, want_entropy):
 class _Patch:
     """What one patched instance remembers: how to call its own forward and the head's options."""
 
-    def __init__(self, prior, positional, output_cls, options, eval_skip_logits):
+    def __init__(self, prior, positional, output_cls, options, eval_skip_logits, slicer):
         self.prior = prior  # an instance-level forward that was there before, else None
+        self.slicer = slicer
         self.positional = positional
         self.output_cls = output_cls
         self.output_fields = frozenset(f.name for f in dataclasses.fields(output_cls))
@@ -373,7 +374,7 @@ def _fused_forward(model, state, call, want_logp, want_entropy):
     logits_to_keep = call.pop("logits_to_keep", 0)
     return_dict = call.pop("return_dict", None)
     outputs = model.base_model(**call, return_dict=True)
-    hidden = _slice_hidden(outputs[0], logits_to_keep)
+    hidden = _slice_hidden(outputs[0], logits_to_keep, state.slicer)
     if shift_labels is None:
         # ForCausalLMLoss: pad with ignore_index, shift so that tokens < n predict n.
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -485,7 +486,8 @@ def patch(model, *, check: bool = True, eval_skip_logits: bool = False,
     options = dict(head, chunk_size=chunk_size, memory_budget=memory_budget,
                    low_memory=low_memory)
     prior = model.__dict__.get("forward")
-    state = _Patch(prior, positional, output_cls, options, eval_skip_logits)
+    slicer = getattr(transformers.modeling_utils, "slice_logits_to_keep", None)
+    state = _Patch(prior, positional, output_cls, options, eval_skip_logits, slicer)
     # A new function per patch, wrapping the class's forward so that inspect.signature (the
     # Trainer's column filter, generate's argument check) still sees the model's own arguments.
     forward = functools.update_wrapper(
