@@ -28,7 +28,7 @@ LRU cache of ``L2_BYTES`` over ``LINE_BYTES`` lines, fed by ``rows in flight`` p
 in lockstep, each replaying the access sequence its run-shape counterpart executed (program 0's
 trace, on its own lines; accesses under ``TRACE_MIN_BYTES``, the row vectors, left out). Rows in
 flight = resident programs per SM (``RESIDENT_PROGRAMS``, from ``scripts/sm90_report.py``'s
-static report) × 132 SMs.
+static report) × 132 SMs, or the programs of a persistent grid when the config has one.
 
 The interpreter's own host copies (it stages every tensor argument in host memory around a
 launch) are not counted; they do not exist on a GPU. Counting patches the interpreter and the
@@ -101,11 +101,14 @@ class KernelCount:
     loaded: int = 0
     stored: int = 0
     reread: int = 0
+    persistent: int = 0  # programs of a persistent grid (the config's n_programs), else 0
     trace: list[tuple[bool, tuple[int, ...], int]] = field(default_factory=list, repr=False)
 
 
 @dataclass
 class TorchKernel:
+    """One aten op that would be a GPU kernel; bytes estimated (module docstring)."""
+
     name: str
     phase: str
     read: int
@@ -114,6 +117,8 @@ class TorchKernel:
 
 @dataclass
 class Allocation:
+    """A new tensor of at least the threshold: the op that made it, its size."""
+
     name: str
     phase: str
     nbytes: int
@@ -123,6 +128,9 @@ class Allocation:
 
 @dataclass
 class Counts:
+    """What :func:`counting` saw, in order; ``phase`` labels what follows (``fwd``, ``bwd``).
+    The underscored fields are the counter's state while a kernel runs."""
+
     kernels: list[KernelCount] = field(default_factory=list)
     torch_kernels: list[TorchKernel] = field(default_factory=list)
     allocations: list[Allocation] = field(default_factory=list)
@@ -274,7 +282,9 @@ def counting(alloc_threshold: int = 0) -> Iterator[Counts]:
     original_call = interpreter.GridExecutor.__call__
 
     def grid_call(self, *args, **kwargs):
-        counts._current = KernelCount(getattr(self.fn, "__name__", "?"), counts.phase)
+        counts._current = KernelCount(getattr(self.fn, "__name__", "?"), counts.phase,
+                                      persistent=getattr(_last_config[-1], "n_programs", 0)
+                                      if _last_config else 0)
         counts._program_index = -1
         counts._depth += 1
         try:
@@ -322,6 +332,10 @@ _ROW_CHOOSERS = {"choose_row_config": 3, "choose_cross_entropy_config": 3,
 _CHUNK_CHOOSERS = ("choose_token_chunk",)
 
 
+# The config the last chooser answered inside full_size_configs (the launch that follows uses it).
+_last_config: list = []
+
+
 @contextlib.contextmanager
 def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
     """Inside the block, ``tiling``'s choosers answer for ``scale`` × the rows (or elements)
@@ -342,7 +356,9 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
                 args = list(args)
                 if sm_arg is not None and len(args) >= sm_arg:
                     args[sm_arg - 1] = sms
-                return fn(max(1, round(n * scale)), *args, **kwargs)
+                config = fn(max(1, round(n * scale)), *args, **kwargs)
+                _last_config.append(config)
+                return config
             finally:
                 depth[0] -= 1
         return wrapper
@@ -362,6 +378,7 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(tiling, name, fn)
+        _last_config.clear()
 
 
 def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200_SMS):
@@ -404,6 +421,8 @@ def path_of(op: str, shape: tuple[int, ...], elem_size: int, provider: str) -> s
     if op in ("sigmoid", "bce"):
         return f"block {cfg.block}"
     name = cfg.path + (f" ×{cfg.n_splits}" if cfg.path == "split" else "")
+    if getattr(cfg, "n_programs", 0):
+        name += f", persistent ×{cfg.n_programs}"
     if op == "cross_entropy" and provider == "probact_inplace":
         name += ", in place"
     return name
@@ -530,7 +549,8 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
         triton = row.triton_loaded + row.triton_stored
         row.triton_ratio = triton / row.minimal
         row.total_ratio = (triton + row.torch_bytes) / row.minimal
-        hits = sum(l2_hits(k, rows_in_flight(k.name), int(round(k.programs * scale)))
+        hits = sum(l2_hits(k, rows_in_flight(k.name, persistent=k.persistent),
+                           int(round(k.programs * scale)))
                    for k in counts.kernels if k.reread)
         row.hbm_ratio = (triton + row.torch_bytes - hits) / row.minimal
     return row, counts
@@ -539,9 +559,11 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
 # --------------------------------------------------------------------------- L2 model
 
 
-def rows_in_flight(kernel: str, sms: int = H200_SMS) -> int:
-    """Programs resident at once on the whole GPU for ``kernel`` (see ``RESIDENT_PROGRAMS``)."""
-    return RESIDENT_PROGRAMS.get(kernel, DEFAULT_RESIDENT) * sms
+def rows_in_flight(kernel: str, sms: int = H200_SMS, *, persistent: int = 0) -> int:
+    """Programs resident at once on the whole GPU for ``kernel`` (``RESIDENT_PROGRAMS`` × SMs),
+    or fewer: the programs of a persistent grid, each looping over rows."""
+    resident = RESIDENT_PROGRAMS.get(kernel, DEFAULT_RESIDENT) * sms
+    return min(resident, persistent) if persistent else resident
 
 
 def l2_hbm_bytes(trace: list[tuple[bool, tuple[int, ...], int]], n_programs: int,
