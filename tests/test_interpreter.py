@@ -45,6 +45,15 @@ def _upcast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(tl.float32), mask=mask)
 
 
+@triton.jit
+def _rtz_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y = bf16(x) rounded towards zero (a rounding mode the shim leaves to Triton)."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(y_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"), mask=mask)
+
+
 def kernel_convert(x: torch.Tensor, dtype: torch.dtype, kernel=_copy_kernel) -> torch.Tensor:
     _runtime.check_runnable(x)  # where the shim is installed, as for every launcher
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -247,6 +256,13 @@ def test_shim_leaves_integer_casts_to_triton():
     assert kernel_convert(x, torch.int64).tolist() == [-3, 7, 40000]
     assert kernel_convert(x, torch.float32).tolist() == [-3.0, 7.0, 40000.0]
     assert kernel_convert(torch.tensor([2.75, -2.75]), torch.int32).tolist() == [2, -2]
+
+
+def test_round_towards_zero_is_left_to_triton(device):
+    """An explicit fp_downcast_rounding="rtz" still truncates (Triton's own conversion)."""
+    x = torch.tensor([1 + 3 * 2**-8, -(1 + 3 * 2**-8), 0.99609375 + 2**-9], device=device)
+    got = kernel_convert(x, torch.bfloat16, kernel=_rtz_kernel)
+    assert got.tolist() == [1 + 2**-7, -(1 + 2**-7), 0.99609375]
 
 
 # --------------------------------------------------------------------------- through real ops
