@@ -106,6 +106,7 @@ def test_traffic_l2_model_hits_when_rows_in_flight_fit():
 PINNED = [
     ("softmax", "fwd", (262144, 1024), "probact", 1.00, 1.00, (1, 0)),  # single tile
     ("softmax", "fwd_bwd", (262144, 1024), "probact", 1.00, 1.00, (2, 0)),
+    ("softmax", "bwd", (65536, 4096), "probact", 1.00, 1.00, (1, 0)),  # its forward uncounted
     ("softmax", "fwd", (4096, 65536), "probact", 1.50, 1.50, (1, 0)),  # multi: re-read
     ("softmax", "fwd_bwd", (4096, 65536), "probact", 1.60, 1.60, (2, 0)),
     ("softmax", "fwd", (32, 262144), "probact", 1.50, 1.50, (2, 0)),  # split ×17

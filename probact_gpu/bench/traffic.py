@@ -138,6 +138,7 @@ class Counts:
     phase: str = "fwd"
     alloc_threshold: int = 0
     _depth: int = 0
+    _paused: int = 0
     _current: KernelCount | None = None
     _program: list[np.ndarray] = field(default_factory=list)
     _program_index: int = -1
@@ -145,11 +146,11 @@ class Counts:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Nothing inside is counted (what the caller, not the op, launches)."""
-        self._depth += 1
+        self._paused += 1
         try:
             yield
         finally:
-            self._depth -= 1
+            self._paused -= 1
 
     # -- the interpreter's side
 
@@ -254,7 +255,7 @@ class _OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.counts._depth:  # the interpreter staging a launch's arguments
+        if self.counts._depth or self.counts._paused:  # the interpreter staging a launch
             return func(*args, **kwargs)
         if func.namespace not in ("aten", "prim", "prims"):
             device = next((t.device for t in _tensors((args, kwargs))), torch.device("cpu"))
@@ -282,6 +283,8 @@ def counting(alloc_threshold: int = 0) -> Iterator[Counts]:
     original_call = interpreter.GridExecutor.__call__
 
     def grid_call(self, *args, **kwargs):
+        if counts._paused:
+            return original_call(self, *args, **kwargs)
         counts._current = KernelCount(getattr(self.fn, "__name__", "?"), counts.phase,
                                       persistent=getattr(_last_config[-1], "n_programs", 0)
                                       if _last_config else 0)
@@ -485,9 +488,9 @@ def _main_bytes(op: str, inputs: dict[str, torch.Tensor]) -> int:
 def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
                seed: int = 1) -> Counts:
     """Run ``fn`` once on ``inputs`` for ``pass_`` (``fwd`` without autograd; ``fwd_bwd``
-    forward, then ``backward()`` labelled ``bwd``) and count it. The ``ones_like`` seed that
-    ``loss.backward()`` would launch for a scalar loss is made outside the count: it is the
-    caller's, the same for every provider."""
+    forward, then ``backward()`` labelled ``bwd``; ``bwd`` that backward alone) and count it.
+    The ``ones_like`` seed that ``loss.backward()`` would launch for a scalar loss is made
+    outside the count: it is the caller's, the same for every provider."""
     from .providers import GRAD_INPUTS, backward, upstream_grads
 
     args = list(inputs.values())
@@ -500,7 +503,12 @@ def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor
         inputs[name].requires_grad_()
     dy = upstream_grads(op, inputs, seed)
     with counting(threshold) as counts:
-        out = fn(*args)
+        if pass_ == "bwd":  # the backward alone: its forward is not counted
+            counts.phase = "bwd"
+            with counts.paused():
+                out = fn(*args)
+        else:
+            out = fn(*args)
         counts.phase = "bwd"
         if dy is None:  # the seed of a scalar loss's backward() is the caller's, not the op's
             with counts.paused():
