@@ -1,9 +1,10 @@
 """Softmax cross-entropy kernels: loss, lse and (optionally, in the same pass) dlogits.
 
 Notation for one row of logits ``x`` (``C`` classes), target class ``t``, class weights ``w``
-(all 1 without ``weight``), ``W = Σ_c w_c``, smoothing ``ε``, z-loss coefficient ``ζ``:
+(all 1 without ``weight``), ``W = Σ_c w_c``, smoothing ``ε``, z-loss coefficient ``ζ``, and
+``z`` the logits after the head transform of ``kernels/_head.py`` (``logit_scale`` →
+``logit_divisor`` → ``softcap`` → ``temperature``, in fp32; ``x`` itself without one):
 
-    z   = softcap · tanh(x · scale / softcap)        (z = x · scale without softcap)
     lse = m + log Σ exp(z − m)                       m = max z
     p   = exp(z − lse)
     loss = (1 − ε) · w_t · (lse − z_t) + (ε / C) · (W · lse − Σ_c w_c z_c) + ζ · lse²
@@ -12,22 +13,30 @@ which is torch's ``(1 − ε) · nll + (ε / C) · Σ_c w_c · (−log p_c)`` pl
 whose target is ``ignore_index`` has loss 0 and gradient 0; a target outside ``[0, C)`` is never
 used as an address: its row's loss (and gradient) is NaN.
 
-Gradient of one row's loss, scaled by the row's ``g`` (grad_output, / the mean's divisor):
+Gradient of one row's loss, scaled by the row's ``g`` (grad_output, over the mean's divisor or
+the normalizer):
 
     dz_c = g · ( p_c · [(1 − ε) w_t + ε W / C + 2 ζ lse]  −  (1 − ε) w_t · [c = t]  −  (ε / C) w_c )
-    dx_c = dz_c · scale · (1 − (z_c / softcap)²)      (dz_c · scale without softcap)
+    dx_c = dz_c · dz/dx                               (``head_chain``)
 
 All of it in fp32 (fp64 for fp64 input); the true-class term is subtracted in fp32 before the
 single cast at the store (rounding p to bf16 before subtracting 1 is a known peer bug).
 
+Argument conventions of every kernel here: data pointers first (``weight_ptr`` is None without
+class weights, ``divisor_ptr`` None without a device divisor: Triton specialises a None argument
+away), then sizes, then strides as ``(outer, inner, col)`` tuples of a ``RowView`` (row ``r``
+starts at ``(r // n_inner) · outer + (r % n_inner) · inner``), then runtime scalars — ``head`` is
+the transform's ``(pre_scale, softcap, inv_temp)`` — then constexprs. ``denom`` is a float the
+loss (and its gradient) is divided by: a numeric ``normalizer``, else 1.
+
 Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
 
-- ``cross_entropy_fwd_kernel``: single tile (``BLOCK_M`` rows × ``BLOCK_N ≥ C`` held in registers)
-  or multi tile (one program per row: an online sweep, then — with ``COMPUTE_GRAD`` — a reverse
-  sweep writing dx so its first re-reads hit the tiles still in L2). HBM per row, e = element
-  size: single tile fwd+grad reads x once and writes dx once, ``2·C·e`` — the floor; multi tile
-  ``3·C·e`` (x read twice, the second read partly from L2). Without ``COMPUTE_GRAD``: ``C·e``.
-  Plus per row: the target (8 B), loss and lse (4 + 4 B).
+- ``cross_entropy_fwd_kernel``: single tile, ``BLOCK_M`` rows × ``BLOCK_N ≥ C`` held in
+  registers; loss, lse and (``COMPUTE_GRAD``) dx from one read. HBM per row, e = element size:
+  ``2·C·e`` with the gradient (the floor), ``C·e`` without.
+- ``cross_entropy_fwd_sweep_kernel``: one program per row, an online sweep for (max, Σexp,
+  z_t, Σ w·z), then (``COMPUTE_GRAD``) a reverse sweep writing dx, so its first re-reads hit the
+  tiles still in L2: ``3·C·e`` (x read twice, the second read partly from L2), ``C·e`` without.
 - split row (few rows × huge C): ``cross_entropy_split_stats_kernel`` per (row, chunk) writes
   partial (max, Σexp, target logit, Σ w·z) to a ``(N, S, 4)`` fp32 workspace (reads ``C·e``);
   ``cross_entropy_combine_kernel`` merges a row's partials in a fixed order into loss and lse;
@@ -39,10 +48,13 @@ Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
   the device): reads x once, writes dx once.
 - ``cross_entropy_total_weight_kernel``: one program sums ``w_t`` over non-ignored targets (the
   mean's divisor) on the device, in a fixed order, before the forward (reads the targets).
-- ``cross_entropy_scale_grad_kernel``: backward of a fused gradient, ``dx *= grad_output`` read on
-  the device; every program returns at once when it is exactly 1 (no host check, no traffic).
+- ``cross_entropy_finish_kernel``: one program sums the per-row losses in a fixed order, divides
+  by the mean's divisor or the normalizer and casts to the loss dtype (reads 4 B a row).
+- ``cross_entropy_scale_grad_kernel``: backward of a fused gradient, ``dx *= grad_output`` read
+  on the device, on a grid of a few programs per SM that walk the row tiles; every program
+  returns at once when grad_output is exactly 1 (no host check, no traffic).
 
-Unaligned rows (``PEEL_EDGES``: the multi tile forward, ``cross_entropy_bwd_kernel`` and
+Unaligned rows (``PEEL_EDGES``: the sweep forward, ``cross_entropy_bwd_kernel`` and
 ``cross_entropy_scale_grad_kernel``). A tile loads or stores 16 bytes a thread only when Triton
 can prove each run of VEC = 16 / e elements 16-byte aligned and its mask constant over it; it
 proves that from launch-time hints (pointers 16-byte aligned, ints divisible by 16), which a
@@ -57,49 +69,27 @@ start's distance in elements past the boundary below it):
 - the edges, one masked tile of 2·VEC lanes: the VEC columns before the body (the head; the
   lanes before column 0 touch nothing) and the fewer than VEC after it (the tail).
 
-The body and edge offsets, the target (``local_t``) and the class weights (``w_row``) count
-from column c0. The same bytes move; only the access width changes. The single-tile forward and
-the split-stats kernel keep narrow loads on such rows.
+The body and edge offsets, the target (``local_t``) and the class weights' offset (``w_off``)
+count from column c0. The same bytes move; only the access width changes. The single-tile
+forward and the split-stats kernel keep narrow loads on such rows.
 """
 
 import triton
 import triton.language as tl
 
+from ._head import head_chain, head_transform
 from ._online import LOG2E, online_update, row_offset, safe_max, upcast
 
-
-@triton.jit
-def _tanh(u):
-    """tanh for any finite or infinite u: 1 − 2 / (exp(2u) + 1) (exp overflow gives ±1)."""
-    return 1.0 - 2.0 / (tl.exp2(u * (2.0 * LOG2E)) + 1.0)
+# --------------------------------------------------------------------------- per-row math
 
 
 @triton.jit
-def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z from the upcast logits: scale, then the optional softcap."""
-    z = x * logit_scale
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
-    return z
-
-
-@triton.jit
-def _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """dL/dx from dL/dz: scale · (1 − tanh²) with softcap, scale without."""
-    if HAS_SOFTCAP:
-        r = z / softcap
-        return dz * (logit_scale * (1.0 - r * r))
-    else:
-        return dz * logit_scale
-
-
-@triton.jit
-def _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT: tl.constexpr):
+def _target_info(tgt, weight_ptr, n_classes, ignore_index):
     """(valid, in_range, w_t) of target(s) ``tgt`` (int64). ``w_t`` is read only for a valid
-    in-range target; it is 0 for an ignored one."""
+    in-range target; it is 0 for an ignored one (1 for a valid one without weights)."""
     valid = tgt != ignore_index
     in_range = (tgt >= 0) & (tgt < n_classes)
-    if HAS_WEIGHT:
+    if weight_ptr is not None:
         safe = tl.where(in_range, tgt, 0)
         w_t = upcast(tl.load(weight_ptr + safe, mask=valid & in_range, other=0.0))
     else:
@@ -108,12 +98,22 @@ def _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT: tl.conste
 
 
 @triton.jit
-def _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
-    """W = Σ_c w_c (a device scalar computed by the host launcher), or C without weights."""
-    if HAS_WEIGHT:
-        return upcast(tl.load(w_sum_ptr))
+def _load_w(weight_ptr, cols, mask):
+    """The class weights of columns ``cols`` (0 where masked out), or 1.0 without weights."""
+    if weight_ptr is not None:
+        return upcast(tl.load(weight_ptr + cols, mask=mask, other=0.0))
     else:
-        return n_classes.to(tl.float32)
+        return 1.0
+
+
+@triton.jit
+def _grad_scale(divisor_ptr, denom):
+    """1 / (denom · divisor): the gradient's scale before grad_output (the divisor, a device
+    scalar in the math dtype, is the mean's Σ w_t or a tensor normalizer)."""
+    g = 1.0 / denom
+    if divisor_ptr is not None:
+        g = g / upcast(tl.load(divisor_ptr))
+    return g
 
 
 @triton.jit
@@ -141,61 +141,51 @@ def _grad_coefs(g, lse, w_t, W, in_range, n_classes, label_smoothing, z_loss):
 
 
 @triton.jit
-def _grad_tile(z, is_t, w, shift, inv_sum, coef, true_coef, smooth_coef,
-               HAS_SMOOTHING: tl.constexpr):
-    """dz of a tile (before the transform's chain rule), in fp32/fp64, with
-    ``p = exp(z − shift) · inv_sum`` (shift = the row max and inv_sum = 1 / Σ exp(z − max) where
-    known, else shift = lse and inv_sum = 1); ``w`` is the tile's class weights (1 without
-    weights), used only with smoothing."""
+def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr):
+    """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes."""
+    x = upcast(tl.load(ptrs, mask=mask, other=0.0))
+    z = head_transform(x, head[0], head[1], head[2], HAS_SOFTCAP)
+    return tl.where(mask, z, float("-inf"))
+
+
+@triton.jit
+def _dx(z, is_t, w, valid, shift, inv_sum, coef, true_coef, smooth_coef, head,
+        HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dx of a tile from its z, with ``p = exp(z − shift) · inv_sum`` (shift = the row max and
+    inv_sum = 1 / Σ exp(z − max) where known, else shift = lse and inv_sum = 1); ``w`` is the
+    tile's class weights (1 without), used only with smoothing; 0 on ignored rows."""
     p = tl.exp2((z - shift) * LOG2E) * inv_sum
     dz = p * coef - tl.where(is_t, true_coef, 0.0)
     if HAS_SMOOTHING:
         dz -= smooth_coef * w
-    return dz
+    return tl.where(valid, head_chain(dz, z, head[0], head[1], head[2], HAS_SOFTCAP), 0.0)
 
 
 @triton.jit
-def _load_w(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr):
-    if HAS_WEIGHT:
-        return upcast(tl.load(weight_ptr + cols, mask=mask, other=0.0))
-    else:
-        return 1.0
+def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, inv_sum, coef,
+                true_coef, smooth_coef, head, HAS_SMOOTHING: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):
+    """Read a tile of logits (columns ``c``; their class weights at ``w_off + c``), write its
+    dx (``shift``, ``inv_sum``: see ``_dx``)."""
+    z = _logits(x_ptrs, mask, head, HAS_SOFTCAP)
+    w = _load_w(weight_ptr, w_off + c, mask)
+    dx = _dx(z, c == tgt, w, valid, shift, inv_sum, coef, true_coef, smooth_coef, head,
+             HAS_SMOOTHING, HAS_SOFTCAP)
+    tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _logits(ptrs, mask, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z of a tile of logits, −inf in masked-out lanes."""
-    x = upcast(tl.load(ptrs, mask=mask, other=0.0))
-    return tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-
-
-@triton.jit
-def _fold_stats(z, c, mask, tgt, ref, row_max, row_sum, z_t, weight_ptr,
-                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Fold tile ``z`` (columns ``c``) into the row's online (max, Σexp) and target logit;
-    returns them and the tile's ``w·(z − ref)`` per lane (0 without smoothing), which the caller
-    accumulates."""
+def _fold_tile(z, c, mask, tgt, ref, row_max, row_sum, z_t, smooth_acc, w_acc, weight_ptr,
+               w_off, HAS_SMOOTHING: tl.constexpr):
+    """Fold tile ``z`` (columns ``c``) into the row's online (max, Σexp), target logit, and —
+    with smoothing — the per-lane accumulators of ``w·(z − ref)`` and ``w``."""
     row_max, row_sum = online_update(row_max, row_sum, z, 0)
     z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
     if HAS_SMOOTHING:
-        wz = tl.where(mask, (z - ref) * _load_w(weight_ptr, c, mask, HAS_WEIGHT), 0.0)
-    else:
-        wz = 0.0
-    return row_max, row_sum, z_t, wz
-
-
-@triton.jit
-def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, shift, inv_sum, coef,
-                true_coef, smooth_coef, logit_scale, softcap, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Read a tile of logits (columns ``c``), write its dx (``shift``, ``inv_sum``: see
-    ``_grad_tile``)."""
-    z = _logits(x_ptrs, mask, logit_scale, softcap, HAS_SOFTCAP)
-    w = _load_w(weight_ptr, c, mask, HAS_WEIGHT)
-    dz = _grad_tile(z, c == tgt, w, shift, inv_sum, coef, true_coef, smooth_coef,
-                    HAS_SMOOTHING)
-    dx = tl.where(valid, _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
-    tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask)
+        w = _load_w(weight_ptr, w_off + c, mask)
+        smooth_acc += tl.where(mask, (z - ref) * w, 0.0)
+        w_acc += tl.where(mask, w, 0.0).to(z.dtype)
+    return row_max, row_sum, z_t, smooth_acc, w_acc
 
 
 @triton.jit
@@ -218,193 +208,242 @@ def _edge_offsets(body_ptr, n_body):
     return j - VEC + tl.where(j >= VEC, n_body, 0)
 
 
+# --------------------------------------------------------------------------- forward
+
+
 @triton.jit
 def cross_entropy_fwd_kernel(
-    # data: logits, targets (int32/int64), class weights, Σ w (device scalar), mean divisor
-    # (device scalar), per-row loss and lse (fp32; fp64 for fp64 input), dlogits
-    x_ptr, target_ptr, weight_ptr, w_sum_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
-    # shape
+    # data: logits, targets (int32/int64), class weights, device divisor, per-row loss (fp32, or
+    # the loss dtype for reduction "none"), lse (fp32; fp64 for fp64 input), dlogits
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # sizes
     n_rows, n_cols, n_inner, ignore_index,
-    # strides (elements): x, then dx
-    x_outer_stride, x_inner_stride, x_col_stride,
-    dx_outer_stride, dx_inner_stride, dx_col_stride,
-    # options (runtime floats)
-    label_smoothing, z_loss, softcap, logit_scale,
-    # tiling and flavour
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr, PEEL_EDGES: tl.constexpr,
+    # strides (elements): (outer, inner, col) of x and of dx
+    x_strides, dx_strides,
+    # scalars
+    label_smoothing, z_loss, head, denom,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in registers;
-    loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / divisor (``HAS_DIVISOR``, mean) or 1
-    (sum) come from the one read. Multi tile: program p owns row p, sweeps it once for the online
-    (max, Σexp), target logit and Σ w·z, then (``COMPUTE_GRAD``) sweeps it in reverse to write
-    dx; with ``PEEL_EDGES`` the sweeps cover the row's body, and its edge tile last in sweep 1,
-    first in sweep 2 (module docstring)."""
-    if HAS_DIVISOR:
-        g = 1.0 / upcast(tl.load(divisor_ptr))
+    """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in
+    registers; loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / (denom · divisor) come
+    from the one read. W = Σ w is summed from the row's own tile of weights."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    col_mask = (cols < n_cols)[None, :]
+    mask = row_mask[:, None] & col_mask
+    x_offs = row_offset(rows, n_inner, x_strides[0], x_strides[1])[:, None] \
+        + cols[None, :] * x_strides[2]
+    z = _logits(x_ptr + x_offs, mask, head, HAS_SOFTCAP)
+    tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
+
+    shift = safe_max(tl.max(z, axis=1))
+    row_sum = tl.sum(tl.exp2((z - shift[:, None]) * LOG2E), axis=1)
+    log_sum = tl.log(row_sum)
+    lse = shift + log_sum
+    is_t = cols[None, :] == tgt[:, None]
+    nll = (shift - tl.sum(tl.where(is_t, z, 0.0), axis=1)) + log_sum
+    w = _load_w(weight_ptr, cols[None, :], col_mask)
+    if HAS_SMOOTHING:  # Σ w·(lse − z) = Σ w·(shift − z) + W·log Σ exp(z − shift)
+        if weight_ptr is not None:
+            W = tl.sum(w.to(lse.dtype), axis=1)
+        else:
+            W = n_cols.to(lse.dtype)
+        smooth = tl.sum(tl.where(mask, (shift[:, None] - z) * w, 0.0), axis=1) + W * log_sum
     else:
-        g = 1.0
-    if SINGLE_TILE:
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        x_offs = row_offset(rows, n_inner, x_outer_stride, x_inner_stride)[:, None] \
-            + cols[None, :] * x_col_stride
-        x = upcast(tl.load(x_ptr + x_offs, mask=mask, other=0.0))
-        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
-        row_max = tl.max(z, axis=1)
-        shift = safe_max(row_max)
-        row_sum = tl.sum(tl.exp2((z - shift[:, None]) * LOG2E), axis=1)
-        log_sum = tl.log(row_sum)
-        lse = shift + log_sum
-        is_t = cols[None, :] == tgt[:, None]
-        nll = (shift - tl.sum(tl.where(is_t, z, 0.0), axis=1)) + log_sum
-        w = _load_w(weight_ptr, cols[None, :], (cols < n_cols)[None, :], HAS_WEIGHT)
-        W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
-        if HAS_SMOOTHING:  # Σ w·(lse − z) = Σ w·(shift − z) + W·log Σ exp(z − shift)
-            smooth = tl.sum(tl.where(mask, (shift[:, None] - z) * w, 0.0), axis=1) + W * log_sum
-        else:
-            smooth = 0.0
-        loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
-                         HAS_SMOOTHING)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
-        if COMPUTE_GRAD:
-            coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
-                                                       label_smoothing, z_loss)
-            dz = _grad_tile(z, is_t, w, shift[:, None], (1.0 / row_sum)[:, None], coef[:, None],
-                            true_coef[:, None], smooth_coef[:, None], HAS_SMOOTHING)
-            dx = tl.where(valid[:, None], _chain(dz, z, logit_scale, softcap, HAS_SOFTCAP), 0.0)
-            dx_offs = row_offset(rows, n_inner, dx_outer_stride, dx_inner_stride)[:, None] \
-                + cols[None, :] * dx_col_stride
-            tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        W = 0.0
+        smooth = 0.0
+    loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
+                     HAS_SMOOTHING)
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+    if COMPUTE_GRAD:
+        g = _grad_scale(divisor_ptr, denom)
+        coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
+                                                   label_smoothing, z_loss)
+        dx = _dx(z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
+                 coef[:, None], true_coef[:, None], smooth_coef[:, None], head,
+                 HAS_SMOOTHING, HAS_SOFTCAP)
+        dx_offs = row_offset(rows, n_inner, dx_strides[0], dx_strides[1])[:, None] \
+            + cols[None, :] * dx_strides[2]
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_fwd_sweep_kernel(
+    # data: as cross_entropy_fwd_kernel
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # sizes
+    n_cols, n_inner, ignore_index,
+    # strides (elements): (outer, inner, col) of x and of dx
+    x_strides, dx_strides,
+    # scalars
+    label_smoothing, z_loss, head, denom,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+):
+    """Program p owns row p: sweep 1 folds its tiles into the online (max, Σexp), the target
+    logit and (smoothing) Σ w·(z − ref) and W = Σ w; then, with ``COMPUTE_GRAD``, sweep 2 walks
+    the tiles in reverse writing dx. With ``PEEL_EDGES`` the sweeps cover the row's body, and its
+    edge tile last in sweep 1, first in sweep 2 (module docstring)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
+    dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
+    tgt = tl.load(target_ptr + row).to(tl.int64)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
+    # The tiles sweep the row's body; offsets, local_t and w_off count from its first column.
+    if PEEL_EDGES:
+        c0, n_body = _peel(x_row, n_cols)
+        x_row = tl.multiple_of(x_row + c0, 16)
+        dx_row = tl.multiple_of(dx_row + c0, 16)
+        local_t = tgt - c0
+        w_off = c0
+        # A body tile's masked-out lanes are real columns (the tail), −inf there: a target
+        # outside the body must match none of them.
+        body_t = tl.where(local_t < n_body, local_t, -1)
     else:
-        row = tl.program_id(0)
-        x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-        dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
-        tgt = tl.load(target_ptr + row).to(tl.int64)
-        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
-        # The tiles sweep the row's body; offsets, local_t and w_row count from its first column.
-        if PEEL_EDGES:
-            c0, n_body = _peel(x_row, n_cols)
-            x_row = tl.multiple_of(x_row + c0, 16)
-            dx_row = tl.multiple_of(dx_row + c0, 16)
-            local_t = tgt - c0
-            w_row = weight_ptr + c0
-            # A body tile's masked-out lanes are real columns (the tail), −inf there: a target
-            # outside the body must match none of them.
-            body_t = tl.where(local_t < n_body, local_t, -1)
+        n_body = n_cols
+        local_t = tgt
+        w_off = 0
+        body_t = tgt
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+
+    # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
+    mask = cols < n_body
+    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
+    row_max = tl.max(z, axis=0)
+    row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
+    z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
+    # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
+    ref = safe_max(row_max)
+    smooth_acc = tl.zeros_like(z)
+    w_acc = tl.zeros_like(z)
+    if HAS_SMOOTHING:
+        w = _load_w(weight_ptr, w_off + cols, mask)
+        smooth_acc = tl.where(mask, (z - ref) * w, 0.0)
+        w_acc = tl.where(mask, w, 0.0).to(z.dtype)
+    for start in range(BLOCK_N, n_body, BLOCK_N):
+        q = start + cols
+        mask = q < n_body
+        z = _logits(x_row + q * x_strides[2], mask, head, HAS_SOFTCAP)
+        row_max, row_sum, z_t, smooth_acc, w_acc = _fold_tile(
+            z, q, mask, body_t, ref, row_max, row_sum, z_t, smooth_acc, w_acc, weight_ptr, w_off,
+            HAS_SMOOTHING)
+    smooth_sum = tl.sum(smooth_acc, axis=0)  # (0 without smoothing)
+    w_sum = tl.sum(w_acc, axis=0)
+    if PEEL_EDGES:
+        e = _edge_offsets(x_row, n_body)
+        edge = (e >= -c0) & (e < n_cols - c0)  # outside the body: compared with local_t
+        z = _logits(x_row + e, edge, head, HAS_SOFTCAP)
+        edge_smooth = tl.zeros_like(z)
+        edge_w = tl.zeros_like(z)
+        row_max, row_sum, z_t, edge_smooth, edge_w = _fold_tile(
+            z, e, edge, local_t, ref, row_max, row_sum, z_t, edge_smooth, edge_w, weight_ptr,
+            w_off, HAS_SMOOTHING)
+        smooth_sum += tl.sum(edge_smooth, axis=0)
+        w_sum += tl.sum(edge_w, axis=0)
+
+    shift = safe_max(row_max)
+    log_sum = tl.log(row_sum)
+    lse = shift + log_sum
+    nll = (shift - z_t) + log_sum
+    if HAS_SMOOTHING:  # W·(lse − ref) − Σ w·(z − ref)
+        if weight_ptr is not None:
+            W = w_sum
         else:
-            n_body = n_cols
-            local_t = tgt
-            w_row = weight_ptr
-            body_t = tgt
-        cols = tl.arange(0, BLOCK_N).to(tl.int64)
-        # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
-        mask = cols < n_body
-        z = _logits(x_row + cols * x_col_stride, mask, logit_scale, softcap, HAS_SOFTCAP)
-        row_max = tl.max(z, axis=0)
-        row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
-        z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
-        # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
-        ref = safe_max(row_max)
-        if HAS_SMOOTHING:
-            smooth_acc = tl.where(mask, (z - ref) * _load_w(w_row, cols, mask, HAS_WEIGHT), 0.0)
-        for start in range(BLOCK_N, n_body, BLOCK_N):
-            q = start + cols
-            mask = q < n_body
-            z = _logits(x_row + q * x_col_stride, mask, logit_scale, softcap, HAS_SOFTCAP)
-            row_max, row_sum, z_t, wz = _fold_stats(z, q, mask, body_t, ref, row_max, row_sum,
-                                                    z_t, w_row, HAS_WEIGHT, HAS_SMOOTHING)
-            if HAS_SMOOTHING:
-                smooth_acc += wz
+            W = n_cols.to(lse.dtype)
+        smooth = W * ((shift - ref) + log_sum) - smooth_sum
+    else:
+        W = 0.0
+        smooth = 0.0
+    loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
+                     HAS_SMOOTHING)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse)
+
+    if COMPUTE_GRAD:
+        g = _grad_scale(divisor_ptr, denom)
+        coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
+                                                   label_smoothing, z_loss)
+        inv_sum = 1.0 / row_sum
+        # Sweep 2 in reverse: the edges (read last), then the last tile first (those are the
+        # tiles most likely still in L2).
         if PEEL_EDGES:
-            e = _edge_offsets(x_row, n_body)
-            edge = (e >= -c0) & (e < n_cols - c0)  # outside the body: compared with local_t
-            z = _logits(x_row + e, edge, logit_scale, softcap, HAS_SOFTCAP)
-            row_max, row_sum, z_t, wz = _fold_stats(z, e, edge, local_t, ref, row_max, row_sum,
-                                                    z_t, w_row, HAS_WEIGHT, HAS_SMOOTHING)
-            if HAS_SMOOTHING:
-                smooth_edge = tl.sum(wz, axis=0)
-        shift = safe_max(row_max)
-        log_sum = tl.log(row_sum)
-        lse = shift + log_sum
-        nll = (shift - z_t) + log_sum
-        W = _weight_sum(w_sum_ptr, n_cols, HAS_WEIGHT)
-        if HAS_SMOOTHING:  # W·(lse − ref) − Σ w·(z − ref)
-            smooth = W * ((shift - ref) + log_sum) - tl.sum(smooth_acc, axis=0)
-            if PEEL_EDGES:
-                smooth -= smooth_edge
-        else:
-            smooth = 0.0
-        loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
-                         HAS_SMOOTHING)
-        tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
-        if COMPUTE_GRAD:
-            coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
-                                                       label_smoothing, z_loss)
-            # Sweep 2 in reverse: the edges (read last), then the last tile first (those are
-            # the tiles most likely still in L2).
-            if PEEL_EDGES:
-                _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, w_row, shift,
-                            1.0 / row_sum, coef, true_coef, smooth_coef, logit_scale, softcap,
-                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            n_tiles = tl.cdiv(n_body, BLOCK_N)
-            for i in range(0, n_tiles):
-                q = (n_tiles - 1 - i) * BLOCK_N + cols
-                _write_grad(x_row + q * x_col_stride, dx_row + q * dx_col_stride, q, q < n_body,
-                            body_t, valid, w_row, shift, 1.0 / row_sum, coef, true_coef,
-                            smooth_coef, logit_scale, softcap, HAS_WEIGHT, HAS_SMOOTHING,
-                            HAS_SOFTCAP)
+            _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, weight_ptr, w_off, shift,
+                        inv_sum, coef, true_coef, smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
+        n_tiles = tl.cdiv(n_body, BLOCK_N)
+        for i in range(0, n_tiles):
+            q = (n_tiles - 1 - i) * BLOCK_N + cols
+            _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < n_body,
+                        body_t, valid, weight_ptr, w_off, shift, inv_sum, coef, true_coef,
+                        smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
+
+
+@triton.jit
+def cross_entropy_finish_kernel(
+    # data: per-row losses (fp32; fp64 for fp64 input), device divisor, the 0-d loss
+    loss_ptr, divisor_ptr, out_ptr,
+    # sizes and scalars
+    n_rows, denom,
+    BLOCK: tl.constexpr,
+):
+    """One program: ``out = Σ_rows loss / (denom · divisor)``, cast to the loss dtype. Per-lane
+    partial sums merged once at the end: a fixed order, deterministic (no atomics)."""
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+    for start in range(0, n_rows, BLOCK):
+        r = start + offs
+        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
+    total = tl.sum(acc, axis=0) / denom
+    if divisor_ptr is not None:
+        total = total / upcast(tl.load(divisor_ptr))
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------- split row
 
 
 @triton.jit
 def cross_entropy_split_stats_kernel(
     # data: logits (n_rows × n_cols local classes), targets, class weights (global), workspace
     x_ptr, target_ptr, weight_ptr, stats_ptr,
-    # shape: program (row, split) owns local columns [split·chunk, (split+1)·chunk); local
+    # sizes: program (row, split) owns local columns [split·chunk, (split+1)·chunk); local
     # column c is global class vocab_start + c
     n_cols, n_inner, chunk, vocab_start,
-    # strides (elements)
-    x_outer_stride, x_inner_stride, x_col_stride,
-    # options
-    softcap, logit_scale,
-    BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    # strides (elements): (outer, inner, col) of x
+    x_strides,
+    # scalars
+    head,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Writes ``stats[row, split, :] = (max z, Σ exp(z − max), z_t if t is in this chunk else 0,
-    Σ w·z)`` over the chunk (the last is 0 without smoothing). Reads chunk·e bytes."""
+    Σ w·z)`` over the chunk (the last is 0 without smoothing). Reads chunk·e bytes. Σ w·z is
+    summed around no shift: its absolute error is about ulp(|z|) per element."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
     local_t = tl.load(target_ptr + row).to(tl.int64) - vocab_start
     start = split.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, n_cols)
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     mask = cols < end
-    x = upcast(tl.load(x_row + cols * x_col_stride, mask=mask, other=0.0))
-    z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
     part_max = tl.max(z, axis=0)
     part_sum = tl.sum(tl.exp2((z - safe_max(part_max)) * LOG2E), axis=0)
     part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
-    smooth_acc = tl.where(mask, z * _load_w(weight_ptr + vocab_start, cols, mask, HAS_WEIGHT),
-                          0.0)
+    smooth_acc = tl.where(mask, z * _load_w(weight_ptr, vocab_start + cols, mask), 0.0)
     for tile in range(start + BLOCK_N, end, BLOCK_N):
         c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = c < end
-        x = upcast(tl.load(x_row + c * x_col_stride, mask=mask, other=0.0))
-        z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        z = _logits(x_row + c * x_strides[2], mask, head, HAS_SOFTCAP)
         part_max, part_sum = online_update(part_max, part_sum, z, 0)
         part_t += tl.sum(tl.where((c == local_t) & mask, z, 0.0), axis=0)
         if HAS_SMOOTHING:
-            smooth_acc += tl.where(mask, z * _load_w(weight_ptr + vocab_start, c, mask,
-                                                     HAS_WEIGHT), 0.0)
+            smooth_acc += tl.where(mask, z * _load_w(weight_ptr, vocab_start + c, mask), 0.0)
     if HAS_SMOOTHING:
         part_smooth = tl.sum(smooth_acc, axis=0)
     else:
@@ -418,17 +457,18 @@ def cross_entropy_split_stats_kernel(
 
 @triton.jit
 def cross_entropy_combine_kernel(
-    # data: workspace (n_rows, n_splits, 4), targets, class weights, Σ w, per-row loss and lse
+    # data: workspace (n_rows, n_splits, 4), targets, class weights, Σ w (device scalar; None
+    # without weights or smoothing), per-row loss and lse
     stats_ptr, target_ptr, weight_ptr, w_sum_ptr, loss_ptr, lse_ptr,
-    # shape
+    # sizes
     n_rows, n_splits, n_classes, ignore_index,
-    # options
+    # scalars
     label_smoothing, z_loss,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):
     """Program p merges the partials of rows [p·BLOCK_M, (p+1)·BLOCK_M), splits in a fixed order
-    (deterministic), into loss and lse. Reads 16 B per (row, split)."""
+    (deterministic), into loss and lse; the smoothing term is ``W·lse − Σ_splits (Σ w·z)`` (the
+    partials' Σ w·z are unshifted). Reads 16 B per (row, split)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     splits = tl.arange(0, BLOCK_S)
@@ -438,54 +478,62 @@ def cross_entropy_combine_kernel(
     part_sum = tl.load(base + 1, mask=mask, other=0.0)
     z_t = tl.sum(tl.load(base + 2, mask=mask, other=0.0), axis=1)
     smooth_sum = tl.sum(tl.load(base + 3, mask=mask, other=0.0), axis=1)
-    row_max = tl.max(part_max, axis=1)
-    shift = safe_max(row_max)
+    shift = safe_max(tl.max(part_max, axis=1))
     row_sum = tl.sum(part_sum * tl.exp2((part_max - shift[:, None]) * LOG2E), axis=1)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
-    W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index)
+    if w_sum_ptr is not None:
+        W = upcast(tl.load(w_sum_ptr))
+    else:
+        W = n_classes.to(lse.dtype)
     loss = _row_loss(lse, (shift - z_t) + log_sum, W * lse - smooth_sum, w_t, valid, in_range,
                      n_classes, label_smoothing, z_loss, HAS_SMOOTHING)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
 
+# --------------------------------------------------------------------------- backward
+
+
 @triton.jit
 def cross_entropy_bwd_kernel(
-    # data: logits, targets, class weights (global), Σ w, per-row lse, grad_output (a scalar or
-    # one per row), mean divisor (device scalar), dlogits (may alias the logits)
+    # data: logits, targets, class weights (global), Σ w (device scalar; None without weights or
+    # smoothing), per-row lse, grad_output (a scalar or one per row), device divisor, dlogits
+    # (may alias the logits)
     x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr, grad_ptr, divisor_ptr, dx_ptr,
-    # shape: program (row, split) owns local columns [split·chunk, (split+1)·chunk) = global
+    # sizes: program (row, split) owns local columns [split·chunk, (split+1)·chunk) = global
     # classes vocab_start + c of n_classes
     n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, grad_row_stride,
-    # strides (elements): x, then dx
-    x_outer_stride, x_inner_stride, x_col_stride,
-    dx_outer_stride, dx_inner_stride, dx_col_stride,
-    # options
-    label_smoothing, z_loss, softcap, logit_scale,
-    BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DIVISOR: tl.constexpr, PEEL_EDGES: tl.constexpr,
+    # strides (elements): (outer, inner, col) of x and of dx
+    x_strides, dx_strides,
+    # scalars
+    label_smoothing, z_loss, head, denom,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PEEL_EDGES: tl.constexpr,
 ):
     """dx over one chunk of one row from the row's lse, with g = grad[row · grad_row_stride]
-    (/ divisor). Reads chunk·e, writes chunk·e; each element is read before it is written, so
-    ``dx_ptr`` may be ``x_ptr`` (in place). With ``PEEL_EDGES`` the chunks (a multiple of 16
-    columns) divide the row's body and split 0 also writes the edge tile (module docstring)."""
+    / (denom · divisor). Reads chunk·e, writes chunk·e; each element is read before it is
+    written, so ``dx_ptr`` may be ``x_ptr`` (in place). With ``PEEL_EDGES`` the chunks (a
+    multiple of 16 columns) divide the row's body and split 0 also writes the edge tile (module
+    docstring)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
-    if HAS_DIVISOR:
-        g = g / upcast(tl.load(divisor_ptr))
+    g = g * _grad_scale(divisor_ptr, denom)
     lse = tl.load(lse_ptr + row)
     tgt = tl.load(target_ptr + row).to(tl.int64)
-    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
-    W = _weight_sum(w_sum_ptr, n_classes, HAS_WEIGHT)
+    valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index)
+    if w_sum_ptr is not None:
+        W = upcast(tl.load(w_sum_ptr))
+    else:
+        W = n_classes.to(lse.dtype)
     coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_classes,
                                                label_smoothing, z_loss)
-    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-    dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
-    # Offsets, local_t and w_row count from the first column of the row's body.
+    x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
+    dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
+    # Offsets, local_t and w_off count from the first column of the row's body.
     if PEEL_EDGES:
         c0, n_body = _peel(x_row, n_cols)
         x_row = tl.multiple_of(x_row + c0, 16)
@@ -494,41 +542,20 @@ def cross_entropy_bwd_kernel(
         c0 = 0
         n_body = n_cols
     local_t = tgt - vocab_start - c0
-    w_row = weight_ptr + vocab_start + c0
+    w_off = vocab_start + c0
     if PEEL_EDGES:
         if split == 0:  # split 0 also writes the edges
             e = _edge_offsets(x_row, n_body)
             _write_grad(x_row + e, dx_row + e, e, (e >= -c0) & (e < n_cols - c0), local_t,
-                        valid, w_row, lse, 1.0, coef, true_coef, smooth_coef, logit_scale,
-                        softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                        valid, weight_ptr, w_off, lse, 1.0, coef, true_coef, smooth_coef, head,
+                        HAS_SMOOTHING, HAS_SOFTCAP)
     start = split.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, n_body)
     for tile in range(start, end, BLOCK_N):
         q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
-        _write_grad(x_row + q * x_col_stride, dx_row + q * dx_col_stride, q, q < end, local_t,
-                    valid, w_row, lse, 1.0, coef, true_coef, smooth_coef, logit_scale, softcap,
-                    HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-
-
-@triton.jit
-def cross_entropy_total_weight_kernel(
-    # data: targets, class weights, the output scalar
-    target_ptr, weight_ptr, out_ptr,
-    # shape
-    n_rows, n_classes, ignore_index,
-    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-):
-    """One program: ``out = Σ_rows w_t`` over targets that are not ``ignore_index`` (a count
-    without weights; an out-of-range target adds 0 with weights — its loss is NaN anyway).
-    Per-lane partial sums merged once at the end: a fixed order, deterministic."""
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-    for start in range(0, n_rows, BLOCK):
-        r = start + offs
-        tgt = tl.load(target_ptr + r, mask=r < n_rows, other=ignore_index).to(tl.int64)
-        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
-        acc += w_t.to(acc.dtype)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
+        _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < end, local_t,
+                    valid, weight_ptr, w_off, lse, 1.0, coef, true_coef, smooth_coef, head,
+                    HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -542,27 +569,52 @@ def _scale_tile(ptrs, g, mask):
 def cross_entropy_scale_grad_kernel(
     # data: the fused gradient (scaled in place) and grad_output (a 0-d tensor)
     dx_ptr, grad_ptr,
-    # shape
-    n_cols, n_inner,
-    # strides (elements) of dx
-    dx_outer_stride, dx_inner_stride, dx_col_stride,
+    # sizes: n_blocks tiles of BLOCK_N columns per row
+    n_rows, n_cols, n_inner, n_blocks,
+    # strides (elements): (outer, inner, col) of dx
+    dx_strides,
     BLOCK_N: tl.constexpr, PEEL_EDGES: tl.constexpr,
 ):
-    """Program (row, block) multiplies dx[row, block] by grad_output, unless it is exactly 1:
-    then it returns without touching memory (the usual ``loss.backward()``). With
-    ``PEEL_EDGES`` the blocks cover the row's body and block 0 also scales the edges."""
+    """Program p multiplies the tiles p, p + P, p + 2P, ... (tile = row · n_blocks + block) of
+    dx by grad_output, unless it is exactly 1: then it returns without touching memory (the
+    usual ``loss.backward()``). With ``PEEL_EDGES`` the blocks cover each row's body and block 0
+    also scales the edges."""
     g = upcast(tl.load(grad_ptr))
     if g != 1.0:
-        row = tl.program_id(0)
-        block = tl.program_id(1)
-        dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
-        if PEEL_EDGES:
-            c0, n_body = _peel(dx_row, n_cols)
-            dx_row = tl.multiple_of(dx_row + c0, 16)
-            if block == 0:
-                e = _edge_offsets(dx_row, n_body)
-                _scale_tile(dx_row + e, g, (e >= -c0) & (e < n_cols - c0))
-        else:
-            n_body = n_cols
-        q = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        _scale_tile(dx_row + q * dx_col_stride, g, q < n_body)
+        cols = tl.arange(0, BLOCK_N).to(tl.int64)
+        for tile in range(tl.program_id(0), n_rows * n_blocks, tl.num_programs(0)):
+            row = tile // n_blocks
+            block = tile % n_blocks
+            dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
+            if PEEL_EDGES:
+                c0, n_body = _peel(dx_row, n_cols)
+                dx_row = tl.multiple_of(dx_row + c0, 16)
+                if block == 0:
+                    e = _edge_offsets(dx_row, n_body)
+                    _scale_tile(dx_row + e, g, (e >= -c0) & (e < n_cols - c0))
+            else:
+                n_body = n_cols
+            q = block * BLOCK_N + cols
+            _scale_tile(dx_row + q * dx_strides[2], g, q < n_body)
+
+
+@triton.jit
+def cross_entropy_total_weight_kernel(
+    # data: targets, class weights (None: a count), the output scalar
+    target_ptr, weight_ptr, out_ptr,
+    # sizes
+    n_rows, n_classes, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    """One program: ``out = Σ_rows w_t`` over targets that are not ``ignore_index`` (a count
+    without weights; an out-of-range target adds 0 with weights — its loss is NaN anyway),
+    accumulated in the output's dtype (fp64 for fp64 logits, whatever the weights' dtype).
+    Per-lane partial sums merged once at the end: a fixed order, deterministic."""
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, n_rows, BLOCK):
+        r = start + offs
+        tgt = tl.load(target_ptr + r, mask=r < n_rows, other=ignore_index).to(tl.int64)
+        valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index)
+        acc += w_t.to(acc.dtype)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
