@@ -37,6 +37,9 @@ FAMILIES = {
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}, 300.0, 2),
     # a divisor
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}, 40.0, 2),
+    # token_type_ids & co. routed to the backbone by name; a union return annotation
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, 20.0, 1),
 }
 # (atol, rtol) against the unpatched model: both sides compute in the same dtype; the fused op
 # forms the logits in chunks and transforms them in fp32, the model in the dtype.
@@ -389,9 +392,19 @@ def test_transformers_patch_declines_forwards_it_cannot_route(device):
     def untyped(self, input_ids=None, labels=None, **kwargs):
         return None
 
+    def union(self, input_ids=None, labels=None, router_mask=None, **kwargs) -> tuple | Out:
+        return None
+
     assert_declines(_fake_class(no_labels)(config), "takes no labels")
     assert_declines(_fake_class(images)(config), r"\['pixel_values'\]")
     assert_declines(_fake_class(untyped)(config), "does not declare a ModelOutput")
+    assert hf._output_class(transformers, _fake_class(union)) is Out
+    # router arguments are never routed, even where the backbone names them
+    backbone = type("Body", (transformers.LlamaModel,), {
+        "forward": lambda self, input_ids=None, router_mask=None, **kwargs: None})
+    fake = _fake_class(union)(config)
+    fake.model = backbone(config)
+    assert_declines(fake, r"\['router_mask'\]")
     assert_declines(_fake_class(base_model_prefix="body")(config), "no separate backbone")
     decoder = torch.nn.Identity()
     assert_declines(_fake_class(get_decoder=lambda self: decoder)(config), "composite")

@@ -67,6 +67,7 @@ _KNOWN_PARAMS = frozenset({
     "labels", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
     "output_hidden_states", "return_dict",
 })
+_OWN_LOSS_PARAM = re.compile(r"router|aux")
 # Keyword arguments that belong to the loss (ForCausalLMLoss), never to the backbone.
 _LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", "logits_to_keep")
 
@@ -178,16 +179,18 @@ def _check_head(model, head) -> None:
 
 def _output_class(transformers, cls):
     import inspect
+    import typing
 
     annotation = inspect.signature(cls.forward).return_annotation
-    if isinstance(annotation, str):
-        annotation = getattr(transformers.modeling_outputs, annotation, None)
-    if not (isinstance(annotation, type)
-            and issubclass(annotation, transformers.utils.ModelOutput)
-            and {"loss", "logits"} <= {f.name for f in dataclasses.fields(annotation)}):
+    # `tuple | CausalLMOutputWithPast` in some forwards: the ModelOutput member is the output
+    members = typing.get_args(annotation) or (annotation,)
+    outputs = [m for m in members if isinstance(m, type)
+               and issubclass(m, transformers.utils.ModelOutput)
+               and {"loss", "logits"} <= {f.name for f in dataclasses.fields(m)}]
+    if len(outputs) != 1:
         raise _Decline(f"{cls.__name__}.forward does not declare a ModelOutput with loss and "
                        f"logits (it declares {annotation!r})")
-    return annotation
+    return outputs[0]
 
 
 def _check_model(transformers, model):
@@ -209,15 +212,20 @@ def _check_model(transformers, model):
     params = [p for name, p in _signature(cls.forward).items() if name != "self"]
     if "labels" not in {p.name for p in params}:
         raise _Decline(f"{cls.__name__}.forward takes no labels")
-    routed = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
-    if routed - _KNOWN_PARAMS:
-        raise _Decline(f"{cls.__name__}.forward takes {sorted(routed - _KNOWN_PARAMS)}, which "
-                       "patch does not know how to route")
     positional = tuple(p.name for p in params
                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     backbone = model.base_model
     if backbone is model:
         raise _Decline("the model has no separate backbone (model.base_model is the model)")
+    # Beyond the common arguments, one the backbone's forward names too is passed on as the
+    # model's forward does (GPT-2's token_type_ids); router arguments never are (their loss
+    # is the model's own).
+    backbone_named = {name for name, p in _signature(type(backbone).forward).items()
+                      if p.kind is not p.VAR_KEYWORD and not _OWN_LOSS_PARAM.search(name)}
+    unknown = {p.name for p in params if p.kind is not p.VAR_KEYWORD} - _KNOWN_PARAMS
+    if unknown - backbone_named:
+        raise _Decline(f"{cls.__name__}.forward takes {sorted(unknown - backbone_named)}, which "
+                       "patch does not know how to route")
     try:
         decoder = model.get_decoder()
     except (AttributeError, NotImplementedError, ValueError) as exc:
