@@ -365,7 +365,7 @@ TRAFFIC_SCHEMA = "probact-gpu-traffic/1"
 _TRAFFIC_KEYS = ("op", "pass", "dtype", "shape", "provider", "status", "reason", "run_shape",
                  "path", "minimal", "triton_loaded", "triton_stored", "reread", "torch_bytes",
                  "triton_launches", "torch_launches", "triton_ratio", "total_ratio", "hbm_ratio",
-                 "kernels", "allocations", "syncs")
+                 "kernels", "kernel_bytes", "allocations", "syncs")
 
 
 def validate_traffic(doc: dict) -> None:
@@ -389,22 +389,27 @@ def validate_traffic(doc: dict) -> None:
             raise ValueError(f"rows[{i}].status = {row['status']!r}")
         if row["status"] == "skipped" and not row["reason"]:
             raise ValueError(f"rows[{i}] is skipped without a reason")
-        for key in ("kernels", "allocations", "syncs"):
+        for key in ("kernels", "kernel_bytes", "allocations", "syncs"):
             if not isinstance(row[key], list):
                 raise ValueError(f"rows[{i}].{key} must be a list")
 
 
-def _launch_list(kernels: list[str]) -> str:
-    """``['a (fwd)', 'a (fwd)', 'aten.b (bwd)']`` -> ``fwd: a ×2; bwd: aten.b``."""
-    phases: dict[str, dict[str, int]] = {}
-    for k in kernels:
-        name, _, phase = k.rpartition(" (")
-        name = name.removesuffix("_kernel")
-        counts = phases.setdefault(phase.rstrip(")"), {})
-        counts[name] = counts.get(name, 0) + 1
-    return "; ".join(f"{phase}: " + ", ".join(n + (f" ×{c}" if c > 1 else "")
-                                               for n, c in names.items())
-                     for phase, names in phases.items())
+def _launch_list(row) -> str:
+    """Per phase, each launch in order, Triton kernels (``_kernel`` dropped) with the bytes they
+    loaded and stored over the minimal bytes: ``fwd: softmax_fwd 1.50/0.50; bwd: aten.zeros``;
+    repeated neighbours as ``×n``."""
+    phases: dict[str, list[list]] = {}
+    for k in row.kernel_bytes:
+        name = k["kernel"].removesuffix("_kernel")
+        if "loaded" in k and row.minimal:
+            name += f" {k['loaded'] / row.minimal:.2f}/{k['stored'] / row.minimal:.2f}"
+        runs = phases.setdefault(k["phase"], [])
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return "; ".join(f"{phase}: " + ", ".join(n + (f" ×{c}" if c > 1 else "") for n, c in runs)
+                     for phase, runs in phases.items())
 
 
 def format_traffic_table(rows) -> str:
@@ -424,7 +429,7 @@ def format_traffic_table(rows) -> str:
                 continue
             reread = "–" if not r.minimal else f"{r.reread / r.minimal:.2f}"
             allocs = ", ".join(r.allocations) or "none"
-            launched = _launch_list(r.kernels).replace("|", "/")
+            launched = _launch_list(r).replace("|", "/")
             if r.syncs:
                 launched += "; HOST SYNC: " + ", ".join(r.syncs)
             out.append(
@@ -464,11 +469,11 @@ def format_traffic_header(env: dict) -> str:
         "+ torch: with the torch kernels outside them (each tensor input read once, each output "
         "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines, "
         "resident programs × 132 SMs in flight) serves at the full shape",
-        "- re-read: bytes a program loads again after loading them itself; allocations: "
-        "new tensors ≥ ½ the input's bytes, in units of it (linear ops: ≥ ½ the logits, by "
-        "shape at the counted shape); launched: Triton kernels (`_kernel` dropped) and `aten.*` "
-        "ops that would be GPU kernels, per phase; the linear ops' ratios are – (compute "
-        "bound, no bytes model)",
+        "- launched: per phase, each Triton kernel with its bytes loaded/stored ÷ min, then the "
+        "torch kernels; re-read: bytes a program loads again after loading them itself; "
+        "allocations: new tensors ≥ ½ the input's bytes, in units of it (linear ops: ≥ ½ the "
+        "logits, by shape at the counted shape); the linear ops' ratios are – (compute bound, "
+        "no bytes model)",
     ]) + "\n"
 
 

@@ -459,6 +459,9 @@ class TrafficRow:
     total_ratio: float | None = None
     hbm_ratio: float | None = None  # L2 model at the full shape: triton + torch HBM bytes
     kernels: list[str] = field(default_factory=list)
+    # Per launch, in order: {"kernel", "phase", "programs", "loaded", "stored", "reread"} for
+    # Triton; {"kernel": "aten.<op>", "phase", "read", "written"} (estimated) for torch.
+    kernel_bytes: list[dict] = field(default_factory=list)
     allocations: list[str] = field(default_factory=list)
     syncs: list[str] = field(default_factory=list)
 
@@ -546,6 +549,11 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
     main_bytes = _main_bytes(op, inputs)
     row.kernels = [f"{k.name} ({k.phase})" for k in counts.kernels] + [
         f"aten.{k.name} ({k.phase})" for k in counts.torch_kernels]
+    row.kernel_bytes = [
+        {"kernel": k.name, "phase": k.phase, "programs": k.programs, "loaded": k.loaded,
+         "stored": k.stored, "reread": k.reread} for k in counts.kernels] + [
+        {"kernel": f"aten.{k.name}", "phase": k.phase, "read": k.read, "written": k.written}
+        for k in counts.torch_kernels]
     if op in shape_table.LINEAR_OPS:  # hidden is scaled down too: sizes, not ratios
         row.allocations = [f"{a.name} {'×'.join(map(str, a.shape))} {a.dtype} ({a.phase})"
                            for a in counts.allocations]
