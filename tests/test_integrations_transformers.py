@@ -207,6 +207,8 @@ def test_transformers_patch_shift_labels_and_logits_to_keep(device):
     for kwargs in cases:
         assert_close(model(**batch, **kwargs).loss, ref(**batch, **kwargs).loss,
                      what=str(sorted(kwargs)))
+    with pytest.raises(ValueError, match="24 shifted labels for 10 positions"):
+        model(**batch, labels=labels, logits_to_keep=5)
 
 
 def test_transformers_slice_hidden_without_transformers_slicer():

@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 import types
+import typing
 import warnings
 from typing import Any
 
@@ -67,14 +69,14 @@ _KNOWN_PARAMS = frozenset({
     "labels", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
     "output_hidden_states", "return_dict",
 })
+# Arguments never passed on to the backbone, even where it names them: their loss is the model's.
 _OWN_LOSS_PARAM = re.compile(r"router|aux")
-# Keyword arguments that belong to the loss (ForCausalLMLoss), never to the backbone.
-_LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", "logits_to_keep")
 
 # Config keys whose name says they may act on the logits or the loss. Those patch reads itself
 # or knows act inside the backbone are listed; any other one with a value that is not None or
 # False makes patch decline.
-_LOGIT_KEY = re.compile(r"logit|lm_head|output_mult|width_mult|mup|dim_model_base|router|aux_loss")
+_LOGIT_KEY = re.compile(
+    r"logit|lm_head|output_mult|width_mult|(^|_)mup(_|$)|dim_model_base|router|aux_loss")
 _READ_KEYS = frozenset({"final_logit_softcapping", "logit_scale", "logits_scaling"})
 _BACKBONE_KEYS = frozenset({"attn_logit_softcapping"})
 # ``logits_scaling`` divides the logits in the Granite family only (another family multiplies
@@ -178,9 +180,6 @@ def _check_head(model, head) -> None:
 
 
 def _output_class(transformers, cls):
-    import inspect
-    import typing
-
     annotation = inspect.signature(cls.forward).return_annotation
     # `tuple | CausalLMOutputWithPast` in some forwards: the ModelOutput member is the output
     members = typing.get_args(annotation) or (annotation,)
@@ -238,8 +237,6 @@ def _check_model(transformers, model):
 
 
 def _signature(fn):
-    import inspect
-
     return inspect.signature(fn).parameters
 
 
@@ -433,7 +430,7 @@ def _probe(model, state) -> str | None:
                                               target, head.bias, options, reduction="none")
             ref_rows = nn.functional.cross_entropy(
                 ref.logits.float().reshape(target.numel(), -1), target, reduction="none")
-    except Exception as exc:  # noqa: BLE001 - any failure of the probe is a reason to decline
+    except Exception as exc:  # any failure of the probe is a reason to decline
         return f"the parity probe failed: {type(exc).__name__}: {exc}"
     finally:
         for module, mode in training.items():
