@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 try:
     import transformers
@@ -129,6 +131,42 @@ def test_transformers_patch_training_matches_unpatched(family, device):
         opt_ref.step()
         opt.zero_grad()
         opt_ref.zero_grad()
+
+
+class _OutputShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shape of every tensor an op returns, by op (a custom op counts as one op: what it
+    allocates inside is its own business, bounded by its chunking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@needs_transformers
+def test_transformers_patch_forms_no_logits(device):
+    """Forward and backward of a training step: no op outside the fused one returns a tensor
+    with a vocabulary dim and a token dim (the unpatched model's logits and their gradient)."""
+    model, ref = patched_pair("llama", device)
+    batch = make_batch(device)
+    n_tokens, seq = batch["input_ids"].numel(), batch["input_ids"].shape[1]
+
+    def logits_like(shape):
+        return VOCAB in shape and (n_tokens in shape or seq in shape)
+
+    found = {}
+    for name, m in (("patched", model), ("unpatched", ref)):
+        with _OutputShapes() as shapes:
+            m(**batch).loss.backward()
+        found[name] = [(f, shape) for f, shape in shapes.seen if logits_like(shape)]
+    assert found["unpatched"], "the check must see the unpatched model's logits"
+    assert not found["patched"], found["patched"][:5]
 
 
 @needs_transformers
