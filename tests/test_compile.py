@@ -1,30 +1,190 @@
-"""torch.compile(fullgraph=True) traces the registered ops with no graph break, forward and
-backward (CPU: the aot_eager backend runs the same AOTAutograd tracing as inductor; the gpu
-tier compiles with inductor)."""
+"""The registered ops and the public functions under torch.compile and torch.library's checks.
+
+- ``torch.library.opcheck`` over every registered ``probact_gpu::*`` op (a case per op, on small
+  inputs; a test fails when an op is registered without one), with the checks that run through
+  Triton's interpreter on CPU;
+- ``torch.compile(fullgraph=True)`` traces every public function with no graph break, forward
+  and backward, including ``cross_entropy(..., inplace_backward=True)`` (CPU: the aot_eager
+  backend runs the same AOTAutograd tracing as inductor; the gpu tier compiles with inductor).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 
 import probact_gpu as pg
+from probact_gpu.options import CrossEntropyOptions
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's inf − inf lanes
+
+OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy",
+               "token_log_probs")
+# opcheck's checks: schema, autograd registration and fake tensors run the op and its fake
+# implementation; test_aot_dispatch_dynamic traces it with AOTAutograd and dynamic shapes.
+ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+              "test_aot_dispatch_dynamic")
+# An op whose registered backward scales a saved forward output in place (the fused gradients
+# of cross-entropy / linear + CE): AOTAutograd's opcheck cannot partition that backward, and
+# torch.compile takes an out-of-place branch instead (traced below).
+NO_AOT = ALL_CHECKS[:3]
 
 
-def _loss(x, w, t):
+def _registered_ops() -> set[str]:
+    for name in OPS_MODULES:
+        importlib.import_module(f"probact_gpu.ops.{name}")
+    importlib.import_module("probact_gpu.distributed")
+    return {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+            if n.startswith("probact_gpu::")}
+
+
+def _x(*shape, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+
+def _t(n, c, seed=1):
+    t = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
+    t[1] = -100
+    return t
+
+
+def _ce(**kw):
+    return CrossEntropyOptions.from_kwargs(**kw).schema_args()
+
+
+def _tlp_stats():
+    logits, t = _x(5, 9, grad=False), _t(5, 9)
+    out = torch.ops.probact_gpu.token_log_probs(logits, t, -100, 1.0, 1.0, 4.0, 0.7, True, False,
+                                                True)
+    return logits, t, out[-1]
+
+
+# One case per registered op: (args, checks).
+CASES = {
+    "softmax_fwd": lambda: ((_x(4, 7), 1, False, None), ALL_CHECKS),
+    "softmax_bwd": lambda: ((torch.softmax(_x(4, 7, grad=False), 1), _x(4, 7, grad=False), 1,
+                             False, torch.float32), ALL_CHECKS),
+    "sigmoid_fwd": lambda: ((_x(4, 7), True), ALL_CHECKS),
+    "sigmoid_bwd": lambda: ((_x(4, 7, grad=False), _x(4, 7, grad=False, seed=2), True),
+                            ALL_CHECKS),
+    "bce_fwd": lambda: ((_x(4, 7), torch.rand(4, 7), torch.rand(7), None, "mean", False),
+                        ALL_CHECKS),
+    "bce_bwd": lambda: ((_x(4, 7, grad=False, seed=3), _x(4, 7, grad=False), torch.rand(4, 7),
+                         None, torch.rand(7), "none"), ALL_CHECKS),
+    "bce_scale_grad_": lambda: ((_x(4, 7, grad=False), torch.tensor(0.5)), ALL_CHECKS),
+    "cross_entropy": lambda: ((_x(4, 7), _t(4, 7), *_ce(
+        weight=torch.rand(7), reduction="sum", label_smoothing=0.25, z_loss=0.01, softcap=2.0,
+        logit_scale=1.5, logit_divisor=2.0, temperature=0.5, normalizer=3.0), False),
+        ALL_CHECKS),
+    "cross_entropy_inplace": lambda: ((_x(4, 7, grad=False), _t(4, 7),
+                                       *_ce(label_smoothing=0.1)), ALL_CHECKS),
+    "cross_entropy_bwd": lambda: ((_x(4, 7, grad=False), _t(4, 7), torch.randn(4),
+                                   torch.rand(4), *_ce(reduction="none", softcap=3.0)),
+                                  ALL_CHECKS),
+    "cross_entropy_bwd_inplace": lambda: ((_x(4, 7, grad=False), _t(4, 7), torch.randn(4),
+                                           torch.rand(4), *_ce(reduction="none")), ALL_CHECKS),
+    "linear_cross_entropy": lambda: ((_x(6, 5), _x(9, 5, seed=4), _t(6, 9), _x(9, seed=5),
+                                      *_ce(reduction="none", label_smoothing=0.1), 4, None,
+                                      False, [True, True, True]), ALL_CHECKS),
+    "linear_cross_entropy_bwd": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False, seed=4),
+                                          _t(6, 9), None, torch.randn(6) + 3.0, torch.rand(6),
+                                          *_ce(reduction="none"), 4, None, False,
+                                          [True, True, False]), ALL_CHECKS),
+    "scale_grads": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False), _x(9, grad=False),
+                             torch.tensor(2.0)), ALL_CHECKS),
+    # test_aot_dispatch_dynamic crashes the process on this op (a segmentation fault inside
+    # the AOT trace with dynamic shapes, torch 2.13 / triton 3.9 interpreter; not understood
+    # yet): left out here so the other checks and ops still run.
+    "token_log_probs": lambda: ((_x(5, 9), _t(5, 9), -100, 1.0, 1.0, 4.0, 0.7, True, True,
+                                 False), NO_AOT),
+    "token_log_probs_bwd": lambda: ((*_tlp_stats(), torch.rand(5), torch.rand(5), -100, 1.0,
+                                     1.0, 4.0, 0.7), ALL_CHECKS),
+}
+
+
+def test_every_registered_op_has_an_opcheck_case():
+    assert _registered_ops() == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name):
+    _registered_ops()
+    args, checks = CASES[name]()
+    torch.library.opcheck(getattr(torch.ops.probact_gpu, name).default, args,
+                          test_utils=checks)
+
+
+def test_opcheck_cross_entropy_fused_gradient():
+    """The fused-gradient variant (NO_AOT: see above)."""
+    args = (_x(4, 7), _t(4, 7), *_ce(weight=torch.rand(7), label_smoothing=0.25), True)
+    torch.library.opcheck(torch.ops.probact_gpu.cross_entropy.default, args, test_utils=NO_AOT)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _softmax_and_linear_ce(x, w, t):
     return (pg.log_softmax(x @ w.T * 2.0, -1).sum() + pg.softmax(x, 0).square().sum()
             + pg.linear_cross_entropy(x, w, t, chunk_size=4)
             + pg.linear_cross_entropy(x, w, t, low_memory=True, reduction="sum"))
 
 
-def _compare(backend, device):
+def _inputs(x, w, t):
+    logits = x @ w.T
+    return logits, torch.softmax(logits.detach() * 0.5, -1), t.clamp(min=0)
+
+
+# Each public function (and each form of cross_entropy), as fn(x, w, t) -> scalar.
+PUBLIC = {
+    "softmax": lambda x, w, t: pg.softmax(x @ w.T, -1).square().sum(),
+    "log_softmax": lambda x, w, t: pg.log_softmax(x @ w.T, 0).sum(),
+    "sigmoid": lambda x, w, t: pg.sigmoid(x @ w.T).square().sum(),
+    "logsigmoid": lambda x, w, t: pg.logsigmoid(x @ w.T).sum(),
+    "bce_with_logits": lambda x, w, t: pg.binary_cross_entropy_with_logits(
+        x @ w.T, torch.sigmoid(_inputs(x, w, t)[0].detach()),
+        pos_weight=torch.full((w.shape[0],), 2.0, device=x.device)),
+    "cross_entropy": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, t, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, temperature=0.8),
+    "cross_entropy_none": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, t, reduction="none", logit_divisor=2.0).sum(),
+    "cross_entropy_probs_normalizer": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, _inputs(x, w, t)[1], reduction="sum", normalizer=4.0),
+    "cross_entropy_lse": lambda x, w, t: sum(
+        v.sum() for v in pg.cross_entropy(x @ w.T, t, return_lse=True)),  # lse: no gradient
+    "cross_entropy_inplace_mean": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, t, inplace_backward=True),
+    "cross_entropy_inplace_sum": lambda x, w, t: pg.cross_entropy(
+        (x @ w.T).view(-1, w.shape[0]), t, reduction="sum", inplace_backward=True),
+    "linear_cross_entropy": lambda x, w, t: pg.linear_cross_entropy(x, w, t, chunk_size=4),
+    "linear_cross_entropy_low_memory": lambda x, w, t: pg.linear_cross_entropy(
+        x, w, t, low_memory=True, reduction="sum"),
+    "token_log_probs": lambda x, w, t: pg.token_log_probs(
+        x @ w.T, _inputs(x, w, t)[2], temperature=0.7).sum(),
+    "linear_token_log_probs": lambda x, w, t: pg.linear_token_log_probs(
+        x, w, _inputs(x, w, t)[2], chunk_size=4).sum(),
+}
+# Public functions that do not trace yet (their own modules): xfail with what the trace said.
+NOT_TRACEABLE = {
+    "linear_token_log_probs": "an autograd.Function whose forward launches Triton: dynamo "
+                              "cannot trace UntypedStorage.data_ptr in the launch",
+}
+
+
+def _compare(fn, backend, device):
     torch.manual_seed(0)
     x = torch.randn(8, 16, device=device, requires_grad=True)
     w = torch.randn(10, 16, device=device, requires_grad=True)
     t = torch.randint(0, 10, (8,), device=device)
-    compiled = torch.compile(_loss, fullgraph=True, backend=backend)
+    t[2] = -100
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
     out = compiled(x, w, t)
     out.backward()
     grads = (x.grad.clone(), w.grad.clone())
     x.grad = w.grad = None
-    ref = _loss(x, w, t)
+    ref = fn(x, w, t)
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grads[0], x.grad)
@@ -33,10 +193,25 @@ def _compare(backend, device):
 
 def test_softmax_and_linear_ce_compile_fullgraph(device):
     torch._dynamo.reset()
-    _compare("aot_eager", device)
+    _compare(_softmax_and_linear_ce, "aot_eager", device)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=NOT_TRACEABLE[n], strict=True))
+    if n in NOT_TRACEABLE else n for n in PUBLIC])
+def test_public_function_compiles_fullgraph(device, name):
+    torch._dynamo.reset()
+    _compare(PUBLIC[name], "aot_eager", device)
 
 
 @pytest.mark.gpu
 def test_softmax_and_linear_ce_compile_inductor_gpu(device):
     torch._dynamo.reset()
-    _compare("inductor", device)
+    _compare(_softmax_and_linear_ce, "inductor", device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in PUBLIC if n not in NOT_TRACEABLE])
+def test_public_function_compiles_inductor_gpu(device, name):
+    torch._dynamo.reset()
+    _compare(PUBLIC[name], "inductor", device)
