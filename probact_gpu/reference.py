@@ -155,9 +155,11 @@ def cross_entropy(
     onehot = np.zeros_like(x)
     onehot[rows[in_range], t[in_range]] = 1.0
     with np.errstate(invalid="ignore"):
-        dz = p * ((1 - label_smoothing) * w_t + label_smoothing / c * w.sum()
-                  + 2 * z_loss * lse)[:, None] \
-            - (1 - label_smoothing) * w_t[:, None] * onehot - label_smoothing / c * w[None, :]
+        # Each term as a difference of like quantities (p − onehot, p·W − w), so an exactly zero
+        # gradient (one class: p = 1) comes out exactly zero rather than as float64 noise.
+        dz = (1 - label_smoothing) * w_t[:, None] * (p - onehot) \
+            + label_smoothing / c * (p * w.sum() - w[None, :]) \
+            + 2 * z_loss * lse[:, None] * p
     dz = np.where((valid & ~in_range)[:, None], np.nan, dz)
     dz = np.where(valid[:, None], dz, 0.0)
     if reduction == "none":
