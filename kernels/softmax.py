@@ -16,11 +16,13 @@ Three paths (chosen in ``probact_gpu.tiling``):
 
 - single tile (``SINGLE_TILE``): ``BLOCK_M`` rows x ``BLOCK_N >= n_cols`` per program, the row
   held in registers. HBM per row: fwd reads x, writes y (2·N·e); bwd reads y, dy, writes dx (3·N·e).
-- multi tile: one program per row (or a persistent grid of P programs, each taking rows P
-  apart: ``RowConfig.n_programs``); sweep 1 folds tiles into the online (max, sum) (bwd: the dot
-  product), sweep 2 walks the tiles *in reverse* so the first tiles it re-reads are the ones
-  sweep 1 read last, most likely still in L2. HBM per row: fwd 3·N·e (x read twice unless L2
-  holds it), bwd 5·N·e likewise.
+- multi tile: one program per row, or a persistent grid of P programs each taking rows P apart
+  (``PERSISTENT``, ``RowConfig.n_programs``; the default for long rows, where P bounds the rows
+  in flight so they fit L2: the model is in ``probact_gpu.tiling``). Sweep 1 folds tiles into
+  the online (max, sum) (bwd: the dot product), sweep 2 walks the tiles *in reverse* so the
+  first tiles it re-reads are the ones sweep 1 read last. HBM per row: fwd 2·N·e when sweep 2
+  hits L2, up to 3·N·e when it misses; bwd 3·N·e to 5·N·e likewise. Bytes issued are the upper
+  figure either way. ``NUM_STAGES`` > 1 software-pipelines both sweeps (off by default).
 - split row: ``n_splits`` programs per row, two launches. ``*_split_stats``/``*_split_dot``
   write one partial per (row, split) to a small fp32 workspace; the second kernel merges the
   row's partials (in a fixed order: deterministic) and writes its own chunk. Bytes as multi-tile.
@@ -52,11 +54,11 @@ def softmax_fwd_kernel(
     y_outer_stride, y_inner_stride, y_col_stride,
     # tiling and flavour
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, IS_LOG: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Single tile: program p computes rows [p·BLOCK_M, (p+1)·BLOCK_M). Multi tile: program p
     computes row p (``PERSISTENT``: rows p, p + P, ... of P programs) with two sweeps of
-    BLOCK_N columns each."""
+    BLOCK_N columns each, software-pipelined ``NUM_STAGES`` deep (1: not pipelined)."""
     if SINGLE_TILE:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -77,37 +79,43 @@ def softmax_fwd_kernel(
         for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
             _softmax_row_fwd(x_ptr, y_ptr, row, n_cols, n_inner, x_outer_stride, x_inner_stride,
                              x_col_stride, y_outer_stride, y_inner_stride, y_col_stride,
-                             BLOCK_N, IS_LOG)
+                             BLOCK_N, IS_LOG, NUM_STAGES)
     else:
         _softmax_row_fwd(x_ptr, y_ptr, tl.program_id(0), n_cols, n_inner, x_outer_stride,
                          x_inner_stride, x_col_stride, y_outer_stride, y_inner_stride,
-                         y_col_stride, BLOCK_N, IS_LOG)
+                         y_col_stride, BLOCK_N, IS_LOG, NUM_STAGES)
 
 
 @triton.jit
 def _softmax_row_fwd(x_ptr, y_ptr, row, n_cols, n_inner, x_outer_stride, x_inner_stride,
                      x_col_stride, y_outer_stride, y_inner_stride, y_col_stride,
-                     BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr):
-    """One row, multi tile: the online sweep, then the normalising sweep last tile first."""
+                     BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """One row, multi tile: the online sweep, then the normalising sweep last tile first. Cache
+    hints: sweep 1 reads with ``evict_last`` (the row is read again), sweep 2 reads and writes
+    with ``evict_first`` (nothing is read again), so the y stream does not push x out of L2."""
     x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
     y_row = y_ptr + row_offset(row, n_inner, y_outer_stride, y_inner_stride)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     # Sweep 1: online (max, sum). The first tile seeds the state (its dtype is the math's).
-    x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < n_cols, other=float("-inf")))
+    x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < n_cols, other=float("-inf"),
+                       eviction_policy="evict_last"))
     row_max = tl.max(x, axis=0)
     row_sum = tl.sum(tl.exp2((x - safe_max(row_max)) * LOG2E), axis=0)
-    for start in range(BLOCK_N, n_cols, BLOCK_N):
+    for start in tl.range(BLOCK_N, n_cols, BLOCK_N, num_stages=NUM_STAGES):
         c = start + cols
-        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols, other=float("-inf")))
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols, other=float("-inf"),
+                           eviction_policy="evict_last"))
         row_max, row_sum = online_update(row_max, row_sum, x, 0)
     # Sweep 2, last tile first.
     shift = safe_max(row_max)
     n_tiles = tl.cdiv(n_cols, BLOCK_N)
-    for i in range(0, n_tiles):
+    for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
         c = (n_tiles - 1 - i) * BLOCK_N + cols
-        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols))
+        x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols,
+                           eviction_policy="evict_first"))
         y = _softmax_out(x, shift, row_sum, IS_LOG)
-        tl.store(y_row + c * y_col_stride, y.to(y_ptr.dtype.element_ty), mask=c < n_cols)
+        tl.store(y_row + c * y_col_stride, y.to(y_ptr.dtype.element_ty), mask=c < n_cols,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -212,7 +220,7 @@ def softmax_bwd_kernel(
     y_outer_stride, y_inner_stride, y_col_stride,
     dy_outer_stride, dy_inner_stride, dy_col_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, IS_LOG: tl.constexpr,
-    PERSISTENT: tl.constexpr, RELOAD: tl.constexpr,
+    PERSISTENT: tl.constexpr, RELOAD: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Program mapping as the forward. dot = Σ dy⊙y (softmax) or Σ dy (log_softmax), accumulated
     per lane and reduced once after the loop. ``RELOAD`` (single tile only): read y and dy again
@@ -241,39 +249,47 @@ def softmax_bwd_kernel(
         for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
             _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, row, n_cols, n_inner, y_outer_stride,
                              y_inner_stride, y_col_stride, dy_outer_stride, dy_inner_stride,
-                             dy_col_stride, BLOCK_N, IS_LOG)
+                             dy_col_stride, BLOCK_N, IS_LOG, NUM_STAGES)
     else:
         _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, tl.program_id(0), n_cols, n_inner,
                          y_outer_stride, y_inner_stride, y_col_stride, dy_outer_stride,
-                         dy_inner_stride, dy_col_stride, BLOCK_N, IS_LOG)
+                         dy_inner_stride, dy_col_stride, BLOCK_N, IS_LOG, NUM_STAGES)
 
 
 @triton.jit
 def _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, row, n_cols, n_inner, y_outer_stride,
                      y_inner_stride, y_col_stride, dy_outer_stride, dy_inner_stride,
-                     dy_col_stride, BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr):
-    """One row, multi tile: the dot product sweep, then the gradient sweep last tile first."""
+                     dy_col_stride, BLOCK_N: tl.constexpr, IS_LOG: tl.constexpr,
+                     NUM_STAGES: tl.constexpr):
+    """One row, multi tile: the dot product sweep, then the gradient sweep last tile first, with
+    the forward's cache hints (sweep 1 ``evict_last``, sweep 2 ``evict_first``)."""
     y_base = row_offset(row, n_inner, y_outer_stride, y_inner_stride)
     dy_row = dy_ptr + row_offset(row, n_inner, dy_outer_stride, dy_inner_stride)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     mask = cols < n_cols
-    y = upcast(tl.load(y_ptr + y_base + cols * y_col_stride, mask=mask, other=0.0))
-    dy = upcast(tl.load(dy_row + cols * dy_col_stride, mask=mask, other=0.0))
+    y = upcast(tl.load(y_ptr + y_base + cols * y_col_stride, mask=mask, other=0.0,
+                       eviction_policy="evict_last"))
+    dy = upcast(tl.load(dy_row + cols * dy_col_stride, mask=mask, other=0.0,
+                        eviction_policy="evict_last"))
     acc = _bwd_term(y, dy, IS_LOG)
-    for start in range(BLOCK_N, n_cols, BLOCK_N):
+    for start in tl.range(BLOCK_N, n_cols, BLOCK_N, num_stages=NUM_STAGES):
         c = start + cols
-        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
-        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
+        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0,
+                           eviction_policy="evict_last"))
+        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0,
+                            eviction_policy="evict_last"))
         acc += _bwd_term(y, dy, IS_LOG)
     dot = tl.sum(acc, axis=0)
     n_tiles = tl.cdiv(n_cols, BLOCK_N)
-    for i in range(0, n_tiles):
+    for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
         c = (n_tiles - 1 - i) * BLOCK_N + cols
-        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0))
-        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0))
+        y = upcast(tl.load(y_ptr + y_base + c * y_col_stride, mask=c < n_cols, other=0.0,
+                           eviction_policy="evict_first"))
+        dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0,
+                            eviction_policy="evict_first"))
         dx = _bwd_out(y, dy, dot, IS_LOG)
         tl.store(dx_ptr + y_base + c * y_col_stride, dx.to(dx_ptr.dtype.element_ty),
-                 mask=c < n_cols)
+                 mask=c < n_cols, eviction_policy="evict_first")
 
 
 @triton.jit

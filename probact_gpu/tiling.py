@@ -6,7 +6,9 @@ Row-reduction ops (softmax, log_softmax, cross-entropy) run one of three paths:
 - ``single``: the whole row is one tile held on-chip (``BLOCK_N >= n_cols``), optionally several
   rows per program (``BLOCK_M``). One read, one write per element.
 - ``multi``: one program per row sweeps it in ``BLOCK_N`` tiles keeping an online (max, sum of
-  exp), then sweeps it again (in reverse, so the tiles read last are still in L2) to write.
+  exp), then sweeps it again (in reverse, so the tiles read last are still in L2) to write. For
+  softmax the programs may be a persistent grid that loops over rows, bounding the rows in
+  flight so the second sweep is an L2 hit (``choose_row_config``'s ``reread_tensors``, below).
 - ``split``: few long rows. ``n_splits`` programs per row each reduce a chunk to a partial
   (max, sum); a second launch merges the partials of its row and writes its chunk. This is what
   lets 8 rows x 262144 columns spread over every SM.
@@ -52,8 +54,10 @@ class RowConfig:
     row; k > 0 launches min(k, rows) programs that each loop over rows k apart — a persistent
     grid bounding the rows in flight (and so the L2 footprint of the second sweep). Softmax
     only: the row loop raised the cross-entropy forward from 64 to 73 registers on sm_90 (32 to
-    16 resident warps, scripts/sm90_report.py), so its launcher refuses it. The heuristics leave
-    it at 0 until a GPU sweep (perf/sweep_tiling.py) shows a gain."""
+    16 resident warps, scripts/sm90_report.py), so its launcher refuses it. Softmax's default
+    uses it where the L2 model says it pays (``persistent_programs``). ``num_stages`` (``multi``
+    only): software-pipelining depth of the two sweeps (``tl.range(..., num_stages=)``); 1 is
+    none, the default (see ``PIPELINE_STAGES``)."""
 
     path: str
     block_n: int
@@ -61,6 +65,7 @@ class RowConfig:
     block_m: int = 1
     n_splits: int = 1
     n_programs: int = 0
+    num_stages: int = 1
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -80,6 +85,9 @@ class RowConfig:
         if self.n_programs < 0 or (self.n_programs and self.path != "multi"):
             raise ValueError(f"n_programs={self.n_programs} must be >= 0 and applies to the "
                              "multi path only")
+        if self.num_stages < 1 or (self.num_stages > 1 and self.path != "multi"):
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1 and only the multi "
+                             "path pipelines (> 1)")
 
     def validate_for(self, n_cols: int) -> None:
         """A single tile must cover the row; raise otherwise (a user-supplied config)."""
@@ -109,12 +117,79 @@ def loop_block(elem_size: int) -> int:
     return LOOP_TILE_BYTES // elem_size
 
 
+# --------------------------------------------------------------------------- long rows: L2 model
+#
+# The multi path reads each row twice; the second (reverse) sweep is an L2 hit only while every
+# row in flight still sits in L2 from its first sweep. Rows in flight = programs resident per SM
+# x SMs, each holding ``reread_tensors x n_cols x e`` bytes to be read again (softmax forward:
+# x; backward: y and dy). The y / dx the second sweep writes streams through L2 as well (with
+# evict_first), so the rows may use only ``L2_REREAD_FRACTION`` of it. H200: 132 SMs, 50 MB L2.
+#
+#   one program per row: up to 64 / num_warps resident a SM (4 at 16 warps; 3-4 by registers,
+#   scripts/sm90_report.py), i.e. 528 rows in flight:
+#       fwd 65536 bf16: 528 x 128 KiB = 69 MB > 25 MB     bwd: 2 x that
+#   persistent, k programs a SM (k x 132 rows in flight), k the largest that fits 25 MB:
+#       fwd 32768 bf16 (64 KiB rows): k = 2, 17 MB      65536: k = 1, 17 MB
+#       fwd 131072 bf16: k = 1, 34 MB (over the budget, under the 50 MB L2)
+#       fwd 262144 bf16 / bwd 131072+: k = 1, 66+ MB -- no longer fits; one row a SM still keeps
+#       the most of it in L2 (4x fewer rows in flight than one program per row). Past that only
+#       keeping the row on-chip across CTAs reaches one read.
+#
+# With one or two programs a SM, bytes in flight come from the tile alone (the loops are not
+# pipelined by default, below): a persistent tile is widened until each SM has
+# ``IN_FLIGHT_BYTES_PER_SM`` of loads per step -- 32 KiB (16384 bf16 / 8192 fp32) for the forward
+# at k = 1, 16 KiB for the backward (two tensors) -- Little's law at ~4.2 TB/s and ~1 µs of
+# latency wants ~32 KiB a SM. sm_90 (triton 3.9): forward 16384 bf16 at 16 warps 63 registers,
+# backward 16 KiB tiles 40: no spill.
+
+L2_BYTES = 50 * 1000 * 1000
+L2_REREAD_FRACTION = 0.5
+IN_FLIGHT_BYTES_PER_SM = 32 * 1024
+SM_WARPS = 64  # resident warps an SM holds at most (sm_80 / sm_90)
+# Software pipelining of the sweeps (RowConfig.num_stages > 1) is reachable by config= and
+# tested, not the default: on sm_90 (triton 3.9, scripts/sm90_report.py) it turned the 16-byte
+# loads into 4-byte ones staged through shared memory (no cp.async), and 3 stages took 84-144
+# registers at the widths above. A GPU sweep should decide.
+PIPELINE_STAGES = 1
+
+
+def l2_reread_budget() -> int:
+    """Bytes of rows in flight the second sweep may expect to find in L2."""
+    return int(L2_BYTES * L2_REREAD_FRACTION)
+
+
+def persistent_programs(n_cols: int, elem_size: int, sm_count: int, num_warps: int,
+                        reread_tensors: int) -> int:
+    """Programs of the persistent multi-tile grid (0: one program per row pays as well). The
+    largest k <= the resident limit with k x ``sm_count`` rows in flight within the L2 budget,
+    at least 1 a SM; 0 when one program per row already fits the budget."""
+    row_bytes = reread_tensors * n_cols * elem_size
+    resident = max(1, SM_WARPS // num_warps)
+    if resident * sm_count * row_bytes <= l2_reread_budget():
+        return 0
+    k = max(1, min(resident, l2_reread_budget() // (sm_count * row_bytes)))
+    return k * sm_count
+
+
+def persistent_block(n_cols: int, elem_size: int, programs_per_sm: int,
+                     reread_tensors: int) -> int:
+    """Tile width (elements) of the persistent sweeps: ``IN_FLIGHT_BYTES_PER_SM`` of loads a step
+    across the SM's programs and tensors, between ``LOOP_TILE_BYTES`` and twice that."""
+    per_tile = IN_FLIGHT_BYTES_PER_SM // (programs_per_sm * reread_tensors)
+    tile_bytes = min(max(per_tile, LOOP_TILE_BYTES), 2 * LOOP_TILE_BYTES)
+    return min(tile_bytes // elem_size, next_power_of_2(n_cols))
+
+
 def choose_row_config(
-    n_rows: int, n_cols: int, elem_size: int, sm_count: int, *, max_single_cols: int | None = None
+    n_rows: int, n_cols: int, elem_size: int, sm_count: int, *,
+    max_single_cols: int | None = None, reread_tensors: int = 0,
 ) -> RowConfig:
     """Pick the path and tile sizes for ``n_rows`` rows of ``n_cols`` elements of ``elem_size``
     bytes on a device with ``sm_count`` SMs. ``max_single_cols`` lowers the single-tile limit for
-    kernels that keep more than one row-sized value live (cross-entropy's gradient)."""
+    kernels that keep more than one row-sized value live (cross-entropy's gradient).
+    ``reread_tensors``: row-sized tensors the multi path's second sweep reads again (softmax
+    forward 1, backward 2); with it the multi path may become a persistent grid (the L2 model
+    above). 0 (cross-entropy) keeps one program per row."""
     single_limit = single_tile_max_cols(elem_size)
     if max_single_cols is not None:
         single_limit = min(single_limit, max_single_cols)
@@ -134,7 +209,14 @@ def choose_row_config(
         if n_splits > 1:
             block_n = min(block_n, next_power_of_2(cdiv(n_cols, n_splits)))
             return RowConfig("split", block_n, warps_for(block_n), n_splits=n_splits)
-    return RowConfig("multi", block_n, warps_for(block_n))
+    if reread_tensors:
+        programs = persistent_programs(n_cols, elem_size, sm_count, warps_for(block_n),
+                                       reread_tensors)
+        if programs and programs < n_rows:
+            block_n = persistent_block(n_cols, elem_size, programs // sm_count, reread_tensors)
+            return RowConfig("multi", block_n, warps_for(block_n), n_programs=programs,
+                             num_stages=PIPELINE_STAGES)
+    return RowConfig("multi", block_n, warps_for(block_n), num_stages=PIPELINE_STAGES)
 
 
 # Softmax backward, single tile: at 16384 elements a program (a 32 KiB bf16 row at 16 warps)

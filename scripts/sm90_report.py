@@ -159,22 +159,30 @@ def _meta(shape, dtype):
 
 
 def softmax_case(dtype: str, m: int, n: int, logs=(False, True),
-                 n_programs: int = 0) -> Callable[[], None]:
-    """The launchers' default configs; with ``n_programs``, the multi-tile path on a persistent
-    grid of that many programs (the variant perf/sweep_tiling.py times)."""
+                 variant: str = "default") -> Callable[[], None]:
+    """The launchers' default configs (long rows: the persistent grid ``tiling`` picks), or the
+    multi-tile alternatives ``config=`` reaches: ``per_row`` (one program per row, 16 KiB
+    tiles) and ``pipelined`` (the default's grid and tiles, sweeps pipelined 2 deep)."""
     def run():
+        import dataclasses as dc
+
         from probact_gpu import tiling
         from probact_gpu.ops.softmax import softmax_bwd, softmax_fwd
         from probact_gpu.tiling import RowConfig
 
-        config = None
-        if n_programs:
-            width = tiling.loop_block(2 if dtype == "bf16" else 4)
-            config = RowConfig("multi", width, tiling.warps_for(width), n_programs=n_programs)
+        e = 8 if dtype == "fp64" else 2 if dtype == "bf16" else 4
         x = _meta((m, n), dtype)
         for log in logs:
-            y = softmax_fwd(x, log=log, config=config)
-            softmax_bwd(y, _meta((m, n), dtype), log=log, config=config)
+            configs = [None, None]
+            if variant == "per_row":
+                width = tiling.loop_block(e)
+                configs = [RowConfig("multi", width, tiling.warps_for(width))] * 2
+            elif variant == "pipelined":
+                configs = [dc.replace(tiling.choose_row_config(m, n, e, H200_SMS,
+                                                               reread_tensors=reread),
+                                      num_stages=2) for reread in (1, 2)]
+            y = softmax_fwd(x, log=log, config=configs[0])
+            softmax_bwd(y, _meta((m, n), dtype), log=log, config=configs[1])
     return run
 
 
@@ -299,8 +307,9 @@ def full_cases() -> list[Case]:
             cases.append(Case(f"softmax {BUDGET // n}x{n}", dtype,
                               softmax_case(dtype, BUDGET // n, n)))
         cases.append(Case(f"softmax {few_m}x{few_n}", dtype, softmax_case(dtype, few_m, few_n)))
-        cases.append(Case("softmax 4096x65536 (persistent, 264 programs)", dtype,
-                          softmax_case(dtype, 4096, 65536, n_programs=264)))
+        for variant in ("per_row", "pipelined"):
+            cases.append(Case(f"softmax 4096x65536 ({variant})", dtype,
+                              softmax_case(dtype, 4096, 65536, variant=variant)))
         for v in CE_VOCABS:
             for variant in CE_VARIANTS:
                 cases.append(Case(f"CE {CE_TOKENS}x{v} {variant}", dtype,
@@ -346,8 +355,8 @@ def smoke_cases() -> list[Case]:
         Case("softmax 65536x4096", "bf16", softmax_case("bf16", 65536, 4096, logs=(True,))),
         Case("softmax 4096x65536", "bf16", softmax_case("bf16", 4096, 65536, logs=(False,))),
         Case("softmax 32x262144", "bf16", softmax_case("bf16", 32, 262144, logs=(True,))),
-        Case("softmax 4096x65536 (persistent)", "bf16",
-             softmax_case("bf16", 4096, 65536, logs=(False,), n_programs=264)),
+        Case("softmax 4096x65536 (per_row)", "bf16",
+             softmax_case("bf16", 4096, 65536, logs=(False,), variant="per_row")),
         Case("CE 4096x128256 perf", "bf16", ce_case("bf16", 4096, 128256, "perf")),
         Case("CE 4096x50257 perf", "bf16", ce_case("bf16", 4096, 50257, "perf")),
         Case("CE 4096x128256 on", "bf16", ce_case("bf16", 4096, 128256, "on")),

@@ -32,6 +32,9 @@ PATH_CASES = [
     (RowConfig("multi", 64, 4), (3, 64), "multi tile, exactly one full tile"),
     (RowConfig("multi", 32, 4, n_programs=3), (7, 129), "multi tile, persistent: 3 programs "
      "loop over 7 rows (rows 0, 3, 6 / 1, 4 / 2, 5)"),
+    (RowConfig("multi", 32, 4, num_stages=2), (5, 129), "multi tile, sweeps pipelined 2 deep"),
+    (RowConfig("multi", 32, 4, n_programs=2, num_stages=3), (5, 100), "multi tile, persistent "
+     "and pipelined 3 deep"),
     (RowConfig("split", 16, 4, n_splits=3), (4, 100), "split: 3 chunks of 48 columns, last short"),
     (RowConfig("split", 16, 4, n_splits=8), (2, 40), "split with empty trailing chunks"),
 ]
@@ -70,6 +73,7 @@ def test_softmax_every_path_matches_reference(config, shape, why, dtype, log, de
         if config.path != "split":
             assert launch.meta["PERSISTENT"] == (config.n_programs > 0)
             assert launch.meta["SINGLE_TILE"] == (config.path == "single")
+            assert launch.meta["NUM_STAGES"] == config.num_stages
         if launch.kernel == "softmax_bwd_kernel":
             assert launch.meta["RELOAD"] == (config.block_n == 16384)
 
@@ -95,6 +99,32 @@ def test_softmax_persistent_grid_launches_n_programs(device, rng):
             softmax_bwd(y, y, config=cfg)
         assert [launch.grid for launch in launches] == [(expected,), (expected,)]
         assert_close_to_reference(y, reference.softmax(x64), torch.float32)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_default_long_rows_run_persistent(log, device, rng, monkeypatch):
+    """The default multi path becomes a persistent grid when one program per row would keep more
+    rows in flight than L2 holds (tiling's model). Shrink the modelled L2 so the small CPU
+    shapes hit that branch: forward (x re-read) and backward (y and dy re-read)."""
+    from probact_gpu.ops import softmax as softmax_ops
+
+    monkeypatch.setattr(softmax_ops, "sm_count", lambda device: 4)  # as on CPU, also on a GPU
+    monkeypatch.setattr(tiling, "L2_BYTES", 2 * 4 * 3 * 20000 * 4)  # 3 fp32 rows a SM fit
+    x, x64 = make_input((40, 20000), torch.float32, rng, scale=2.0, device=device)
+    dy, dy64 = make_input((40, 20000), torch.float32, rng, device=device)
+    xr = x.clone().requires_grad_()
+    fn = pg.log_softmax if log else pg.softmax
+    with record_launches() as launches:
+        y = fn(xr, -1)
+        y.backward(dy)
+    fwd, bwd = launches
+    assert fwd.kernel == "softmax_fwd_kernel" and fwd.meta["PERSISTENT"]
+    assert bwd.kernel == "softmax_bwd_kernel" and bwd.meta["PERSISTENT"]
+    assert fwd.grid == (3 * 4,)  # 3 rows of x a SM
+    assert bwd.grid == (1 * 4,)  # rows of y and dy: 1.5 a SM fit, so one
+    ref_fwd, ref_grad, _ = OPS[log]
+    assert_close_to_reference(y, ref_fwd(x64), torch.float32, "y")
+    assert_close_to_reference(xr.grad, ref_grad(to_numpy64(y), dy64), torch.float32, "dx")
 
 
 def test_tiling_reaches_each_path_by_default():

@@ -86,3 +86,54 @@ def test_softmax_bwd_reloads_only_tiles_that_cost_occupancy():
                                       (4096, 65536, 2), (8, 262144, 2)):
         cfg = tiling.choose_row_config(n_rows, n_cols, elem_size, H200_SMS)
         assert not tiling.softmax_bwd_reloads(cfg), cfg
+
+
+@pytest.mark.parametrize("elem_size", [2, 4])
+@pytest.mark.parametrize("n_cols", [20000, 32768, 65536, 131072, 262144])
+@pytest.mark.parametrize("reread", [1, 2], ids=["fwd", "bwd"])
+def test_softmax_long_rows_fit_l2_or_run_one_row_per_sm(n_cols, elem_size, reread):
+    """The L2 model: the multi path keeps at most L2_REREAD_FRACTION of L2 in rows to re-read;
+    when one program per row would exceed it, a persistent grid of k rows a SM does (k >= 1;
+    k = 1 when even that exceeds it: fewest rows in flight), with tiles widened so each SM has
+    IN_FLIGHT_BYTES_PER_SM of loads a step, never past twice LOOP_TILE_BYTES."""
+    n_rows = (1 << 28) // n_cols
+    cfg = tiling.choose_row_config(n_rows, n_cols, elem_size, H200_SMS, reread_tensors=reread)
+    assert cfg.path == "multi" and cfg.num_stages == tiling.PIPELINE_STAGES
+    row_bytes = reread * n_cols * elem_size
+    budget = tiling.l2_reread_budget()
+    if cfg.n_programs == 0:
+        resident = tiling.SM_WARPS // cfg.num_warps
+        assert resident * H200_SMS * row_bytes <= budget
+        assert cfg.block_n * elem_size <= tiling.LOOP_TILE_BYTES
+        return
+    k, rem = divmod(cfg.n_programs, H200_SMS)
+    assert rem == 0 and k >= 1
+    assert k * H200_SMS * row_bytes <= budget or k == 1
+    assert (k + 1) * H200_SMS * row_bytes > budget  # no more rows in flight than fit
+    assert cfg.block_n * elem_size <= 2 * tiling.LOOP_TILE_BYTES
+    assert k * reread * cfg.block_n * elem_size >= tiling.IN_FLIGHT_BYTES_PER_SM
+
+
+def test_softmax_l2_model_at_the_perf_shapes():
+    """bf16, 132 SMs, 25 MB budget: the numbers written beside the model in tiling.py."""
+    def pick(n_cols, reread):
+        return tiling.choose_row_config((1 << 28) // n_cols, n_cols, 2, H200_SMS,
+                                        reread_tensors=reread)
+
+    assert (pick(32768, 1).n_programs, pick(32768, 1).block_n) == (264, 8192)
+    for n_cols in (65536, 131072, 262144):
+        assert (pick(n_cols, 1).n_programs, pick(n_cols, 1).block_n) == (132, 16384)
+        assert (pick(n_cols, 2).n_programs, pick(n_cols, 2).block_n) == (132, 8192)
+    # Rows short enough that one program per row fits: unchanged.
+    assert pick(20000, 1).n_programs == 0
+    # Cross-entropy (no reread_tensors) never gets a persistent grid.
+    ce = tiling.choose_row_config(4096, 131072, 2, H200_SMS)
+    assert ce.n_programs == 0 and ce.block_n == tiling.loop_block(2)
+
+
+def test_row_config_num_stages():
+    assert RowConfig("multi", 128, 4, num_stages=3).num_stages == 3
+    with pytest.raises(ValueError, match="num_stages=2 must be >= 1 and only the multi"):
+        RowConfig("single", 128, 4, num_stages=2)
+    with pytest.raises(ValueError, match="num_stages=0"):
+        RowConfig("multi", 128, 4, num_stages=0)

@@ -37,9 +37,14 @@ from ..kernels.softmax import (
 from ..tiling import RowConfig
 
 
-def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None) -> RowConfig:
+def _config(
+    n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None, reread_tensors: int
+) -> RowConfig:
+    """``config``, checked, or the tiling's choice; ``reread_tensors``: row-sized tensors the
+    multi path reads twice (forward: x; backward: y and dy), for the persistent-grid model."""
     if config is None:
-        return tiling.choose_row_config(n_rows, n_cols, t.element_size(), sm_count(t.device))
+        return tiling.choose_row_config(n_rows, n_cols, t.element_size(), sm_count(t.device),
+                                        reread_tensors=reread_tensors)
     config.validate_for(n_cols)
     return config
 
@@ -65,7 +70,7 @@ def softmax_fwd(
         return y
     check_runnable(x)
     xv, yv = row_view(x, dim), row_view(y, dim)
-    cfg = _config(xv.n_rows, xv.n_cols, x, config)
+    cfg = _config(xv.n_rows, xv.n_cols, x, config, reread_tensors=1)
     if cfg.path == "split":
         chunk = tiling.split_chunk(xv.n_cols, cfg)
         stats = torch.empty((xv.n_rows, cfg.n_splits, 2), dtype=accum_dtype(x), device=x.device)
@@ -82,7 +87,8 @@ def softmax_fwd(
         launch(softmax_fwd_kernel, (tiling.row_programs(xv.n_rows, cfg),),
                (xv.tensor, y, xv.n_rows, xv.n_cols, xv.n_inner, *xv.strides, *yv.strides),
                path=cfg.path, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0)
+               SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0,
+               NUM_STAGES=cfg.num_stages)
     return y
 
 
@@ -113,7 +119,7 @@ def softmax_bwd(
         return dx
     check_runnable(y, "y")
     yv, dyv = row_view(y, dim), row_view(dy, dim)
-    cfg = _config(yv.n_rows, yv.n_cols, y, config)
+    cfg = _config(yv.n_rows, yv.n_cols, y, config, reread_tensors=2)
     if cfg.path == "split":
         chunk = tiling.split_chunk(yv.n_cols, cfg)
         partial = torch.empty((yv.n_rows, cfg.n_splits), dtype=accum_dtype(y), device=y.device)
@@ -131,7 +137,7 @@ def softmax_bwd(
                (y, dyv.tensor, dx, yv.n_rows, yv.n_cols, yv.n_inner, *yv.strides, *dyv.strides),
                path=cfg.path, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                SINGLE_TILE=cfg.path == "single", IS_LOG=log, PERSISTENT=cfg.n_programs > 0,
-               RELOAD=tiling.softmax_bwd_reloads(cfg))
+               RELOAD=tiling.softmax_bwd_reloads(cfg), NUM_STAGES=cfg.num_stages)
     return dx
 
 
