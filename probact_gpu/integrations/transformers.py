@@ -460,8 +460,9 @@ def patch(model, *, check: bool = True, eval_skip_logits: bool = False,
           low_memory: bool = False) -> bool:
     """Make ``model`` (a transformers causal LM instance) compute its training loss with
     ``probact_gpu.linear_cross_entropy``, never forming the logits. Returns True when patched
-    (or already patched); False, with a warning saying why, when the model is left exactly as it
-    was (see the module docstring for what makes it decline).
+    (or already patched: the first patch's options stay; ``unpatch`` first to change them);
+    False, with a warning saying why, when the model is left exactly as it was (see the module
+    docstring for what makes it decline).
 
     ``check`` runs a parity probe at patch time (two random sequences of 8 tokens, the patched
     against the unpatched loss, in eval mode without gradients); ``check=False`` skips it and
