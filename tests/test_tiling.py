@@ -58,6 +58,10 @@ def test_bce_config_caps_elements_per_thread():
         assert cfg.block <= cap * cfg.num_warps * 32
     assert tiling.choose_bce_config(1 << 28, 2).block == 4096
     assert tiling.choose_bce_config(5, 4).block == 16
+    # Broadcast operands (index terms): 8 elements a thread.
+    for elem_size in (2, 4, 8):
+        cfg = tiling.choose_bce_config(1 << 28, elem_size, broadcast=True)
+        assert cfg.block == tiling.BCE_ELEMS_PER_THREAD_BROADCAST * cfg.num_warps * 32
 
 
 def test_row_config_rejects_nonsense():
@@ -137,3 +141,34 @@ def test_row_config_num_stages():
         RowConfig("single", 128, 4, num_stages=2)
     with pytest.raises(ValueError, match="num_stages=0"):
         RowConfig("multi", 128, 4, num_stages=0)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def test_cross_entropy_scale_grid_is_a_few_programs_per_sm():
+    assert tiling.choose_cross_entropy_scale_grid(4096 * 16, H200_SMS) == \
+        tiling.CE_SCALE_PROGRAMS_PER_SM * H200_SMS
+    assert tiling.choose_cross_entropy_scale_grid(3, H200_SMS) == 3
+    assert tiling.choose_cross_entropy_scale_grid(0, H200_SMS) == 1
+
+
+@pytest.mark.parametrize("n_cols,elem_size,persistent", [
+    (32000, 2, False),   # 264 rows x 64 KB = 17 MB in flight: fits
+    (50257, 2, False),   # 27 MB: fits
+    (128256, 2, True),   # 68 MB: overflows; one program per SM: 34 MB
+    (65536, 4, True),    # 69 MB
+])
+def test_cross_entropy_sweep_bounds_rows_in_flight_to_l2(n_cols, elem_size, persistent):
+    """The fused-gradient sweep re-reads each row: past the L2 model's budget it runs one
+    program per SM; the loss-only forward (one read) and few rows never do."""
+    cfg = tiling.choose_cross_entropy_config(4096, n_cols, elem_size, H200_SMS, fused_grad=True)
+    assert cfg.path == "multi"
+    assert cfg.n_programs == (H200_SMS if persistent else 0)
+    if persistent:
+        assert H200_SMS * n_cols * elem_size < 2 * tiling.CE_L2_BYTES
+    plain = tiling.choose_cross_entropy_config(4096, n_cols, elem_size, H200_SMS)
+    assert plain.n_programs == 0
+    few = tiling.choose_cross_entropy_config(H200_SMS, n_cols, elem_size, H200_SMS,
+                                             fused_grad=True)
+    assert few.n_programs == 0

@@ -98,9 +98,12 @@ def _operand(t: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | 
     return broadcast_terms(t, shape)
 
 
-def _config(x: torch.Tensor, config: ElementwiseConfig | None) -> ElementwiseConfig:
+def _config(
+    x: torch.Tensor, config: ElementwiseConfig | None, w_terms: Terms, pw_terms: Terms
+) -> ElementwiseConfig:
     if config is None:
-        return tiling.choose_bce_config(x.numel(), x.element_size())
+        broadcast = w_terms[0] > 0 or pw_terms[0] > 0  # index-term math costs registers
+        return tiling.choose_bce_config(x.numel(), x.element_size(), broadcast=broadcast)
     return config
 
 
@@ -171,7 +174,7 @@ def bce_fwd(
     x, target = x.contiguous(), target.contiguous()
     w, w_terms = _operand(weight, x.shape)
     pw, pw_terms = _operand(pos_weight, x.shape)
-    cfg = _config(x, config)
+    cfg = _config(x, config, w_terms, pw_terms)
     n_programs = tiling.cdiv(numel, cfg.block)
     partial = empty(
         (n_programs if reduce else 0,), dtype=accum_dtype(x, target, weight, pos_weight),
@@ -220,7 +223,7 @@ def bce_bwd(
     x, target, g = x.contiguous(), target.contiguous(), grad_output.contiguous()
     w, w_terms = _operand(weight, x.shape)
     pw, pw_terms = _operand(pos_weight, x.shape)
-    cfg = _config(x, config)
+    cfg = _config(x, config, w_terms, pw_terms)
     launch(
         bce_bwd_kernel, (tiling.cdiv(numel, cfg.block),),
         (x, target, x if w is None else w, x if pw is None else pw, g, dx,
