@@ -276,11 +276,19 @@ def choose_elementwise_config(
 # fp64 (twice the registers per value) gets 8.
 BCE_ELEMS_PER_THREAD = 16
 BCE_ELEMS_PER_THREAD_FP64 = 8
+# With a weight or pos_weight read through index terms (a 64-bit division and modulo per element
+# and term), 16 elements a thread took 149 (bf16) / 166 (fp32) registers in the fused forward
+# with both operands: one 8-warp CTA per SM. 8 took 74 / 82: three / two CTAs (sm_90, triton 3.9,
+# scripts/sm90_report.py).
+BCE_ELEMS_PER_THREAD_BROADCAST = 8
 
 
-def choose_bce_config(numel: int, elem_size: int) -> ElementwiseConfig:
-    """``choose_elementwise_config`` capped at ``BCE_ELEMS_PER_THREAD`` (8 for fp64)."""
+def choose_bce_config(numel: int, elem_size: int, *, broadcast: bool = False) -> ElementwiseConfig:
+    """``choose_elementwise_config`` capped at ``BCE_ELEMS_PER_THREAD`` (8 for fp64, and 8 when
+    ``broadcast``: an operand is addressed by index terms)."""
     cap = BCE_ELEMS_PER_THREAD_FP64 if elem_size == 8 else BCE_ELEMS_PER_THREAD
+    if broadcast:
+        cap = min(cap, BCE_ELEMS_PER_THREAD_BROADCAST)
     return choose_elementwise_config(numel, elem_size, max_elems_per_thread=cap)
 
 
