@@ -36,7 +36,11 @@ Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
   ``2·C·e`` with the gradient (the floor), ``C·e`` without.
 - ``cross_entropy_fwd_sweep_kernel``: one program per row, an online sweep for (max, Σexp,
   z_t, Σ w·z), then (``COMPUTE_GRAD``) a reverse sweep writing dx, so its first re-reads hit the
-  tiles still in L2: ``3·C·e`` (x read twice, the second read partly from L2), ``C·e`` without.
+  tiles still in L2: ``2·C·e`` of HBM when sweep 2 hits L2, up to ``3·C·e`` when the rows in
+  flight overflow it; ``C·e`` without the gradient. Sweep 2's loads and stores are ``evict_first``
+  (the row's last use). ``cross_entropy_fwd_persistent_kernel``: the same row sweep
+  (``_sweep_row``) on a grid of P programs that loop over rows P apart, so at most P rows are in
+  flight (``tiling.choose_cross_entropy_config``'s L2 model picks it for long rows).
 - split row (few rows × huge C): ``cross_entropy_split_stats_kernel`` per (row, chunk) writes
   partial (max, Σexp, target logit, Σ w·z) to a ``(N, S, 4)`` fp32 workspace (reads ``C·e``);
   ``cross_entropy_combine_kernel`` merges a row's partials in a fixed order into loss and lse;
@@ -141,9 +145,10 @@ def _grad_coefs(g, lse, w_t, W, in_range, n_classes, label_smoothing, z_loss):
 
 
 @triton.jit
-def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr):
-    """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes."""
-    x = upcast(tl.load(ptrs, mask=mask, other=0.0))
+def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr, EVICTION: tl.constexpr = ""):
+    """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes;
+    ``EVICTION``: the load's L2 eviction policy ("evict_first" for a last read)."""
+    x = upcast(tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION))
     z = head_transform(x, head[0], head[1], head[2], HAS_SOFTCAP)
     return tl.where(mask, z, float("-inf"))
 
@@ -166,12 +171,13 @@ def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, 
                 true_coef, smooth_coef, head, HAS_SMOOTHING: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr):
     """Read a tile of logits (columns ``c``; their class weights at ``w_off + c``), write its
-    dx (``shift``, ``inv_sum``: see ``_dx``)."""
-    z = _logits(x_ptrs, mask, head, HAS_SOFTCAP)
+    dx (``shift``, ``inv_sum``: see ``_dx``). The tile's last use: load and store are
+    ``evict_first``."""
+    z = _logits(x_ptrs, mask, head, HAS_SOFTCAP, "evict_first")
     w = _load_w(weight_ptr, w_off + c, mask)
     dx = _dx(z, c == tgt, w, valid, shift, inv_sum, coef, true_coef, smooth_coef, head,
              HAS_SMOOTHING, HAS_SOFTCAP)
-    tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask)
+    tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -273,23 +279,18 @@ def cross_entropy_fwd_kernel(
 
 
 @triton.jit
-def cross_entropy_fwd_sweep_kernel(
-    # data: as cross_entropy_fwd_kernel
-    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
-    # sizes
-    n_cols, n_inner, ignore_index,
-    # strides (elements): (outer, inner, col) of x and of dx
-    x_strides, dx_strides,
-    # scalars
-    label_smoothing, z_loss, head, denom,
+def _sweep_row(
+    row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing, z_loss, head, denom,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
 ):
-    """Program p owns row p: sweep 1 folds its tiles into the online (max, Σexp), the target
-    logit and (smoothing) Σ w·(z − ref) and W = Σ w; then, with ``COMPUTE_GRAD``, sweep 2 walks
-    the tiles in reverse writing dx. With ``PEEL_EDGES`` the sweeps cover the row's body, and its
-    edge tile last in sweep 1, first in sweep 2 (module docstring)."""
-    row = tl.program_id(0)
+    """The row-sweep forward of one row (the arguments of ``cross_entropy_fwd_sweep_kernel``):
+    sweep 1 folds its tiles into the online (max, Σexp), the target logit and (smoothing)
+    Σ w·(z − ref) and W = Σ w; then, with ``COMPUTE_GRAD``, sweep 2 walks the tiles in reverse
+    writing dx (its loads and stores are the row's last use: ``evict_first``). With
+    ``PEEL_EDGES`` the sweeps cover the row's body, and its edge tile last in sweep 1, first in
+    sweep 2 (module docstring)."""
     x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
     dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
     tgt = tl.load(target_ptr + row).to(tl.int64)
@@ -380,6 +381,51 @@ def cross_entropy_fwd_sweep_kernel(
             _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < n_body,
                         body_t, valid, weight_ptr, w_off, shift, inv_sum, coef, true_coef,
                         smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
+
+
+
+
+@triton.jit
+def cross_entropy_fwd_sweep_kernel(
+    # data: as cross_entropy_fwd_kernel
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # sizes
+    n_cols, n_inner, ignore_index,
+    # strides (elements): (outer, inner, col) of x and of dx
+    x_strides, dx_strides,
+    # scalars
+    label_smoothing, z_loss, head, denom,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+):
+    """Program p owns row p (``_sweep_row``)."""
+    _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr,
+               dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
+               z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
+               PEEL_EDGES)
+
+
+@triton.jit
+def cross_entropy_fwd_persistent_kernel(
+    # data: as cross_entropy_fwd_kernel
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # sizes
+    n_rows, n_cols, n_inner, ignore_index,
+    # strides (elements): (outer, inner, col) of x and of dx
+    x_strides, dx_strides,
+    # scalars
+    label_smoothing, z_loss, head, denom,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+):
+    """A persistent grid of P programs: program p sweeps rows p, p + P, p + 2P, ...
+    (``_sweep_row``), so only P rows are in flight and sweep 2 re-reads a row while it is still
+    in L2 (``tiling.choose_cross_entropy_config`` picks P from the L2 model)."""
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+                   n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
+                   z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
+                   PEEL_EDGES)
 
 
 @triton.jit

@@ -334,14 +334,46 @@ CE_FINISH_BLOCK = 1024
 CE_SCALE_PROGRAMS_PER_SM = 2
 
 
+# Long rows: the multi-tile ("sweep") forward with its fused gradient reads each row twice,
+# sweep 2 in reverse so its first tiles are those sweep 1 read last. Sweep 2 is an L2 hit only
+# while the rows in flight still fit in L2 beside what streams through it (the dx stores, marked
+# evict_first, and the class weights). H200: 50 MB of L2, 132 SMs. One program per row runs 16
+# warps at about 64 registers (scripts/sm90_report.py): 2 programs resident per SM
+# (65536 / (512 x 64)), so 264 rows in flight:
+#     32000 bf16 ( 64 KB a row):  17 MB  fits
+#     50257 bf16 (100 KB a row):  27 MB  fits
+#    128256 bf16 (256 KB a row):  68 MB  does not: sweep 2 mostly re-reads HBM, 3·C·e a row
+#                                         instead of 2·C·e (+50 % of the forward's traffic)
+# A persistent grid of one program per SM (cross_entropy_fwd_persistent_kernel; the row loop
+# took it to 73 registers, so one program of 16 warps per SM is also all that fits) bounds the
+# rows in flight to the SM count: 34 MB for 128256 bf16. fp32 rows of 128256 (68 MB even so)
+# keep about half a row in L2 at sweep 2 — the best short of holding a row on-chip across CTAs.
+# Tiles stay 16 KiB (16 KiB of loads in flight per SM at one program; wider tiles are
+# reachable by config= but their registers are not measured). Reasoned, not yet timed:
+# perf/sweep_tiling.py compares config=RowConfig("multi", ..., n_programs=0 or SMs).
+CE_L2_BYTES = 50 * 1000 * 1000
+# Share of L2 the re-read rows may take (the rest: dx stores in flight, weights, targets).
+CE_L2_REREAD_FRACTION = 0.75
+# One-program-per-row sweeps resident per SM (16 warps, ~64 registers).
+CE_SWEEP_PROGRAMS_PER_SM = 2
+
+
 def choose_cross_entropy_config(
-    n_rows: int, n_cols: int, elem_size: int, sm_count: int
+    n_rows: int, n_cols: int, elem_size: int, sm_count: int, *, fused_grad: bool = False
 ) -> RowConfig:
     """``choose_row_config`` with the single tile capped at ``CE_MAX_SINGLE_COLS``: single tile
-    up to 8192 classes, multi tile beyond, split when the rows alone do not fill the device."""
-    return choose_row_config(
+    up to 8192 classes, multi tile beyond, split when the rows alone do not fill the device.
+    With ``fused_grad`` (the forward also writes dx, reading each row twice), a multi-tile
+    launch whose one-program-per-row rows in flight overflow ``CE_L2_REREAD_FRACTION`` of L2
+    runs a persistent grid of one program per SM (``n_programs``; the model above)."""
+    cfg = choose_row_config(
         n_rows, n_cols, elem_size, sm_count, max_single_cols=CE_MAX_SINGLE_COLS
     )
+    if fused_grad and cfg.path == "multi" and n_rows > sm_count:
+        in_flight = CE_SWEEP_PROGRAMS_PER_SM * sm_count * n_cols * elem_size
+        if in_flight > CE_L2_BYTES * CE_L2_REREAD_FRACTION:
+            cfg = RowConfig("multi", cfg.block_n, cfg.num_warps, n_programs=sm_count)
+    return cfg
 
 
 def choose_cross_entropy_scale_grid(n_tiles: int, sm_count: int) -> int:

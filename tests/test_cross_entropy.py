@@ -116,8 +116,13 @@ def test_cross_entropy_vocab_sizes_match_reference_and_torch(device, rng, n_rows
 PATH_CONFIGS = {
     "single": RowConfig("single", 128, 4, block_m=4),  # 4 rows per program, last block partial
     "multi": RowConfig("multi", 32, 4),                # 100 classes = 3 full tiles + a partial
+    "persistent": RowConfig("multi", 32, 4, n_programs=3),  # 3 programs loop over the rows
     "split": RowConfig("split", 16, 4, n_splits=3),    # 3 chunks of 48, last one short
 }
+# The forward kernel each path runs (the backward runs cross_entropy_bwd_kernel on every path).
+FWD_KERNELS = {"single": "cross_entropy_fwd_kernel", "multi": "cross_entropy_fwd_sweep_kernel",
+               "persistent": "cross_entropy_fwd_persistent_kernel",
+               "split": "cross_entropy_split_stats_kernel"}
 ALL_OPTS = dict(label_smoothing=0.25, z_loss=2.0**-6, softcap=4.0, logit_scale=1.5)
 
 
@@ -132,7 +137,10 @@ def test_cross_entropy_fwd_launcher_every_path(device, rng, path, reduction):
                                              compute_grad=True, config=PATH_CONFIGS[path],
                                              **ALL_OPTS)
     paths = {launch.path for launch in log if launch.kernel != "cross_entropy_total_weight_kernel"}
-    assert paths == {path}
+    assert paths == {PATH_CONFIGS[path].path}
+    assert FWD_KERNELS[path] in [launch.kernel for launch in log]
+    if path == "persistent":
+        assert [la.grid for la in log if la.kernel == FWD_KERNELS[path]] == [(3,)]
     ref_loss, ref_lse, ref_g = _ref(x, t, weight=w, reduction=reduction, **ALL_OPTS)
     rows, _, _ = reference.cross_entropy(to_numpy64(x), t.numpy().astype(np.int64), to_numpy64(w),
                                          reduction="none", **ALL_OPTS)
@@ -150,7 +158,8 @@ def test_cross_entropy_grad_launcher_every_path_per_row_grad(device, rng, path):
     rows, lse, _ = ce.cross_entropy_fwd(x, t, reduction="none", **ALL_OPTS)
     with record_launches() as log:
         dx = ce.cross_entropy_grad(x, t, lse, dy, config=PATH_CONFIGS[path], **ALL_OPTS)
-    assert [(launch.kernel, launch.path) for launch in log] == [("cross_entropy_bwd_kernel", path)]
+    assert [(launch.kernel, launch.path) for launch in log] == [
+        ("cross_entropy_bwd_kernel", PATH_CONFIGS[path].path)]
     _, _, ref_g = _ref(x, t, reduction="none", dy=to_numpy64(dy), **ALL_OPTS)
     assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
 
@@ -366,11 +375,37 @@ def test_cross_entropy_gradcheck_fp64(device, rng, reduction):
            dy=None if reduction == "mean" else torch.ones(4, dtype=torch.float64, device=device))
 
 
-def test_cross_entropy_refuses_a_persistent_grid(device):
-    x = torch.randn(4, 100, device=device)
-    t = torch.zeros(4, dtype=torch.int64, device=device)
-    with pytest.raises(ValueError, match="n_programs=2"):
-        ce.cross_entropy_fwd(x, t, config=RowConfig("multi", 32, 4, n_programs=2))
+def test_cross_entropy_default_goes_persistent_past_the_l2_model(device, rng, monkeypatch):
+    """The default config: a fused-gradient sweep whose rows in flight overflow the L2 budget
+    runs the persistent kernel, one program per SM (a budget of 4 KB makes 9 rows of 400 fp32
+    overflow on the interpreter's 4 'SMs'); the loss-only forward stays one program per row."""
+    from probact_gpu import tiling
+
+    monkeypatch.setattr(tiling, "CE_L2_BYTES", 4000)
+    x, _ = make_input((9, 9000), torch.float32, rng, device=device)
+    t = _targets(rng, 9, 9000, device=device)
+    with record_launches() as log:
+        loss, grad = _run_ours(x, t, label_smoothing=0.1)
+        ce.cross_entropy_fwd(x, t, reduction="none")
+    fwd = [(la.kernel, la.grid) for la in log if "fwd" in la.kernel]
+    assert fwd == [("cross_entropy_fwd_persistent_kernel", (4,)),
+                   ("cross_entropy_fwd_sweep_kernel", (9,))]
+    ref_loss, _, ref_g = _ref(x, t, label_smoothing=0.1)
+    assert_close_to_reference(loss, ref_loss, torch.float32, "loss")
+    assert_close_to_reference(grad, ref_g, torch.float32, "dlogits")
+
+
+def test_cross_entropy_persistent_peeled_rows(device, rng):
+    """The persistent sweep on unaligned rows (V = 101 fp16), in place."""
+    x, _ = make_input((9, 101), torch.float16, rng, scale=3.0, device=device)
+    t = _targets(rng, 9, 101, device=device)
+    buf = x.clone()
+    with record_launches() as log:
+        ce.cross_entropy_fwd(buf, t, label_smoothing=0.25, compute_grad=True, grad_out=buf,
+                             config=PATH_CONFIGS["persistent"])
+    assert _peeled(log, "cross_entropy_fwd_persistent_kernel")
+    _, _, ref_g = _ref(x, t, label_smoothing=0.25)
+    assert_close_to_reference(buf, ref_g, torch.float16, "dlogits")
 
 
 def test_cross_entropy_backward_twice_with_retain_graph(device, rng):

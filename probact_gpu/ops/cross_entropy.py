@@ -48,6 +48,11 @@ memory overlaps itself (an expanded tensor) is refused before anything is writte
 dims after the class dim do not merge into one stride is written through a contiguous
 temporary that is then copied back into it, explicitly.
 
+Long rows with the fused gradient run a persistent sweep (one program per SM, looping over
+rows) when one program per row would put more rows in flight than L2 holds for the second
+sweep's re-read (``tiling.choose_cross_entropy_config``); ``config=RowConfig("multi", ...,
+n_programs=P)`` forces P programs, ``n_programs=0`` one per row.
+
 Rows Triton cannot prove 16-byte aligned (a row stride like V = 50257, a sliced view's base)
 run the sweep forward, the backward and the gradient rescale with ``PEEL_EDGES`` (16-byte
 accesses for all but a row's first and last few elements) whenever the logits' and the
@@ -90,6 +95,7 @@ from ..kernels.cross_entropy import (
     cross_entropy_combine_kernel,
     cross_entropy_finish_kernel,
     cross_entropy_fwd_kernel,
+    cross_entropy_fwd_persistent_kernel,
     cross_entropy_fwd_sweep_kernel,
     cross_entropy_scale_grad_kernel,
     cross_entropy_split_stats_kernel,
@@ -184,14 +190,14 @@ def _copy_back(t: torch.Tensor, temp: torch.Tensor | None) -> None:
         t.copy_(temp)
 
 
-def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None) -> RowConfig:
+def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None, *,
+            fused_grad: bool = False) -> RowConfig:
+    """``config`` (checked against the row), or ``tiling``'s choice. ``n_programs`` (a
+    persistent grid) applies to the sweep forward only; the other kernels ignore it."""
     if config is None:
         return tiling.choose_cross_entropy_config(n_rows, n_cols, t.element_size(),
-                                                  sm_count(t.device))
+                                                  sm_count(t.device), fused_grad=fused_grad)
     config.validate_for(n_cols)
-    if config.n_programs:
-        raise ValueError(f"config.n_programs={config.n_programs}: the cross-entropy kernels run "
-                         "one program per row (a persistent grid cost them occupancy on sm_90)")
     return config
 
 
@@ -411,7 +417,7 @@ def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
     loss_dtype = loss_dtype or sdt
     if n_rows == 0:
         return empty((0,), loss_dtype, x.device), empty((0,), sdt, x.device)
-    cfg = _config(n_rows, n_cols, x, config)
+    cfg = _config(n_rows, n_cols, x, config, fused_grad=dxv is not None)
     if cfg.path == "split":
         stats = cross_entropy_partial_stats(x, target, options=opts, config=cfg, _view=xv)
         loss, lse = cross_entropy_combine(stats, target, n_cols, options=opts,
@@ -437,10 +443,13 @@ def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
                BLOCK_N=cfg.block_n, **flags)
     else:
         peel = _peel((xv, dxv) if compute_grad else (xv,), n_cols, cfg.block_n)
-        launch(cross_entropy_fwd_sweep_kernel, (n_rows,),
-               (*data, n_cols, xv.n_inner, opts.ignore_index, *scalars),
-               path="multi", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, PEEL_EDGES=peel,
-               **flags)
+        sizes = (n_cols, xv.n_inner, opts.ignore_index)
+        kernel, grid = cross_entropy_fwd_sweep_kernel, (n_rows,)
+        if cfg.n_programs:  # persistent: bounds the rows in flight (tiling's L2 model)
+            kernel, grid = cross_entropy_fwd_persistent_kernel, (tiling.row_programs(n_rows, cfg),)
+            sizes = (n_rows, *sizes)
+        launch(kernel, grid, (*data, *sizes, *scalars), path="multi", num_warps=cfg.num_warps,
+               BLOCK_N=cfg.block_n, PEEL_EDGES=peel, **flags)
     return loss, lse
 
 
