@@ -202,3 +202,27 @@ def test_check_cli_prints_no_numpy_warning(device, monkeypatch, capsys):
     assert status == 0, captured.out
     assert captured.err == ""
     assert "0 worse by more" in captured.out
+
+
+def test_check_inputs_do_not_depend_on_the_selection(monkeypatch):
+    """Each case's generator is seeded by its name (and rank among same-named cases), so
+    ``--op`` reproduces the rows of the full run; the seed still changes them."""
+    draws: dict[tuple[str, int], float] = {}
+
+    def case(op, k):
+        def run(device, rng):
+            draws[(op, k)] = rng.random()
+            return [_row(torch.float32, [1.0, 0.5], [1.0, 0.5], [1.0, 0.5])]
+        return Case(op, torch.float32, "2", run)
+
+    everything = [case("softmax", 0), case("softmax", 1), case("sigmoid", 0)]
+    results = []
+    for selection, seed in ((everything, 0), (everything[2:], 0), (everything, 1)):
+        draws.clear()
+        monkeypatch.setattr(check, "collect", lambda large, ops, s=selection: s)
+        check.run(torch.device("cpu"), large=False, seed=seed, out=io.StringIO())
+        results.append(dict(draws))
+    full, selected, reseeded = results
+    assert selected[("sigmoid", 0)] == full[("sigmoid", 0)]
+    assert full[("softmax", 0)] != full[("softmax", 1)]  # same name, its own stream
+    assert reseeded[("sigmoid", 0)] != full[("sigmoid", 0)]

@@ -26,6 +26,8 @@ import importlib
 import math
 import sys
 import warnings
+import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,16 +184,22 @@ def run(device: torch.device, large: bool, ops: tuple[str, ...] | None = None,
     status: 1 on a tolerance failure, a crash, a row worse than torch by more than one ulp, or
     no rows at all.
 
-    The interpreter's NumPy warnings (overflow, inf − inf, log 0 on the deliberate ±inf / NaN
-    inputs of the edge rows) are silenced: the table reports what came out."""
+    Each case draws its inputs from its own generator, seeded by ``seed`` and the case's name
+    (op, dtype, shape and its rank among cases of that name), so ``--op`` reproduces exactly
+    the rows the full run prints. The interpreter's NumPy warnings (overflow, inf − inf, log 0
+    on the deliberate ±inf / NaN inputs of the edge rows) are silenced: the table reports what
+    came out."""
     out = sys.stdout if out is None else out
-    rng = np.random.default_rng(seed)
     rows: list[Row] = []
     crashed: list[str] = []
+    seen: Counter[str] = Counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning,
                                 module=r"triton\.runtime\.interpreter")
         for case in collect(large, ops):
+            name = f"{case.op}|{DTYPE_NAMES[case.dtype]}|{case.shape}"
+            seen[name] += 1
+            rng = np.random.default_rng([seed, zlib.crc32(f"{name}|{seen[name]}".encode())])
             try:
                 rows += case.run(device, rng)
             except Exception as exc:  # a crash is a failure of that case, reported, not a stop
