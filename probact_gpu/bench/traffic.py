@@ -340,10 +340,11 @@ _last_config: list = []
 
 
 @contextlib.contextmanager
-def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
+def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[list]:
     """Inside the block, ``tiling``'s choosers answer for ``scale`` × the rows (or elements)
     they are asked about and ``sms`` SMs; the token chunk of linear + CE is divided back by
-    ``scale``, so a scaled-down call runs as many chunks as the full one."""
+    ``scale``, so a scaled-down call runs as many chunks as the full one. Yields the list of
+    the configs they answered, in order."""
     from .. import tiling
 
     saved = {name: getattr(tiling, name) for name in (*_ROW_CHOOSERS, *_CHUNK_CHOOSERS)}
@@ -376,8 +377,9 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[None]:
         setattr(tiling, name, rows_wrapper(saved[name], sm_arg))
     for name in _CHUNK_CHOOSERS:
         setattr(tiling, name, chunk_wrapper(saved[name]))
+    _last_config.clear()
     try:
-        yield
+        yield _last_config
     finally:
         for name, fn in saved.items():
             setattr(tiling, name, fn)
@@ -416,17 +418,20 @@ def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...
     return (16, 64, vocab)
 
 
-def path_of(op: str, shape: tuple[int, ...], elem_size: int, provider: str) -> str:
-    """A short name of the launch path the full shape takes."""
+def path_of(op: str, provider: str, chosen: list) -> str:
+    """A short name of the launch path the full shape took: the first config ``tiling`` chose
+    for the call (``chosen``, from :func:`full_size_configs`)."""
     if op in shape_table.LINEAR_OPS:
         return "low memory" if provider == "probact_low_memory" else "token chunks"
-    cfg = full_config(op, shape, elem_size)
-    if op in ("sigmoid", "bce"):
+    cfg = chosen[0] if chosen else None
+    if cfg is None:
+        return "?"
+    if not hasattr(cfg, "path"):  # an ElementwiseConfig
         return f"block {cfg.block}"
     name = cfg.path + (f" ×{cfg.n_splits}" if cfg.path == "split" else "")
-    if getattr(cfg, "n_programs", 0):
+    if cfg.n_programs:
         name += f", persistent ×{cfg.n_programs}"
-    if op == "cross_entropy" and provider == "probact_inplace":
+    if provider == "probact_inplace":
         name += ", in place"
     return name
 
@@ -531,14 +536,14 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
     dname = next(k for k, v in DTYPES.items() if v == dtype)
     esize = dtype.itemsize
     run = run or run_shape(op, shape, esize)
-    row = TrafficRow(op, pass_, dname, tuple(shape), provider, "ok", run_shape=tuple(run),
-                     path=path_of(op, shape, esize, provider))
+    row = TrafficRow(op, pass_, dname, tuple(shape), provider, "ok", run_shape=tuple(run))
     scale = shape[0] / run[0]
     device = torch.device("cpu")
     fn = prov.resolve(provider, op, device=device, smoke=True)
     inputs = prov.make_inputs(op, run, dtype, device, seed)
-    with full_size_configs(scale):
+    with full_size_configs(scale) as chosen:
         counts = count_call(fn, op, pass_, inputs)
+        row.path = path_of(op, provider, list(chosen))
     row.minimal = bytes_model.minimal_bytes(op, pass_, run, esize)
     row.triton_loaded = sum(k.loaded for k in counts.kernels)
     row.triton_stored = sum(k.stored for k in counts.kernels)
