@@ -549,19 +549,6 @@ def _check_target(input: torch.Tensor, target) -> bool:
     return False
 
 
-def _check_options(input, target, weight, reduction, label_smoothing, z_loss, softcap,
-                   logit_scale) -> CrossEntropyOptions:
-    """The options of callers that still pass them loose (kept for them): validated by
-    ``CrossEntropyOptions``, plus the logits' dtype and the weights' shape."""
-    check_float("input", input)
-    opts = CrossEntropyOptions.from_kwargs(weight=weight, reduction=reduction,
-                                           label_smoothing=label_smoothing, z_loss=z_loss,
-                                           softcap=softcap, logit_scale=logit_scale)
-    if input.ndim >= 1:
-        opts.check_weight(input.shape[1] if input.ndim >= 2 else input.shape[0], input.device)
-    return opts
-
-
 def _inplace_carrier(input: torch.Tensor, reduction: str):
     """Before anything is written: may autograd let ``input`` be overwritten in place? Returns
     (the tensor to hand autograd as written, the logits' geometry in it or None). A view (sum /
