@@ -372,7 +372,8 @@ def choose_cross_entropy_config(
     if fused_grad and cfg.path == "multi" and n_rows > sm_count:
         in_flight = CE_SWEEP_PROGRAMS_PER_SM * sm_count * n_cols * elem_size
         if in_flight > CE_L2_BYTES * CE_L2_REREAD_FRACTION:
-            cfg = RowConfig("multi", cfg.block_n, cfg.num_warps, n_programs=sm_count)
+            cfg = RowConfig("multi", cfg.block_n, cfg.num_warps, n_programs=sm_count,
+                            num_stages=cfg.num_stages)
     return cfg
 
 
@@ -417,19 +418,6 @@ def choose_vocab_chunk(
     """Classes per chunk of the low-memory linear + cross-entropy backward, whose (tokens ×
     chunk) logits block must fit ``budget_bytes``; same rounding as ``choose_token_chunk``."""
     return _rows_in_budget(n_classes, n_tokens, elem_size, budget_bytes)
-
-
-# Bytes of the fp32 block of dW a multi-chunk linear + cross-entropy adds each later token
-# chunk's 16-bit dW into (``ops._common.LinearGrads``): 64 MiB is 4096 rows of a 4096-wide head,
-# so a 128k vocabulary is 32 fp32-output GEMMs per chunk, each still ~68 GFLOP at 2048 tokens.
-LINEAR_CE_DW_BLOCK_BYTES = 64 * 1024 * 1024
-
-
-def choose_dw_block(n_classes: int, n_hidden: int) -> int:
-    """Rows of dW per fp32 accumulation block: as many as fit ``LINEAR_CE_DW_BLOCK_BYTES`` of
-    fp32, a multiple of ``LINEAR_CE_CHUNK_ALIGN`` when that many fit, at least 1, at most
-    ``n_classes``."""
-    return _rows_in_budget(n_classes, n_hidden, 4, LINEAR_CE_DW_BLOCK_BYTES)
 
 
 # --------------------------------------------------------------------------- row alignment

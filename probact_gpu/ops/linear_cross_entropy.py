@@ -10,7 +10,7 @@ tokens, or as many as fit ``memory_budget`` bytes of logits). Per chunk, with ``
     loss, lse, dlogits                 our CE kernel (it applies the logit transform in fp32),
                                        dlogits written over the logits (in place)
     dh[chunk]  = dlogits @ W           cuBLAS (fp32 accumulation inside, one rounding)
-    dW        += dlogits.T @ h         in fp32, one vocabulary block at a time (LinearGrads)
+    dW        += dlogits.T @ h         in the GEMM's fp32 accumulator, one rounding per chunk
     db        += Σ_rows dlogits        fp32
 
 For ``reduction`` "sum"/"mean" the gradients are computed in the forward (3 matmuls in all, as
@@ -22,20 +22,23 @@ matmuls (4 matmuls in all) — never scaling after dW was summed over tokens. Th
 "mean" (Σ w_t) and the ``normalizer`` of "sum" divide dlogits inside the CE kernel.
 
 **Memory model** (beyond the inputs and the returned gradients dh (N, H), dW (V, H), db (V,)),
-default mode, at 8192 × 4096 × 128256 bf16 (C = 2048):
+default mode, at 8192 × 4096 × 128256 bf16 (C = 2048 tokens a chunk):
 
-- the (C, V) logits buffer: 501 MiB (``LINEAR_CE_LOGITS_BUDGET``);
-- one fp32 (V_b, H) block of dW for chunks after the first (``LINEAR_CE_DW_BLOCK_BYTES``,
-  64 MiB; plus fp32 copies of a (C, V_b) dlogits block and of h[chunk], 2 × 32 MiB, where torch
-  has no fp32-output GEMM for bf16 operands);
-- (N,) fp32 loss rows and lse, a (V,) fp32 db accumulator: < 1 MiB.
+- the (C, V) logits buffer: 501 MiB (``tiling.LINEAR_CE_LOGITS_BUDGET``), which the CE kernel
+  overwrites with dlogits;
+- (N,) fp32 loss rows and lse, a (V,) fp32 db accumulator, the mean's 0-d divisor: < 1 MiB.
 
-So ≈ 0.6 GiB, against ~3.5 GiB for an fp32 (V, H) accumulator (2 GiB, zero-filled, read and
-written by every chunk, then cast) plus autograd's (V, H) zero gradient for the
-non-differentiable outputs (``set_materialize_grads(False)`` here: none is made). dW of a
-16-bit head is rounded to its dtype once per token chunk (4 roundings at this shape); its
-error against float64 stays within eager bf16's (test_linear_ce_bf16_dw_accuracy_vs_eager),
-and tests/test_linear_cross_entropy.py counts the allocations at a scaled-down shape.
+So ≈ 0.5 GiB, where an fp32 (V, H) dW accumulator (2 GiB, zero-filled, read and written by
+every chunk, then cast) plus autograd's (V, H) zero gradient for the non-differentiable outputs
+cost ~3.5 GiB. Here dW is allocated once in the weight's dtype and each chunk after the first
+adds into it by ``addmm_``, whose GEMM accumulates in fp32 and rounds once
+(``ops._common.LinearGrads``); ``set_materialize_grads(False)`` means no zero gradients are
+made; the saved gradients are handed to autograd, which keeps them as ``.grad`` without a copy.
+tests/test_linear_cross_entropy.py counts every allocation at a scaled-down shape
+(test_linear_ce_default_mode_memory_model). Precision: dW of a 16-bit head is rounded once per
+token chunk (4 times here); its largest error against float64 stays within eager bf16's, whose
+logits and dlogits are rounded too (test_linear_ce_bf16_dw_accuracy_vs_eager), its RMS error is
+~1.15× eager's at 4 chunks and grows as √k with k chunks; ``low_memory`` rounds dW once.
 
 ``low_memory=True`` trades one matmul for the in-forward gradients: the forward only computes
 the loss and lse (token chunks, 1 matmul); the backward walks the vocabulary in blocks of
