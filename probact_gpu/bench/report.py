@@ -467,8 +467,9 @@ def format_traffic_header(env: dict) -> str:
         f"{source}; {env['date']} {env['time_utc']} UTC: `{env['command']}`",
         "- bytes ÷ min, Triton: unmasked lanes of every `tl.load` / `tl.store` × element size; "
         "+ torch: with the torch kernels outside them (each tensor input read once, each output "
-        "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines, "
-        "resident programs × 132 SMs in flight) serves at the full shape",
+        "written once); HBM (L2 model): minus the re-reads an LRU L2 of 50 MB (16 KiB lines; "
+        "in flight, resident programs × 132 SMs or a persistent grid's programs) serves at the "
+        "full shape",
         "- launched: per phase, each Triton kernel with its bytes loaded/stored ÷ min, then the "
         "torch kernels; re-read: bytes a program loads again after loading them itself; "
         "allocations: new tensors ≥ ½ the input's bytes, in units of it (linear ops: ≥ ½ the "
