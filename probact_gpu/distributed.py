@@ -3,7 +3,8 @@ a ``torch.distributed`` process group (tensor-parallel LM heads), without gather
 
 Rank ``r`` holds ``x_r`` (N, V_r), the columns of global classes ``[s_r, s_r + V_r)`` of the
 same N rows; every rank holds the same targets (global class ids). With ``z`` the transformed
-logits (softcap), the loss needs per row only
+logits (the head transform of ``probact_gpu.options``, applied in fp32 inside the kernels), the
+loss needs per row only
 
     M   = max_r m_r                                  m_r = max z over rank r's columns
     S   = Σ_r Σ_c∈r exp(z_c − M)                      lse = M + log S
@@ -42,7 +43,7 @@ over the (N, 4) statistics of *all* tokens, and the combine. Saved: h, W_r, b_r,
 Backward: per token chunk the local logits are recomputed, the gradient kernel overwrites them
 with dlogits (``vocab_start = s_r``, global class count, per-row grad_output), and
 
-    dW_r += dlogits.T @ h[chunk]     fp32 accumulation across chunks, cast once   (local)
+    dW_r += dlogits.T @ h[chunk]     in the GEMM's fp32 accumulator, one rounding a chunk (local)
     db_r += Σ_rows dlogits           fp32                                          (local)
     dh_r[chunk] = dlogits @ W_r      this rank's classes' share of dh
 

@@ -820,6 +820,84 @@ def test_vocab_parallel_linear_world_size_one(world_of_one, rng, device):
     _check_linear_against_reference(loss, h, w, b, target, args, grad)
 
 
+_NEW_OPTIONS = [
+    dict(reduction="mean", weight=True, label_smoothing=0.1, logit_divisor=2.5),
+    dict(reduction="none", softcap=3.0, temperature=0.7, logit_scale=1.3, z_loss=0.0),
+    dict(reduction="sum", normalizer=6.0, temperature=1.5, weight=True),
+]
+
+
+def _torch_ce64(logits, target, reduction, dy, weight=None, label_smoothing=0.0,
+                normalizer=None, z_loss=0.0, **transform):
+    """Loss and d logits from float64 torch autograd (transform in options.py's order)."""
+    from probact_gpu.options import HeadTransform
+
+    x = logits.detach().double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(
+        HeadTransform(**transform).apply(x), target, reduction=reduction,
+        weight=None if weight is None else weight.double(), label_smoothing=label_smoothing)
+    if normalizer is not None:
+        loss = loss / normalizer
+    loss.backward(dy.double())
+    return loss.detach(), x.grad
+
+
+def _new_options_problem(rng, device, opts, vocab=19, n=6):
+    opts = dict(opts)
+    if opts.pop("weight", False):
+        opts["weight"] = torch.from_numpy(rng.uniform(0.5, 2.0, vocab)).float().to(device)
+    target = torch.from_numpy(rng.integers(0, vocab, n)).to(device)
+    dy = torch.from_numpy(rng.standard_normal(n) if opts["reduction"] == "none"
+                          else np.array(0.5)).float().to(device)
+    return opts, target, dy
+
+
+@pytest.mark.parametrize("opts", _NEW_OPTIONS, ids=lambda o: o["reduction"])
+def test_vocab_parallel_functions_take_every_option(world_of_one, opts, rng, device):
+    """Per-class weights, logit_divisor, temperature, logit_scale and the normalizer through both
+    Functions' split paths (a group of one), against float64 torch on the whole head."""
+    from probact_gpu.distributed import VocabParallelLinearCrossEntropyFunction
+
+    opts, target, dy = _new_options_problem(rng, device, opts)
+    options = CrossEntropyOptions.from_kwargs(**opts)
+    x = torch.from_numpy(rng.standard_normal((6, 19))).float().to(device).requires_grad_()
+    loss = VocabParallelCrossEntropyFunction.apply(x, target, None, 0, 19, options, None)
+    loss.backward(dy)
+    ref_loss, ref_dx = _torch_ce64(x, target, dy=dy, **opts)
+    assert_close_to_reference(loss, to_numpy64(ref_loss), torch.float32, "loss")
+    assert_close_to_reference(x.grad, to_numpy64(ref_dx), torch.float32, "d logits")
+    h, w, b, _ = _lin_problem(rng, device)
+    loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, 0, 19, options,
+                                                         (4, None, None))
+    loss.backward(dy)
+    logits = h.detach() @ w.detach().T + b.detach()
+    ref_loss, dlogits = _torch_ce64(logits, target, dy=dy, **opts)
+    assert_close_to_reference(loss, to_numpy64(ref_loss), torch.float32, "linear loss")
+    for name, got, want in (("dh", h.grad, dlogits @ w.detach().double()),
+                            ("dW", w.grad, dlogits.T @ h.detach().double()),
+                            ("db", b.grad, dlogits.sum(0))):
+        assert_close_to_reference(got, to_numpy64(want), torch.float32, name)
+
+
+def test_vocab_parallel_second_derivatives_raise(world_of_one, rng, device):
+    """Both Functions' gradients come from kernels: create_graph=True raises, not a constant."""
+    from probact_gpu.distributed import VocabParallelLinearCrossEntropyFunction
+
+    options = CrossEntropyOptions()
+    x = torch.from_numpy(rng.standard_normal((4, 19))).float().to(device).requires_grad_()
+    target = torch.tensor([18, 0, -100, 13], device=device)
+    loss = VocabParallelCrossEntropyFunction.apply(x, target, None, 0, 19, options, None)
+    with pytest.raises(RuntimeError, match="vocab_parallel_cross_entropy does not support "
+                                           "second derivatives"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    h, w, b, target = _lin_problem(rng, device)
+    loss = VocabParallelLinearCrossEntropyFunction.apply(h, w, b, target, None, 0, 19, options,
+                                                         (None, None, None))
+    with pytest.raises(RuntimeError, match="vocab_parallel_linear_cross_entropy does not "
+                                           "support second derivatives"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
 def test_vocab_parallel_linear_world_size_one_rejects_a_partial_shard(world_of_one, device):
     from probact_gpu.distributed import vocab_parallel_linear_cross_entropy
 
