@@ -283,7 +283,7 @@ def _sweep_row(
     row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
     n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing, z_loss, head, denom,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """The row-sweep forward of one row (the arguments of ``cross_entropy_fwd_sweep_kernel``):
     sweep 1 folds its tiles into the online (max, Σexp), the target logit and (smoothing)
@@ -326,7 +326,7 @@ def _sweep_row(
         w = _load_w(weight_ptr, w_off + cols, mask)
         smooth_acc = tl.where(mask, (z - ref) * w, 0.0)
         w_acc = tl.where(mask, w, 0.0).to(z.dtype)
-    for start in range(BLOCK_N, n_body, BLOCK_N):
+    for start in tl.range(BLOCK_N, n_body, BLOCK_N, num_stages=NUM_STAGES):
         q = start + cols
         mask = q < n_body
         z = _logits(x_row + q * x_strides[2], mask, head, HAS_SOFTCAP)
@@ -376,7 +376,7 @@ def _sweep_row(
             _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, weight_ptr, w_off, shift,
                         inv_sum, coef, true_coef, smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
         n_tiles = tl.cdiv(n_body, BLOCK_N)
-        for i in range(0, n_tiles):
+        for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
             q = (n_tiles - 1 - i) * BLOCK_N + cols
             _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < n_body,
                         body_t, valid, weight_ptr, w_off, shift, inv_sum, coef, true_coef,
@@ -396,13 +396,14 @@ def cross_entropy_fwd_sweep_kernel(
     # scalars
     label_smoothing, z_loss, head, denom,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Program p owns row p (``_sweep_row``)."""
+    """Program p owns row p (``_sweep_row``; ``NUM_STAGES`` > 1 software-pipelines both
+    sweeps' tile loops, 1: not pipelined)."""
     _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr,
                dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
                z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
-               PEEL_EDGES)
+               PEEL_EDGES, NUM_STAGES)
 
 
 @triton.jit
@@ -416,7 +417,7 @@ def cross_entropy_fwd_persistent_kernel(
     # scalars
     label_smoothing, z_loss, head, denom,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """A persistent grid of P programs: program p sweeps rows p, p + P, p + 2P, ...
     (``_sweep_row``), so only P rows are in flight and sweep 2 re-reads a row while it is still
@@ -425,7 +426,7 @@ def cross_entropy_fwd_persistent_kernel(
         _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
                    n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
                    z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
-                   PEEL_EDGES)
+                   PEEL_EDGES, NUM_STAGES)
 
 
 @triton.jit

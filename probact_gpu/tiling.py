@@ -344,13 +344,16 @@ CE_SCALE_PROGRAMS_PER_SM = 2
 #     50257 bf16 (100 KB a row):  27 MB  fits
 #    128256 bf16 (256 KB a row):  68 MB  does not: sweep 2 mostly re-reads HBM, 3·C·e a row
 #                                         instead of 2·C·e (+50 % of the forward's traffic)
-# A persistent grid of one program per SM (cross_entropy_fwd_persistent_kernel; the row loop
-# took it to 73 registers, so one program of 16 warps per SM is also all that fits) bounds the
-# rows in flight to the SM count: 34 MB for 128256 bf16. fp32 rows of 128256 (68 MB even so)
+# A persistent grid of one program per SM (cross_entropy_fwd_persistent_kernel; with the row
+# loop it takes 88 registers, 102 with smoothing and softcap, at 16 warps on sm_90 / triton 3.9,
+# so one program per SM is also all that fits) bounds the rows in flight to the SM count:
+# 34 MB for 128256 bf16. fp32 rows of 128256 (68 MB even so)
 # keep about half a row in L2 at sweep 2 — the best short of holding a row on-chip across CTAs.
 # Tiles stay 16 KiB (16 KiB of loads in flight per SM at one program; wider tiles are
-# reachable by config= but their registers are not measured). Reasoned, not yet timed:
-# perf/sweep_tiling.py compares config=RowConfig("multi", ..., n_programs=0 or SMs).
+# reachable by config= but their registers are not measured). Pipelining the sweeps
+# (RowConfig.num_stages = 2, reachable by config=) took the persistent kernel to 118 registers,
+# 128 and an 8-byte stack frame with smoothing and softcap: off (PIPELINE_STAGES). Reasoned, not
+# yet timed: perf/sweep_tiling.py compares config=RowConfig("multi", ..., n_programs=0 or SMs).
 CE_L2_BYTES = 50 * 1000 * 1000
 # Share of L2 the re-read rows may take (the rest: dx stores in flight, weights, targets).
 CE_L2_REREAD_FRACTION = 0.75

@@ -395,6 +395,21 @@ def test_cross_entropy_default_goes_persistent_past_the_l2_model(device, rng, mo
     assert_close_to_reference(grad, ref_g, torch.float32, "dlogits")
 
 
+@pytest.mark.parametrize("n_programs", [0, 3])
+def test_cross_entropy_sweep_pipelined(device, rng, n_programs):
+    """config=RowConfig(..., num_stages=2) software-pipelines both sweeps' tile loops."""
+    x, _ = make_input((7, 100), torch.float32, rng, scale=3.0, device=device)
+    t = _targets(rng, 7, 100, device=device)
+    cfg = RowConfig("multi", 32, 4, n_programs=n_programs, num_stages=2)
+    with record_launches() as log:
+        rows, lse, dx = ce.cross_entropy_fwd(x, t, compute_grad=True, config=cfg, **ALL_OPTS)
+    assert [la.meta["NUM_STAGES"] for la in log if "fwd" in la.kernel] == [2]
+    ref_rows, ref_lse, _ = _ref(x, t, reduction="none", **ALL_OPTS)
+    _, _, ref_g = _ref(x, t, **ALL_OPTS)
+    assert_close_to_reference(rows, ref_rows, torch.float32, "loss rows")
+    assert_close_to_reference(dx, ref_g, torch.float32, "dlogits")
+
+
 def test_cross_entropy_persistent_peeled_rows(device, rng):
     """The persistent sweep on unaligned rows (V = 101 fp16), in place."""
     x, _ = make_input((9, 101), torch.float16, rng, scale=3.0, device=device)

@@ -449,7 +449,7 @@ def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
             kernel, grid = cross_entropy_fwd_persistent_kernel, (tiling.row_programs(n_rows, cfg),)
             sizes = (n_rows, *sizes)
         launch(kernel, grid, (*data, *sizes, *scalars), path="multi", num_warps=cfg.num_warps,
-               BLOCK_N=cfg.block_n, PEEL_EDGES=peel, **flags)
+               BLOCK_N=cfg.block_n, PEEL_EDGES=peel, NUM_STAGES=cfg.num_stages, **flags)
     return loss, lse
 
 
