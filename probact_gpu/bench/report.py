@@ -1,5 +1,7 @@
 """The bench's outputs: a markdown table (stdout and ``<date>.md``), JSON (``<date>.json``) and
-PNG plots (``<date>.png``), written to ``<out>/<gpu-slug>/``.
+PNG plots (``<date>.png``), written to ``<out>/<gpu-slug>/``. ``bench --traffic`` has its own
+table and JSON (``TRAFFIC_SCHEMA``, checked by :func:`validate_traffic`; its rows are
+``bench.traffic.TrafficRow``) with the same ``env``.
 
 JSON schema (``SCHEMA`` = ``"probact-gpu-bench/1"``), checked by :func:`validate`::
 
