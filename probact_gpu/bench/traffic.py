@@ -48,11 +48,12 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import tiling
 from . import bytes as bytes_model
 from . import shapes as shape_table
 
 H200_SMS = 132
-L2_BYTES = 50 * 10**6  # the H200's L2
+L2_BYTES = tiling.L2_BYTES  # the H200's 50 MB: one home, beside the heuristics that budget it
 LINE_BYTES = 16 * 1024  # one loop tile of 16 KiB: the L2 model's unit
 # Resident programs per SM of the bf16 default configs (perf/sm90_static.md, triton 3.9:
 # resident warps/SM over warps per program). Unknown kernels get DEFAULT_RESIDENT.
@@ -345,8 +346,6 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[list]:
     they are asked about and ``sms`` SMs; the token chunk of linear + CE is divided back by
     ``scale``, so a scaled-down call runs as many chunks as the full one. Yields the list of
     the configs they answered, in order."""
-    from .. import tiling
-
     saved = {name: getattr(tiling, name) for name in (*_ROW_CHOOSERS, *_CHUNK_CHOOSERS)}
     depth = [0]
 
@@ -389,8 +388,6 @@ def full_size_configs(scale: float, sms: int = H200_SMS) -> Iterator[list]:
 def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200_SMS):
     """The launch config ``tiling`` picks for ``op`` at the full ``shape`` (None for the linear
     ops, whose row config follows from their token chunk)."""
-    from .. import tiling
-
     if op in ("softmax", "log_softmax"):
         return tiling.choose_row_config(shape[0], shape[1], elem_size, sms)
     if op in ("cross_entropy", "token_log_probs"):
