@@ -3,7 +3,7 @@
     probact-gpu --version
     probact-gpu check [--large] [--op OP ...] [--seed N]
     probact-gpu bench [--op OP|all ...] [--dtype bf16|fp16|fp32 ...] [--pass fwd|bwd|fwd_bwd ...]
-                      [--quick] [--smoke] [--traffic] [--out DIR]
+                      [--provider P ...] [--quick] [--smoke] [--traffic] [--out DIR]
 
 On a machine without CUDA the kernels run on the CPU through Triton's interpreter; this module
 sets ``TRITON_INTERPRET=1`` before anything imports triton, so it must not import the kernels at
@@ -66,7 +66,8 @@ def _traffic(args: argparse.Namespace) -> int:
     env = report.environment("traffic", "cpu (Triton interpreter)", quick=False,
                              command="probact-gpu " + " ".join(args.argv))
     env["source"] = report.source_revision()
-    rows = traffic.run(ops, dtypes, passes,
+    providers = tuple(dict.fromkeys(args.provider)) if args.provider else ("probact",)
+    rows = traffic.run(ops, dtypes, passes, providers=providers,
                        progress=lambda what: print(f"counting {what}", file=sys.stderr))
     print(report.format_traffic_header(env))
     print(report.format_traffic_table(rows))
@@ -88,12 +89,14 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import report, runner
+    from .bench.providers import PROVIDERS
     from .bench.shapes import OPS
 
     ops = OPS if not args.op or "all" in args.op else tuple(dict.fromkeys(args.op))
     dtypes = tuple(dict.fromkeys(args.dtype or ["bf16"]))
     passes = tuple(dict.fromkeys(args.passes)) if args.passes else None
     size = "smoke" if smoke else ("quick" if args.quick else "full")
+    providers = tuple(dict.fromkeys(args.provider)) if args.provider else PROVIDERS
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if device == "cuda" else "cpu (Triton interpreter)"
     if smoke and device == "cuda":
@@ -105,7 +108,7 @@ def _bench(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         copy_gbps, rows, complete = runner.run(ops=ops, dtypes=dtypes, passes=passes, size=size,
-                                               device=dev)
+                                               device=dev, providers=providers)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.format_header(env, copy_gbps))
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a subset of the bench shapes (~1 min)")
     b.add_argument("--smoke", action="store_true",
                    help="tiny shapes, each provider once, untimed (what CI runs)")
+    b.add_argument("--provider", action="append",
+                   choices=("probact", "torch", "compile", "liger", "torch_chunked", "cce"),
+                   help="repeatable; default probact, torch, compile and liger (each op's other "
+                        "providers beside probact); with --traffic, default probact")
     b.add_argument("--traffic", action="store_true",
                    help="count bytes, launches and allocations per call through the interpreter "
                         "at the full shapes' launch configs (any machine; nothing timed)")

@@ -198,12 +198,15 @@ def test_target_long_row_rereads_stay_out_of_hbm(op, pass_, shape, provider):
 
 def test_traffic_command_writes_a_valid_document(tmp_path, capsys):
     out = tmp_path / "traffic.md"
-    assert main(["bench", "--traffic", "--op", "sigmoid", "--pass", "fwd", "--out",
-                 str(out)]) == 0
+    assert main(["bench", "--traffic", "--op", "sigmoid", "--pass", "fwd", "--provider",
+                 "probact", "--provider", "torch", "--out", str(out)]) == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     report.validate_traffic(doc)
-    (row,) = doc["rows"]
+    row, eager = doc["rows"]
     assert row["status"] == "ok" and row["triton_ratio"] == pytest.approx(1.0)
+    # torch eager counted the same way: one torch kernel, its bytes estimated.
+    assert (eager["provider"], eager["triton_launches"], eager["torch_launches"]) == ("torch", 0, 1)
+    assert eager["total_ratio"] == pytest.approx(1.0)
     assert "sigmoid_fwd" in out.read_text()
     assert "### sigmoid" in capsys.readouterr().out
     bad = dict(doc, rows=[dict(row, status="done")])

@@ -662,14 +662,16 @@ def cases(ops, dtypes, passes, providers=("probact",)) -> list[tuple]:
     return out
 
 
-def run(ops, dtypes, passes=None, *, progress: Callable[[str], None] | None = None
-        ) -> list[TrafficRow]:
-    """Count every case; a provider that is missing or raises is a skipped row with the reason."""
+def run(ops, dtypes, passes=None, *, providers=("probact",),
+        progress: Callable[[str], None] | None = None) -> list[TrafficRow]:
+    """Count every case; a provider that is missing or raises is a skipped row with the reason.
+    Any provider can be counted (torch eager's kernels are torch kernels, their bytes estimated
+    as the module docstring says); the default is probact and its variants."""
     from . import providers as prov
     from .runner import DTYPES
 
     rows = []
-    for op, pass_, dtype, shape, provider in cases(ops, dtypes, passes):
+    for op, pass_, dtype, shape, provider in cases(ops, dtypes, passes, providers):
         dname = next(k for k, v in DTYPES.items() if v == dtype)
         if progress:
             progress(f"{op} {pass_} {dname} {shape_table.label(shape)} {provider}")
