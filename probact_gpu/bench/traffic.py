@@ -418,6 +418,8 @@ def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...
 def path_of(op: str, provider: str, chosen: list) -> str:
     """A short name of the launch path the full shape took: the first config ``tiling`` chose
     for the call (``chosen``, from :func:`full_size_configs`)."""
+    if not provider.startswith("probact"):
+        return "eager" if provider == "torch" else provider
     if op in shape_table.LINEAR_OPS:
         return "low memory" if provider == "probact_low_memory" else "token chunks"
     cfg = chosen[0] if chosen else None
