@@ -40,12 +40,14 @@ held beyond one chunk of tokens. Forward: per token chunk (``tiling.choose_token
 chunk's local logits by cuBLAS into one reused (C, V_r) buffer, then the statistics kernel and
 the local merge of its splits into (C, 4); after the last chunk the same two all_reduces as above
 over the (N, 4) statistics of *all* tokens, and the combine. Saved: h, W_r, b_r, targets, lse.
-Backward: per token chunk the local logits are recomputed, the gradient kernel overwrites them
-with dlogits (``vocab_start = s_r``, global class count, per-row grad_output), and
+Backward: the shard's classes are walked in blocks of V_b (``tiling.choose_vocab_chunk``, each
+(N, V_b) block as large as a token chunk's buffer): the block's logits are recomputed for every
+token, the gradient kernel overwrites them with dlogits (``vocab_start = s_r + v0``, global class
+count, per-row grad_output), and
 
-    dW_r += dlogits.T @ h[chunk]     in the GEMM's fp32 accumulator, one rounding a chunk (local)
-    db_r += Σ_rows dlogits           fp32                                          (local)
-    dh_r[chunk] = dlogits @ W_r      this rank's classes' share of dh
+    dW_r[block] = dlogits.T @ h           one GEMM over every token, rounded once    (local)
+    db_r[block] = Σ_rows dlogits          fp32                                        (local)
+    dh_r       += dlogits @ W_r[block]    fp32 (N, H) accumulator: this rank's share of dh
 
 then ``dh = Σ_r dh_r``: ONE ``all_reduce(SUM)`` of the (N, H) partial in the input's dtype — the
 input-gradient reduction of any column-parallel linear (Megatron's ``f``/``g`` pair), N·H
@@ -59,9 +61,9 @@ from __future__ import annotations
 
 import torch
 
+from . import tiling
 from ._runtime import accum_dtype, check_runnable, check_same_device
 from .ops._common import (
-    LinearGrads,
     ce_launch_options,
     check_chunking,
     check_head_inputs,
@@ -79,7 +81,7 @@ from .ops.cross_entropy import (
     cross_entropy_grad,
     cross_entropy_partial_stats,
 )
-from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.linear_cross_entropy import linear_cross_entropy, vocab_walk_bwd
 from .options import CrossEntropyOptions
 from .tiling import RowConfig
 
@@ -429,24 +431,16 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             return (None,) * 3 + none
         h, weight, bias, target, lse, divisor = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])  # (dh, dW, db); db implies a bias
-        grad = grad_loss.to(lse.dtype)
-        per_token = grad.ndim == 1
-        grads = LinearGrads(h, weight, bias, need)
-        if any(need):
-            # With V_local = 0 the matmuls are empty (dh_r is then zeros) and the CE gradient
-            # launches nothing.
-            ce = dict(ce_launch_options(ctx.options), divisor=divisor, config=ctx.config,
-                      vocab_start=ctx.vocab_start, n_classes=ctx.vocab_size)
-            n_tokens = h.shape[0]
-            buffer = torch.empty((min(ctx.chunk, n_tokens), weight.shape[0]), dtype=h.dtype,
-                                 device=h.device)
-            for start, end in token_chunks(n_tokens, ctx.chunk):
-                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
-                dlogits = cross_entropy_grad(
-                    logits, target[start:end], lse[start:end],
-                    grad[start:end] if per_token else grad, out=logits, **ce)
-                grads.add_chunk(start, end, dlogits, h[start:end], weight)
-        dh, dw, db = grads.results(h, weight, bias)
+        n_tokens, v_local = h.shape[0], weight.shape[0]
+        elem = h.element_size()
+        # Blocks of the shard's classes as large as a token chunk's (C, V_local) buffer; an
+        # empty shard walks no block (dh_r is then zeros) and launches nothing.
+        vocab_chunk = tiling.choose_vocab_chunk(n_tokens, v_local, elem,
+                                                max(1, ctx.chunk * v_local * elem))
+        ce = dict(ce_launch_options(ctx.options), divisor=divisor, config=ctx.config)
+        dh, dw, db = vocab_walk_bwd(h, weight, target, bias, lse, grad_loss.to(lse.dtype), ce,
+                                    vocab_chunk, need, vocab_start=ctx.vocab_start,
+                                    n_classes=ctx.vocab_size)
         if need[0]:  # dh = Σ_r dlogits_r @ W_r: the column-parallel input-gradient reduction
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + none
@@ -500,10 +494,10 @@ def vocab_parallel_linear_cross_entropy(
     input); backward, one all_reduce(SUM) of the (N, H) input gradient in the input's dtype
     (N·H elements per rank) when ``input`` requires grad. The weight and bias gradients are
     local: each rank gets those of its own shard. Memory: one (C, V_local) logits buffer, the
-    (N, 4) statistics, lse (N,), and in the backward dh (N, H) and dW in the weight's dtype,
-    accumulated in fp32 one vocabulary block at a time (``ops._common.LinearGrads``: no
-    (V_local, H) fp32 buffer). Second derivatives are not supported (a backward with
-    ``create_graph=True`` raises).
+    (N, 4) statistics, lse (N,), and in the backward a (N, V_b) block of logits as large as
+    that buffer, an fp32 (N, H) dh accumulator and dW itself (no (V_local, H) fp32 buffer; each
+    block's dW rows come from one GEMM over every token, rounded once). Second derivatives are
+    not supported (a backward with ``create_graph=True`` raises).
 
     Without an initialized process group, or with a group of one rank, this is the local
     ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns

@@ -436,6 +436,19 @@ def test_linear_ce_low_memory_walks_the_vocabulary(device, rng):
     assert len(grads) == 4  # ceil(101 classes / 30)
 
 
+def test_linear_ce_none_backward_walks_the_vocabulary(device, rng):
+    """reduction="none": the backward recomputes the logits in blocks of classes as large as a
+    token chunk's buffer (10 tokens × 101 classes = 27 classes × 37 tokens), so dW is one GEMM
+    per block over every token, rounded once."""
+    (h, _), (w, _), (b, _), target = _problem(rng, device)
+    wr = w.clone().requires_grad_()
+    loss = pg.linear_cross_entropy(h, wr, target, linear_bias=b, reduction="none", chunk_size=10)
+    with record_launches() as launches:
+        loss.sum().backward()
+    grads = [x for x in launches if x.kernel == "cross_entropy_bwd_kernel"]
+    assert len(grads) == 4  # ceil(101 / 27)
+
+
 def test_linear_ce_token_chunk_heuristic():
     assert tiling.choose_token_chunk(8192, 128256, 2) == 2048  # 512 MiB of bf16 logits
     assert tiling.choose_token_chunk(100, 128256, 2) == 100

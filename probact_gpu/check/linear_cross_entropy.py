@@ -29,6 +29,7 @@ def _run(n, hidden, vocab, chunk, reduction, low_memory, dtype, device, rng) -> 
     target = torch.from_numpy(target_np).to(device)
     dy_np = rng.standard_normal(n) if reduction == "none" else 1.0
     dy = torch.tensor(dy_np, dtype=dtype, device=device)
+    dy_np = dy.double().cpu().numpy()  # the reference sees the rounded grad_output too
     logits64 = h64 @ w64.T + b64
     loss_ref, _, dlogits = reference.cross_entropy(logits64, target_np, reduction=reduction,
                                                    label_smoothing=0.05, dy=dy_np)

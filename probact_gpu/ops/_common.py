@@ -202,8 +202,9 @@ class LinearGrads:
     rounded k times for k token chunks instead of once: at k = 4 (the default chunking of
     8192 × 4096 × 128256 bf16) its largest error against float64 stays within eager bf16's,
     whose logits and dlogits are rounded too (test_linear_ce_bf16_dw_accuracy_vs_eager), while
-    its RMS error is ~1.15× eager's; the error grows as √k with smaller chunks. The low-memory
-    mode of linear_cross_entropy rounds dW once.
+    its RMS error is ~1.15× eager's; the error grows as √k with smaller chunks (and partial sums
+    that cancel lose more). linear_cross_entropy's recomputing backward (``reduction="none"``,
+    ``low_memory``) walks the vocabulary instead and rounds dW once.
     """
 
     def __init__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -17,8 +17,10 @@ For ``reduction`` "sum"/"mean" the gradients are computed in the forward (3 matm
 eager) and the backward only multiplies them by ``grad_output`` on the device, in place (a no-op
 kernel when it is 1), so such a loss can be backpropagated once; a second backward through the
 same graph raises. For "none" the per-token ``grad_output`` is only known in the backward, which
-recomputes each chunk's logits and scales each *row* of dlogits before the two gradient
-matmuls (4 matmuls in all) — never scaling after dW was summed over tokens. The divisor of
+recomputes the logits and scales each *row* of dlogits before the two gradient matmuls (4
+matmuls in all) — never scaling after dW was summed over tokens. It walks the vocabulary as
+``low_memory`` does (below), in blocks as large as a token chunk's buffer, so dW is rounded
+once. The divisor of
 "mean" (Σ w_t) and the ``normalizer`` of "sum" divide dlogits inside the CE kernel.
 
 **Memory model** (beyond the inputs and the returned gradients dh (N, H), dW (V, H), db (V,)),
@@ -38,7 +40,8 @@ tests/test_linear_cross_entropy.py counts every allocation at a scaled-down shap
 (test_linear_ce_default_mode_memory_model). Precision: dW of a 16-bit head is rounded once per
 token chunk (4 times here); its largest error against float64 stays within eager bf16's, whose
 logits and dlogits are rounded too (test_linear_ce_bf16_dw_accuracy_vs_eager), its RMS error is
-~1.15× eager's at 4 chunks and grows as √k with k chunks; ``low_memory`` rounds dW once.
+~1.15× eager's at 4 chunks and grows as √k with k chunks; the recomputing backward ("none",
+``low_memory``) rounds dW once.
 
 ``low_memory=True`` trades one matmul for the in-forward gradients: the forward only computes
 the loss and lse (token chunks, 1 matmul); the backward walks the vocabulary in blocks of
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import tiling
 from .._runtime import accum_dtype, check_runnable, empty
 from ..options import CrossEntropyOptions
 from ._common import (
@@ -145,50 +149,50 @@ def linear_cross_entropy_bwd(
     need_grads: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients recomputed from the forward's ``lse``, for ``grad_output`` (one per token for
-    ``reduction="none"``, else 0-d): each chunk's logits are recomputed and each row of dlogits
-    is scaled by its grad_output (and the mean's divisor or the normalizer) *before* the
-    gradient matmuls. Token chunks (``LinearGrads``), or with ``low_memory`` vocabulary chunks:
-    each (N, V_chunk) block of logits gives its rows of dW directly (cuBLAS reduces over all
-    tokens in fp32), dh accumulates in an (N, H) fp32 buffer, and nothing (V, H)-sized but dW
-    itself is allocated. Returns (dh, dW, db), empty where not needed."""
+    ``reduction="none"``, else 0-d), walking the vocabulary: each (N, V_c) block of logits is
+    recomputed, each row of its dlogits scaled by its grad_output (and the mean's divisor or the
+    normalizer) *before* the gradient matmuls, and it gives its rows of dW directly (cuBLAS
+    reduces over all N tokens in fp32 and rounds once) while dh accumulates in an (N, H) fp32
+    buffer; nothing (V, H)-sized but dW itself is allocated. ``V_c``: ``chunk_size`` classes
+    with ``low_memory`` (else the block as large as a token chunk's (C, V) buffer would be), or
+    as many as fit ``memory_budget`` (``tiling.choose_vocab_chunk``). Returns (dh, dW, db),
+    empty where not needed."""
     options = options or CrossEntropyOptions()
     n_tokens, n_classes = h.shape[0], linear_weight.shape[0]
     divisor = loss_divisor(options, target, n_classes, lse.dtype)
     ce = dict(ce_launch_options(options), divisor=divisor)
+    elem = h.element_size()
     if low_memory:
-        return _bwd_vocab_chunks(h, linear_weight, target, linear_bias, lse, grad_output, ce,
-                                 chunk_size, memory_budget, need_grads)
-    per_token = grad_output.ndim == 1
-    chunk = token_chunk(n_tokens, n_classes, h.element_size(), chunk_size, memory_budget)
-    grads = LinearGrads(h, linear_weight, linear_bias, need_grads)
-    buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
-    for start, end in token_chunks(n_tokens, chunk):
-        logits = chunk_logits(h[start:end], linear_weight, linear_bias, buffer[: end - start])
-        dlogits = cross_entropy_grad(
-            logits, target[start:end], lse[start:end],
-            grad_output[start:end] if per_token else grad_output, out=logits, **ce)
-        grads.add_chunk(start, end, dlogits, h[start:end], linear_weight)
-    return grads.results(h, linear_weight, linear_bias)
+        vocab_chunk = chunk_size or tiling.choose_vocab_chunk(n_tokens, n_classes, elem,
+                                                              memory_budget)
+    else:
+        tokens = token_chunk(n_tokens, n_classes, elem, chunk_size, memory_budget)
+        vocab_chunk = tiling.choose_vocab_chunk(n_tokens, n_classes, elem,
+                                                max(1, tokens * n_classes * elem))
+    return vocab_walk_bwd(h, linear_weight, target, linear_bias, lse, grad_output, ce,
+                          vocab_chunk, need_grads)
 
 
-def _bwd_vocab_chunks(h, weight, target, bias, lse, grad_output, ce, chunk_size, memory_budget,
-                      need_grads):
-    """The low-memory backward: loop over blocks of classes (see linear_cross_entropy_bwd)."""
-    from .. import tiling
-
-    n_tokens, n_classes = h.shape[0], weight.shape[0]
+def vocab_walk_bwd(h, weight, target, bias, lse, grad_output, ce, chunk, need_grads, *,
+                   vocab_start=0, n_classes=None):
+    """The recomputing backward of a linear head over blocks of ``chunk`` of its classes
+    (linear_cross_entropy_bwd); also one rank's shard of a vocab-parallel head, whose classes
+    start at global ``vocab_start`` of ``n_classes`` (default: the head's own). ``ce``: the CE
+    gradient launcher's keywords (``ce_launch_options`` and the divisor). Returns (dh, dW, db),
+    dh from an fp32 (N, H) accumulator, empty where not needed."""
+    n_tokens, v_local = h.shape[0], weight.shape[0]
+    n_classes = v_local if n_classes is None else n_classes
     need_dh, need_dw, need_db = need_grads
-    chunk = chunk_size or tiling.choose_vocab_chunk(
-        n_tokens, n_classes, h.element_size(), memory_budget)
     dh_acc = torch.zeros(h.shape, dtype=accum_dtype(h), device=h.device) if need_dh else None
     dw = empty(weight.shape, weight.dtype, weight.device) if need_dw else weight.new_empty(0)
     db = empty(bias.shape, bias.dtype, bias.device) if need_db else weight.new_empty(0)
-    buffer = torch.empty(n_tokens * min(chunk, n_classes), dtype=h.dtype, device=h.device)
-    for v0, v1 in token_chunks(n_classes, chunk):
+    buffer = torch.empty(n_tokens * min(chunk, v_local), dtype=h.dtype, device=h.device)
+    for v0, v1 in token_chunks(v_local, chunk):
         logits = chunk_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1],
                               buffer[: n_tokens * (v1 - v0)].view(n_tokens, v1 - v0))
-        dlogits = cross_entropy_grad(logits, target, lse, grad_output, vocab_start=v0,
-                                     n_classes=n_classes, out=logits, **ce)
+        dlogits = cross_entropy_grad(logits, target, lse, grad_output,
+                                     vocab_start=vocab_start + v0, n_classes=n_classes,
+                                     out=logits, **ce)
         if need_dw:
             torch.mm(dlogits.t(), h, out=dw[v0:v1])
         if need_db:
