@@ -26,8 +26,9 @@ allow_probabilities=True, n_classes=None) -> bool``
     dh, dW, db of a linear head fed one token chunk of dlogits at a time, with the memory and
     rounding model written in its docstring.
 ``ce_launch_options(options) -> dict``
-    The keywords of the cross-entropy launchers (``cross_entropy_fwd``, ``cross_entropy_grad``,
-    ``cross_entropy_partial_stats``, ``cross_entropy_combine``) from a ``CrossEntropyOptions``.
+    The keywords of the cross-entropy launchers ``cross_entropy_fwd`` and
+    ``cross_entropy_grad`` from a ``CrossEntropyOptions`` (the split launchers take a subset:
+    ``probact_gpu.distributed`` filters them).
 ``loss_divisor(options, target, n_classes, dtype) -> Tensor | None``
     The 0-d device tensor the summed loss and its gradient are divided by: the mean's Σ w_t,
     the ``normalizer`` with ``reduction="sum"``, else None.
