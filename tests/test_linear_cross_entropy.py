@@ -516,6 +516,24 @@ def test_linear_ce_bad_input(device):
 
 
 @pytest.mark.gpu
+def test_linear_ce_default_mode_peak_memory_gpu(device):
+    """The memory goal at the PERF.md shape (8192 × 4096 × 128256 bf16, default mode): the peak
+    beyond the inputs and the returned gradients is at most 1 GiB (the model says ~0.5)."""
+    torch.manual_seed(0)
+    n, hidden, vocab = 8192, 4096, 128256
+    h = (torch.randn(n, hidden, device=device) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (n,), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    pg.linear_cross_entropy(h, w, target).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - h.grad.nbytes - w.grad.nbytes
+    assert extra <= 1 << 30, f"{extra / 2**20:.0f} MiB beyond the inputs and gradients"
+
+
+@pytest.mark.gpu
 def test_linear_ce_lm_head_shape_gpu(device):
     """The PERF.md shape at a quarter of the tokens: loss and gradients vs eager in fp32."""
     torch.manual_seed(0)
