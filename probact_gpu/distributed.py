@@ -88,8 +88,12 @@ from .tiling import RowConfig
 __all__ = [
     "VocabParallelCrossEntropyFunction",
     "VocabParallelLinearCrossEntropyFunction",
+    "VocabParallelLinearTokenLogProbsFunction",
+    "VocabParallelTokenLogProbsFunction",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_token_log_probs",
+    "vocab_parallel_token_log_probs",
 ]
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -533,3 +537,13 @@ def vocab_parallel_linear_cross_entropy(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
         options, (chunk_size, memory_budget, config))
     return loss.reshape(batch_shape) if options.reduction == "none" else loss
+
+
+# The LM head's other outputs over the same process groups (token log-probs, entropy, lse,
+# argmax) live in their own module; they are part of this one's API.
+from .distributed_lm_head import (  # noqa: E402
+    VocabParallelLinearTokenLogProbsFunction,
+    VocabParallelTokenLogProbsFunction,
+    vocab_parallel_linear_token_log_probs,
+    vocab_parallel_token_log_probs,
+)
