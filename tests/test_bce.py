@@ -541,7 +541,7 @@ def test_bce_rejects_bad_input(device):
 
 @pytest.mark.gpu
 def test_bce_2_pow_28_bf16_gpu(device):
-    """The PERF.md shape, bf16, mean with the in-forward gradient: a strided sample against
+    """The bench shape, bf16, mean with the in-forward gradient: a strided sample against
     float64; the loss against a float64 torch evaluation of the whole tensor."""
     gen = torch.Generator(device=device).manual_seed(0)
     n = 1 << 28

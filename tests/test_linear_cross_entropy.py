@@ -311,7 +311,7 @@ def test_linear_ce_default_mode_memory_model(device, rng):
 
 
 def test_linear_ce_bf16_dw_accuracy_vs_eager(rng, device):
-    """bf16 dW rounded once per token chunk (4 chunks, the default's count at the PERF.md shape):
+    """bf16 dW rounded once per token chunk (4 chunks, the default's count at the bench shape):
     its largest error against float64 (exact logits from the same rounded inputs) is within
     eager bf16's (``cross_entropy(h @ W.T)``, whose logits and dlogits are rounded) plus one bf16
     ulp of the largest dW; the low-memory mode (one rounding) too."""
@@ -517,7 +517,7 @@ def test_linear_ce_bad_input(device):
 
 @pytest.mark.gpu
 def test_linear_ce_default_mode_peak_memory_gpu(device):
-    """The memory goal at the PERF.md shape (8192 × 4096 × 128256 bf16, default mode): the peak
+    """The memory goal at the bench shape (8192 × 4096 × 128256 bf16, default mode): the peak
     beyond the inputs and the returned gradients is at most 1 GiB (the model says ~0.5)."""
     torch.manual_seed(0)
     n, hidden, vocab = 8192, 4096, 128256
@@ -535,7 +535,7 @@ def test_linear_ce_default_mode_peak_memory_gpu(device):
 
 @pytest.mark.gpu
 def test_linear_ce_lm_head_shape_gpu(device):
-    """The PERF.md shape at a quarter of the tokens: loss and gradients vs eager in fp32."""
+    """The bench shape at a quarter of the tokens: loss and gradients vs eager in fp32."""
     torch.manual_seed(0)
     n, hidden, vocab = 2048, 4096, 128256
     h = (torch.randn(n, hidden, device=device) * 0.5).bfloat16().requires_grad_()

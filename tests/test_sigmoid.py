@@ -227,7 +227,7 @@ def test_sigmoid_torch_compile_fullgraph_traces(device, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("log", [False, True], ids=IDS.get)
 def test_sigmoid_2_pow_28_bf16_gpu(log, device):
-    """The PERF.md shape: 2^28 bf16 elements, checked against float64 on a strided sample."""
+    """The bench shape: 2^28 bf16 elements, checked against float64 on a strided sample."""
     ours, _, ref = OPS[log]
     gen = torch.Generator(device=device).manual_seed(0)
     x = (torch.randn(1 << 28, device=device, generator=gen) * 4).to(torch.bfloat16)
