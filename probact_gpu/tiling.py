@@ -52,10 +52,10 @@ class RowConfig:
     """How a row reduction is launched. ``block_m`` is used by ``single`` only, ``n_splits`` by
     ``split`` only (1 elsewhere). ``n_programs`` (``multi`` only): 0 launches one program per
     row; k > 0 launches min(k, rows) programs that each loop over rows k apart — a persistent
-    grid bounding the rows in flight (and so the L2 footprint of the second sweep). Softmax
-    only: the row loop raised the cross-entropy forward from 64 to 73 registers on sm_90 (32 to
-    16 resident warps, scripts/sm90_report.py), so its launcher refuses it. Softmax's default
-    uses it where the L2 model says it pays (``persistent_programs``). ``num_stages`` (``multi``
+    grid bounding the rows in flight (and so the L2 footprint of the second sweep). Softmax's
+    default uses it where the L2 model says it pays (``persistent_programs``); cross-entropy's
+    fused-gradient forward runs it through its own persistent kernel where its model says so
+    (``choose_cross_entropy_config``). ``num_stages`` (``multi``
     only): software-pipelining depth of the two sweeps (``tl.range(..., num_stages=)``); 1 is
     none, the default (see ``PIPELINE_STAGES``)."""
 
