@@ -21,7 +21,7 @@ from probact_gpu.options import CrossEntropyOptions
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's inf − inf lanes
 
 OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy",
-               "token_log_probs")
+               "token_log_probs", "linear_token_log_probs")
 # opcheck's checks: schema, autograd registration and fake tensors run the op and its fake
 # implementation; test_aot_dispatch_dynamic traces it with AOTAutograd and dynamic shapes.
 ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -62,6 +62,14 @@ def _tlp_stats():
     return logits, t, out[-1]
 
 
+def _ltlp_saved():
+    h, w, t, b = _x(6, 5, grad=False), _x(9, 5, grad=False, seed=4), _t(6, 9), _x(9, seed=5,
+                                                                               grad=False)
+    out = torch.ops.probact_gpu.linear_token_log_probs(h, w, t, b, -100, 1.0, 2.0, 3.0, 0.8,
+                                                       False, False, True, 4)
+    return h, w, t, b, out[-1]
+
+
 # One case per registered op: (args, checks).
 CASES = {
     "softmax_fwd": lambda: ((_x(4, 7), 1, False, None), ALL_CHECKS),
@@ -95,13 +103,21 @@ CASES = {
                                           [True, True, False]), ALL_CHECKS),
     "scale_grads": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False), _x(9, grad=False),
                              torch.tensor(2.0)), ALL_CHECKS),
-    # test_aot_dispatch_dynamic crashes the process on this op (a segmentation fault inside
-    # the AOT trace with dynamic shapes, torch 2.13 / triton 3.9 interpreter; not understood
-    # yet): left out here so the other checks and ops still run.
+    # save_stats=False although the logits require grad (test_aot_dispatch_dynamic runs a
+    # backward): the backward recomputes the statistics. It once read the empty stats tensor
+    # out of bounds instead, which crashed the interpreter (eager too, no AOT or symbolic
+    # shapes needed: test_token_log_probs_op_without_saved_stats_backward).
     "token_log_probs": lambda: ((_x(5, 9), _t(5, 9), -100, 1.0, 1.0, 4.0, 0.7, True, True,
-                                 False), NO_AOT),
+                                 False), ALL_CHECKS),
     "token_log_probs_bwd": lambda: ((*_tlp_stats(), torch.rand(5), torch.rand(5), -100, 1.0,
                                      1.0, 4.0, 0.7), ALL_CHECKS),
+    # 6 tokens in chunks of 4 (a short last chunk), a bias, entropy and argmax; no saved
+    # statistics, as token_log_probs above.
+    "linear_token_log_probs": lambda: ((_x(6, 5), _x(9, 5, seed=4), _t(6, 9), _x(9, seed=5),
+                                        -100, 1.0, 2.0, 3.0, 0.8, True, True, False, 4),
+                                       ALL_CHECKS),
+    "linear_token_log_probs_bwd": lambda: ((*_ltlp_saved(), torch.rand(6), None, -100, 1.0,
+                                            2.0, 3.0, 0.8, 4, [True, True, True]), ALL_CHECKS),
 }
 
 
@@ -166,11 +182,6 @@ PUBLIC = {
     "linear_token_log_probs": lambda x, w, t: pg.linear_token_log_probs(
         x, w, _inputs(x, w, t)[2], chunk_size=4).sum(),
 }
-# Public functions that do not trace yet (their own modules): xfail with what the trace said.
-NOT_TRACEABLE = {
-    "linear_token_log_probs": "an autograd.Function whose forward launches Triton: dynamo "
-                              "cannot trace UntypedStorage.data_ptr in the launch",
-}
 
 
 def _compare(fn, backend, device):
@@ -196,9 +207,7 @@ def test_softmax_and_linear_ce_compile_fullgraph(device):
     _compare(_softmax_and_linear_ce, "aot_eager", device)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=NOT_TRACEABLE[n], strict=True))
-    if n in NOT_TRACEABLE else n for n in PUBLIC])
+@pytest.mark.parametrize("name", list(PUBLIC))
 def test_public_function_compiles_fullgraph(device, name):
     torch._dynamo.reset()
     _compare(PUBLIC[name], "aot_eager", device)
@@ -211,7 +220,7 @@ def test_softmax_and_linear_ce_compile_inductor_gpu(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [n for n in PUBLIC if n not in NOT_TRACEABLE])
+@pytest.mark.parametrize("name", list(PUBLIC))
 def test_public_function_compiles_inductor_gpu(device, name):
     torch._dynamo.reset()
     _compare(PUBLIC[name], "inductor", device)

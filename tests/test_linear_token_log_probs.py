@@ -113,6 +113,31 @@ def test_linear_token_log_probs_no_grad_saves_nothing(device, rng):
     assert [launch.meta["SAVE_STATS"] for launch in log] == [False] * 3
 
 
+def test_linear_token_log_probs_lse_and_argmax_get_no_zero_gradient(device, rng):
+    """Only logp is used although lse and argmax are returned (and entropy computed): the
+    backward kernel runs without an entropy gradient (none is zero-filled for it)."""
+    h, _ = make_input((5, 8), torch.float32, rng, device=device)
+    w, _, _, _ = _head(rng, 8, 9, torch.float32, device, bias=False)
+    t = torch.from_numpy(rng.integers(0, 9, 5)).to(device)
+    out = linear_token_log_probs(h.requires_grad_(), w, t, return_entropy=True,
+                                 return_lse=True, return_argmax=True, chunk_size=3)
+    assert not out.lse.requires_grad and not out.argmax.requires_grad
+    with record_launches() as log:
+        out.logprobs.sum().backward()
+    bwd = [launch.meta for launch in log if launch.kernel == "token_log_probs_bwd_kernel"]
+    assert len(bwd) == 2
+    assert all(m["HAS_GRAD_LOGP"] and not m["HAS_GRAD_ENTROPY"] for m in bwd)
+
+
+def test_linear_token_log_probs_double_backward_raises(device, rng):
+    h, _ = make_input((3, 4), torch.float32, rng, device=device)
+    w, _, _, _ = _head(rng, 4, 6, torch.float32, device, bias=False)
+    hr = h.clone().requires_grad_()
+    logp = linear_token_log_probs(hr, w, torch.tensor([0, 5, 2], device=device))
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(logp.sum(), hr, create_graph=True)
+
+
 def test_linear_token_log_probs_gradcheck_fp64(device, rng):
     h = torch.from_numpy(rng.standard_normal((4, 3))).to(device).requires_grad_()
     w = torch.from_numpy(rng.standard_normal((5, 3))).to(device).requires_grad_()

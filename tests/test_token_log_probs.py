@@ -275,6 +275,28 @@ def test_token_log_probs_double_backward_raises(device, rng):
         torch.autograd.grad(logp.sum(), xr, create_graph=True)
 
 
+def test_token_log_probs_op_without_saved_stats_backward(device, rng):
+    """The registered op called with save_stats=False on logits that require grad (as opcheck
+    does): the backward recomputes the statistics instead of reading an empty tensor."""
+    x, _ = make_input((5, 9), torch.float32, rng, device=device)
+    t = torch.tensor([0, 8, -100, 3, 3], device=device)
+    xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    outs = torch.ops.probact_gpu.token_log_probs(xr, t, -100, 1.0, 1.0, 4.0, 0.7, True, False,
+                                                 False)
+    assert outs[-1].shape == (0,)
+    (outs[0].sum() + outs[1].sum()).backward()
+    out = token_log_probs(xs, t, softcap=4.0, temperature=0.7, return_entropy=True)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    torch.testing.assert_close(xr.grad, xs.grad)
+
+
+def test_token_log_probs_bwd_rejects_stats_of_another_shape(device, rng):
+    x, _ = make_input((4, 6), torch.float32, rng, device=device)
+    t = torch.zeros(4, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="stats must be"):
+        token_log_probs_bwd(x, t, x.new_empty(0), torch.ones(4, device=device), None)
+
+
 def test_token_log_probs_compile_fullgraph(device, rng):
     torch._dynamo.reset()
     x, _ = make_input((4, 11), torch.float32, rng, device=device)

@@ -20,11 +20,16 @@ allow_probabilities=True, n_classes=None) -> bool``
     ``n == 0``.
 ``chunk_logits(h, weight, bias, out) -> out``
     ``out = h @ weight.T (+ bias)`` by cuBLAS, written into ``out`` (a reused chunk buffer).
+``logits_chunks(h, weight, bias, chunk)``
+    ``(start, end, logits)`` per token chunk, the logits of ``h[start:end]`` in one reused
+    (C, V) buffer: the loop of every token-chunked LM-head forward and backward.
 ``accumulate_fp32(acc, a, b)``
     ``acc += a @ b`` with ``acc`` fp32 and 16-bit operands, no 16-bit rounding of the product.
 ``LinearGrads``
     dh, dW, db of a linear head fed one token chunk of dlogits at a time, with the memory and
     rounding model written in its docstring.
+``fake_linear_grads(h, weight, bias, need) -> (dh, dW, db)``
+    The fake (meta) counterpart of ``LinearGrads.results``, for the ops' fake implementations.
 ``ce_launch_options(options) -> dict``
     The keywords of the cross-entropy launchers ``cross_entropy_fwd`` and
     ``cross_entropy_grad`` from a ``CrossEntropyOptions`` (the split launchers take a subset:
@@ -58,7 +63,9 @@ __all__ = [
     "check_chunking",
     "check_head_inputs",
     "chunk_logits",
+    "fake_linear_grads",
     "flatten_head_input",
+    "logits_chunks",
     "loss_divisor",
     "no_second_derivative",
     "reduce_rows",
@@ -171,6 +178,20 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
+def logits_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, logits)`` for consecutive chunks of ``chunk`` rows of ``h`` (N, H), with
+    ``logits = h[start:end] @ weight.T (+ bias)`` (:func:`chunk_logits`) in one (C, V) buffer
+    of ``h``'s dtype allocated once: each chunk's logits overwrite the previous chunk's (the
+    caller may overwrite them too, e.g. with their gradient). Nothing for N = 0."""
+    n_tokens = h.shape[0]
+    if n_tokens == 0:
+        return
+    buffer = torch.empty((min(chunk, n_tokens), weight.shape[0]), dtype=h.dtype, device=h.device)
+    for start, end in token_chunks(n_tokens, chunk):
+        yield start, end, chunk_logits(h[start:end], weight, bias, buffer[: end - start])
+
+
 def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` fp32 (or fp64) and ``a``, ``b`` possibly 16-bit, without a
     16-bit rounding of the product: cuBLAS's fp32-output GEMM where torch has it, else fp32
@@ -245,6 +266,16 @@ class LinearGrads:
             dw = self.dw if self._dw_started else self.dw.zero_()
         db = weight.new_empty(0) if self.db_acc is None else self.db_acc.to(bias.dtype)
         return dh, dw, db
+
+
+def fake_linear_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      need) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) as :meth:`LinearGrads.results` returns them, for fake implementations: each
+    gradient in ``need`` shaped like its tensor, else an empty (0,) tensor."""
+    dh = torch.empty_like(h) if need[0] else weight.new_empty(0)
+    dw = torch.empty_like(weight) if need[1] else weight.new_empty(0)
+    db = torch.empty_like(bias) if need[2] else weight.new_empty(0)
+    return dh, dw, db
 
 
 # --------------------------------------------------------------------------- CE options

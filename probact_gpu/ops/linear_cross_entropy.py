@@ -77,7 +77,9 @@ from ._common import (
     check_chunking,
     check_head_inputs,
     chunk_logits,
+    fake_linear_grads,
     flatten_head_input,
+    logits_chunks,
     loss_divisor,
     no_second_derivative,
     reduce_rows,
@@ -119,9 +121,7 @@ def linear_cross_entropy_fwd(
     lse = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
     divisor = loss_divisor(options, target, n_classes, stats_dtype)
     ce = ce_launch_options(options)
-    buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
-    for start, end in token_chunks(n_tokens, chunk):
-        logits = chunk_logits(h[start:end], linear_weight, linear_bias, buffer[: end - start])
+    for start, end, logits in logits_chunks(h, linear_weight, linear_bias, chunk):
         rows, row_lse, dlogits = cross_entropy_fwd(
             logits, target[start:end], reduction="sum" if divisor is None else "mean",
             compute_grad=grads_now, grad_out=logits if grads_now else None,
@@ -233,15 +233,8 @@ def _(h, linear_weight, target, linear_bias, *args):
     stats_dtype = accum_dtype(h)
     loss = h.new_empty((n,) if reduction == "none" else (), dtype=stats_dtype)
     lse = h.new_empty((n,), dtype=stats_dtype)
-    return (loss, lse, *_fake_grads(h, linear_weight, linear_bias,
+    return (loss, lse, *fake_linear_grads(h, linear_weight, linear_bias,
                                     [now and g for g in need_grads]))
-
-
-def _fake_grads(h, weight, bias, need):
-    dh = torch.empty_like(h) if need[0] else weight.new_empty(0)
-    dw = torch.empty_like(weight) if need[1] else weight.new_empty(0)
-    db = torch.empty_like(bias) if need[2] else weight.new_empty(0)
-    return dh, dw, db
 
 
 @torch.library.custom_op("probact_gpu::linear_cross_entropy_bwd", mutates_args=())
@@ -264,7 +257,7 @@ def _lce_bwd_op(
 
 @_lce_bwd_op.register_fake
 def _(h, linear_weight, target, linear_bias, lse, grad_output, *args):
-    return _fake_grads(h, linear_weight, linear_bias, args[-1])
+    return fake_linear_grads(h, linear_weight, linear_bias, args[-1])
 
 
 @torch.library.custom_op("probact_gpu::scale_grads", mutates_args=("dh", "dw", "db"))

@@ -30,6 +30,13 @@ again in the backward), the saved per-token statistics (N, 3) fp32 when a gradie
 needed (nothing under ``torch.no_grad``), and in the backward dh (N, H), dW (V, H) in the
 weight's dtype plus one (V_b, H) fp32 block, db (V,) fp32. Saved for the backward: ``input``,
 ``linear_weight``, ``linear_bias``, the targets and the statistics — never logits.
+
+Read top-down: the launchers (``linear_token_log_probs_fwd`` / ``_bwd``, reused by the
+vocab-parallel form with its shard's ``vocab_start``), the ``probact_gpu::linear_token_log_probs``
+and ``probact_gpu::linear_token_log_probs_bwd`` torch.library ops with fake implementations (so
+``torch.compile(fullgraph=True)`` traces them), autograd registered on the forward op (lse and
+argmax not differentiable, no zero gradient made for an unused output; a backward with
+``create_graph=True`` raises), and the public function.
 """
 
 from __future__ import annotations
@@ -42,31 +49,35 @@ from ._common import (
     LinearGrads,
     check_chunking,
     check_head_inputs,
-    chunk_logits,
+    fake_linear_grads,
     flatten_head_input,
+    logits_chunks,
     no_second_derivative,
     token_chunk,
-    token_chunks,
 )
-from .token_log_probs import TokenLogProbs, token_log_probs_bwd, token_log_probs_fwd
+from .token_log_probs import (
+    absent_as_empty,
+    fake_outputs,
+    pack_outputs,
+    token_log_probs_bwd,
+    token_log_probs_fwd,
+)
 
-__all__ = ["LinearTokenLogProbsFunction", "linear_token_log_probs"]
+__all__ = ["linear_token_log_probs", "linear_token_log_probs_bwd", "linear_token_log_probs_fwd"]
 
 
 def linear_token_log_probs_fwd(h, weight, bias, target, *, ignore_index, transform,
                                compute_entropy, compute_argmax, save_stats, chunk):
     """(logp, entropy | None, lse, argmax | None, stats | None) of 2-D ``h`` (N, H) and flat
     ``target``, one token chunk of logits at a time (module docstring)."""
-    n_tokens, n_classes = h.shape[0], weight.shape[0]
+    n_tokens = h.shape[0]
     sdt, device = accum_dtype(h), h.device
     logp = empty((n_tokens,), sdt, device)
     lse = empty((n_tokens,), sdt, device)
     entropy = empty((n_tokens,), sdt, device) if compute_entropy else None
     arg = torch.empty(n_tokens, dtype=torch.int64, device=device) if compute_argmax else None
     stats = empty((n_tokens, 3), sdt, device) if save_stats else None
-    buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=device)
-    for start, end in token_chunks(n_tokens, chunk):
-        logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
+    for start, end, logits in logits_chunks(h, weight, bias, chunk):
         outs = token_log_probs_fwd(logits, target[start:end], ignore_index=ignore_index,
                                    transform=transform, compute_entropy=compute_entropy,
                                    compute_argmax=compute_argmax, save_stats=save_stats)
@@ -77,58 +88,112 @@ def linear_token_log_probs_fwd(h, weight, bias, target, *, ignore_index, transfo
 
 
 def linear_token_log_probs_bwd(h, weight, bias, target, stats, grad_logp, grad_entropy, *,
-                               ignore_index, transform, chunk, need):
+                               ignore_index, transform, chunk, need, vocab_start=0,
+                               n_classes=None, config=None):
     """(dh, dW, db) — empty tensors where not in ``need`` — from the saved ``stats``, each
-    chunk's logits recomputed and overwritten with their gradient (module docstring)."""
-    n_tokens, n_classes = h.shape[0], weight.shape[0]
+    chunk's logits recomputed and overwritten with their gradient (module docstring).
+    ``vocab_start`` / ``n_classes``: the head's rows are global classes ``[vocab_start,
+    vocab_start + V)`` of ``n_classes`` (one rank's shard of a vocab-parallel head; dh is then
+    this shard's part, for the caller to reduce)."""
     grads = LinearGrads(h, weight, bias, need)
-    if any(need) and n_tokens > 0:
-        buffer = torch.empty((min(chunk, n_tokens), n_classes), dtype=h.dtype, device=h.device)
-        for start, end in token_chunks(n_tokens, chunk):
-            logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
+    if any(need):
+        for start, end, logits in logits_chunks(h, weight, bias, chunk):
             dz = token_log_probs_bwd(
                 logits, target[start:end], stats[start:end],
                 None if grad_logp is None else grad_logp[start:end],
                 None if grad_entropy is None else grad_entropy[start:end],
-                ignore_index=ignore_index, transform=transform, out=logits)
+                vocab_start=vocab_start, n_classes=n_classes, ignore_index=ignore_index,
+                transform=transform, out=logits, config=config)
             grads.add_chunk(start, end, dz, h[start:end], weight)
     return grads.results(h, weight, bias)
 
 
-class LinearTokenLogProbsFunction(torch.autograd.Function):
-    """Autograd of :func:`linear_token_log_probs` on 2-D ``h`` (N, H) and flat targets; returns
-    (logp, entropy | None, lse, argmax | None), lse and argmax not differentiable."""
+# --------------------------------------------------------------------------- custom ops
+# The logit transform crosses the torch.library boundary as its four numbers (native schema
+# types); outputs not asked for are empty (0,) tensors.
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, ignore_index, transform, compute_entropy,
-                compute_argmax, chunk, needs_grad):
-        logp, entropy, lse, arg, stats = linear_token_log_probs_fwd(
-            h, weight, bias, target, ignore_index=ignore_index, transform=transform,
-            compute_entropy=compute_entropy, compute_argmax=compute_argmax,
-            save_stats=needs_grad, chunk=chunk)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
-        if needs_grad:
-            ctx.save_for_backward(h, weight, bias, target, stats)
-        ctx.ignore_index, ctx.transform, ctx.chunk = ignore_index, transform, chunk
-        return logp, entropy, lse, arg
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
-        no_second_derivative("linear_token_log_probs")
-        none = (None,) * 7
-        if grad_logp is None and grad_entropy is None:
-            return (None, None, None) + none
-        h, weight, bias, target, stats = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2])
-        dh, dw, db = linear_token_log_probs_bwd(
-            h, weight, bias, target, stats,
-            None if grad_logp is None else grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(),
-            ignore_index=ctx.ignore_index, transform=ctx.transform, chunk=ctx.chunk, need=need)
-        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                *none)
+@torch.library.custom_op("probact_gpu::linear_token_log_probs", mutates_args=())
+def _ltlp_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, ignore_index: int, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float, compute_entropy: bool,
+    compute_argmax: bool, save_stats: bool, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse, argmax, stats) of 2-D ``h`` (N, H) and flat ``target`` (N,):
+    per-token (N,) outputs, stats (N, 3)."""
+    if h.shape[0] > 0:
+        check_runnable(h, "input")
+    logp, entropy, lse, arg, stats = linear_token_log_probs_fwd(
+        h, linear_weight, linear_bias, target, ignore_index=ignore_index,
+        transform=HeadTransform(logit_scale, logit_divisor, softcap, temperature),
+        compute_entropy=compute_entropy, compute_argmax=compute_argmax, save_stats=save_stats,
+        chunk=chunk)
+    return absent_as_empty(h, logp, entropy, lse, arg, stats)
+
+
+@_ltlp_op.register_fake
+def _(h, linear_weight, target, linear_bias, ignore_index, logit_scale, logit_divisor, softcap,
+      temperature, compute_entropy, compute_argmax, save_stats, chunk):
+    return fake_outputs(h, h.shape[:1], compute_entropy, compute_argmax, save_stats)
+
+
+@torch.library.custom_op("probact_gpu::linear_token_log_probs_bwd", mutates_args=())
+def _ltlp_bwd_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, stats: torch.Tensor, grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None, ignore_index: int, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float, chunk: int,
+    need_grads: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db), an empty tensor for each not in ``need_grads``; ``grad_logp`` /
+    ``grad_entropy`` (N,) (at least one given)."""
+    def flat(t):
+        return None if t is None else t.contiguous()
+
+    return linear_token_log_probs_bwd(
+        h, linear_weight, linear_bias, target, stats, flat(grad_logp), flat(grad_entropy),
+        ignore_index=ignore_index,
+        transform=HeadTransform(logit_scale, logit_divisor, softcap, temperature), chunk=chunk,
+        need=tuple(need_grads))
+
+
+@_ltlp_bwd_op.register_fake
+def _(h, linear_weight, target, linear_bias, stats, grad_logp, grad_entropy, *args):
+    return fake_linear_grads(h, linear_weight, linear_bias, args[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, target, bias = inputs[:4]
+    _, _, lse, arg, stats = output
+    ctx.mark_non_differentiable(lse, arg, stats)
+    ctx.set_materialize_grads(False)  # lse and argmax never get a zero-filled gradient
+    ctx.save_for_backward(h, weight, bias, target, stats)
+    ctx.opts = inputs[4:9] + inputs[12:13]  # the transform's options, then the chunk
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
+    no_second_derivative("linear_token_log_probs")
+    none = (None,) * 9
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 4 + none
+    h, weight, bias, target, stats = ctx.saved_tensors
+    if stats.ndim == 1:  # the op was called with save_stats=False: recompute the statistics
+        stats = _ltlp_op(h, weight, target, bias, *ctx.opts[:5], grad_entropy is not None,
+                         False, True, ctx.opts[5])[-1]
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[3]]
+    dh, dw, db = _ltlp_bwd_op(h, weight, target, bias, stats, grad_logp, grad_entropy,
+                              *ctx.opts, need)
+    return (dh if need[0] else None, dw if need[1] else None, None,
+            db if need[2] else None) + none
+
+
+torch.library.register_autograd("probact_gpu::linear_token_log_probs", _backward,
+                                setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
 
 
 def linear_token_log_probs(
@@ -174,22 +239,14 @@ def linear_token_log_probs(
                          f"{tuple(linear_weight.shape)}")
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     flat_target = target.reshape(-1)
-    if h.shape[0] > 0:
-        check_runnable(h, "input")
     transform: HeadTransform = options.transform
     chunk = token_chunk(h.shape[0], linear_weight.shape[0], h.element_size(), chunk_size,
                         memory_budget)
-    logp, entropy, lse, arg = LinearTokenLogProbsFunction.apply(
-        h, linear_weight, linear_bias, flat_target.contiguous(), options.ignore_index,
-        transform, bool(return_entropy), bool(return_argmax), chunk,
-        torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)))
-
-    def shaped(t):
-        return None if t is None else t.reshape(batch_shape)
-
-    if not (return_entropy or return_lse or return_argmax):
-        return shaped(logp)
-    return TokenLogProbs(shaped(logp), shaped(entropy) if return_entropy else None,
-                         shaped(lse) if return_lse else None,
-                         shaped(arg) if return_argmax else None)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    logp, entropy, lse, arg, _ = _ltlp_op(
+        h, linear_weight, flat_target.contiguous(), linear_bias, options.ignore_index,
+        transform.logit_scale, transform.logit_divisor, transform.softcap,
+        transform.temperature, bool(return_entropy), bool(return_argmax), needs_grad, chunk)
+    return pack_outputs(logp, entropy, lse, arg, return_entropy=return_entropy,
+                        return_lse=return_lse, return_argmax=return_argmax, shape=batch_shape)

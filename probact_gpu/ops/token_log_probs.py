@@ -32,6 +32,7 @@ n_classes=None, ignore_index=-100, transform, out=None, config=None) -> dlogits`
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,8 +60,11 @@ from ._common import no_second_derivative
 
 __all__ = [
     "TokenLogProbs",
+    "absent_as_empty",
+    "fake_outputs",
     "finish_rows",
     "merge_partials",
+    "pack_outputs",
     "token_log_probs",
     "token_log_probs_bwd",
     "token_log_probs_fwd",
@@ -254,6 +258,9 @@ def token_log_probs_bwd(
     if dxv.tensor is not out:
         raise ValueError("out must be addressable as rows along its last dim without a copy")
     n_classes = xv.n_cols if n_classes is None else n_classes
+    if tuple(stats.shape) != (xv.n_rows, 3):
+        raise ValueError(f"stats must be the forward's ({xv.n_rows}, 3) statistics (saved with "
+                         f"save_stats=True), got shape {tuple(stats.shape)}")
     if xv.n_rows == 0 or xv.n_cols == 0:
         return out
     cfg = _config(xv.n_rows, xv.n_cols, logits, config)
@@ -276,6 +283,35 @@ def token_log_probs_bwd(
 
 
 # --------------------------------------------------------------------------- custom ops
+# The forward ops' five outputs (this op's and the fused linear op's): (logp, entropy, lse,
+# argmax, stats), per-token ones shaped like the target, stats (N, 3); an output not asked for
+# is an empty (0,) tensor (schemas have no optional outputs).
+
+
+def absent_as_empty(like: torch.Tensor, logp, entropy, lse, arg, stats, *, shape=None):
+    """The launchers' (logp, entropy | None, lse, argmax | None, stats | None) as the ops'
+    outputs: per-token ones reshaped to ``shape`` (when given), a fresh empty tensor for each
+    None."""
+    def per_token(t, dtype):
+        if t is None:
+            return like.new_empty(0, dtype=dtype)
+        return t if shape is None else t.reshape(shape)
+
+    return (per_token(logp, logp.dtype), per_token(entropy, logp.dtype),
+            per_token(lse, logp.dtype), per_token(arg, torch.int64),
+            like.new_empty(0, dtype=logp.dtype) if stats is None else stats)
+
+
+def fake_outputs(like: torch.Tensor, shape, compute_entropy: bool, compute_argmax: bool,
+                 save_stats: bool):
+    """The forward ops' outputs as fake tensors, per-token ones of ``shape``."""
+    sdt = accum_dtype(like)
+    n_rows = math.prod(shape)
+    return (like.new_empty(shape, dtype=sdt),
+            like.new_empty(shape if compute_entropy else (0,), dtype=sdt),
+            like.new_empty(shape, dtype=sdt),
+            like.new_empty(shape if compute_argmax else (0,), dtype=torch.int64),
+            like.new_empty((n_rows, 3) if save_stats else (0,), dtype=sdt))
 
 
 def _transform(logit_scale, logit_divisor, softcap, temperature) -> HeadTransform:
@@ -293,28 +329,17 @@ def _tlp_op(
     if logits.numel() > 0:
         check_runnable(logits, "logits")
     flat = target.reshape(-1)
-    logp, entropy, lse, arg, stats = token_log_probs_fwd(
+    outs = token_log_probs_fwd(
         logits, flat if flat.is_contiguous() else flat.contiguous(), ignore_index=ignore_index,
         transform=_transform(logit_scale, logit_divisor, softcap, temperature),
         compute_entropy=compute_entropy, compute_argmax=compute_argmax, save_stats=save_stats)
-    none = logits.new_empty(0, dtype=logp.dtype)
-    shape = target.shape
-    return (logp.reshape(shape), none if entropy is None else entropy.reshape(shape),
-            lse.reshape(shape),
-            logits.new_empty(0, dtype=torch.int64) if arg is None else arg.reshape(shape),
-            none.clone() if stats is None else stats)
+    return absent_as_empty(logits, *outs, shape=target.shape)
 
 
 @_tlp_op.register_fake
 def _(logits, target, ignore_index, logit_scale, logit_divisor, softcap, temperature,
       compute_entropy, compute_argmax, save_stats):
-    sdt = accum_dtype(logits)
-    shape = target.shape
-    return (logits.new_empty(shape, dtype=sdt),
-            logits.new_empty(shape if compute_entropy else (0,), dtype=sdt),
-            logits.new_empty(shape, dtype=sdt),
-            logits.new_empty(shape if compute_argmax else (0,), dtype=torch.int64),
-            logits.new_empty((target.numel(), 3) if save_stats else (0,), dtype=sdt))
+    return fake_outputs(logits, target.shape, compute_entropy, compute_argmax, save_stats)
 
 
 @torch.library.custom_op("probact_gpu::token_log_probs_bwd", mutates_args=())
@@ -356,6 +381,8 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
     if grad_logp is None and grad_entropy is None:
         return (None,) + none
     logits, target, stats = ctx.saved_tensors
+    if stats.ndim == 1:  # the op was called with save_stats=False: recompute the statistics
+        stats = _tlp_op(logits, target, *ctx.opts, grad_entropy is not None, False, True)[-1]
     dx = _tlp_bwd_op(logits, target, stats, grad_logp, grad_entropy, *ctx.opts)
     return (dx,) + none
 
@@ -432,7 +459,20 @@ def token_log_probs(
         logits, target, ignore_index, transform.logit_scale, transform.logit_divisor,
         transform.softcap, transform.temperature, bool(return_entropy), bool(return_argmax),
         needs_grad)
+    return pack_outputs(logp, entropy, lse, arg, return_entropy=return_entropy,
+                        return_lse=return_lse, return_argmax=return_argmax)
+
+
+def pack_outputs(logp, entropy, lse, arg, *, return_entropy, return_lse, return_argmax,
+                 shape=None):
+    """What the token log-probs functions return: logp alone when no ``return_*`` flag is set,
+    else a :class:`TokenLogProbs` with None for the fields not asked for; each reshaped to
+    ``shape`` when given."""
+    def shaped(t):
+        return t if shape is None else t.reshape(shape)
+
     if not (return_entropy or return_lse or return_argmax):
-        return logp
-    return TokenLogProbs(logp, entropy if return_entropy else None, lse if return_lse else None,
-                         arg if return_argmax else None)
+        return shaped(logp)
+    return TokenLogProbs(shaped(logp), shaped(entropy) if return_entropy else None,
+                         shaped(lse) if return_lse else None,
+                         shaped(arg) if return_argmax else None)
