@@ -10,9 +10,9 @@ caller first)::
 with ``pre_scale = logit_scale / logit_divisor`` and ``inv_temp = 1 / temperature`` formed on
 the host in float64. Multiplying by 1.0 is exact, so the identity transform costs no rounding.
 
-The chain rule back to x, from z (the transformed logit, which the kernels hold anyway)::
+The chain rule back to x, from the raw logit x (``head_chain``)::
 
-    dL/dx = dL/dz · inv_temp · pre_scale · (1 − r²),   r = tanh(·) = z / (softcap · inv_temp)
+    dL/dx = dL/dz · inv_temp · pre_scale · sech²(u),   u = x · pre_scale / softcap
 
 ``tanh`` here is accurate near 0: ``1 − 2 / (exp(2u) + 1)`` alone cancels for small ``u`` (its
 absolute error is about ulp(1), so a softcap of 1000 over logits of a few units lost three
@@ -23,7 +23,7 @@ instead (truncation below half an ulp: fp32 up to 0.5, fp64 up to 0.125).
 import triton
 import triton.language as tl
 
-from ._online import LOG2E
+from ._online import exp
 
 # Taylor coefficients of tanh(u) = u · Σ_k c_k u^(2k), k = 0..7
 _T1: tl.constexpr = tl.constexpr(-1.0 / 3.0)
@@ -52,7 +52,7 @@ def tanh(u):
     p = p * u2 + _T2
     p = p * u2 + _T1
     series = u + u * (u2 * p)
-    wide = 1.0 - 2.0 / (tl.exp2(u * (2.0 * LOG2E)) + 1.0)
+    wide = 1.0 - 2.0 / (exp(2.0 * u) + 1.0)
     return tl.where(small, series, wide)
 
 
@@ -67,10 +67,19 @@ def head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def head_chain(dz, z, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """dL/dx from dL/dz, given ``z = head_transform(x, ...)``."""
+def head_chain(dz, x, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """dL/dx from dL/dz, for ``z = head_transform(x, ...)`` of the upcast logits ``x``.
+
+    With a softcap, ``dz/dx = inv_temp · pre_scale · sech²(u)``, ``u = x · pre_scale / softcap``,
+    formed from the raw logit as ``sech²(u) = 4e / (1 + e)²`` with ``e = exp(−2|u|)``: products
+    and quotients only, accurate to a few ulps for every u. The form ``1 − r²`` from the
+    transformed z (``r = z / (softcap · inv_temp)``) cancels as tanh saturates: r carries the
+    roundings of the transform, so ``1 − r²`` has an absolute error of ~ulp(1), which near
+    |u| ~ 2 is already ~4 ulps of sech² and grows as e^{2|u|} beyond."""
     if HAS_SOFTCAP:
-        r = z / (softcap * inv_temp)
-        return dz * (inv_temp * pre_scale * (1.0 - r * r))
+        u = (x * pre_scale) / softcap
+        e = exp(-2.0 * tl.abs(u))
+        sech2 = (4.0 * e) / ((1.0 + e) * (1.0 + e))
+        return dz * (inv_temp * pre_scale * sech2)
     else:
         return dz * (inv_temp * pre_scale)

@@ -6,7 +6,8 @@ A new tile with max ``m_t`` and ``s_t = Σ exp(x − m_t)`` merges as
 
     m' = max(m, m_t),   s' = s · exp(m − m') + s_t · exp(m_t − m')
 
-Exponentials are ``exp2((x − m) · log2(e))``: one multiply and the fast ex2 unit. A tile (or a
+Exponentials go through ``exp``: ``exp2((x − m) · log2(e))`` in fp32 (one multiply and the fast
+ex2 unit), ``tl.exp`` in fp64 (where that product's rounding costs ulps). A tile (or a
 whole prefix) that is all −inf has ``m = −inf``, and ``(−inf) − (−inf)`` is NaN, so every
 rescale below subtracts a *safe* max (0 where the max is −inf): ``exp(−inf − 0) = 0``, and the
 all-−inf row ends with ``m = −inf, s = 0`` — its softmax is ``0 / 0 = NaN``, as torch gives.
@@ -17,6 +18,8 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
+# log2(e) − fp32(log2(e)): the part of log2(e) an fp32 multiply by LOG2E drops
+LOG2E_LO: tl.constexpr = tl.constexpr(1.92596298909109e-08)
 
 
 @triton.jit
@@ -42,6 +45,38 @@ def row_offset(row, n_inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def exp(x):
+    """e^x in x's dtype: ``exp2(x · log2 e)`` for fp32 (one multiply and the fast ex2 unit),
+    ``tl.exp`` for fp64. In fp64 the product ``x · log2 e`` rounds with a relative error of
+    ~1e-16, an absolute error of ~|x| · 1e-16 in the exponent: at |x| ≈ 345 that is ~18 ulps of
+    the result, where ``tl.exp`` (libdevice's ``exp``) is correctly rounded to ~1 ulp. In fp32
+    the same rounding is ~|x| · 6e-8 relative, below the ex2 unit's own error for the |x| the
+    shifted exponents of a softmax take where the result is not negligible."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def exp_precise(x):
+    """e^x to a few ulps for every x, also fp32 with large |x|: ``exp`` plus the rounding of
+    ``t = x · log2 e``, recovered exactly by an fma (``fma(x, log2e, −t)``, and the constant's
+    own rounding ``x · LOG2E_LO``), applied as ``2^t · (1 + r · ln 2)``. Plain ``exp`` loses
+    ~|x| · 6e-8 relative in fp32: 5e-6 at x = −80, which is all of a row's entropy when one
+    logit dominates by ~80 (H ≈ Σ p·|z − m| over p ~ e^−80). Three flops more an element."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        t = x * LOG2E
+        r = tl.fma(x, LOG2E, -t) + x * LOG2E_LO
+        # Past |t| = 160, 2^t is 0 or inf in fp32 anyway; ±inf and NaN x take r = 0 (not NaN).
+        r = tl.where(tl.abs(t) < 160.0, r, 0.0)
+        e = tl.exp2(t)
+        return tl.fma(e, r * LN2, e)
+
+
+@triton.jit
 def safe_max(m):
     """``m`` where finite or +inf/NaN, 0 where −inf: the shift that keeps exp2 of −inf at 0."""
     return tl.where(m == float("-inf"), 0.0, m)
@@ -52,7 +87,7 @@ def online_update(m, s, x, axis: tl.constexpr):
     """Fold tile ``x`` (already upcast, −inf in masked lanes) into the running ``(m, s)``."""
     m_new = tl.maximum(m, tl.max(x, axis=axis))
     shift = safe_max(m_new)
-    s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x - shift) * LOG2E), axis=axis)
+    s = s * exp(m - shift) + tl.sum(exp(x - shift), axis=axis)
     return m_new, s
 
 
@@ -61,5 +96,5 @@ def online_merge(m_a, s_a, m_b, s_b):
     """Merge two partial ``(m, s)`` states (elementwise: scalars or per-row vectors)."""
     m = tl.maximum(m_a, m_b)
     shift = safe_max(m)
-    s = s_a * tl.exp2((m_a - shift) * LOG2E) + s_b * tl.exp2((m_b - shift) * LOG2E)
+    s = s_a * exp(m_a - shift) + s_b * exp(m_b - shift)
     return m, s

@@ -16,7 +16,7 @@ used as an address: its row's loss (and gradient) is NaN.
 Gradient of one row's loss, scaled by the row's ``g`` (grad_output, over the mean's divisor or
 the normalizer):
 
-    dz_c = g · ( p_c · [(1 − ε) w_t + ε W / C + 2 ζ lse]  −  (1 − ε) w_t · [c = t]  −  (ε / C) w_c )
+    dz_c = g · ( (1 − ε) w_t · (p_c − [c = t])  +  (ε / C) · (p_c · W − w_c)  +  2 ζ lse · p_c )
     dx_c = dz_c · dz/dx                               (``head_chain``)
 
 All of it in fp32 (fp64 for fp64 input); the true-class term is subtracted in fp32 before the
@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ._head import head_chain, head_transform
-from ._online import LOG2E, online_update, row_offset, safe_max, upcast
+from ._online import exp, online_update, row_offset, safe_max, upcast
 
 # --------------------------------------------------------------------------- per-row math
 
@@ -134,48 +134,66 @@ def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing
 
 
 @triton.jit
-def _grad_coefs(g, lse, w_t, W, in_range, n_classes, label_smoothing, z_loss):
-    """(coef, true_coef, smooth_coef): dz = p·coef − true_coef·[c = t] − smooth_coef·w_c."""
+def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss):
+    """(true_coef, smooth_coef, z_coef) of ``dz = true_coef·(p − [c = t]) + smooth_coef·(p·W −
+    w_c) + z_coef·p`` (``_dx``); true_coef is NaN for a target outside ``[0, C)``."""
     eps = tl.zeros_like(lse) + label_smoothing  # in the math dtype (fp64 for fp64 input)
-    true_coef = g * (1.0 - eps) * w_t
+    true_coef = tl.where(in_range, g * (1.0 - eps) * w_t, float("nan"))
     smooth_coef = g * (eps / n_classes)
-    coef = true_coef + smooth_coef * W + g * (2.0 * z_loss) * lse
-    coef = tl.where(in_range, coef, float("nan"))
-    return coef, true_coef, smooth_coef
+    z_coef = g * (2.0 * z_loss) * lse
+    return true_coef, smooth_coef, z_coef
 
 
 @triton.jit
 def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr, EVICTION: tl.constexpr = ""):
     """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes;
     ``EVICTION``: the load's L2 eviction policy ("evict_first" for a last read)."""
-    x = upcast(tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION))
+    return _logits_of(_load_x(ptrs, mask, EVICTION), mask, head, HAS_SOFTCAP)
+
+
+@triton.jit
+def _load_x(ptrs, mask, EVICTION: tl.constexpr = ""):
+    """A tile of logits, upcast (0 in masked-out lanes)."""
+    return upcast(tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION))
+
+
+@triton.jit
+def _logits_of(x, mask, head, HAS_SOFTCAP: tl.constexpr):
+    """z of the upcast logits x, −inf in masked-out lanes."""
     z = head_transform(x, head[0], head[1], head[2], HAS_SOFTCAP)
     return tl.where(mask, z, float("-inf"))
 
 
 @triton.jit
-def _dx(z, is_t, w, valid, shift, inv_sum, coef, true_coef, smooth_coef, head,
+def _dx(x, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
         HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dx of a tile from its z, with ``p = exp(z − shift) · inv_sum`` (shift = the row max and
-    inv_sum = 1 / Σ exp(z − max) where known, else shift = lse and inv_sum = 1); ``w`` is the
-    tile's class weights (1 without), used only with smoothing; 0 on ignored rows."""
-    p = tl.exp2((z - shift) * LOG2E) * inv_sum
-    dz = p * coef - tl.where(is_t, true_coef, 0.0)
+    """dx of a tile from its upcast logits x and their z, with ``p = exp(z − shift) · inv_sum``
+    (shift = the row max and inv_sum = 1 / Σ exp(z − max) where known, else shift = lse and
+    inv_sum = 1); ``w`` is the tile's class weights (1 without), used only with smoothing; 0 on
+    ignored rows.
+
+    Each term is a difference of like quantities scaled once, ``(p − [c = t])`` and
+    ``(p·W − w_c)``, not ``p·coef − true_coef − smooth_coef·w_c``: with ε = 0.1 (inexact in
+    binary) ``(1 − ε) + ε`` is not 1, so the folded form left ~ulp(g) where the gradient is 0
+    (one class, p = 1) and ~ulp(coef) of noise on the target column everywhere."""
+    p = exp(z - shift) * inv_sum
+    dz = true_coef * (p - tl.where(is_t, 1.0, 0.0)) + z_coef * p
     if HAS_SMOOTHING:
-        dz -= smooth_coef * w
-    return tl.where(valid, head_chain(dz, z, head[0], head[1], head[2], HAS_SOFTCAP), 0.0)
+        dz += smooth_coef * (p * W - w)
+    return tl.where(valid, head_chain(dz, x, head[0], head[1], head[2], HAS_SOFTCAP), 0.0)
 
 
 @triton.jit
-def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, inv_sum, coef,
-                true_coef, smooth_coef, head, HAS_SMOOTHING: tl.constexpr,
+def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, inv_sum,
+                true_coef, smooth_coef, z_coef, W, head, HAS_SMOOTHING: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr):
     """Read a tile of logits (columns ``c``; their class weights at ``w_off + c``), write its
     dx (``shift``, ``inv_sum``: see ``_dx``). The tile's last use: load and store are
     ``evict_first``."""
-    z = _logits(x_ptrs, mask, head, HAS_SOFTCAP, "evict_first")
+    x = _load_x(x_ptrs, mask, "evict_first")
+    z = _logits_of(x, mask, head, HAS_SOFTCAP)
     w = _load_w(weight_ptr, w_off + c, mask)
-    dx = _dx(z, c == tgt, w, valid, shift, inv_sum, coef, true_coef, smooth_coef, head,
+    dx = _dx(x, z, c == tgt, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
              HAS_SMOOTHING, HAS_SOFTCAP)
     tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
@@ -246,7 +264,7 @@ def cross_entropy_fwd_kernel(
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
 
     shift = safe_max(tl.max(z, axis=1))
-    row_sum = tl.sum(tl.exp2((z - shift[:, None]) * LOG2E), axis=1)
+    row_sum = tl.sum(exp(z - shift[:, None]), axis=1)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum
     is_t = cols[None, :] == tgt[:, None]
@@ -268,10 +286,15 @@ def cross_entropy_fwd_kernel(
 
     if COMPUTE_GRAD:
         g = _grad_scale(divisor_ptr, denom)
-        coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
-                                                   label_smoothing, z_loss)
-        dx = _dx(z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
-                 coef[:, None], true_coef[:, None], smooth_coef[:, None], head,
+        true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
+                                                     label_smoothing, z_loss)
+        if HAS_SOFTCAP:  # the chain rule takes the raw logits: read again (an L1/L2 hit)
+            x = _load_x(x_ptr + x_offs, mask)
+        else:
+            x = z  # unused without a softcap
+        dx = _dx(x, z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
+                 true_coef[:, None], smooth_coef[:, None], z_coef[:, None],
+                 (tl.zeros_like(lse) + W)[:, None], head,
                  HAS_SMOOTHING, HAS_SOFTCAP)
         dx_offs = row_offset(rows, n_inner, dx_strides[0], dx_strides[1])[:, None] \
             + cols[None, :] * dx_strides[2]
@@ -316,7 +339,7 @@ def _sweep_row(
     mask = cols < n_body
     z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
     row_max = tl.max(z, axis=0)
-    row_sum = tl.sum(tl.exp2((z - safe_max(row_max)) * LOG2E), axis=0)
+    row_sum = tl.sum(exp(z - safe_max(row_max)), axis=0)
     z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
     # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
     ref = safe_max(row_max)
@@ -367,20 +390,21 @@ def _sweep_row(
 
     if COMPUTE_GRAD:
         g = _grad_scale(divisor_ptr, denom)
-        coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_cols,
-                                                   label_smoothing, z_loss)
+        true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
+                                                     label_smoothing, z_loss)
         inv_sum = 1.0 / row_sum
         # Sweep 2 in reverse: the edges (read last), then the last tile first (those are the
         # tiles most likely still in L2).
         if PEEL_EDGES:
             _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, weight_ptr, w_off, shift,
-                        inv_sum, coef, true_coef, smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
+                        inv_sum, true_coef, smooth_coef, z_coef, W, head, HAS_SMOOTHING,
+                        HAS_SOFTCAP)
         n_tiles = tl.cdiv(n_body, BLOCK_N)
         for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
             q = (n_tiles - 1 - i) * BLOCK_N + cols
             _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < n_body,
-                        body_t, valid, weight_ptr, w_off, shift, inv_sum, coef, true_coef,
-                        smooth_coef, head, HAS_SMOOTHING, HAS_SOFTCAP)
+                        body_t, valid, weight_ptr, w_off, shift, inv_sum, true_coef,
+                        smooth_coef, z_coef, W, head, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 
@@ -480,7 +504,7 @@ def cross_entropy_split_stats_kernel(
     mask = cols < end
     z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
     part_max = tl.max(z, axis=0)
-    part_sum = tl.sum(tl.exp2((z - safe_max(part_max)) * LOG2E), axis=0)
+    part_sum = tl.sum(exp(z - safe_max(part_max)), axis=0)
     part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
     smooth_acc = tl.where(mask, z * _load_w(weight_ptr, vocab_start + cols, mask), 0.0)
     for tile in range(start + BLOCK_N, end, BLOCK_N):
@@ -526,7 +550,7 @@ def cross_entropy_combine_kernel(
     z_t = tl.sum(tl.load(base + 2, mask=mask, other=0.0), axis=1)
     smooth_sum = tl.sum(tl.load(base + 3, mask=mask, other=0.0), axis=1)
     shift = safe_max(tl.max(part_max, axis=1))
-    row_sum = tl.sum(part_sum * tl.exp2((part_max - shift[:, None]) * LOG2E), axis=1)
+    row_sum = tl.sum(part_sum * exp(part_max - shift[:, None]), axis=1)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -576,8 +600,8 @@ def cross_entropy_bwd_kernel(
         W = upcast(tl.load(w_sum_ptr))
     else:
         W = n_classes.to(lse.dtype)
-    coef, true_coef, smooth_coef = _grad_coefs(g, lse, w_t, W, in_range, n_classes,
-                                               label_smoothing, z_loss)
+    true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_classes,
+                                                 label_smoothing, z_loss)
     x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
     dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
     # Offsets, local_t and w_off count from the first column of the row's body.
@@ -594,15 +618,15 @@ def cross_entropy_bwd_kernel(
         if split == 0:  # split 0 also writes the edges
             e = _edge_offsets(x_row, n_body)
             _write_grad(x_row + e, dx_row + e, e, (e >= -c0) & (e < n_cols - c0), local_t,
-                        valid, weight_ptr, w_off, lse, 1.0, coef, true_coef, smooth_coef, head,
-                        HAS_SMOOTHING, HAS_SOFTCAP)
+                        valid, weight_ptr, w_off, lse, 1.0, true_coef, smooth_coef, z_coef, W,
+                        head, HAS_SMOOTHING, HAS_SOFTCAP)
     start = split.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, n_body)
     for tile in range(start, end, BLOCK_N):
         q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < end, local_t,
-                    valid, weight_ptr, w_off, lse, 1.0, coef, true_coef, smooth_coef, head,
-                    HAS_SMOOTHING, HAS_SOFTCAP)
+                    valid, weight_ptr, w_off, lse, 1.0, true_coef, smooth_coef, z_coef, W,
+                    head, HAS_SMOOTHING, HAS_SOFTCAP)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ Three paths (chosen in ``probact_gpu.tiling``):
 import triton
 import triton.language as tl
 
-from ._online import LOG2E, online_update, row_offset, safe_max, upcast
+from ._online import exp, online_update, row_offset, safe_max, upcast
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _softmax_out(x, shift, s, IS_LOG: tl.constexpr):
     if IS_LOG:
         return (x - shift) - tl.log(s)
     else:
-        return tl.exp2((x - shift) * LOG2E) * (1.0 / s)
+        return exp(x - shift) * (1.0 / s)
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def softmax_fwd_kernel(
                            other=float("-inf")))
         row_max = tl.max(x, axis=1)
         shift = safe_max(row_max)[:, None]
-        row_sum = tl.sum(tl.exp2((x - shift) * LOG2E), axis=1)
+        row_sum = tl.sum(exp(x - shift), axis=1)
         y = _softmax_out(x, shift, row_sum[:, None], IS_LOG)
         y_offs = row_offset(rows, n_inner, y_outer_stride, y_inner_stride)[:, None]
         tl.store(y_ptr + y_offs + cols[None, :] * y_col_stride,
@@ -100,7 +100,7 @@ def _softmax_row_fwd(x_ptr, y_ptr, row, n_cols, n_inner, x_outer_stride, x_inner
     x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < n_cols, other=float("-inf"),
                        eviction_policy="evict_last"))
     row_max = tl.max(x, axis=0)
-    row_sum = tl.sum(tl.exp2((x - safe_max(row_max)) * LOG2E), axis=0)
+    row_sum = tl.sum(exp(x - safe_max(row_max)), axis=0)
     for start in tl.range(BLOCK_N, n_cols, BLOCK_N, num_stages=NUM_STAGES):
         c = start + cols
         x = upcast(tl.load(x_row + c * x_col_stride, mask=c < n_cols, other=float("-inf"),
@@ -139,7 +139,7 @@ def softmax_split_stats_kernel(
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     x = upcast(tl.load(x_row + cols * x_col_stride, mask=cols < end, other=float("-inf")))
     part_max = tl.max(x, axis=0)
-    part_sum = tl.sum(tl.exp2((x - safe_max(part_max)) * LOG2E), axis=0)
+    part_sum = tl.sum(exp(x - safe_max(part_max)), axis=0)
     for tile in range(start + BLOCK_N, end, BLOCK_N):
         c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         x = upcast(tl.load(x_row + c * x_col_stride, mask=c < end, other=float("-inf")))
@@ -158,7 +158,7 @@ def _merge_row_stats(stats_ptr, row, n_splits, BLOCK_S: tl.constexpr):
     part_sum = tl.load(base + 1, mask=splits < n_splits, other=0.0)
     row_max = tl.max(part_max, axis=0)
     shift = safe_max(row_max)
-    row_sum = tl.sum(part_sum * tl.exp2((part_max - shift) * LOG2E), axis=0)
+    row_sum = tl.sum(part_sum * exp(part_max - shift), axis=0)
     return row_max, row_sum
 
 
@@ -203,9 +203,19 @@ def _bwd_term(y, dy, IS_LOG: tl.constexpr):
 
 
 @triton.jit
+def _row_dot(terms, axis: tl.constexpr):
+    """Σ terms along ``axis``, added in fp64 and rounded once to the math dtype. ``dot`` is the
+    one number every dx of the row depends on (the largest dx is ``dy − dot`` where p ≈ 1), so
+    an fp32 tree sum's few ulps (3 ulps of Σ dy over 257 columns measured) would be every
+    element's error; in fp64 the sum of a row of fp32 terms is exact to well below an fp32 ulp.
+    The widening is per element inside the reduction: the fp32 tiles stay as they are."""
+    return tl.sum(terms.to(tl.float64), axis=axis).to(terms.dtype)
+
+
+@triton.jit
 def _bwd_out(y, dy, dot, IS_LOG: tl.constexpr):
     if IS_LOG:
-        return dy - tl.exp2(y * LOG2E) * dot
+        return dy - exp(y) * dot
     else:
         return y * (dy - dot)
 
@@ -237,7 +247,7 @@ def softmax_bwd_kernel(
             + cols[None, :] * dy_col_stride
         y = upcast(tl.load(y_ptr + y_offs, mask=mask, other=0.0))
         dy = upcast(tl.load(dy_ptr + dy_offs, mask=mask, other=0.0))
-        dot = tl.sum(_bwd_term(y, dy, IS_LOG), axis=1)[:, None]
+        dot = _row_dot(_bwd_term(y, dy, IS_LOG), 1)[:, None]
         if RELOAD:  # a different eviction hint: a new load, not merged with the first
             y = upcast(tl.load(y_ptr + y_offs, mask=mask, other=0.0,
                                eviction_policy="evict_first"))
@@ -279,7 +289,7 @@ def _softmax_row_bwd(y_ptr, dy_ptr, dx_ptr, row, n_cols, n_inner, y_outer_stride
         dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < n_cols, other=0.0,
                             eviction_policy="evict_last"))
         acc += _bwd_term(y, dy, IS_LOG)
-    dot = tl.sum(acc, axis=0)
+    dot = _row_dot(acc, 0)
     n_tiles = tl.cdiv(n_cols, BLOCK_N)
     for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
         c = (n_tiles - 1 - i) * BLOCK_N + cols
@@ -319,7 +329,7 @@ def softmax_split_dot_kernel(
         y = upcast(tl.load(y_row + c * y_col_stride, mask=c < end, other=0.0))
         dy = upcast(tl.load(dy_row + c * dy_col_stride, mask=c < end, other=0.0))
         acc += _bwd_term(y, dy, IS_LOG)
-    tl.store(partial_ptr + row.to(tl.int64) * tl.num_programs(1) + split, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + row.to(tl.int64) * tl.num_programs(1) + split, _row_dot(acc, 0))
 
 
 @triton.jit
@@ -337,8 +347,8 @@ def softmax_split_bwd_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    dot = tl.sum(tl.load(partial_ptr + row.to(tl.int64) * n_splits + splits,
-                         mask=splits < n_splits, other=0.0), axis=0)
+    dot = _row_dot(tl.load(partial_ptr + row.to(tl.int64) * n_splits + splits,
+                           mask=splits < n_splits, other=0.0), axis=0)
     y_base = row_offset(row, n_inner, y_outer_stride, y_inner_stride)
     dy_row = dy_ptr + row_offset(row, n_inner, dy_outer_stride, dy_inner_stride)
     start = split.to(tl.int64) * chunk

@@ -23,11 +23,14 @@ each guarded where a prefix, a tile or a lane is all −inf: ``d`` is taken as 0
 be NaN), and ``m' = −inf`` shifts by 0 (``safe_max``). An all −inf row ends with ``s = 0``:
 lse = −inf, logp and H NaN (torch's log_softmax of such a row is NaN too).
 
+Every exponential here is ``exp_precise`` (``kernels/_online.py``): the entropy of a row one
+logit dominates is made of ``p ~ e^−80``, where ``exp2(x · log2 e)`` alone is 5e-6 off.
+
 Gradient, with per-row upstream ``g_logp`` and ``g_H`` (either may be absent)::
 
     p_c  = exp((z_c − shift) − log s)
     dz_c = g_logp · ([c = t] − p_c) − g_H · p_c · ((z_c − shift) − μ_rel)
-    dx_c = head_chain(dz_c, z_c)       (the transform's chain rule)
+    dx_c = head_chain(dz_c, x_c)       (the transform's chain rule, from the raw logit)
 
 ``∂H/∂z_c = −p_c (z_c − Σ p·z)``; the entropy term is 0 where ``z_c = −inf`` (p_c = 0). The
 backward therefore needs per row ``(shift, log s, μ_rel)`` — the forward's saved statistics,
@@ -61,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ._head import head_chain, head_transform
-from ._online import LOG2E, row_offset, safe_max, upcast
+from ._online import exp_precise, row_offset, safe_max, upcast
 
 _NO_INDEX: tl.constexpr = tl.constexpr(2**62)  # larger than any column: the argmin's identity
 
@@ -106,8 +109,8 @@ def _fold(z, cols, row_max, row_sum, tau, arg, COMPUTE_ENTROPY: tl.constexpr,
     tile_max = tl.max(z, axis=0)
     new_max = tl.maximum(row_max, tile_max)
     shift = safe_max(new_max)
-    alpha = tl.exp2((row_max - shift) * LOG2E)
-    e = tl.exp2((z - shift) * LOG2E)
+    alpha = exp_precise(row_max - shift)
+    e = exp_precise(z - shift)
     if COMPUTE_ENTROPY:
         d = tl.where(row_max == float("-inf"), 0.0, row_max - shift)
         tau = alpha * (tau + d * row_sum) + tl.sum(e * _excess(z, shift), axis=0)
@@ -129,7 +132,7 @@ def _sweep(x_row, n_cols, col_stride, pre_scale, softcap, inv_temp, BLOCK_N: tl.
     z = _load_z(x_row + cols * col_stride, mask, pre_scale, softcap, inv_temp, HAS_SOFTCAP)
     row_max = tl.max(z, axis=0)
     shift = safe_max(row_max)
-    e = tl.exp2((z - shift) * LOG2E)
+    e = exp_precise(z - shift)
     row_sum = tl.sum(e, axis=0)
     if COMPUTE_ENTROPY:
         tau = tl.sum(e * _excess(z, shift), axis=0)
@@ -196,7 +199,7 @@ def token_log_probs_fwd_kernel(
                 softcap, inv_temp, HAS_SOFTCAP)
     row_max = tl.max(z, axis=1)
     shift = safe_max(row_max)
-    e = tl.exp2((z - shift[:, None]) * LOG2E)
+    e = exp_precise(z - shift[:, None])
     row_sum = tl.sum(e, axis=1)
     if COMPUTE_ENTROPY:
         tau = tl.sum(e * _excess(z, shift[:, None]), axis=1)
@@ -333,13 +336,15 @@ def token_log_probs_bwd_kernel(
     for tile in range(start, end, BLOCK_N):
         q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = q < end
-        z = _load_z(x_row + q * x_col_stride, mask, pre_scale, softcap, inv_temp, HAS_SOFTCAP)
+        x = upcast(tl.load(x_row + q * x_col_stride, mask=mask, other=0.0))
+        z = tl.where(mask, head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP),
+                     float("-inf"))
         rel = z - shift
-        p = tl.exp2((rel - log_sum) * LOG2E)
+        p = exp_precise(rel - log_sum)
         dz = tl.zeros_like(p)
         if HAS_GRAD_LOGP:
             dz += g_logp * (tl.where(q == local_t, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
             dz -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (rel - mu_rel))
-        dx = tl.where(valid, head_chain(dz, z, pre_scale, softcap, inv_temp, HAS_SOFTCAP), 0.0)
+        dx = tl.where(valid, head_chain(dz, x, pre_scale, softcap, inv_temp, HAS_SOFTCAP), 0.0)
         tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
