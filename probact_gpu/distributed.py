@@ -216,10 +216,26 @@ def _check_whole_vocabulary(v_local, vocab_start_index, vocab_size) -> None:
             f"got vocab_start_index={vocab_start_index}, vocab_size={vocab_size}")
 
 
-def _check_backend(dist, group, input) -> None:
-    if dist.get_backend(group) == "nccl" and input.device.type != "cuda":
+def _check_backend(dist, group, device: torch.device) -> None:
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise ValueError(f"the process group uses NCCL, which needs CUDA tensors; input is on "
-                         f"{input.device}")
+                         f"{device}")
+
+
+def _group_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size, *,
+                  n_hidden=None) -> tuple[int, int, int]:
+    """(world size, vocab_start, vocab_size) of this rank's shard of ``v_local`` classes, for
+    every vocab-parallel function: with one rank (or no process group) the shard must be the
+    whole vocabulary; with more the backend must suit ``device`` and the layout is learnt or
+    checked by :func:`_layout` (``n_hidden``: the linear forms' H, checked too)."""
+    rank, world = _group_world(group)
+    if world == 1:
+        _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
+        return world, 0, v_local
+    _check_backend(_dist(), group, device)
+    start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
+                           vocab_start_index, vocab_size, n_hidden=n_hidden)
+    return world, start, total
 
 
 def _stats_options(options: CrossEntropyOptions) -> dict:
@@ -365,17 +381,13 @@ def vocab_parallel_cross_entropy(
     _check_layout_args(vocab_start_index, vocab_size)
     if vocab_size is not None:
         options.check_weight(vocab_size, input.device)
-    rank, world = _group_world(group)
+    world, vocab_start, n_classes = _group_layout(
+        input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
+        vocab_size)
     if world == 1:
-        _check_whole_vocabulary(input.shape[1], vocab_start_index, vocab_size)
         return cross_entropy(input, target, **_local_kwargs(options))
-    import torch.distributed as dist
-
-    _check_backend(dist, group, input)
     if input.numel() > 0:
         check_runnable(input)
-    vocab_start, n_classes = _layout(input.shape[0], input.shape[1], input.dtype, input.device,
-                                     group, rank, world, vocab_start_index, vocab_size)
     options.check_weight(n_classes, input.device)
     return VocabParallelCrossEntropyFunction.apply(
         input, target, group, vocab_start, n_classes, options, config)
@@ -517,21 +529,16 @@ def vocab_parallel_linear_cross_entropy(
     n_weights = None if options.weight is None else (vocab_size or options.weight.shape[0])
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False, n_classes=n_weights)
-    rank, world = _group_world(group)
+    h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
+    world, vocab_start, n_classes = _group_layout(
+        h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
+        vocab_size, n_hidden=h.shape[1])
     if world == 1:
-        _check_whole_vocabulary(linear_weight.shape[0], vocab_start_index, vocab_size)
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     **_local_kwargs(options), chunk_size=chunk_size,
                                     memory_budget=memory_budget)
-    import torch.distributed as dist
-
-    _check_backend(dist, group, input)
-    h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     if h.shape[0] > 0:
         check_runnable(h)
-    vocab_start, n_classes = _layout(h.shape[0], linear_weight.shape[0], h.dtype, h.device,
-                                     group, rank, world, vocab_start_index, vocab_size,
-                                     n_hidden=h.shape[1])
     options.check_weight(n_classes, h.device)
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,

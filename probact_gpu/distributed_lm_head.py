@@ -49,22 +49,20 @@ import torch
 
 from ._runtime import accum_dtype, check_float, check_runnable, check_same_device
 from .ops._common import (
-    LinearGrads,
     check_chunking,
     check_head_inputs,
-    chunk_logits,
     flatten_head_input,
+    logits_chunks,
     no_second_derivative,
     token_chunk,
-    token_chunks,
 )
-from .ops.linear_token_log_probs import linear_token_log_probs
+from .ops.linear_token_log_probs import linear_token_log_probs, linear_token_log_probs_bwd
 from .ops.token_log_probs import (
     NO_INDEX,
-    TokenLogProbs,
     check_target,
     finish_rows,
     merge_partials,
+    pack_outputs,
     token_log_probs,
     token_log_probs_bwd,
     token_log_probs_partial,
@@ -129,6 +127,28 @@ def _global_stats(local: torch.Tensor, arg: torch.Tensor | None, group
     return torch.cat([row_max[:, None], sums], dim=1), best
 
 
+def _finish_forward(ctx, local, arg, target, group, saved, needs_grad, *, compute_entropy,
+                    **opts):
+    """The end of both Functions' forwards: the global statistics from this shard's
+    (``_global_stats``), the outputs from them (``finish_rows``), and the context for the
+    backward — ``saved`` tensors then the target and the statistics when a gradient will be
+    needed, ``opts`` (vocab_start, n_classes, ignore_index, transform, config) for
+    ``token_log_probs_bwd``. Returns (logp, entropy | None, lse, argmax | None)."""
+    merged, arg = _global_stats(local, arg, group)
+    logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), opts["n_classes"],
+                                            opts["ignore_index"], compute_entropy)
+    ctx.set_materialize_grads(False)  # no zero gradient for an unused output
+    ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
+    if needs_grad:
+        ctx.save_for_backward(*saved, target, stats)
+    ctx.opts = opts
+    return logp, entropy, lse, arg
+
+
+def _contiguous(*grads):
+    return tuple(None if g is None else g.contiguous() for g in grads)
+
+
 # --------------------------------------------------------------------------- logits
 
 
@@ -143,16 +163,10 @@ class VocabParallelTokenLogProbsFunction(torch.autograd.Function):
         target = target.contiguous()
         local, arg = _local_stats(x, target, vocab_start, transform, compute_entropy,
                                   compute_argmax, config)
-        merged, arg = _global_stats(local, arg, group)
-        logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), vocab_size,
-                                                ignore_index, compute_entropy)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
-        if needs_grad:
-            ctx.save_for_backward(x, target, stats)
-        ctx.opts = dict(vocab_start=vocab_start, n_classes=vocab_size,
-                        ignore_index=ignore_index, transform=transform, config=config)
-        return logp, entropy, lse, arg
+        return _finish_forward(ctx, local, arg, target, group, (x,), needs_grad,
+                               vocab_start=vocab_start, n_classes=vocab_size,
+                               ignore_index=ignore_index, transform=transform, config=config,
+                               compute_entropy=compute_entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
@@ -161,34 +175,9 @@ class VocabParallelTokenLogProbsFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return (None,) + none
         x, target, stats = ctx.saved_tensors
-        dx = token_log_probs_bwd(
-            x, target, stats, None if grad_logp is None else grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(), **ctx.opts)
+        dx = token_log_probs_bwd(x, target, stats, *_contiguous(grad_logp, grad_entropy),
+                                 **ctx.opts)
         return (dx,) + none
-
-
-def _group_and_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size,
-                      n_hidden=None):
-    """(rank, world, vocab_start, vocab_size): world 1 checks the shard is the whole
-    vocabulary; more ranks learn or check the layout (``probact_gpu.distributed``)."""
-    from .distributed import _check_backend, _check_whole_vocabulary, _group_world, _layout
-
-    rank, world = _group_world(group)
-    if world == 1:
-        _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
-        return rank, world, 0, v_local
-    import torch.distributed as dist
-
-    _check_backend(dist, group, torch.empty(0, device=device))
-    start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
-                           vocab_start_index, vocab_size, n_hidden=n_hidden)
-    return rank, world, start, total
-
-
-def _check_layout_args(vocab_start_index, vocab_size):
-    from .distributed import _check_layout_args
-
-    _check_layout_args(vocab_start_index, vocab_size)
 
 
 def _unwrap_dtensor(input, target, group, vocab_start_index, vocab_size):
@@ -271,13 +260,15 @@ def vocab_parallel_token_log_probs(
                          f"{tuple(input.shape)}")
     check_target(input, target, "input")
     check_same_device(input=input, target=target)
+    from .distributed import _check_layout_args, _group_layout  # it imports this module
+
     _check_layout_args(vocab_start_index, vocab_size)
     ignore_index = as_index("ignore_index", ignore_index)
     transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
                               softcap=softcap, temperature=temperature)
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,
                  return_argmax=return_argmax)
-    _, world, vocab_start, n_classes = _group_and_layout(
+    world, vocab_start, n_classes = _group_layout(
         input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
         vocab_size)
     if world == 1:
@@ -290,19 +281,7 @@ def vocab_parallel_token_log_probs(
     logp, entropy, lse, arg = VocabParallelTokenLogProbsFunction.apply(
         input, target, group, vocab_start, n_classes, ignore_index, transform,
         bool(return_entropy), bool(return_argmax), config, needs_grad)
-    return _outputs(logp, entropy, lse, arg, **flags)
-
-
-def _outputs(logp, entropy, lse, arg, *, return_entropy, return_lse, return_argmax,
-             shape=None):
-    def shaped(t):
-        return t if t is None or shape is None else t.reshape(shape)
-
-    if not (return_entropy or return_lse or return_argmax):
-        return shaped(logp)
-    return TokenLogProbs(shaped(logp), shaped(entropy) if return_entropy else None,
-                         shaped(lse) if return_lse else None,
-                         shaped(arg) if return_argmax else None)
+    return pack_outputs(logp, entropy, lse, arg, **flags)
 
 
 # --------------------------------------------------------------------------- linear
@@ -317,37 +296,26 @@ class VocabParallelLinearTokenLogProbsFunction(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, group, vocab_start, vocab_size, ignore_index,
                 transform, compute_entropy, compute_argmax, chunk, config, needs_grad):
         n_tokens, v_local = h.shape[0], weight.shape[0]
-        sdt = accum_dtype(h)
         target = target.contiguous()
         # 1. Per token chunk: local logits (one reused buffer) → this shard's row statistics.
         if v_local == 0:
-            local, arg = _empty_shard_stats(n_tokens, sdt, h.device, compute_argmax)
+            local, arg = _empty_shard_stats(n_tokens, accum_dtype(h), h.device, compute_argmax)
         else:
-            local = torch.empty((n_tokens, 4), dtype=sdt, device=h.device)
+            local = torch.empty((n_tokens, 4), dtype=accum_dtype(h), device=h.device)
             arg = (torch.empty(n_tokens, dtype=torch.int64, device=h.device)
                    if compute_argmax else None)
-            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype,
-                                 device=h.device)
-            for start, end in token_chunks(n_tokens, chunk):
-                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
-                part_local, part_arg = _local_stats(logits, target[start:end], vocab_start,
-                                                    transform, compute_entropy,
-                                                    compute_argmax, config)
-                local[start:end] = part_local
+            for start, end, logits in logits_chunks(h, weight, bias, chunk):
+                local[start:end], part_arg = _local_stats(
+                    logits, target[start:end], vocab_start, transform, compute_entropy,
+                    compute_argmax, config)
                 if arg is not None:
                     arg[start:end] = part_arg
         # 2. The collectives over every token at once; 3. the outputs.
-        merged, arg = _global_stats(local, arg, group)
-        logp, entropy, lse, stats = finish_rows(merged, target.to(torch.int64), vocab_size,
-                                                ignore_index, compute_entropy)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
-        if needs_grad:
-            ctx.save_for_backward(h, weight, bias, target, stats)
         ctx.group, ctx.chunk = group, chunk
-        ctx.opts = dict(vocab_start=vocab_start, n_classes=vocab_size,
-                        ignore_index=ignore_index, transform=transform, config=config)
-        return logp, entropy, lse, arg
+        return _finish_forward(ctx, local, arg, target, group, (h, weight, bias), needs_grad,
+                               vocab_start=vocab_start, n_classes=vocab_size,
+                               ignore_index=ignore_index, transform=transform, config=config,
+                               compute_entropy=compute_entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
@@ -360,22 +328,9 @@ class VocabParallelLinearTokenLogProbsFunction(torch.autograd.Function):
         h, weight, bias, target, stats = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2])
-        g_logp = None if grad_logp is None else grad_logp.contiguous()
-        g_entropy = None if grad_entropy is None else grad_entropy.contiguous()
-        n_tokens, v_local = h.shape[0], weight.shape[0]
-        grads = LinearGrads(h, weight, bias, need)
-        if any(need) and n_tokens > 0:
-            buffer = torch.empty((min(ctx.chunk, n_tokens), v_local), dtype=h.dtype,
-                                 device=h.device)
-            for start, end in token_chunks(n_tokens, ctx.chunk):
-                logits = chunk_logits(h[start:end], weight, bias, buffer[: end - start])
-                dz = token_log_probs_bwd(
-                    logits, target[start:end], stats[start:end],
-                    None if g_logp is None else g_logp[start:end],
-                    None if g_entropy is None else g_entropy[start:end], out=logits,
-                    **ctx.opts)
-                grads.add_chunk(start, end, dz, h[start:end], weight)
-        dh, dw, db = grads.results(h, weight, bias)
+        dh, dw, db = linear_token_log_probs_bwd(
+            h, weight, bias, target, stats, *_contiguous(grad_logp, grad_entropy),
+            chunk=ctx.chunk, need=need, **ctx.opts)
         if need[0]:  # dh = Σ_r dz_r @ W_r: the column-parallel input-gradient reduction
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None,
@@ -430,11 +385,13 @@ def vocab_parallel_linear_token_log_probs(
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
+    from .distributed import _check_layout_args, _group_layout  # it imports this module
+
     _check_layout_args(vocab_start_index, vocab_size)
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,
                  return_argmax=return_argmax)
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
-    _, world, vocab_start, n_classes = _group_and_layout(
+    world, vocab_start, n_classes = _group_layout(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
         vocab_size, n_hidden=h.shape[1])
     if world == 1:
@@ -453,4 +410,4 @@ def vocab_parallel_linear_token_log_probs(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
         options.ignore_index, options.transform, bool(return_entropy), bool(return_argmax),
         chunk, config, needs_grad)
-    return _outputs(logp, entropy, lse, arg, shape=batch_shape, **flags)
+    return pack_outputs(logp, entropy, lse, arg, shape=batch_shape, **flags)

@@ -85,3 +85,28 @@ def interpreter_subprocess():
         last = (probe.stderr.strip().splitlines() or ["?"])[-1][:200]
         pytest.skip(f"triton {triton.__version__}'s interpreter cannot run the kernels here "
                     f"(NumPy {numpy.__version__}): {last}; these tests run in CI on the CPU")
+
+
+def _load_gloo():
+    """tests/_gloo.py, loaded by path (the importlib import mode puts no test dir on sys.path)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def gloo_spawn(interpreter_subprocess):
+    """``spawn(test_file, world, out_dir, timeout_s) -> [rank results]``: the distributed tests'
+    multi-rank runs (tests/_gloo.py)."""
+    return _load_gloo().spawn
+
+
+@pytest.fixture
+def world_of_one(tmp_path, device):
+    """An initialized process group of this process alone (gloo on CPU, NCCL on CUDA)."""
+    with _load_gloo().world_of_one(tmp_path / "store", device):
+        yield

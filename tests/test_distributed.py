@@ -1,9 +1,9 @@
 """Vocab-parallel cross-entropy (and fused linear + cross-entropy) over torch.distributed.
 
-Multi-rank runs spawn fresh interpreters of this very file (``python test_distributed.py
---worker RANK WORLD PORT OUT``): a gloo process group on 127.0.0.1, TRITON_INTERPRET=1 set in
-their environment before anything imports triton, a hard timeout so a hang fails instead of
-blocking CI. Each spawn runs every case of its world size (process start-up, torch import
+Multi-rank runs spawn fresh interpreters that each run this file's ``run_rank`` (tests/_gloo.py,
+through conftest.py's ``gloo_spawn``): a gloo process group on 127.0.0.1, TRITON_INTERPRET=1 set
+before anything imports triton, a hard timeout so a hang fails instead of blocking CI. Each
+spawn runs every case of its world size (process start-up, torch import
 included, costs seconds: one spawn per world size), writes its losses, gradients and launches to
 a file, and the parent compares them with the NumPy float64 reference and with
 ``probact_gpu.cross_entropy`` on the gathered logits. The same spawns then run the
@@ -13,37 +13,28 @@ vocab-parallel linear + cross-entropy cases (``LINEAR_CASES``, compared with
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-if __name__ == "__main__":  # a spawned rank: the kernels must be interpreted on its CPU tensors
-    os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from probact_gpu import reference, tiling  # noqa: E402
-from probact_gpu.distributed import (  # noqa: E402
+from probact_gpu import reference, tiling
+from probact_gpu.distributed import (
     VocabParallelCrossEntropyFunction,
     vocab_parallel_cross_entropy,
 )
-from probact_gpu.options import CrossEntropyOptions  # noqa: E402
-from probact_gpu.testing import (  # noqa: E402
+from probact_gpu.options import CrossEntropyOptions
+from probact_gpu.testing import (
     TOLERANCES,
     assert_close_to_reference,
     poison_outputs,
     record_launches,
     to_numpy64,
 )
-from probact_gpu.tiling import RowConfig  # noqa: E402
+from probact_gpu.tiling import RowConfig
 
 SPAWN_TIMEOUT_S = 150  # a whole spawn: start-up, every case, teardown (~15 s on 2 cores)
 N_ROWS = 6
@@ -129,92 +120,45 @@ def _inputs(case: Case, n_rows: int = N_ROWS):
 # --------------------------------------------------------------------------- spawned ranks
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+def run_rank(rank: int, world: int) -> dict:
+    """Every case of this world size on this rank (a spawned rank: tests/_gloo.py)."""
     results = {}
-    try:
-        for case in CASES[world]:
-            n_rows = case.n_rows_by_rank[rank] if case.n_rows_by_rank else N_ROWS
-            full, target, grad = _inputs(case, n_rows)
-            start, size = case.layout[rank]
-            shard = full[:, start:start + size].clone().requires_grad_()
-            kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
-                          label_smoothing=case.label_smoothing, z_loss=case.z_loss,
-                          softcap=case.softcap, config=case.config)
-            if case.explicit:
-                kwargs["vocab_start_index"] = start
-            if case.with_size:
-                kwargs["vocab_size"] = case.vocab
-            try:
-                with poison_outputs(), record_launches() as log:
-                    loss = vocab_parallel_cross_entropy(shard, target, **kwargs)
-                    n_fwd = len(log)
-                    loss.backward(grad)
-            except ValueError as e:
-                if not case.error:
-                    raise
-                results[case.name] = {"error": str(e)}
-                continue
-            results[case.name] = {
-                "loss": loss.detach(), "grad": shard.grad,
-                "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
-                "bwd": [(launch.kernel, launch.grid) for launch in log[n_fwd:]],
-            }
-        results[_LINEAR] = _run_linear_cases(rank, world)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, out_dir) -> list[dict]:
-    """Run ``world`` ranks of this file as fresh interpreters; kill them all past the timeout."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    port = _free_port()
-    logs = [open(out_dir / f"rank{r}.log", "w+b") for r in range(world)]  # noqa: SIM115
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
-                          str(out_dir)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tails = []
-        for r, _ in failed:
-            logs[r].seek(0)
-            tails.append(f"--- rank {r} ---\n" + logs[r].read().decode(errors="replace")[-3000:])
-        for f in logs:
-            f.close()
-        pytest.fail(f"world size {world}: ranks (rank, returncode) {failed} failed or timed out "
-                    f"after {SPAWN_TIMEOUT_S} s\n" + "\n".join(tails))
-    for f in logs:
-        f.close()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    for case in CASES[world]:
+        n_rows = case.n_rows_by_rank[rank] if case.n_rows_by_rank else N_ROWS
+        full, target, grad = _inputs(case, n_rows)
+        start, size = case.layout[rank]
+        shard = full[:, start:start + size].clone().requires_grad_()
+        kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
+                      label_smoothing=case.label_smoothing, z_loss=case.z_loss,
+                      softcap=case.softcap, config=case.config)
+        if case.explicit:
+            kwargs["vocab_start_index"] = start
+        if case.with_size:
+            kwargs["vocab_size"] = case.vocab
+        try:
+            with poison_outputs(), record_launches() as log:
+                loss = vocab_parallel_cross_entropy(shard, target, **kwargs)
+                n_fwd = len(log)
+                loss.backward(grad)
+        except ValueError as e:
+            if not case.error:
+                raise
+            results[case.name] = {"error": str(e)}
+            continue
+        results[case.name] = {
+            "loss": loss.detach(), "grad": shard.grad,
+            "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
+            "bwd": [(launch.kernel, launch.grid) for launch in log[n_fwd:]],
+        }
+    results[_LINEAR] = _run_linear_cases(rank, world)
+    return results
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def world_results(request, tmp_path_factory, interpreter_subprocess):
+def world_results(request, tmp_path_factory, gloo_spawn):
     world = request.param
-    return world, _spawn(world, tmp_path_factory.mktemp(f"world{world}"))
+    return world, gloo_spawn(__file__, world, tmp_path_factory.mktemp(f"world{world}"),
+                             SPAWN_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- multi-rank tests
@@ -336,18 +280,6 @@ def test_vocab_parallel_without_process_group_is_the_local_op(rng, device):
     assert "cross_entropy_fwd_kernel" in [launch.kernel for launch in log]
     assert "cross_entropy_split_stats_kernel" not in [launch.kernel for launch in log]
     _check_against_reference(loss, x, target, args)
-
-
-@pytest.fixture
-def world_of_one(tmp_path, device):
-    """An initialized process group of this process alone (gloo on CPU, NCCL on CUDA)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_world_size_one(world_of_one, rng, device):
@@ -999,8 +931,3 @@ def test_vocab_parallel_linear_nccl_world_size_one_large(world_of_one, device):
         torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2 * scale, rtol=2e-2,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["--worker"]:
-        raise SystemExit("usage: test_distributed.py --worker RANK WORLD PORT OUT_DIR")
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

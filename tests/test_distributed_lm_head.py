@@ -1,7 +1,7 @@
 """Vocab-parallel token log-probs (logits, DTensor logits, fused linear) over torch.distributed.
 
-Multi-rank runs spawn fresh interpreters of this very file (``python test_distributed_lm_head.py
---worker RANK WORLD PORT OUT``), as tests/test_distributed.py does: a gloo process group on
+Multi-rank runs spawn fresh interpreters that each run this file's ``run_rank`` (tests/_gloo.py,
+through conftest.py's ``gloo_spawn``, as tests/test_distributed.py): a gloo process group on
 127.0.0.1, TRITON_INTERPRET=1 set before anything imports triton, a hard timeout so a hang fails
 instead of blocking. One spawn per world size (2 and 4) runs every case of that size and writes
 each rank's outputs, gradients and launches to a file; the parent compares them with the NumPy
@@ -10,39 +10,29 @@ float64 reference and with the single-process ``token_log_probs`` on the gathere
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-if __name__ == "__main__":  # a spawned rank: the kernels must be interpreted on its CPU tensors
-    os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from probact_gpu import reference_lm_head as ref  # noqa: E402
-from probact_gpu.distributed_lm_head import (  # noqa: E402
+from probact_gpu import reference_lm_head as ref
+from probact_gpu.distributed_lm_head import (
     VocabParallelTokenLogProbsFunction,
     vocab_parallel_linear_token_log_probs,
     vocab_parallel_token_log_probs,
 )
-from probact_gpu.ops.linear_token_log_probs import linear_token_log_probs  # noqa: E402
-from probact_gpu.ops.token_log_probs import TokenLogProbs, token_log_probs  # noqa: E402
-from probact_gpu.options import HeadTransform  # noqa: E402
-from probact_gpu.testing import (  # noqa: E402
+from probact_gpu.ops.linear_token_log_probs import linear_token_log_probs
+from probact_gpu.ops.token_log_probs import TokenLogProbs, token_log_probs
+from probact_gpu.options import HeadTransform
+from probact_gpu.testing import (
     assert_close_to_reference,
     poison_outputs,
     record_launches,
     to_numpy64,
 )
-from probact_gpu.tiling import RowConfig  # noqa: E402
+from probact_gpu.tiling import RowConfig
 
 SPAWN_TIMEOUT_S = 240  # a whole spawn: start-up, every case, teardown
 N_ROWS = 6
@@ -190,66 +180,21 @@ def _run_linear_case(spec, rank: int) -> dict:
             "dh": hr.grad, "dw": wr.grad, "db": None if br is None else br.grad}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+def run_rank(rank: int, world: int) -> dict:
+    """Every case of this world size on this rank (a spawned rank: tests/_gloo.py)."""
     results = {}
-    try:
-        for case in CASES[world]:
-            results[case.name] = _run_case(case, rank, world)
-        for spec in LINEAR_CASES[world]:
-            results[spec[0]] = _run_linear_case(spec, rank)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, out_dir) -> list[dict]:
-    """Run ``world`` ranks of this file as fresh interpreters; kill them all past the timeout."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    port = _free_port()
-    logs = [open(out_dir / f"rank{r}.log", "w+b") for r in range(world)]  # noqa: SIM115
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
-                          str(out_dir)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    tails = []
-    for r, _ in failed:
-        logs[r].seek(0)
-        tails.append(f"--- rank {r} ---\n" + logs[r].read().decode(errors="replace")[-3000:])
-    for f in logs:
-        f.close()
-    if failed:
-        pytest.fail(f"world size {world}: ranks (rank, returncode) {failed} failed or timed out "
-                    f"after {SPAWN_TIMEOUT_S} s\n" + "\n".join(tails))
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    for case in CASES[world]:
+        results[case.name] = _run_case(case, rank, world)
+    for spec in LINEAR_CASES[world]:
+        results[spec[0]] = _run_linear_case(spec, rank)
+    return results
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def world_results(request, tmp_path_factory, interpreter_subprocess):
+def world_results(request, tmp_path_factory, gloo_spawn):
     world = request.param
-    return world, _spawn(world, tmp_path_factory.mktemp(f"lm_head_world{world}"))
+    return world, gloo_spawn(__file__, world, tmp_path_factory.mktemp(f"lm_head_world{world}"),
+                             SPAWN_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- multi-rank tests
@@ -388,18 +333,6 @@ def test_vocab_parallel_token_log_probs_without_group_is_the_local_op(rng, devic
                                linear_token_log_probs(h, w, t), rtol=0, atol=0)
 
 
-@pytest.fixture
-def world_of_one(tmp_path, device):
-    """An initialized process group of this process alone (gloo on CPU, NCCL on CUDA)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_vocab_parallel_token_log_probs_world_size_one(world_of_one, rng, device):
     """The public function takes the local op; the Function runs the partials and collectives
     over the group of one, and both match the reference."""
@@ -444,8 +377,3 @@ def test_vocab_parallel_token_log_probs_rejects_bad_arguments(change, error, mat
     with pytest.raises(error, match=match):
         vocab_parallel_token_log_probs(args.pop("input"), args.pop("target"), **args)
 
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["--worker"]:
-        raise SystemExit("usage: test_distributed_lm_head.py --worker RANK WORLD PORT OUT_DIR")
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

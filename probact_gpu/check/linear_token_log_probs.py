@@ -13,8 +13,8 @@ from .. import reference_lm_head
 from ..ops.linear_token_log_probs import linear_token_log_probs
 from ..options import HeadTransform
 from ..testing import make_input, to_numpy64
-from . import Case, Row, compare
-from .token_log_probs import IGNORE, _eager
+from . import Case, Row
+from .token_log_probs import IGNORE, _eager, compare_each, run_both
 
 # (tokens, hidden, vocab, chunk_size, why)
 SMALL = [(37, 16, 101, 8, "5 chunks, V odd"), (20, 8, 1000, None, "one chunk")]
@@ -39,19 +39,13 @@ def _run(n, hidden, vocab, chunk, opts, dtype, device, rng) -> list[Row]:
     dz = expected["dx"]
     refs = (expected["logp"], expected["entropy"], dz @ w64, dz.T @ h64, dz.sum(axis=0))
     transform = HeadTransform(**opts)
-    results = []
-    for fn in (lambda h, w, b: linear_token_log_probs(
-                   h, w, target, linear_bias=b, chunk_size=chunk, return_entropy=True,
-                   **opts)[:2],
-               lambda h, w, b: _eager(h @ w.T + b, target, transform)[:2]):
-        hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
-        logp, entropy = fn(hr, wr, br)
-        ((logp * g.to(logp.dtype)).sum() + (entropy * gh.to(entropy.dtype)).sum()).backward()
-        results.append((logp.detach(), entropy.detach(), hr.grad, wr.grad, br.grad))
+    results = run_both(
+        (lambda h, w, b: linear_token_log_probs(h, w, target, linear_bias=b, chunk_size=chunk,
+                                                return_entropy=True, **opts)[:2],
+         lambda h, w, b: _eager(h @ w.T + b, target, transform)[:2]), (h, w, b), g, gh)
     label = f"{n}x{hidden}x{vocab}" + (f" chunk={chunk}" if chunk else "")
-    names = ("logp", "entropy", "dh", "dW", "db")
-    return [compare(f"linear_token_log_probs {name}", dtype, label, ours, theirs, ref)
-            for name, ours, theirs, ref in zip(names, results[0], results[1], refs, strict=True)]
+    return compare_each("linear_token_log_probs", dtype, label,
+                        ("logp", "entropy", "dh", "dW", "db"), results, refs)
 
 
 def cases(large: bool) -> list[Case]:

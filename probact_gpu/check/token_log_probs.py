@@ -65,18 +65,34 @@ def _run(shape, scale, name, opts, dtype, device, rng) -> list[Row]:
     transform = HeadTransform(**opts)
     expected = reference_lm_head.token_log_probs(
         x64, t, grad_logp=to_numpy64(g), grad_entropy=to_numpy64(h), **opts)
-    results = []
-    for fn in (lambda x: token_log_probs(x, target, return_entropy=True, return_lse=True,
-                                         **opts)[:3],
-               lambda x: _eager(x, target, transform)):
-        xr = x.clone().requires_grad_()
-        logp, entropy, lse = fn(xr)
-        ((logp * g.to(logp.dtype)).sum() + (entropy * h.to(entropy.dtype)).sum()).backward()
-        results.append((logp.detach(), entropy.detach(), lse.detach(), xr.grad))
+    ours = partial(token_log_probs, target=target, return_entropy=True, return_lse=True, **opts)
+    results = run_both((lambda x: ours(x)[:3], lambda x: _eager(x, target, transform)), (x,),
+                       g, h)
     label = f"{n}x{v} {name}" + (f" scale={scale:g}" if scale != 1.0 else "")
-    names = ("logp", "entropy", "lse", "bwd")
     refs = (expected["logp"], expected["entropy"], expected["lse"], expected["dx"])
-    return [compare(f"token_log_probs {what}", dtype, label, ours, theirs, ref)
+    return compare_each("token_log_probs", dtype, label, ("logp", "entropy", "lse", "bwd"),
+                        results, refs)
+
+
+def run_both(fns, leaves, grad_logp, grad_entropy) -> list[tuple]:
+    """Ours and torch's: each ``fn(*leaves)`` (logp, entropy first among its outputs) on fresh
+    copies of ``leaves`` that require grad, backpropagating ``Σ g·logp + Σ g_H·entropy``;
+    per fn, its outputs detached then the leaves' gradients."""
+    results = []
+    for fn in fns:
+        copies = [t.clone().requires_grad_() for t in leaves]
+        outs = fn(*copies)
+        logp, entropy = outs[0], outs[1]
+        ((logp * grad_logp.to(logp.dtype)).sum()
+         + (entropy * grad_entropy.to(entropy.dtype)).sum()).backward()
+        results.append((*(o.detach() for o in outs), *(c.grad for c in copies)))
+    return results
+
+
+def compare_each(op: str, dtype, label: str, names, results, refs) -> list[Row]:
+    """One row per named output: ours (``results[0]``) and torch's (``results[1]``) against the
+    reference."""
+    return [compare(f"{op} {what}", dtype, label, ours, theirs, ref)
             for what, ours, theirs, ref in zip(names, results[0], results[1], refs, strict=True)]
 
 
