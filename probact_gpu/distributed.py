@@ -67,13 +67,12 @@ from .ops._common import (
     ce_launch_options,
     check_chunking,
     check_head_inputs,
-    chunk_logits,
     flatten_head_input,
+    logits_chunks,
     loss_divisor,
     no_second_derivative,
     reduce_rows,
     token_chunk,
-    token_chunks,
 )
 from .ops.cross_entropy import (
     cross_entropy,
@@ -420,10 +419,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             local[:, 0] = float("-inf")
         else:
             stats_opts = _stats_options(options)
-            buffer = torch.empty((min(chunk, n_tokens), v_local), dtype=h.dtype, device=h.device)
-            for start, end in token_chunks(n_tokens, chunk):
-                logits = chunk_logits(h[start:end], linear_weight, linear_bias,
-                                      buffer[: end - start])
+            for start, end, logits in logits_chunks(h, linear_weight, linear_bias, chunk):
                 stats = cross_entropy_partial_stats(
                     logits, target[start:end], vocab_start=vocab_start, config=config,
                     **stats_opts)
