@@ -462,15 +462,17 @@ def cross_entropy_finish_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program: ``out = Σ_rows loss / (denom · divisor)``, cast to the loss dtype. Per-lane
-    partial sums merged once at the end: a fixed order, deterministic (no atomics)."""
+    partial sums merged once at the end: a fixed order, deterministic (no atomics). The sum and
+    the divisions run in fp64 and round once at the store: an fp32 sum of the rows' losses and
+    two fp32 divisions measured 1.7 ulps of a weighted mean, where torch is within one."""
     offs = tl.arange(0, BLOCK).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, n_rows, BLOCK):
         r = start + offs
-        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
+        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0).to(tl.float64)
     total = tl.sum(acc, axis=0) / denom
     if divisor_ptr is not None:
-        total = total / upcast(tl.load(divisor_ptr))
+        total = total / tl.load(divisor_ptr).to(tl.float64)
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 

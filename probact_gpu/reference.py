@@ -8,6 +8,8 @@ all −inf has a NaN softmax; NaN anywhere in a row makes the whole row NaN.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # ----------------------------------------------------------------------------- softmax
@@ -69,10 +71,20 @@ def logsigmoid_grad(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return dy * sigmoid(-x)
 
 
+def _exact_sum(v: np.ndarray) -> float:
+    """Σ v correctly rounded (``math.fsum``; NaN / ±inf as ``np.sum`` gives them). ``np.sum``'s
+    pairwise float64 sum is a few ulps off over a few hundred terms: as the reference of an fp64
+    mean that was 3 ulps of error charged to an fp64 kernel whose sum was exact."""
+    v = np.asarray(v, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(v)):
+        return float(np.sum(v))
+    return math.fsum(v)
+
+
 def _bce_reduce(v: np.ndarray, reduction: str) -> np.ndarray:
     if reduction == "none":
         return v
-    total = np.sum(v)
+    total = _exact_sum(v)
     return np.asarray(total / v.size if reduction == "mean" else total, dtype=np.float64)
 
 
@@ -165,11 +177,11 @@ def cross_entropy(
     if reduction == "none":
         g = np.broadcast_to(np.asarray(dy, np.float64), (n,))
         return loss_rows, lse, dz * dzdx * g[:, None]
-    total = loss_rows.sum()
+    total = _exact_sum(loss_rows)
     g = float(dy)
     if reduction == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
-            divisor = w_t.sum() if weight is not None else float(valid.sum())
+            divisor = _exact_sum(w_t) if weight is not None else float(valid.sum())
             total = total / divisor
             g = g / divisor
     return np.asarray(total), lse, dz * dzdx * g
@@ -201,7 +213,7 @@ def cross_entropy_soft(
     if reduction == "none":
         g = np.broadcast_to(np.asarray(dy, np.float64), (n,))
         return loss_rows, lse, dz * dzdx * g[:, None]
-    total, g = loss_rows.sum(), float(dy)
+    total, g = _exact_sum(loss_rows), float(dy)
     if reduction == "mean":
         total, g = total / n, g / n
     return np.asarray(total), lse, dz * dzdx * g

@@ -27,7 +27,12 @@ def _run(n, hidden, vocab, chunk, reduction, low_memory, dtype, device, rng) -> 
     target_np = rng.integers(0, vocab, n)
     target_np[::8] = -100
     target = torch.from_numpy(target_np).to(device)
-    dy_np = rng.standard_normal(n) if reduction == "none" else 1.0
+    # reduction "none": per-token upstream gradients of a token-mean loss (as a trainer weighting
+    # tokens), so dW, a sum over tokens, stays O(1) as the tolerances' atol assumes. With dy ~ 1
+    # a token, dW summed 37 tokens' errors of the bf16-rounded logits (ulp(logit) · p each,
+    # inherent to bf16 logits: torch's are the same) past atol: dW bf16 37x16x101 failed the
+    # tolerance for ours and torch's alike (ours / torch 0.86).
+    dy_np = rng.standard_normal(n) / n if reduction == "none" else 1.0
     dy = torch.tensor(dy_np, dtype=dtype, device=device)
     dy_np = dy.double().cpu().numpy()  # the reference sees the rounded grad_output too
     logits64 = h64 @ w64.T + b64
