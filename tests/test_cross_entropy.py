@@ -6,12 +6,14 @@ bad input. Float options are fp32 kernel arguments, so fp64 comparisons use valu
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 import probact_gpu
-from probact_gpu import reference
+from probact_gpu import check, reference
 from probact_gpu.ops import cross_entropy as ce
 from probact_gpu.options import CrossEntropyOptions
 from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
@@ -1326,3 +1328,48 @@ def test_cross_entropy_fp16_large_logits_smoothing_weights(device, rng, path):
     err = np.abs(to_numpy64(ours) - ref_rows)
     err_eager = np.abs(to_numpy64(eager) - ref_rows)
     assert np.all(err <= np.where(np.isfinite(err_eager), err_eager, np.inf) + 8.0)  # ≤ 1 ulp
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weight"])
+def test_cross_entropy_one_class_smoothing_gradient_is_exactly_zero(weighted, device):
+    """One class: p = 1 and every gradient term is 0. Each term is formed as a difference of like
+    quantities, (p − [c = t]) and (p·W − w): the folded p·coef − true_coef − smooth_coef·w left
+    1.9e-9 (3.7e-9 weighted) where torch is exact, since (1 − 0.1) + 0.1 ≠ 1 in fp32."""
+    x = torch.randn(6, 1, device=device).requires_grad_()
+    target = torch.zeros(6, dtype=torch.int64, device=device)
+    weight = torch.tensor([1.7], device=device) if weighted else None
+    probact_gpu.cross_entropy(x, target, weight, label_smoothing=0.1).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_cross_entropy_softcap_gradient_accurate_where_tanh_saturates(device):
+    """dz/dx = sech²(u) from the raw logit (kernels/_head.head_chain), not 1 − r² from the
+    transformed z, whose absolute error ~ulp(1) grows relative to sech² as tanh saturates: over
+    logits up to ±100 at softcap 30 our max abs error stays within torch eager's (softcap as
+    torch ops) plus one ulp."""
+    x = torch.linspace(-100.0, 100.0, 64, device=device).reshape(4, 16)
+    x64 = to_numpy64(x)
+    target = torch.tensor([0, 5, 9, 15], device=device)
+    _, _, grad = reference.cross_entropy(x64, target.cpu().numpy(), reduction="sum",
+                                         softcap=30.0)
+    errs = []
+    for fn in (lambda x: probact_gpu.cross_entropy(x, target, softcap=30.0, reduction="sum"),
+               lambda x: torch.nn.functional.cross_entropy(30.0 * torch.tanh(x / 30.0), target,
+                                                           reduction="sum")):
+        xr = x.clone().requires_grad_()
+        fn(xr).backward()
+        errs.append(np.abs(to_numpy64(xr.grad) - grad).max())
+    ulp = torch.finfo(torch.float32).eps * 2.0 ** np.floor(np.log2(np.abs(grad).max()))
+    assert errs[0] <= errs[1] + ulp, errs
+
+
+def test_cross_entropy_weighted_mean_sums_rows_in_fp64(device):
+    """The finish kernel sums the rows' losses and divides in fp64, rounding once: in fp32 the
+    check's weighted mean row (fp32 9×7, weight + smoothing + ignore) was 1.7 ulps off, worse
+    than torch by more than one ulp (this is that row, with the check's own inputs)."""
+    name = "cross_entropy weight+smoothing+ignore"
+    case = next(c for c in check.collect(False, ("cross_entropy",))
+                if c.op == name and c.dtype == torch.float32 and c.shape == "9x7")
+    rng = np.random.default_rng([0, zlib.crc32(f"{name}|fp32|9x7|1".encode())])
+    rows = case.run(device, rng)
+    assert rows and not any(r.worse_than_torch for r in rows), rows

@@ -4,13 +4,14 @@ asserted, properties, edge values, strides, bad input. Every shape says why it i
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 import probact_gpu as pg
-from probact_gpu import reference, tiling
+from probact_gpu import check, reference, tiling
 from probact_gpu.ops.softmax import softmax_bwd, softmax_fwd
 from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
 from probact_gpu.tiling import RowConfig
@@ -431,3 +432,28 @@ def test_softmax_cuda_graph_capture_gpu(device):
     torch.testing.assert_close(static_y, torch.softmax(x, -1))
     y = torch.softmax(x, -1)
     torch.testing.assert_close(static_dx, y * (dy - (dy * y).sum(-1, keepdim=True)))
+
+
+def test_softmax_fp64_tiny_probabilities_to_a_few_ulps(device):
+    """fp64 exponentials are ``tl.exp`` (kernels/_online.exp): exp2(x · log2 e) rounds the product
+    with an absolute error ~|x| · 1e-16 in the exponent, ~18 ulps of e^−345 (the check's fp64
+    4×257 row at ±1e4 logits was 18 ulps where torch is exact)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(1, dtype=torch.float64),
+                   -torch.empty(63, dtype=torch.float64).uniform_(300.0, 350.0, generator=gen)])
+    x = x.reshape(1, -1).to(device)
+    expected = reference.softmax(to_numpy64(x))
+    rel = np.abs(to_numpy64(pg.softmax(x, -1)) - expected) / expected
+    assert rel.max() < 4 * torch.finfo(torch.float64).eps, rel.max()
+
+
+def test_log_softmax_bwd_row_dot_rounds_once(device):
+    """dx = dy − p · Σ dy: Σ dy is summed in fp64 and rounded once, so the largest dx (p ≈ 1,
+    dx ≈ dy − Σ dy) carries no sum error; an fp32 tree sum over 257 columns was 3 ulps off and
+    made the check's log_softmax fp32 4×257 row at ±1e4 logits worse than torch (this is that
+    row, with the check's own inputs)."""
+    case = next(c for c in check.collect(False, ("log_softmax",))
+                if c.dtype == torch.float32 and c.shape == "4x257")
+    rng = np.random.default_rng([0, zlib.crc32(b"log_softmax|fp32|4x257|1")])
+    rows = [r for r in case.run(device, rng) if r.op == "log_softmax bwd"]
+    assert rows and not any(r.worse_than_torch for r in rows), rows

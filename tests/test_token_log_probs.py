@@ -388,3 +388,18 @@ def test_token_log_probs_no_rows(device):
     assert out.logprobs.shape == out.entropy.shape == out.argmax.shape == (0,)
     (out.logprobs.sum() + out.entropy.sum()).backward()
     assert x.grad.shape == (0, 5)
+
+
+def test_token_log_probs_entropy_of_a_dominant_logit_is_accurate(device):
+    """One logit ahead by ~80: the entropy is Σ p·|z − m| over p ~ e^−80 (~1e-33, still a
+    normal fp32), so it is only as good as those tiny exponentials. exp2(x · log2 e) alone is
+    ~|x| · 6e-8 relative off there (5e-6 at x = −80; the check's 4×257 row at ±1e4 logits was
+    20× torch's error); ``exp_precise`` recovers the product's rounding with an fma."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(1), -torch.empty(30).uniform_(78.0, 90.0, generator=gen)])
+    x = x.reshape(1, -1).to(device)
+    target = torch.tensor([0], device=device)
+    out = token_log_probs(x, target, return_entropy=True)
+    expected = ref.token_log_probs(to_numpy64(x), target.cpu().numpy())["entropy"]
+    rel = abs(float(out.entropy[0]) - float(expected[0])) / float(expected[0])
+    assert rel < 5e-7, rel
