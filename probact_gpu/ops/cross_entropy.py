@@ -396,7 +396,11 @@ def _grad_rows(xv: RowView, dxv: RowView, target, lse, grad, opts: CrossEntropyO
     else:
         n_splits, chunk = 1, xv.n_cols
     block_n = min(cfg.block_n, tiling.next_power_of_2(chunk))
-    peel = _peel((xv, dxv), xv.n_cols, block_n)
+    # The whole row in one tile of its own program: p from the row's own statistics, not lse
+    # (kernel docstring); such a row keeps narrow loads, as the single-tile forward does.
+    row_stats = (n_splits == 1 and block_n >= xv.n_cols and vocab_start == 0
+                 and n_classes == xv.n_cols)
+    peel = not row_stats and _peel((xv, dxv), xv.n_cols, block_n)
     if peel and n_splits == 1:  # whole tiles: Triton then knows the chunk's end is a multiple
         chunk = tiling.cdiv(chunk, block_n) * block_n  # of 16, and the body masks stay per-vector
     weight = _weight(opts)
@@ -407,7 +411,7 @@ def _grad_rows(xv: RowView, dxv: RowView, target, lse, grad, opts: CrossEntropyO
             opts.label_smoothing, opts.z_loss, _head(opts.transform), denom),
            path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=block_n,
            HAS_SMOOTHING=_smoothing(opts), HAS_SOFTCAP=opts.transform.softcap is not None,
-           PEEL_EDGES=peel)
+           PEEL_EDGES=peel, ROW_STATS=row_stats)
 
 
 def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
