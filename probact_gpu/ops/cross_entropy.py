@@ -71,9 +71,11 @@ the smoothing sum around the row's max, so |x| ~ 1e4 loses nothing; the split pa
 partial (Σ w·z per chunk) and the from-lse gradient (``exp(z − lse)``) carry an absolute error
 of about ulp(|x|) there. The from-lse gradient (the backward of ``reduction="none"``, and the
 split path) also carries lse's own rounding to fp32: every p is off by up to ulp(lse)/2
-relative, where torch's ``exp(log_softmax)`` is off by ulp(log p): at 9 × 7 logits of scale 2
-that is 3.6 ulps of the largest dx against torch's 1.6. Saving lse as a float64 (or the row's
-max and log Σ exp apart, as the token log-probs ops do) would remove it.
+relative, where torch's ``exp(log_softmax)`` is off by ulp(log p) (at 9 × 7 logits of scale 2,
+3.6 ulps of the largest dx against torch's 1.6). A row that is one whole tile of the backward
+therefore recomputes its own max and Σ exp (``ROW_STATS``); longer rows keep the lse error —
+saving lse as a float64, or the row's max and log Σ exp apart as the token log-probs ops do,
+would remove it there too.
 """
 
 from __future__ import annotations
