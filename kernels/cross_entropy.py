@@ -145,14 +145,15 @@ def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss):
 
 
 @triton.jit
-def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr, EVICTION: tl.constexpr = ""):
+def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr, EVICTION: tl.constexpr):
     """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes;
-    ``EVICTION``: the load's L2 eviction policy ("evict_first" for a last read)."""
+    ``EVICTION``: the load's L2 eviction policy ("evict_first" for a last read, "" for none;
+    always passed: triton 3.6 cannot compile a nested function's string constexpr default)."""
     return _logits_of(_load_x(ptrs, mask, EVICTION), mask, head, HAS_SOFTCAP)
 
 
 @triton.jit
-def _load_x(ptrs, mask, EVICTION: tl.constexpr = ""):
+def _load_x(ptrs, mask, EVICTION: tl.constexpr):
     """A tile of logits, upcast (0 in masked-out lanes)."""
     return upcast(tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION))
 
@@ -259,7 +260,7 @@ def cross_entropy_fwd_kernel(
     mask = row_mask[:, None] & col_mask
     x_offs = row_offset(rows, n_inner, x_strides[0], x_strides[1])[:, None] \
         + cols[None, :] * x_strides[2]
-    z = _logits(x_ptr + x_offs, mask, head, HAS_SOFTCAP)
+    z = _logits(x_ptr + x_offs, mask, head, HAS_SOFTCAP, "")
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
 
@@ -289,7 +290,7 @@ def cross_entropy_fwd_kernel(
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
                                                      label_smoothing, z_loss)
         if HAS_SOFTCAP:  # the chain rule takes the raw logits: read again (an L1/L2 hit)
-            x = _load_x(x_ptr + x_offs, mask)
+            x = _load_x(x_ptr + x_offs, mask, "")
         else:
             x = z  # unused without a softcap
         dx = _dx(x, z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
@@ -337,7 +338,7 @@ def _sweep_row(
 
     # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
     mask = cols < n_body
-    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
+    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP, "")
     row_max = tl.max(z, axis=0)
     row_sum = tl.sum(exp(z - safe_max(row_max)), axis=0)
     z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
@@ -352,7 +353,7 @@ def _sweep_row(
     for start in tl.range(BLOCK_N, n_body, BLOCK_N, num_stages=NUM_STAGES):
         q = start + cols
         mask = q < n_body
-        z = _logits(x_row + q * x_strides[2], mask, head, HAS_SOFTCAP)
+        z = _logits(x_row + q * x_strides[2], mask, head, HAS_SOFTCAP, "")
         row_max, row_sum, z_t, smooth_acc, w_acc = _fold_tile(
             z, q, mask, body_t, ref, row_max, row_sum, z_t, smooth_acc, w_acc, weight_ptr, w_off,
             HAS_SMOOTHING)
@@ -361,7 +362,7 @@ def _sweep_row(
     if PEEL_EDGES:
         e = _edge_offsets(x_row, n_body)
         edge = (e >= -c0) & (e < n_cols - c0)  # outside the body: compared with local_t
-        z = _logits(x_row + e, edge, head, HAS_SOFTCAP)
+        z = _logits(x_row + e, edge, head, HAS_SOFTCAP, "")
         edge_smooth = tl.zeros_like(z)
         edge_w = tl.zeros_like(z)
         row_max, row_sum, z_t, edge_smooth, edge_w = _fold_tile(
@@ -504,7 +505,7 @@ def cross_entropy_split_stats_kernel(
     end = tl.minimum(start + chunk, n_cols)
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     mask = cols < end
-    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP)
+    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP, "")
     part_max = tl.max(z, axis=0)
     part_sum = tl.sum(exp(z - safe_max(part_max)), axis=0)
     part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
@@ -512,7 +513,7 @@ def cross_entropy_split_stats_kernel(
     for tile in range(start + BLOCK_N, end, BLOCK_N):
         c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = c < end
-        z = _logits(x_row + c * x_strides[2], mask, head, HAS_SOFTCAP)
+        z = _logits(x_row + c * x_strides[2], mask, head, HAS_SOFTCAP, "")
         part_max, part_sum = online_update(part_max, part_sum, z, 0)
         part_t += tl.sum(tl.where((c == local_t) & mask, z, 0.0), axis=0)
         if HAS_SMOOTHING:
