@@ -15,6 +15,7 @@ fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
 exec "$PY" -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" \
+    -m "not slow" \
     tests/test_interpreter.py tests/test_softmax.py tests/test_sigmoid.py tests/test_bce.py \
-    tests/test_cross_entropy.py tests/test_linear_cross_entropy.py tests/test_compile.py \
+    tests/test_cross_entropy.py tests/test_token_log_probs.py tests/test_compile.py \
     tests/test_sm90_compile.py "$@"
