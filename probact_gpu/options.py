@@ -121,11 +121,6 @@ class HeadTransform:
              as_real("temperature", self.temperature, low=0.0, low_open=True))
 
     @property
-    def is_identity(self) -> bool:
-        return (self.logit_scale == 1.0 and self.logit_divisor == 1.0 and self.softcap is None
-                and self.temperature == 1.0)
-
-    @property
     def pre_scale(self) -> float:
         """``logit_scale / logit_divisor``, the one multiply before the softcap (formed in
         float64 on the host, so the kernels see the correctly rounded fp32 factor)."""
