@@ -21,8 +21,9 @@ What it does, per case:
    vector width (``LDG.E.128`` = 16 bytes per thread).
 
 Launches that specialise identically are compiled once and listed together. The result is a
-measurement of the compiled code, not a timing. Exit status: 1 when a kernel failed to compile
-or a kernel of ``kernels/`` was reached by no case, else 0 -- also when nothing could be checked
+measurement of the compiled code, not a timing. Exit status: 1 when a kernel failed to compile,
+a kernel of ``kernels/`` was reached by no case, or a launch passes a float argument as fp32
+(its parameter not annotated ``tl.float64``: ``narrow_floats``), else 0 -- also when nothing could be checked
 (no ptxas/cuobjdump, an unknown triton API): then it prints ``SKIPPED: <reason>`` (and writes
 ``{"skipped": reason}`` to ``--json``) instead of a report.
 
@@ -402,6 +403,7 @@ class Job:
     attrs: dict
     options: dict  # launch kwargs (num_warps, ...)
     unaligned: list  # runtime int args without the 16-divisibility hint
+    narrow_floats: list  # runtime float args a launch passes narrower than fp64
 
     def key(self) -> str:
         return repr((self.module, self.kernel, sorted(self.signature.items()),
@@ -430,7 +432,21 @@ def specialise(launch: Launch, backend) -> Job:
                  if s[0][0] == "i" and s[0] != "constexpr" and not attrs.get((i,))
                  and any(word in p.name for word in ADDRESS_INTS)]
     options = {key: val for key, val in launch.kwargs.items() if key not in signature}
-    return Job(k.fn.__module__, k.fn.__name__, signature, constexprs, attrs, options, unaligned)
+    return Job(k.fn.__module__, k.fn.__name__, signature, constexprs, attrs, options, unaligned,
+               narrow_floats(k.params, spec))
+
+
+def narrow_floats(params, spec) -> list[str]:
+    """Runtime float arguments the launcher passes as fp32 (or narrower), tuple members named
+    ``param[i]``. Triton types a Python float argument fp32 unless its parameter is annotated
+    ``tl.float64``: an fp64 kernel would then compute with its scalars rounded to fp32, which the
+    interpreter (it keeps the Python float) does not show."""
+    def walk(name, ty):
+        if isinstance(ty, tuple):
+            return [n for i, t in enumerate(ty) for n in walk(f"{name}[{i}]", t)]
+        return [name] if ty in ("fp32", "fp16", "bf16") else []
+
+    return [n for p, s in zip(params, spec, strict=True) for n in walk(p.name, s[0])]
 
 
 # --------------------------------------------------------------------------- compile + read
@@ -559,6 +575,7 @@ class Row:
     def as_dict(self) -> dict:
         out = {"kernel": self.job.kernel, "dtype": self.dtype, "config": config_text(self.job),
                "cases": [c for c, _ in self.cases], "unaligned": self.job.unaligned,
+               "narrow_floats": self.job.narrow_floats,
                **self.result}
         if not self.result.get("error"):
             out["spills"] = spills(self.result)
@@ -587,6 +604,9 @@ def findings(rows: list[Row]) -> list[str]:
     groups = [
         ("Compile failures", [row for row in rows if row.result["error"]],
          lambda row: row.result["error"].splitlines()[0]),
+        ("Float arguments passed as fp32 (an fp64 kernel would compute with them rounded)",
+         [row for row in rows if row.job.narrow_floats],
+         lambda row: ", ".join(row.job.narrow_floats)),
         ("Register spills (stack frame / STL, LDL in the SASS)",
          [r for r in ok if spills(r.result)],
          lambda row: f"{row.result['reg']} registers, {row.result['stack']} B stack"),
@@ -769,7 +789,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     if missing:
         print(f"not reached by any case: {', '.join(missing)}", file=sys.stderr)
-    return 1 if failed or missing else 0
+    narrow = sorted({f"{r.job.kernel}: {', '.join(r.job.narrow_floats)}" for r in ordered
+                     if r.job.narrow_floats})
+    for line in narrow:
+        print(f"FP32 SCALARS {line}", file=sys.stderr)
+    return 1 if failed or missing or narrow else 0
 
 
 if __name__ == "__main__":

@@ -110,6 +110,18 @@ def test_sm90_no_register_spills(report):
     assert not new, "register spills at sm_90:\n" + "\n".join(new)
 
 
+def test_sm90_float_arguments_reach_kernels_as_fp64(report):
+    """A Python float passed to a kernel is typed fp32 by Triton's launcher unless its parameter
+    is annotated ``tl.float64``; the interpreter keeps the Python float. Unannotated, an fp64
+    kernel on the GPU computes with its label smoothing, z-loss, transform factors and
+    normalizer rounded to fp32 (relative error ~3e-8 where fp64 promises ~1e-16) while the CPU
+    tier shows full precision. Every float parameter is therefore annotated, and each kernel
+    rounds it once into its math dtype (``kernels/_online.arg_in_math_dtype``)."""
+    narrow = [f"{_label(r)}: {', '.join(r['narrow_floats'])}" for r in report["rows"]
+              if r.get("narrow_floats")]
+    assert not narrow, "float arguments passed as fp32:\n" + "\n".join(narrow)
+
+
 def test_sm90_contiguous_rows_load_128_bit(report):
     """With Triton's launch-time hints (unit strides constexpr, 16-divisible ints and pointers),
     the kernels read contiguous rows 16 bytes a thread: a lost alignment hint shows up here."""
