@@ -19,9 +19,16 @@ float formats only, by exact NumPy code: decode the source (bf16 bits → fp32 i
 exact), then round once to nearest even into the destination. fp64 → bf16 rounds to fp32 *to odd*
 first, which keeps the one rounding to bf16 correct (fp32 carries 16 bits more than bf16).
 Anything else (integers, fp8, a rounding mode other than round-to-nearest-even) is left to
-Triton. It is installed the first time a kernel is about to run on the interpreter
+Triton.
+
+``tl.fma`` rounds twice under triton 3.6's interpreter (``x · y + z`` in NumPy; 3.9's rounds
+once, as the GPU does): error-free transformations built on it (``exp_precise``, the head
+transform's ``mul_factor``) then lose the very rounding they recover. :func:`install` replaces
+it by :func:`fma_exact` where a probe shows the double rounding.
+
+The shim is installed the first time a kernel is about to run on the interpreter
 (``_runtime.check_runnable``), never at import, and is valid for triton 3.6 and 3.9, whose
-builders have the same two methods. ``docs/interpreter.md`` has a reproducer for each defect.
+builders have the same methods. ``docs/interpreter.md`` has a reproducer for each defect.
 """
 
 from __future__ import annotations
@@ -71,6 +78,55 @@ def f64_to_f32_round_to_odd(x: np.ndarray) -> np.ndarray:
     bits[away] -= np.uint32(1)  # sign-magnitude: one step towards zero
     bits[inexact] |= np.uint32(1)
     return bits.view(np.float32)
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s, e) with s = fl(a + b) and a + b = s + e exactly (Knuth; NumPy never fuses)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _add_round_to_odd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b (float64) rounded *to odd*: the bracketing neighbour with an odd last bit when
+    inexact (see :func:`f64_to_f32_round_to_odd`)."""
+    s, e = _two_sum(a, b)
+    even = (s.view(np.uint64) & np.uint64(1)) == 0
+    step = np.isfinite(s) & (e != 0) & even
+    return np.where(step, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+
+
+def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Veltkamp: a = hi + lo exactly, each with at most 26 significant bits."""
+    c = a * 134217729.0  # 2^27 + 1
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def fma_exact(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``x · y + z`` rounded once, in the inputs' dtype (fp32 or fp64), as the GPU's fma.
+
+    fp32: the product is exact in float64, the sum rounded to odd there, then once to fp32.
+    fp64: Boldo and Melquiond's emulation — the product as an exact pair (Dekker's two-product
+    over Veltkamp halves), ``z`` plus its high part as an exact pair, the two low parts added
+    rounding to odd, and the last addition rounded to nearest. Non-finite inputs or products
+    that overflow or underflow take the plain ``x · y + z``."""
+    x, y, z = np.broadcast_arrays(x, y, z)
+    with np.errstate(all="ignore"):
+        if x.dtype == np.float32:
+            x64, y64, z64 = (a.astype(np.float64) for a in (x, y, z))
+            return _add_round_to_odd(x64 * y64, z64).astype(np.float32)
+        plain = x * y + z
+        p = x * y
+        xh, xl = _split(x)
+        yh, yl = _split(y)
+        p_lo = ((xh * yh - p) + xh * yl + xl * yh) + xl * yl
+        t_hi, t_lo = _two_sum(z, p)
+        out = t_hi + _add_round_to_odd(t_lo, p_lo)
+        tiny = np.finfo(np.float64).tiny * 2.0**54
+        ok = np.isfinite(plain) & np.isfinite(p) & (np.abs(x) < 2.0**995) \
+            & (np.abs(y) < 2.0**995) & ((p == 0) | (np.abs(p) > tiny))
+        return np.where(ok, out, plain)
 
 
 # --------------------------------------------------------------------------- the shim
@@ -131,6 +187,28 @@ def install() -> None:
     create_fp_to_fp.__wrapped__ = triton_fp_to_fp
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
+    if not _fma_is_exact(builder, handle):
+        triton_fma = builder.create_fma
+
+        def create_fma(self, x, y, z):
+            if z.data.dtype not in (np.float32, np.float64):
+                return triton_fma(self, x, y, z)
+            return handle(fma_exact(x.data, y.data, z.data), z.dtype.scalar)
+
+        create_fma.__wrapped__ = triton_fma
+        builder.create_fma = create_fma
+
+
+def _fma_is_exact(builder: Any, handle: Any) -> bool:
+    """Whether the interpreter's ``tl.fma`` rounds once (triton 3.9) or twice (3.6: ``x · y +
+    z`` in NumPy). Probe: (1 + 2⁻¹²)² − 1 is 2⁻¹¹ + 2⁻²⁴, but 2⁻¹¹ when the product is rounded
+    to fp32 first (a tie to even)."""
+    import triton.language as tl
+
+    a = np.array([1.0 + 2.0**-12], dtype=np.float32)
+    t = handle(a, tl.float32)
+    out = builder.create_fma(None, t, t, handle(np.array([-1.0], dtype=np.float32), tl.float32))
+    return float(np.asarray(out.data)[0]) == 2.0**-11 + 2.0**-24
 
 
 def installed() -> bool:

@@ -54,6 +54,17 @@ def _rtz_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"), mask=mask)
 
 
+@triton.jit
+def _fma_kernel(x_ptr, y_ptr, z_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = fma(x, y, z)."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = tl.load(y_ptr + offs, mask=mask)
+    z = tl.load(z_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, tl.fma(x, y, z), mask=mask)
+
+
 def kernel_convert(x: torch.Tensor, dtype: torch.dtype, kernel=_copy_kernel) -> torch.Tensor:
     _runtime.check_runnable(x)  # where the shim is installed, as for every launcher
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -84,7 +95,7 @@ def assert_same_floats(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def _nearest_even(x: float, dtype: torch.dtype) -> float:
     """x rounded once to nearest, ties to even, into ``dtype`` (subnormals and overflow to inf
     included), in exact rational arithmetic: slow, for a few hundred values."""
-    if not np.isfinite(x) or x == 0.0:
+    if not isinstance(x, Fraction) and (not np.isfinite(x) or x == 0.0):
         return x
     finfo = torch.finfo(dtype)
     mant_bits = round(-np.log2(finfo.eps))
@@ -100,8 +111,8 @@ def _nearest_even(x: float, dtype: torch.dtype) -> float:
     if 2 * r > ulp or (2 * r == ulp and q % 2 == 1):
         q += 1
     if q * ulp > Fraction(finfo.max):
-        return float(np.copysign(np.inf, x))
-    return float(np.copysign(float(q * ulp), x))
+        return float(np.copysign(np.inf, float(x)))
+    return float(np.copysign(float(q * ulp), float(x)))
 
 
 def test_nearest_even_reference_agrees_with_torch_from_fp32():
@@ -225,6 +236,53 @@ def test_round_to_odd_makes_the_second_rounding_exact():
     bf16 = _interpreter.bf16_bits_to_f32(_interpreter.f32_to_bf16_bits(odd))
     np.testing.assert_array_equal(bf16, [1 + 2**-7, 1.0, 1.0, np.inf, -np.inf, 0.0, 0.0])
     assert odd[3] == np.finfo(np.float32).max  # rounded towards zero, then odd
+
+
+def _exact_fma(x: float, y: float, z: float, dtype: torch.dtype) -> float:
+    """x·y + z rounded once (finite inputs; an exact 0 is +0, as round-to-nearest gives)."""
+    exact = Fraction(x) * Fraction(y) + Fraction(z)
+    return 0.0 if exact == 0 else _nearest_even(exact, dtype)
+
+
+def _fma_cases(dtype: torch.dtype, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Products whose rounding an fma must keep: ``z = −fl(x·y)`` (the result is the rounding
+    error itself), near-cancelling sums, a tie of the rounded product ((1 + 2⁻¹²)² in fp32),
+    and plain random triples."""
+    np_t = np.float32 if dtype == torch.float32 else np.float64
+    x = rng.standard_normal(300).astype(np_t)
+    y = rng.standard_normal(300).astype(np_t)
+    z = rng.standard_normal(300).astype(np_t)
+    z[:100] = -(x[:100] * y[:100])
+    z[100:200] = -(x[100:200] * y[100:200]) * np_t(1 + 2.0**-20)
+    half = 2.0**-12 if dtype == torch.float32 else 2.0**-27
+    x[0] = y[0] = 1.0 + half
+    z[0] = -1.0
+    return x, y, z
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fma_exact_against_rationals(dtype, rng):
+    """The shim's fma (installed where the interpreter's rounds twice) rounds once."""
+    x, y, z = _fma_cases(dtype, rng)
+    got = _interpreter.fma_exact(x, y, z)
+    expected = [_exact_fma(float(a), float(b), float(c), dtype) for a, b, c in
+                zip(x, y, z, strict=True)]
+    np.testing.assert_array_equal(got.astype(np.float64), expected)
+    assert got.dtype == x.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fma_in_a_kernel_rounds_once(dtype, rng, device):
+    """``tl.fma`` in a kernel rounds once, as the GPU's: triton 3.9's interpreter does, 3.6's
+    rounds the product first (the shim replaces it there). ``exp_precise`` and the head
+    transform's products recover a rounding through it."""
+    x, y, z = (torch.from_numpy(a).to(device) for a in _fma_cases(dtype, rng))
+    _runtime.check_runnable(x)
+    out = torch.empty_like(x)
+    _fma_kernel[(1,)](x, y, z, out, x.numel(), BLOCK=512)
+    expected = [_exact_fma(a, b, c, dtype) for a, b, c in
+                zip(x.tolist(), y.tolist(), z.tolist(), strict=True)]
+    assert_same_floats(out, torch.tensor(expected, dtype=dtype))
 
 
 _FRESH = """
