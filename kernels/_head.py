@@ -4,26 +4,46 @@ family (cross-entropy, token log-probs, their split and vocab-parallel forms).
 In the order ``probact_gpu.options`` documents (the bias, when there is one, is added by the
 caller first)::
 
-    z = softcap · tanh(x · pre_scale / softcap) · inv_temp      (softcap given)
-    z = x · pre_scale · inv_temp                                (no softcap)
+    z = cap_scale · tanh(x · u_scale)       (softcap given; tanh(u) = u·(1 + u²·P(u²)) near 0)
+    z = x · scale                           (no softcap)
 
-with ``pre_scale = logit_scale / logit_divisor`` and ``inv_temp = 1 / temperature`` formed on
-the host in float64. Multiplying by 1.0 is exact, so the identity transform costs no rounding.
+    scale = logit_scale / logit_divisor / temperature,   u_scale = logit_scale / logit_divisor /
+    softcap,   cap_scale = softcap / temperature
+
+The three factors are formed on the host in float64 (``HeadTransform.kernel_factors``) and
+reach the kernel as fp64 arguments. In fp32 math each is split into ``hi + lo`` (``factor``:
+hi the fp32 rounding, lo the remainder) and a product ``x · factor`` is ``fma(x, hi, x · lo)``
+(``mul_factor``): correctly rounded but for ties, with no bias. The plain ``x · fp32(1/0.7)``
+carries the factor's own rounding (up to half an ulp, the same sign in every element), which
+sums coherently in anything summed over elements or tokens (an entropy, a dW): torch's
+``x / fp32(0.7)`` has the same defect. The identity transform (the ``HEAD`` constexpr
+``HEAD_IDENTITY``) does no arithmetic at all.
+
+Near 0 the softcapped logit is formed as ``x · scale · (1 + u²·P(u²))`` (``cap_scale · u``
+without the rounding of u) by one fma whose addend holds the small terms: about half an ulp in
+all, where torch's ``softcap · tanh(x / softcap) / T`` rounds four times. (``1 − 2 / (exp(2u) +
+1)`` alone would cancel for small ``u``: its absolute error is about ulp(1), so a softcap of
+1000 over logits of a few units lost three digits.) ``|u|`` below a dtype-dependent bound takes
+that odd Taylor series through ``u^15`` (truncation below half an ulp: fp32 up to 0.5, fp64 up
+to 0.125), the rest ``cap_scale · (1 − e) / (1 + e)``, ``e = exp(−2|u|)``, with u's rounding
+and the quotient's remainder carried into the last fma: within 2 ulps (measured; e's own error
+is what remains, amplified ~0.85× at |u| = 0.5), where torch's libm tanh gives 1.5.
 
 The chain rule back to x, from the raw logit x (``head_chain``)::
 
-    dL/dx = dL/dz · inv_temp · pre_scale · sech²(u),   u = x · pre_scale / softcap
-
-``tanh`` here is accurate near 0: ``1 − 2 / (exp(2u) + 1)`` alone cancels for small ``u`` (its
-absolute error is about ulp(1), so a softcap of 1000 over logits of a few units lost three
-digits), so ``|u|`` below a dtype-dependent bound takes the odd Taylor series through ``u^15``
-instead (truncation below half an ulp: fp32 up to 0.5, fp64 up to 0.125).
+    dL/dx = dL/dz · scale · sech²(u)         (sech² = 1 without a softcap)
 """
 
 import triton
 import triton.language as tl
 
-from ._online import exp
+from ._online import exp, exp_precise
+
+# The transform's kind, the kernels' ``HEAD`` constexpr (``HeadTransform.kernel_mode``): none
+# (z = x, no multiply), a scale, a softcap (with any scale).
+HEAD_IDENTITY: tl.constexpr = tl.constexpr(0)
+HEAD_SCALE: tl.constexpr = tl.constexpr(1)
+HEAD_SOFTCAP: tl.constexpr = tl.constexpr(2)
 
 # Taylor coefficients of tanh(u) = u · Σ_k c_k u^(2k), k = 0..7
 _T1: tl.constexpr = tl.constexpr(-1.0 / 3.0)
@@ -36,53 +56,107 @@ _T7: tl.constexpr = tl.constexpr(-929569.0 / 638512875.0)
 
 
 @triton.jit
-def tanh(u):
-    """tanh(u) for any u of fp32 or fp64 (±inf gives ±1): the series near 0, else
-    ``1 − 2 / (exp(2u) + 1)`` (whose exp overflow gives ±1 exactly)."""
-    if u.dtype == tl.float64:
-        small = tl.abs(u) < 0.125
+def factor(s, like_ptr):
+    """``(hi, lo)`` of the fp64 argument ``s`` in the math dtype of the data ``like_ptr`` points
+    at: fp64 data keep ``(s, 0)``; otherwise hi is s rounded to fp32 and lo the remainder
+    ``s − hi`` rounded to fp32 (0 where hi overflowed). ``tl.full`` takes the interpreter's
+    Python float and the GPU's fp64 scalar alike (``_online.math_arg``)."""
+    s64 = tl.full((), s, tl.float64)
+    if like_ptr.dtype.element_ty == tl.float64:
+        return s64, tl.full((), 0.0, tl.float64)
     else:
-        small = tl.abs(u) < 0.5
-    u2 = u * u
-    p = _T7
-    p = p * u2 + _T6
-    p = p * u2 + _T5
-    p = p * u2 + _T4
-    p = p * u2 + _T3
-    p = p * u2 + _T2
-    p = p * u2 + _T1
-    series = u + u * (u2 * p)
-    wide = 1.0 - 2.0 / (exp(2.0 * u) + 1.0)
-    return tl.where(small, series, wide)
+        hi = s64.to(tl.float32)
+        lo = (s64 - hi.to(tl.float64)).to(tl.float32)
+        return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
 
 
 @triton.jit
-def head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """z from the upcast logits ``x`` (fp32 or fp64): scale/divide, optional softcap,
-    temperature."""
-    z = x * pre_scale
-    if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z * inv_temp
+def head_factors(scale, u_scale, cap_scale, like_ptr):
+    """The kernels' ``head``: the transform's three fp64 arguments split by ``factor``, as
+    ``(scale_hi, scale_lo, u_hi, u_lo, cap_hi, cap_lo)``."""
+    s_hi, s_lo = factor(scale, like_ptr)
+    u_hi, u_lo = factor(u_scale, like_ptr)
+    c_hi, c_lo = factor(cap_scale, like_ptr)
+    return (s_hi, s_lo, u_hi, u_lo, c_hi, c_lo)
 
 
 @triton.jit
-def head_chain(dz, x, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """dL/dx from dL/dz, for ``z = head_transform(x, ...)`` of the upcast logits ``x``.
+def mul_factor(x, hi, lo):
+    """``x · (hi + lo)`` rounded once (but for ties): ``fma(x, hi, x · lo)``, straight-line (a
+    uniform branch on ``lo = 0`` kept both forms' registers live: 40 → 80 a thread at sm_90);
+    ``x · hi`` where x is ±inf or NaN (``inf · lo`` could meet ``−inf`` in the fma)."""
+    return tl.where(tl.abs(x) < float("inf"), tl.fma(x, hi, x * lo), x * hi)
 
-    With a softcap, ``dz/dx = inv_temp · pre_scale · sech²(u)``, ``u = x · pre_scale / softcap``,
-    formed from the raw logit with ``e = exp(−2|u|)``: ``4e / (1 + e)²`` for |u| ≥ 0.5 (products
-    and quotients only: ≤ 3 ulps for every u), ``1 − t²`` with ``t = (1 − e) / (1 + e)`` below
-    (≤ 1.2 ulps there, where the quotient form's roundings cost up to 1.8; measured in fp32 over
-    uniform u). The form ``1 − r²`` from the transformed z (``r = z / (softcap · inv_temp)``)
-    cancels as tanh saturates: r carries the roundings of the transform, so ``1 − r²`` has an
-    absolute error of ~ulp(1), ~4 ulps of sech² near |u| ~ 2, growing as e^{2|u|} beyond."""
-    if HAS_SOFTCAP:
-        u = (x * pre_scale) / softcap
+
+@triton.jit
+def head_transform(x, head, HEAD: tl.constexpr):
+    """z from the upcast logits ``x`` (fp32 or fp64), ``head`` (``head_factors``) and the
+    transform's kind ``HEAD``."""
+    if HEAD == HEAD_SOFTCAP:
+        u = mul_factor(x, head[2], head[3])
+        if u.dtype == tl.float64:
+            small = tl.abs(u) < 0.125
+        else:
+            small = tl.abs(u) < 0.5
+        u2 = u * u
+        p = _T7
+        p = p * u2 + _T6
+        p = p * u2 + _T5
+        p = p * u2 + _T4
+        p = p * u2 + _T3
+        p = p * u2 + _T2
+        p = p * u2 + _T1
+        # z = fma(a, hi, c·hi + a·lo): a plus a small correction c, times (hi, lo), rounded once.
+        # Near 0: a = x, c = x·u²P, (hi, lo) = scale (z = x·scale·(1 + u²P)). Else a + c =
+        # tanh|u| = (1 − e) / (1 + e), e = exp(−2|u|): numerator and denominator as exact pairs
+        # (1 ± e rounded, plus what the rounding dropped), a = their rounded quotient and c its
+        # remainder over the denominator (fma); (hi, lo) = cap_scale; the sign of u applied.
+        # ±inf u gives e = 0: a = ±1, c = 0. a and c are finite for every finite or infinite u.
+        # (Without u's error, 0.85 of its half ulp reached z at |u| = 0.5.)
+        # e of the exact u: u's rounding error (fma) moves e by the factor 1 − 2·sgn(u)·err
+        u_err = tl.fma(x, head[2], -u) + x * head[3]
+        u_err = tl.where(tl.abs(u) < float("inf"), u_err, 0.0)
+        e = exp_precise(-2.0 * tl.abs(u))
+        e = tl.fma(e, tl.where(u < 0.0, 2.0, -2.0) * u_err, e)
+        den = 1.0 + e
+        den_lo = e - (den - 1.0)
+        num = 1.0 - e
+        num_lo = (1.0 - num) - e
+        q = num / den
+        q_lo = (tl.fma(-q, den, num) + num_lo - q * den_lo) / den
+        neg = u < 0.0
+        a = tl.where(small, x, tl.where(neg, -q, q))
+        c = tl.where(small, x * (u2 * p), tl.where(neg, -q_lo, q_lo))
+        hi = tl.where(small, head[0], head[4])
+        lo = tl.where(small, head[1], head[5])
+        b = tl.fma(c, hi, a * lo)
+        return tl.fma(a, hi, b)
+    elif HEAD == HEAD_SCALE:
+        return mul_factor(x, head[0], head[1])
+    else:
+        return x
+
+
+@triton.jit
+def head_chain(dz, x, head, HEAD: tl.constexpr):
+    """dL/dx from dL/dz, for ``z = head_transform(x, head)`` of the upcast logits ``x``.
+
+    With a softcap, ``dz/dx = scale · sech²(u)``, ``u = x · u_scale``, formed from the raw logit
+    with ``e = exp(−2|u|)``: ``4e / (1 + e)²`` for |u| ≥ 0.5 (products and quotients only:
+    ≤ 3 ulps for every u), ``1 − t²`` with ``t = (1 − e) / (1 + e)`` below (≤ 1.2 ulps there,
+    where the quotient form's roundings cost up to 1.8; measured in fp32 over uniform u). The
+    form ``1 − r²`` from the transformed z (``r = z / cap_scale``) cancels as tanh saturates:
+    r carries the roundings of the transform, so ``1 − r²`` has an absolute error of ~ulp(1),
+    ~4 ulps of sech² near |u| ~ 2, growing as e^{2|u|} beyond. The last multiply, by ``scale``,
+    is ``mul_factor``'s: no bias from the factor's rounding."""
+    if HEAD == HEAD_SOFTCAP:
+        u = mul_factor(x, head[2], head[3])
         e = exp(-2.0 * tl.abs(u))
         d = 1.0 + e
         t = (1.0 - e) / d  # tanh|u|: ~ulp(1) absolute, harmless in 1 − t² while t² is small
         sech2 = tl.where(tl.abs(u) < 0.5, 1.0 - t * t, (4.0 * e) / (d * d))
-        return dz * (inv_temp * pre_scale * sech2)
+        return mul_factor(dz * sech2, head[0], head[1])
+    elif HEAD == HEAD_SCALE:
+        return mul_factor(dz, head[0], head[1])
     else:
-        return dz * (inv_temp * pre_scale)
+        return dz

@@ -38,6 +38,20 @@ def upcast(x):
 
 
 @triton.jit
+def math_arg(s, like_ptr):
+    """A float kernel argument in the math dtype of the data ``like_ptr`` points at: fp64 for
+    fp64 data, else rounded once to fp32. Every float parameter of the kernels is annotated
+    ``tl.float64``: unannotated, Triton's launcher types a Python float fp32, so an fp64 kernel
+    on the GPU would see its scalars rounded to fp32 while the interpreter (which keeps the
+    Python float) would not. ``tl.full`` takes the interpreter's Python float and the GPU's fp64
+    scalar alike."""
+    if like_ptr.dtype.element_ty == tl.float64:
+        return tl.full((), s, tl.float64)
+    else:
+        return tl.full((), s, tl.float32)
+
+
+@triton.jit
 def row_offset(row, n_inner, outer_stride, inner_stride):
     """Element offset (int64) of the first column of ``row`` in a (outer, cols, inner) view."""
     row = tl.cast(row, tl.int64)  # a plain int under the interpreter's loops

@@ -25,9 +25,12 @@ single cast at the store (rounding p to bf16 before subtracting 1 is a known pee
 Argument conventions of every kernel here: data pointers first (``weight_ptr`` is None without
 class weights, ``divisor_ptr`` None without a device divisor: Triton specialises a None argument
 away), then sizes, then strides as ``(outer, inner, col)`` tuples of a ``RowView`` (row ``r``
-starts at ``(r // n_inner) · outer + (r % n_inner) · inner``), then runtime scalars — ``head`` is
-the transform's ``(pre_scale, softcap, inv_temp)`` — then constexprs. ``denom`` is a float the
-loss (and its gradient) is divided by: a numeric ``normalizer``, else 1.
+starts at ``(r // n_inner) · outer + (r % n_inner) · inner``), then runtime scalars — the
+transform's ``head_scale, head_u_scale, head_cap_scale`` (``kernels/_head.py``) among them —
+then constexprs. ``denom`` is a float the loss (and its gradient) is divided by: a numeric
+``normalizer``, else 1. Every float parameter is annotated ``tl.float64`` (a Python float would
+reach the GPU as fp32) and rounded once into the math dtype at the kernel's entry
+(``_scalars``); inside, ``head`` is ``_head.head_factors``' tuple.
 
 Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
 
@@ -81,10 +84,19 @@ forward and the split-stats kernel keep narrow loads on such rows.
 import triton
 import triton.language as tl
 
-from ._head import head_chain, head_transform
-from ._online import exp, online_update, row_offset, safe_max, upcast
+from ._head import HEAD_SOFTCAP, head_chain, head_factors, head_transform
+from ._online import exp, math_arg, online_update, row_offset, safe_max, upcast
 
 # --------------------------------------------------------------------------- per-row math
+
+
+@triton.jit
+def _scalars(label_smoothing, z_loss, denom, x_ptr):
+    """The kernels' float arguments (annotated ``tl.float64``) in the math dtype of the logits
+    ``x_ptr`` points at (``_online.math_arg``); the head transform's three go through
+    ``head_factors``."""
+    return (math_arg(label_smoothing, x_ptr), math_arg(z_loss, x_ptr),
+            math_arg(denom, x_ptr))
 
 
 @triton.jit
@@ -145,11 +157,11 @@ def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss):
 
 
 @triton.jit
-def _logits(ptrs, mask, head, HAS_SOFTCAP: tl.constexpr, EVICTION: tl.constexpr):
+def _logits(ptrs, mask, head, HEAD: tl.constexpr, EVICTION: tl.constexpr):
     """z of a tile of logits (the head transform in fp32/fp64), −inf in masked-out lanes;
     ``EVICTION``: the load's L2 eviction policy ("evict_first" for a last read, "" for none;
     always passed: triton 3.6 cannot compile a nested function's string constexpr default)."""
-    return _logits_of(_load_x(ptrs, mask, EVICTION), mask, head, HAS_SOFTCAP)
+    return _logits_of(_load_x(ptrs, mask, EVICTION), mask, head, HEAD)
 
 
 @triton.jit
@@ -159,15 +171,15 @@ def _load_x(ptrs, mask, EVICTION: tl.constexpr):
 
 
 @triton.jit
-def _logits_of(x, mask, head, HAS_SOFTCAP: tl.constexpr):
+def _logits_of(x, mask, head, HEAD: tl.constexpr):
     """z of the upcast logits x, −inf in masked-out lanes."""
-    z = head_transform(x, head[0], head[1], head[2], HAS_SOFTCAP)
+    z = head_transform(x, head, HEAD)
     return tl.where(mask, z, float("-inf"))
 
 
 @triton.jit
 def _dx(x, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
-        HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr):
     """dx of a tile from its upcast logits x and their z, with ``p = exp(z − shift) · inv_sum``
     (shift = the row max and inv_sum = 1 / Σ exp(z − max) where known, else shift = lse and
     inv_sum = 1); ``w`` is the tile's class weights (1 without), used only with smoothing; 0 on
@@ -181,21 +193,21 @@ def _dx(x, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W,
     dz = true_coef * (p - tl.where(is_t, 1.0, 0.0)) + z_coef * p
     if HAS_SMOOTHING:
         dz += smooth_coef * (p * W - w)
-    return tl.where(valid, head_chain(dz, x, head[0], head[1], head[2], HAS_SOFTCAP), 0.0)
+    return tl.where(valid, head_chain(dz, x, head, HEAD), 0.0)
 
 
 @triton.jit
 def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, inv_sum,
                 true_coef, smooth_coef, z_coef, W, head, HAS_SMOOTHING: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr):
+                HEAD: tl.constexpr):
     """Read a tile of logits (columns ``c``; their class weights at ``w_off + c``), write its
     dx (``shift``, ``inv_sum``: see ``_dx``). The tile's last use: load and store are
     ``evict_first``."""
     x = _load_x(x_ptrs, mask, "evict_first")
-    z = _logits_of(x, mask, head, HAS_SOFTCAP)
+    z = _logits_of(x, mask, head, HEAD)
     w = _load_w(weight_ptr, w_off + c, mask)
     dx = _dx(x, z, c == tgt, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
-             HAS_SMOOTHING, HAS_SOFTCAP)
+             HAS_SMOOTHING, HEAD)
     tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
@@ -245,14 +257,17 @@ def cross_entropy_fwd_kernel(
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars
-    label_smoothing, z_loss, head, denom,
+    # scalars (fp64 arguments: ``_scalars``)
+    label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
+    head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HEAD: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
     """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in
     registers; loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / (denom · divisor) come
     from the one read. W = Σ w is summed from the row's own tile of weights."""
+    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -260,7 +275,7 @@ def cross_entropy_fwd_kernel(
     mask = row_mask[:, None] & col_mask
     x_offs = row_offset(rows, n_inner, x_strides[0], x_strides[1])[:, None] \
         + cols[None, :] * x_strides[2]
-    z = _logits(x_ptr + x_offs, mask, head, HAS_SOFTCAP, "")
+    z = _logits(x_ptr + x_offs, mask, head, HEAD, "")
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
 
@@ -289,14 +304,14 @@ def cross_entropy_fwd_kernel(
         g = _grad_scale(divisor_ptr, denom)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
                                                      label_smoothing, z_loss)
-        if HAS_SOFTCAP:  # the chain rule takes the raw logits: read again (an L1/L2 hit)
+        if HEAD == HEAD_SOFTCAP:  # the chain rule takes the raw logits: read again (L1/L2 hit)
             x = _load_x(x_ptr + x_offs, mask, "")
         else:
             x = z  # unused without a softcap
         dx = _dx(x, z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
                  true_coef[:, None], smooth_coef[:, None], z_coef[:, None],
                  (tl.zeros_like(lse) + W)[:, None], head,
-                 HAS_SMOOTHING, HAS_SOFTCAP)
+                 HAS_SMOOTHING, HEAD)
         dx_offs = row_offset(rows, n_inner, dx_strides[0], dx_strides[1])[:, None] \
             + cols[None, :] * dx_strides[2]
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -306,7 +321,7 @@ def cross_entropy_fwd_kernel(
 def _sweep_row(
     row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
     n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing, z_loss, head, denom,
-    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """The row-sweep forward of one row (the arguments of ``cross_entropy_fwd_sweep_kernel``):
@@ -338,7 +353,7 @@ def _sweep_row(
 
     # Sweep 1: the first tile seeds every accumulator (its dtype is the math's).
     mask = cols < n_body
-    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP, "")
+    z = _logits(x_row + cols * x_strides[2], mask, head, HEAD, "")
     row_max = tl.max(z, axis=0)
     row_sum = tl.sum(exp(z - safe_max(row_max)), axis=0)
     z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
@@ -353,7 +368,7 @@ def _sweep_row(
     for start in tl.range(BLOCK_N, n_body, BLOCK_N, num_stages=NUM_STAGES):
         q = start + cols
         mask = q < n_body
-        z = _logits(x_row + q * x_strides[2], mask, head, HAS_SOFTCAP, "")
+        z = _logits(x_row + q * x_strides[2], mask, head, HEAD, "")
         row_max, row_sum, z_t, smooth_acc, w_acc = _fold_tile(
             z, q, mask, body_t, ref, row_max, row_sum, z_t, smooth_acc, w_acc, weight_ptr, w_off,
             HAS_SMOOTHING)
@@ -362,7 +377,7 @@ def _sweep_row(
     if PEEL_EDGES:
         e = _edge_offsets(x_row, n_body)
         edge = (e >= -c0) & (e < n_cols - c0)  # outside the body: compared with local_t
-        z = _logits(x_row + e, edge, head, HAS_SOFTCAP, "")
+        z = _logits(x_row + e, edge, head, HEAD, "")
         edge_smooth = tl.zeros_like(z)
         edge_w = tl.zeros_like(z)
         row_max, row_sum, z_t, edge_smooth, edge_w = _fold_tile(
@@ -399,13 +414,13 @@ def _sweep_row(
         if PEEL_EDGES:
             _write_grad(x_row + e, dx_row + e, e, edge, local_t, valid, weight_ptr, w_off, shift,
                         inv_sum, true_coef, smooth_coef, z_coef, W, head, HAS_SMOOTHING,
-                        HAS_SOFTCAP)
+                        HEAD)
         n_tiles = tl.cdiv(n_body, BLOCK_N)
         for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
             q = (n_tiles - 1 - i) * BLOCK_N + cols
             _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < n_body,
                         body_t, valid, weight_ptr, w_off, shift, inv_sum, true_coef,
-                        smooth_coef, z_coef, W, head, HAS_SMOOTHING, HAS_SOFTCAP)
+                        smooth_coef, z_coef, W, head, HAS_SMOOTHING, HEAD)
 
 
 
@@ -418,16 +433,19 @@ def cross_entropy_fwd_sweep_kernel(
     n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars
-    label_smoothing, z_loss, head, denom,
-    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    # scalars (fp64 arguments: ``_scalars``)
+    label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
+    head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Program p owns row p (``_sweep_row``; ``NUM_STAGES`` > 1 software-pipelines both
     sweeps' tile loops, 1: not pipelined)."""
+    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr,
                dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
-               z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
+               z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, COMPUTE_GRAD,
                PEEL_EDGES, NUM_STAGES)
 
 
@@ -439,18 +457,21 @@ def cross_entropy_fwd_persistent_kernel(
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars
-    label_smoothing, z_loss, head, denom,
-    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    # scalars (fp64 arguments: ``_scalars``)
+    label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
+    head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """A persistent grid of P programs: program p sweeps rows p, p + P, p + 2P, ...
     (``_sweep_row``), so only P rows are in flight and sweep 2 re-reads a row while it is still
     in L2 (``tiling.choose_cross_entropy_config`` picks P from the L2 model)."""
+    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
                    n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
-                   z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_GRAD,
+                   z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, COMPUTE_GRAD,
                    PEEL_EDGES, NUM_STAGES)
 
 
@@ -458,8 +479,8 @@ def cross_entropy_fwd_persistent_kernel(
 def cross_entropy_finish_kernel(
     # data: per-row losses (fp32; fp64 for fp64 input), device divisor, the 0-d loss
     loss_ptr, divisor_ptr, out_ptr,
-    # sizes and scalars
-    n_rows, denom,
+    # sizes and scalars (denom: an fp64 argument, used in fp64)
+    n_rows, denom: tl.float64,
     BLOCK: tl.constexpr,
 ):
     """One program: ``out = Σ_rows loss / (denom · divisor)``, cast to the loss dtype. Per-lane
@@ -471,7 +492,7 @@ def cross_entropy_finish_kernel(
     for start in range(0, n_rows, BLOCK):
         r = start + offs
         acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0) / denom
+    total = tl.sum(acc, axis=0) / tl.full((), denom, tl.float64)
     if divisor_ptr is not None:
         total = total / tl.load(divisor_ptr).to(tl.float64)
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
@@ -489,13 +510,14 @@ def cross_entropy_split_stats_kernel(
     n_cols, n_inner, chunk, vocab_start,
     # strides (elements): (outer, inner, col) of x
     x_strides,
-    # scalars
-    head,
-    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
 ):
     """Writes ``stats[row, split, :] = (max z, Σ exp(z − max), z_t if t is in this chunk else 0,
     Σ w·z)`` over the chunk (the last is 0 without smoothing). Reads chunk·e bytes. Σ w·z is
     summed around no shift: its absolute error is about ulp(|z|) per element."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -505,7 +527,7 @@ def cross_entropy_split_stats_kernel(
     end = tl.minimum(start + chunk, n_cols)
     cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
     mask = cols < end
-    z = _logits(x_row + cols * x_strides[2], mask, head, HAS_SOFTCAP, "")
+    z = _logits(x_row + cols * x_strides[2], mask, head, HEAD, "")
     part_max = tl.max(z, axis=0)
     part_sum = tl.sum(exp(z - safe_max(part_max)), axis=0)
     part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
@@ -513,7 +535,7 @@ def cross_entropy_split_stats_kernel(
     for tile in range(start + BLOCK_N, end, BLOCK_N):
         c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = c < end
-        z = _logits(x_row + c * x_strides[2], mask, head, HAS_SOFTCAP, "")
+        z = _logits(x_row + c * x_strides[2], mask, head, HEAD, "")
         part_max, part_sum = online_update(part_max, part_sum, z, 0)
         part_t += tl.sum(tl.where((c == local_t) & mask, z, 0.0), axis=0)
         if HAS_SMOOTHING:
@@ -536,13 +558,15 @@ def cross_entropy_combine_kernel(
     stats_ptr, target_ptr, weight_ptr, w_sum_ptr, loss_ptr, lse_ptr,
     # sizes
     n_rows, n_splits, n_classes, ignore_index,
-    # scalars
-    label_smoothing, z_loss,
+    # scalars (fp64 arguments, in the math dtype of lse below)
+    label_smoothing: tl.float64, z_loss: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):
     """Program p merges the partials of rows [p·BLOCK_M, (p+1)·BLOCK_M), splits in a fixed order
     (deterministic), into loss and lse; the smoothing term is ``W·lse − Σ_splits (Σ w·z)`` (the
     partials' Σ w·z are unshifted). Reads 16 B per (row, split)."""
+    label_smoothing = math_arg(label_smoothing, lse_ptr)
+    z_loss = math_arg(z_loss, lse_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     splits = tl.arange(0, BLOCK_S)
@@ -582,9 +606,10 @@ def cross_entropy_bwd_kernel(
     n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, grad_row_stride,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars
-    label_smoothing, z_loss, head, denom,
-    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    # scalars (fp64 arguments: ``_scalars``)
+    label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
+    head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
+    BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     PEEL_EDGES: tl.constexpr, ROW_STATS: tl.constexpr = False,
 ):
     """dx over one chunk of one row from the row's lse, with g = grad[row · grad_row_stride]
@@ -595,6 +620,8 @@ def cross_entropy_bwd_kernel(
     offset): p comes from the tile's own max and Σ exp, as in the fused forward, not from lse:
     lse rounded to fp32 puts up to ulp(lse)/2 of relative error in every p (3.6 ulps of the
     largest dx at 9 × 7 against torch's 1.6). Same bytes; one more exp an element."""
+    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
@@ -625,17 +652,17 @@ def cross_entropy_bwd_kernel(
             e = _edge_offsets(x_row, n_body)
             _write_grad(x_row + e, dx_row + e, e, (e >= -c0) & (e < n_cols - c0), local_t,
                         valid, weight_ptr, w_off, lse, 1.0, true_coef, smooth_coef, z_coef, W,
-                        head, HAS_SMOOTHING, HAS_SOFTCAP)
+                        head, HAS_SMOOTHING, HEAD)
     if ROW_STATS:
         q = tl.arange(0, BLOCK_N).to(tl.int64)
         mask = q < n_cols
         x = _load_x(x_row + q * x_strides[2], mask, "evict_first")
-        z = _logits_of(x, mask, head, HAS_SOFTCAP)
+        z = _logits_of(x, mask, head, HEAD)
         shift = safe_max(tl.max(z, axis=0))
         inv_sum = 1.0 / tl.sum(exp(z - shift), axis=0)
         w = _load_w(weight_ptr, w_off + q, mask)
         dx = _dx(x, z, q == local_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W,
-                 head, HAS_SMOOTHING, HAS_SOFTCAP)
+                 head, HAS_SMOOTHING, HEAD)
         tl.store(dx_row + q * dx_strides[2], dx.to(dx_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
     else:
@@ -645,7 +672,7 @@ def cross_entropy_bwd_kernel(
             q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
             _write_grad(x_row + q * x_strides[2], dx_row + q * dx_strides[2], q, q < end,
                         local_t, valid, weight_ptr, w_off, lse, 1.0, true_coef, smooth_coef,
-                        z_coef, W, head, HAS_SMOOTHING, HAS_SOFTCAP)
+                        z_coef, W, head, HAS_SMOOTHING, HEAD)
 
 
 @triton.jit

@@ -63,17 +63,17 @@ Kernels (host side: ``probact_gpu.ops.token_log_probs``):
 import triton
 import triton.language as tl
 
-from ._head import head_chain, head_transform
+from ._head import head_chain, head_factors, head_transform
 from ._online import exp_precise, row_offset, safe_max, upcast
 
 _NO_INDEX: tl.constexpr = tl.constexpr(2**62)  # larger than any column: the argmin's identity
 
 
 @triton.jit
-def _load_z(ptrs, mask, pre_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+def _load_z(ptrs, mask, head, HEAD: tl.constexpr):
     """z of a tile of logits (fp32; fp64 for fp64 input), −inf in masked-out lanes."""
     x = upcast(tl.load(ptrs, mask=mask, other=0.0))
-    z = head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z = head_transform(x, head, HEAD)
     return tl.where(mask, z, float("-inf"))
 
 
@@ -92,13 +92,12 @@ def _target_info(tgt, n_classes, ignore_index):
 
 
 @triton.jit
-def _target_logit(row_ptr, local_t, n_cols, col_stride, live, pre_scale, softcap, inv_temp,
-                  HAS_SOFTCAP: tl.constexpr):
+def _target_logit(row_ptr, local_t, n_cols, col_stride, live, head, HEAD: tl.constexpr):
     """z at local column ``local_t`` where it lies in ``[0, n_cols)`` and ``live``, else 0."""
     here = live & (local_t >= 0) & (local_t < n_cols)
     safe = tl.where(here, local_t, 0)
     x = upcast(tl.load(row_ptr + safe * col_stride, mask=here, other=0.0))
-    z = head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z = head_transform(x, head, HEAD)
     return tl.where(here, z, 0.0)
 
 
@@ -122,14 +121,13 @@ def _fold(z, cols, row_max, row_sum, tau, arg, COMPUTE_ENTROPY: tl.constexpr,
 
 
 @triton.jit
-def _sweep(x_row, n_cols, col_stride, pre_scale, softcap, inv_temp, BLOCK_N: tl.constexpr,
-           HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
-           COMPUTE_ARGMAX: tl.constexpr):
+def _sweep(x_row, n_cols, col_stride, head, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+           COMPUTE_ENTROPY: tl.constexpr, COMPUTE_ARGMAX: tl.constexpr):
     """(max, s, τ, argmax) of local columns ``[0, n_cols)`` of one row (n_cols ≥ 1), the first
     tile seeding every accumulator (its dtype is the math's)."""
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     mask = cols < n_cols
-    z = _load_z(x_row + cols * col_stride, mask, pre_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z = _load_z(x_row + cols * col_stride, mask, head, HEAD)
     row_max = tl.max(z, axis=0)
     shift = safe_max(row_max)
     e = exp_precise(z - shift)
@@ -144,8 +142,7 @@ def _sweep(x_row, n_cols, col_stride, pre_scale, softcap, inv_temp, BLOCK_N: tl.
         arg = tl.min(cols, axis=0)
     for start in range(BLOCK_N, n_cols, BLOCK_N):
         q = start + cols
-        z = _load_z(x_row + q * col_stride, q < n_cols, pre_scale, softcap, inv_temp,
-                    HAS_SOFTCAP)
+        z = _load_z(x_row + q * col_stride, q < n_cols, head, HEAD)
         row_max, row_sum, tau, arg = _fold(z, q, row_max, row_sum, tau, arg, COMPUTE_ENTROPY,
                                            COMPUTE_ARGMAX)
     return row_max, row_sum, tau, arg
@@ -182,21 +179,22 @@ def token_log_probs_fwd_kernel(
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements) of the logits
     x_outer_stride, x_inner_stride, x_col_stride,
-    # the head transform (runtime floats)
-    pre_scale, softcap, inv_temp,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
     # tiling and flavour
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, COMPUTE_ARGMAX: tl.constexpr, SAVE_STATS: tl.constexpr,
 ):
     """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in registers
     (``BLOCK_N ≥ n_cols``); every output from the one read."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     row_offs = row_offset(rows, n_inner, x_outer_stride, x_inner_stride)
-    z = _load_z(x_ptr + row_offs[:, None] + cols[None, :] * x_col_stride, mask, pre_scale,
-                softcap, inv_temp, HAS_SOFTCAP)
+    z = _load_z(x_ptr + row_offs[:, None] + cols[None, :] * x_col_stride, mask, head,
+                HEAD)
     row_max = tl.max(z, axis=1)
     shift = safe_max(row_max)
     e = exp_precise(z - shift[:, None])
@@ -211,8 +209,8 @@ def token_log_probs_fwd_kernel(
         arg = 0
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid, in_range = _target_info(tgt, n_cols, ignore_index)
-    z_t = _target_logit(x_ptr + row_offs, tgt, n_cols, x_col_stride, row_mask & valid,
-                        pre_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z_t = _target_logit(x_ptr + row_offs, tgt, n_cols, x_col_stride, row_mask & valid, head,
+                        HEAD)
     _finish(rows, row_mask, shift, row_sum, tau, z_t, valid, in_range, arg, logp_ptr,
             entropy_ptr, lse_ptr, argmax_ptr, stats_ptr, COMPUTE_ENTROPY, COMPUTE_ARGMAX,
             SAVE_STATS)
@@ -226,22 +224,21 @@ def token_log_probs_fwd_loop_kernel(
     n_cols, n_inner, ignore_index,
     # strides (elements) of the logits
     x_outer_stride, x_inner_stride, x_col_stride,
-    # the head transform
-    pre_scale, softcap, inv_temp,
-    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK_N: tl.constexpr, HEAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     COMPUTE_ARGMAX: tl.constexpr, SAVE_STATS: tl.constexpr,
 ):
     """Multi tile: program p owns row p and sweeps it once in ``BLOCK_N`` tiles, keeping the
     online (max, s, τ, argmax) (module docstring); every output from that one read."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-    row_max, row_sum, tau, arg = _sweep(x_row, n_cols, x_col_stride, pre_scale, softcap,
-                                        inv_temp, BLOCK_N, HAS_SOFTCAP, COMPUTE_ENTROPY,
-                                        COMPUTE_ARGMAX)
+    row_max, row_sum, tau, arg = _sweep(x_row, n_cols, x_col_stride, head, BLOCK_N,
+                                        HEAD, COMPUTE_ENTROPY, COMPUTE_ARGMAX)
     tgt = tl.load(target_ptr + row).to(tl.int64)
     valid, in_range = _target_info(tgt, n_cols, ignore_index)
-    z_t = _target_logit(x_row, tgt, n_cols, x_col_stride, valid, pre_scale, softcap, inv_temp,
-                        HAS_SOFTCAP)
+    z_t = _target_logit(x_row, tgt, n_cols, x_col_stride, valid, head, HEAD)
     _finish(row, row >= 0, safe_max(row_max), row_sum, tau, z_t, valid, in_range, arg, logp_ptr,
             entropy_ptr, lse_ptr, argmax_ptr, stats_ptr, COMPUTE_ENTROPY, COMPUTE_ARGMAX,
             SAVE_STATS)
@@ -257,14 +254,15 @@ def token_log_probs_partial_kernel(
     n_cols, n_inner, chunk, vocab_start,
     # strides (elements) of the logits
     x_outer_stride, x_inner_stride, x_col_stride,
-    # the head transform
-    pre_scale, softcap, inv_temp,
-    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK_N: tl.constexpr, HEAD: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     COMPUTE_ARGMAX: tl.constexpr,
 ):
     """Writes ``stats[row, split] = (max z, s, τ, z_t if t is in this chunk else 0)`` over the
     chunk (τ = 0 without ``COMPUTE_ENTROPY``) and ``argmax[row, split]`` = the global index of
     the chunk's first max (2^62 for an empty chunk). Reads chunk·e bytes."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -282,12 +280,10 @@ def token_log_probs_partial_kernel(
             tl.store(arg_out, _NO_INDEX)
     else:
         chunk_row = x_row + start * x_col_stride
-        row_max, row_sum, tau, arg = _sweep(chunk_row, n_local, x_col_stride, pre_scale,
-                                            softcap, inv_temp, BLOCK_N, HAS_SOFTCAP,
-                                            COMPUTE_ENTROPY, COMPUTE_ARGMAX)
+        row_max, row_sum, tau, arg = _sweep(chunk_row, n_local, x_col_stride, head, BLOCK_N,
+                                            HEAD, COMPUTE_ENTROPY, COMPUTE_ARGMAX)
         local_t = tl.load(target_ptr + row).to(tl.int64) - vocab_start - start
-        z_t = _target_logit(chunk_row, local_t, n_local, x_col_stride, True, pre_scale, softcap,
-                            inv_temp, HAS_SOFTCAP)
+        z_t = _target_logit(chunk_row, local_t, n_local, x_col_stride, True, head, HEAD)
         tl.store(out, row_max)
         tl.store(out + 1, row_sum)
         tl.store(out + 2, tau)
@@ -307,14 +303,15 @@ def token_log_probs_bwd_kernel(
     # strides (elements): logits, then dlogits
     x_outer_stride, x_inner_stride, x_col_stride,
     dx_outer_stride, dx_inner_stride, dx_col_stride,
-    # the head transform
-    pre_scale, softcap, inv_temp,
-    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK_N: tl.constexpr, HEAD: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
 ):
     """dx over one chunk of one row (module docstring's dz, then the transform's chain rule),
     0 on ignored rows. Reads chunk·e, writes chunk·e, plus 12 B of statistics and up to 8 B of
     upstream gradient a row."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     stats = stats_ptr + row.to(tl.int64) * 3
@@ -337,8 +334,7 @@ def token_log_probs_bwd_kernel(
         q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = q < end
         x = upcast(tl.load(x_row + q * x_col_stride, mask=mask, other=0.0))
-        z = tl.where(mask, head_transform(x, pre_scale, softcap, inv_temp, HAS_SOFTCAP),
-                     float("-inf"))
+        z = tl.where(mask, head_transform(x, head, HEAD), float("-inf"))
         rel = z - shift
         p = exp_precise(rel - log_sum)
         dz = tl.zeros_like(p)
@@ -346,5 +342,5 @@ def token_log_probs_bwd_kernel(
             dz += g_logp * (tl.where(q == local_t, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
             dz -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (rel - mu_rel))
-        dx = tl.where(valid, head_chain(dz, x, pre_scale, softcap, inv_temp, HAS_SOFTCAP), 0.0)
+        dx = tl.where(valid, head_chain(dz, x, head, HEAD), 0.0)
         tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)

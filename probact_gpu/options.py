@@ -130,6 +130,25 @@ class HeadTransform:
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
 
+    @property
+    def kernel_mode(self) -> int:
+        """The kernels' ``HEAD`` constexpr (``kernels/_head.py``): 0 the identity (no arithmetic),
+        1 a scale (``logit_scale``, ``logit_divisor``, ``temperature``), 2 a softcap."""
+        if self.softcap is not None:
+            return 2
+        return 0 if self.pre_scale / self.temperature == 1.0 else 1
+
+    @property
+    def kernel_factors(self) -> tuple[float, float, float]:
+        """``(scale, u_scale, cap_scale)``, the kernels' arguments (``kernels/_head.py``), in
+        float64: ``pre_scale / temperature`` (z = x · scale without a softcap; the chain rule's
+        factor), ``pre_scale / softcap`` (u = x · u_scale) and ``softcap / temperature``
+        (z = cap_scale · tanh u); the last two are 1.0 (unused) without a softcap."""
+        scale = self.pre_scale / self.temperature
+        if self.softcap is None:
+            return scale, 1.0, 1.0
+        return scale, self.pre_scale / self.softcap, self.softcap / self.temperature
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The transform in torch ops on a float tensor (references, the soft-target path)."""
         z = x * self.pre_scale if self.pre_scale != 1.0 else x

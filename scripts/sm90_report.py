@@ -23,9 +23,9 @@ What it does, per case:
 Launches that specialise identically are compiled once and listed together. The result is a
 measurement of the compiled code, not a timing. Exit status: 1 when a kernel failed to compile,
 a kernel of ``kernels/`` was reached by no case, or a launch passes a float argument as fp32
-(its parameter not annotated ``tl.float64``: ``narrow_floats``), else 0 -- also when nothing could be checked
-(no ptxas/cuobjdump, an unknown triton API): then it prints ``SKIPPED: <reason>`` (and writes
-``{"skipped": reason}`` to ``--json``) instead of a report.
+(its parameter not annotated ``tl.float64``: ``narrow_floats``), else 0 -- also when nothing
+could be checked (no ptxas/cuobjdump, an unknown triton API): then it prints ``SKIPPED:
+<reason>`` (and writes ``{"skipped": reason}`` to ``--json``) instead of a report.
 
 Must run WITHOUT ``TRITON_INTERPRET`` (interpreted kernels are not ``JITFunction``\\ s): the
 variable is removed from this process's environment before triton is imported.

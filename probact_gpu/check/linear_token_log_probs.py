@@ -23,7 +23,7 @@ LARGE = [(1024, 1024, 32000, 256, "4 chunks of an LM head"),
 OPTIONS = {"plain": dict(), "softcap+temperature": dict(softcap=30.0, temperature=0.7)}
 
 
-def _run(n, hidden, vocab, chunk, opts, dtype, device, rng) -> list[Row]:
+def _run(n, hidden, vocab, chunk, name, opts, dtype, device, rng) -> list[Row]:
     h, h64 = make_input((n, hidden), dtype, rng, device=device)
     w, w64 = make_input((vocab, hidden), dtype, rng, scale=hidden**-0.5, device=device)
     b, b64 = make_input((vocab,), dtype, rng, device=device)
@@ -43,7 +43,7 @@ def _run(n, hidden, vocab, chunk, opts, dtype, device, rng) -> list[Row]:
         (lambda h, w, b: linear_token_log_probs(h, w, target, linear_bias=b, chunk_size=chunk,
                                                 return_entropy=True, **opts)[:2],
          lambda h, w, b: _eager(h @ w.T + b, target, transform)[:2]), (h, w, b), g, gh)
-    label = f"{n}x{hidden}x{vocab}" + (f" chunk={chunk}" if chunk else "")
+    label = f"{n}x{hidden}x{vocab} {name}" + (f" chunk={chunk}" if chunk else "")
     return compare_each("linear_token_log_probs", dtype, label,
                         ("logp", "entropy", "dh", "dW", "db"), results, refs)
 
@@ -55,5 +55,5 @@ def cases(large: bool) -> list[Case]:
             for name, opts in OPTIONS.items():
                 out.append(Case(f"linear_token_log_probs {name}", dtype,
                                 f"{n}x{hidden}x{vocab}",
-                                partial(_run, n, hidden, vocab, chunk, opts, dtype)))
+                                partial(_run, n, hidden, vocab, chunk, name, opts, dtype)))
     return out

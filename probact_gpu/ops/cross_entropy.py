@@ -107,7 +107,7 @@ from ..kernels.cross_entropy import (
     cross_entropy_split_stats_kernel,
     cross_entropy_total_weight_kernel,
 )
-from ..options import CrossEntropyOptions, HeadTransform
+from ..options import CrossEntropyOptions
 from ..tiling import RowConfig
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -132,12 +132,6 @@ def _options(options: CrossEntropyOptions | None, **kwargs) -> CrossEntropyOptio
         raise TypeError(f"pass the options either as options= or as keywords, not both: got "
                         f"options= and {', '.join(changed)}")
     return options
-
-
-def _head(transform: HeadTransform) -> tuple[float, float, float]:
-    """The kernels' ``head`` scalars: (pre_scale, softcap (1 when None: unused), inv_temp)."""
-    softcap = 1.0 if transform.softcap is None else transform.softcap
-    return (transform.pre_scale, softcap, transform.inv_temperature)
 
 
 def _smoothing(opts: CrossEntropyOptions) -> bool:
@@ -301,9 +295,9 @@ def cross_entropy_partial_stats(
         return stats
     launch(cross_entropy_split_stats_kernel, (xv.n_rows, cfg.n_splits),
            (xv.tensor, target, _weight(opts), stats, xv.n_cols, xv.n_inner, chunk, vocab_start,
-            xv.strides, _head(opts.transform)),
+            xv.strides, *opts.transform.kernel_factors),
            path="split", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
-           HAS_SMOOTHING=_smoothing(opts), HAS_SOFTCAP=opts.transform.softcap is not None)
+           HAS_SMOOTHING=_smoothing(opts), HEAD=opts.transform.kernel_mode)
     return stats
 
 
@@ -410,9 +404,9 @@ def _grad_rows(xv: RowView, dxv: RowView, target, lse, grad, opts: CrossEntropyO
            (xv.tensor, target, weight, _weight_sum(opts, weight, xv.tensor), lse, grad, divisor,
             dxv.tensor, xv.n_cols, xv.n_inner, chunk, vocab_start, n_classes, opts.ignore_index,
             0 if grad.ndim == 0 else grad.stride(0), xv.strides, dxv.strides,
-            opts.label_smoothing, opts.z_loss, _head(opts.transform), denom),
+            opts.label_smoothing, opts.z_loss, *opts.transform.kernel_factors, denom),
            path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=block_n,
-           HAS_SMOOTHING=_smoothing(opts), HAS_SOFTCAP=opts.transform.softcap is not None,
+           HAS_SMOOTHING=_smoothing(opts), HEAD=opts.transform.kernel_mode,
            PEEL_EDGES=peel, ROW_STATS=row_stats)
 
 
@@ -443,8 +437,8 @@ def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
     dx_view = dxv if compute_grad else xv
     data = (x, target, _weight(opts), divisor, loss, lse, dx_view.tensor)
     scalars = (xv.strides, dx_view.strides, opts.label_smoothing, opts.z_loss,
-               _head(opts.transform), denom)
-    flags = dict(HAS_SMOOTHING=_smoothing(opts), HAS_SOFTCAP=opts.transform.softcap is not None,
+               *opts.transform.kernel_factors, denom)
+    flags = dict(HAS_SMOOTHING=_smoothing(opts), HEAD=opts.transform.kernel_mode,
                  COMPUTE_GRAD=compute_grad)
     if cfg.path == "single":
         launch(cross_entropy_fwd_kernel, (tiling.cdiv(n_rows, cfg.block_m),),

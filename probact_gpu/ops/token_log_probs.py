@@ -101,11 +101,6 @@ def _config(n_rows: int, n_cols: int, t: torch.Tensor, config: RowConfig | None)
     return config
 
 
-def _transform_args(transform: HeadTransform) -> tuple[float, float, float]:
-    softcap = 1.0 if transform.softcap is None else transform.softcap
-    return transform.pre_scale, softcap, transform.inv_temperature
-
-
 def token_log_probs_partial(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -135,9 +130,9 @@ def token_log_probs_partial(
     grid = (xv.n_rows, cfg.n_splits)
     launch(token_log_probs_partial_kernel, grid,
            (xv.tensor, target, stats, stats if arg is None else arg, xv.n_cols, xv.n_inner,
-            chunk, vocab_start, *xv.strides, *_transform_args(transform)),
+            chunk, vocab_start, *xv.strides, *transform.kernel_factors),
            path="split", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
-           HAS_SOFTCAP=transform.softcap is not None, COMPUTE_ENTROPY=compute_entropy,
+           HEAD=transform.kernel_mode, COMPUTE_ENTROPY=compute_entropy,
            COMPUTE_ARGMAX=compute_argmax)
     return stats, arg
 
@@ -218,19 +213,19 @@ def token_log_probs_fwd(
     stats = empty((n_rows, 3), sdt, device) if save_stats else None
     ptrs = (xv.tensor, target, logp, logp if entropy is None else entropy, lse,
             logp if arg is None else arg, logp if stats is None else stats)
-    flags = dict(HAS_SOFTCAP=transform.softcap is not None, COMPUTE_ENTROPY=compute_entropy,
+    flags = dict(HEAD=transform.kernel_mode, COMPUTE_ENTROPY=compute_entropy,
                  COMPUTE_ARGMAX=compute_argmax, SAVE_STATS=save_stats)
     if cfg.path == "single":
         grid = (tiling.cdiv(n_rows, cfg.block_m),)
         launch(token_log_probs_fwd_kernel, grid,
                (*ptrs, n_rows, n_cols, xv.n_inner, ignore_index, *xv.strides,
-                *_transform_args(transform)),
+                *transform.kernel_factors),
                path="single", num_warps=cfg.num_warps, BLOCK_M=cfg.block_m,
                BLOCK_N=cfg.block_n, **flags)
     else:
         launch(token_log_probs_fwd_loop_kernel, (n_rows,),
                (*ptrs, n_cols, xv.n_inner, ignore_index, *xv.strides,
-                *_transform_args(transform)),
+                *transform.kernel_factors),
                path="multi", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, **flags)
     return logp, entropy, lse, arg, stats
 
@@ -275,9 +270,9 @@ def token_log_probs_bwd(
            (xv.tensor, target, stats, dummy if grad_logp is None else grad_logp,
             dummy if grad_entropy is None else grad_entropy, dxv.tensor,
             xv.n_cols, xv.n_inner, chunk, vocab_start, n_classes, ignore_index,
-            *xv.strides, *dxv.strides, *_transform_args(transform)),
+            *xv.strides, *dxv.strides, *transform.kernel_factors),
            path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=block_n,
-           HAS_SOFTCAP=transform.softcap is not None, HAS_GRAD_LOGP=grad_logp is not None,
+           HEAD=transform.kernel_mode, HAS_GRAD_LOGP=grad_logp is not None,
            HAS_GRAD_ENTROPY=grad_entropy is not None)
     return out
 
