@@ -29,8 +29,9 @@ starts at ``(r // n_inner) · outer + (r % n_inner) · inner``), then runtime sc
 transform's ``head_scale, head_u_scale, head_cap_scale`` (``kernels/_head.py``) among them —
 then constexprs. ``denom`` is a float the loss (and its gradient) is divided by: a numeric
 ``normalizer``, else 1. Every float parameter is annotated ``tl.float64`` (a Python float would
-reach the GPU as fp32) and rounded once into the math dtype at the kernel's entry
-(``_scalars``); inside, ``head`` is ``_head.head_factors``' tuple.
+reach the GPU as fp32) and rounded once into the math dtype where it is used (``tl.full((), s,
+dtype)``; converted at entry they stayed live in registers through the sweeps, where a constant
+operand is free); inside, ``head`` is ``_head.head_factors``' tuple.
 
 Launch-level structure (host side: ``probact_gpu.ops.cross_entropy``):
 
@@ -91,15 +92,6 @@ from ._online import exp, math_arg, online_update, row_offset, safe_max, upcast
 
 
 @triton.jit
-def _scalars(label_smoothing, z_loss, denom, x_ptr):
-    """The kernels' float arguments (annotated ``tl.float64``) in the math dtype of the logits
-    ``x_ptr`` points at (``_online.math_arg``); the head transform's three go through
-    ``head_factors``."""
-    return (math_arg(label_smoothing, x_ptr), math_arg(z_loss, x_ptr),
-            math_arg(denom, x_ptr))
-
-
-@triton.jit
 def _target_info(tgt, weight_ptr, n_classes, ignore_index):
     """(valid, in_range, w_t) of target(s) ``tgt`` (int64). ``w_t`` is read only for a valid
     in-range target; it is 0 for an ignored one (1 for a valid one without weights)."""
@@ -123,10 +115,11 @@ def _load_w(weight_ptr, cols, mask):
 
 
 @triton.jit
-def _grad_scale(divisor_ptr, denom):
-    """1 / (denom · divisor): the gradient's scale before grad_output (the divisor, a device
-    scalar in the math dtype, is the mean's Σ w_t or a tensor normalizer)."""
-    g = 1.0 / denom
+def _grad_scale(divisor_ptr, denom, like):
+    """1 / (denom · divisor) in the math dtype of ``like``: the gradient's scale before
+    grad_output (the divisor, a device scalar in the math dtype, is the mean's Σ w_t or a tensor
+    normalizer)."""
+    g = 1.0 / tl.full((), denom, like.dtype)
     if divisor_ptr is not None:
         g = g / upcast(tl.load(divisor_ptr))
     return g
@@ -137,22 +130,29 @@ def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing
               HAS_SMOOTHING: tl.constexpr):
     """The loss of row(s) from lse, ``nll = lse − z_t`` and ``smooth = W·lse − Σ w·z``, each
     formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4)."""
-    eps = tl.zeros_like(lse) + label_smoothing  # in the math dtype (fp64 for fp64 input)
-    loss = (1.0 - eps) * w_t * nll + z_loss * lse * lse
+    loss = w_t * nll + tl.full((), z_loss, lse.dtype) * lse * lse
     if HAS_SMOOTHING:
-        loss += (eps / n_classes) * smooth
+        eps = tl.full((), label_smoothing, lse.dtype)
+        loss = (1.0 - eps) * w_t * nll + tl.full((), z_loss, lse.dtype) * lse * lse \
+            + (eps / n_classes) * smooth
     loss = tl.where(valid, loss, 0.0)
     return tl.where(valid & (~in_range), float("nan"), loss)
 
 
 @triton.jit
-def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss):
+def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss,
+                HAS_SMOOTHING: tl.constexpr):
     """(true_coef, smooth_coef, z_coef) of ``dz = true_coef·(p − [c = t]) + smooth_coef·(p·W −
-    w_c) + z_coef·p`` (``_dx``); true_coef is NaN for a target outside ``[0, C)``."""
-    eps = tl.zeros_like(lse) + label_smoothing  # in the math dtype (fp64 for fp64 input)
-    true_coef = tl.where(in_range, g * (1.0 - eps) * w_t, float("nan"))
-    smooth_coef = g * (eps / n_classes)
-    z_coef = g * (2.0 * z_loss) * lse
+    w_c) + z_coef·p`` (``_dx``; smooth_coef unused without smoothing); true_coef is NaN for a
+    target outside ``[0, C)``."""
+    if HAS_SMOOTHING:
+        eps = tl.full((), label_smoothing, lse.dtype)
+        true_coef = tl.where(in_range, g * (1.0 - eps) * w_t, float("nan"))
+        smooth_coef = tl.zeros_like(lse) + g * (eps / n_classes)  # shaped like lse
+    else:
+        true_coef = tl.where(in_range, g * w_t, float("nan"))
+        smooth_coef = tl.zeros_like(lse)
+    z_coef = g * (2.0 * tl.full((), z_loss, lse.dtype)) * lse
     return true_coef, smooth_coef, z_coef
 
 
@@ -257,7 +257,7 @@ def cross_entropy_fwd_kernel(
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars (fp64 arguments: ``_scalars``)
+    # scalars (fp64 arguments, rounded to the math dtype where used)
     label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
     head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -266,7 +266,6 @@ def cross_entropy_fwd_kernel(
     """Single tile: program p owns rows [p·BLOCK_M, (p+1)·BLOCK_M), each held whole in
     registers; loss, lse and (``COMPUTE_GRAD``) dx = dL/dx with g = 1 / (denom · divisor) come
     from the one read. W = Σ w is summed from the row's own tile of weights."""
-    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
@@ -301,9 +300,9 @@ def cross_entropy_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
     if COMPUTE_GRAD:
-        g = _grad_scale(divisor_ptr, denom)
+        g = _grad_scale(divisor_ptr, denom, lse)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
-                                                     label_smoothing, z_loss)
+                                                     label_smoothing, z_loss, HAS_SMOOTHING)
         if HEAD == HEAD_SOFTCAP:  # the chain rule takes the raw logits: read again (L1/L2 hit)
             x = _load_x(x_ptr + x_offs, mask, "")
         else:
@@ -405,9 +404,9 @@ def _sweep_row(
     tl.store(lse_ptr + row, lse)
 
     if COMPUTE_GRAD:
-        g = _grad_scale(divisor_ptr, denom)
+        g = _grad_scale(divisor_ptr, denom, lse)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
-                                                     label_smoothing, z_loss)
+                                                     label_smoothing, z_loss, HAS_SMOOTHING)
         inv_sum = 1.0 / row_sum
         # Sweep 2 in reverse: the edges (read last), then the last tile first (those are the
         # tiles most likely still in L2).
@@ -433,7 +432,7 @@ def cross_entropy_fwd_sweep_kernel(
     n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars (fp64 arguments: ``_scalars``)
+    # scalars (fp64 arguments, rounded to the math dtype where used)
     label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
     head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
@@ -441,7 +440,6 @@ def cross_entropy_fwd_sweep_kernel(
 ):
     """Program p owns row p (``_sweep_row``; ``NUM_STAGES`` > 1 software-pipelines both
     sweeps' tile loops, 1: not pipelined)."""
-    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr,
                dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
@@ -457,7 +455,7 @@ def cross_entropy_fwd_persistent_kernel(
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars (fp64 arguments: ``_scalars``)
+    # scalars (fp64 arguments, rounded to the math dtype where used)
     label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
     head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
@@ -466,7 +464,6 @@ def cross_entropy_fwd_persistent_kernel(
     """A persistent grid of P programs: program p sweeps rows p, p + P, p + 2P, ...
     (``_sweep_row``), so only P rows are in flight and sweep 2 re-reads a row while it is still
     in L2 (``tiling.choose_cross_entropy_config`` picks P from the L2 model)."""
-    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
@@ -606,7 +603,7 @@ def cross_entropy_bwd_kernel(
     n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, grad_row_stride,
     # strides (elements): (outer, inner, col) of x and of dx
     x_strides, dx_strides,
-    # scalars (fp64 arguments: ``_scalars``)
+    # scalars (fp64 arguments, rounded to the math dtype where used)
     label_smoothing: tl.float64, z_loss: tl.float64, head_scale: tl.float64,
     head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
@@ -620,13 +617,12 @@ def cross_entropy_bwd_kernel(
     offset): p comes from the tile's own max and Σ exp, as in the fused forward, not from lse:
     lse rounded to fp32 puts up to ulp(lse)/2 of relative error in every p (3.6 ulps of the
     largest dx at 9 × 7 against torch's 1.6). Same bytes; one more exp an element."""
-    label_smoothing, z_loss, denom = _scalars(label_smoothing, z_loss, denom, x_ptr)
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
-    g = g * _grad_scale(divisor_ptr, denom)
     lse = tl.load(lse_ptr + row)
+    g = g * _grad_scale(divisor_ptr, denom, lse)
     tgt = tl.load(target_ptr + row).to(tl.int64)
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index)
     if w_sum_ptr is not None:
@@ -634,7 +630,7 @@ def cross_entropy_bwd_kernel(
     else:
         W = n_classes.to(lse.dtype)
     true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_classes,
-                                                 label_smoothing, z_loss)
+                                                 label_smoothing, z_loss, HAS_SMOOTHING)
     x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
     dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
     # Offsets, local_t and w_off count from the first column of the row's body.

@@ -85,7 +85,11 @@ def check_runnable(t: torch.Tensor, name: str = "input") -> None:
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu" and interpreting():
-        _interpreter.install()
+        # Not while torch.compile traces a public function (the install probes the interpreter
+        # with NumPy, which Dynamo cannot trace): the launchers inside the ops, which run
+        # untraced, call this again before their first kernel.
+        if not torch.compiler.is_compiling():
+            _interpreter.install()
         return
     if t.device.type == "cpu":
         raise RuntimeError(

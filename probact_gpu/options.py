@@ -7,8 +7,8 @@ travel as that object down to the ``torch.library`` boundary, where :meth:`Cross
 schema_args` flattens them into native schema types (``reduction: str``, ``softcap: float |
 None``), and :meth:`CrossEntropyOptions.from_schema` rebuilds them on the other side.
 
-The logit transform (:class:`HeadTransform`) is applied inside the kernels, in fp32, in one
-documented order, forward and backward::
+The logit transform (:class:`HeadTransform`) is applied inside the kernels, in fp32 (fp64 for fp64
+logits), in one documented order, forward and backward::
 
     z = x (+ bias)                      the head's output (bias only in the fused linear ops)
     z = z · logit_scale                 Cohere-style logit scale
@@ -122,8 +122,8 @@ class HeadTransform:
 
     @property
     def pre_scale(self) -> float:
-        """``logit_scale / logit_divisor``, the one multiply before the softcap (formed in
-        float64 on the host, so the kernels see the correctly rounded fp32 factor)."""
+        """``logit_scale / logit_divisor`` (float64), the factor before the softcap; the kernels
+        take it folded into ``kernel_factors``."""
         return self.logit_scale / self.logit_divisor
 
     @property
