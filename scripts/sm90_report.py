@@ -223,7 +223,8 @@ def ce_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
 def tlp_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
     """Token log-probs. ``off``: logp alone, forward-only, then with saved statistics and the
     backward of logp; ``on``: softcap + temperature, entropy, argmax, saved statistics, and the
-    backward of logp and entropy together."""
+    backward of logp and entropy together; ``rl``: an RL trainer's call, temperature alone (a
+    scale: ``HEAD=1``), entropy, saved statistics and the backward of both."""
     def run():
         import torch
 
@@ -234,13 +235,15 @@ def tlp_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
         t = torch.empty(m, dtype=torch.int64, device="meta")
         g = torch.empty(m, dtype=torch.float64 if dtype == "fp64" else torch.float32,
                         device="meta")
-        on = variant == "on"
-        transform = HeadTransform(softcap=30.0, temperature=0.7) if on else HeadTransform()
-        if not on:
+        on, rl = variant == "on", variant == "rl"
+        transform = {"on": HeadTransform(softcap=30.0, temperature=0.7),
+                     "rl": HeadTransform(temperature=0.7)}.get(variant, HeadTransform())
+        if variant == "off":
             tlp.token_log_probs_fwd(x, t)
-        *_, stats = tlp.token_log_probs_fwd(x, t, transform=transform, compute_entropy=on,
-                                            compute_argmax=on, save_stats=True)
-        tlp.token_log_probs_bwd(x, t, stats, g, g if on else None, transform=transform)
+        *_, stats = tlp.token_log_probs_fwd(x, t, transform=transform,
+                                            compute_entropy=on or rl, compute_argmax=on,
+                                            save_stats=True)
+        tlp.token_log_probs_bwd(x, t, stats, g, g if on or rl else None, transform=transform)
     return run
 
 
@@ -322,7 +325,7 @@ def full_cases() -> list[Case]:
             cases.append(Case(f"CE 32x262144 {variant} (split)", dtype,
                               ce_case(dtype, 32, 262144, variant)))
         for v in CE_VOCABS:
-            for variant in ("off", "on"):
+            for variant in ("off", "on", "rl"):
                 cases.append(Case(f"TLP {CE_TOKENS}x{v} {variant}", dtype,
                                   tlp_case(dtype, CE_TOKENS, v, variant)))
         cases.append(Case(f"TLP {CE_TOKENS}x8192 on (single tile)", dtype,
@@ -364,6 +367,7 @@ def smoke_cases() -> list[Case]:
         Case("CE 4096x8192 on (single tile)", "bf16", ce_case("bf16", 4096, 8192, "on")),
         Case("CE 32x262144 on (split)", "fp64", ce_case("fp64", 32, 262144, "on")),
         Case("TLP 4096x128256 on", "bf16", tlp_case("bf16", 4096, 128256, "on")),
+        Case("TLP 4096x128256 rl", "bf16", tlp_case("bf16", 4096, 128256, "rl")),
         Case("TLP 4096x4096 off (single tile)", "bf16", tlp_case("bf16", 4096, 4096, "off")),
         Case("TLP 32x262144 on (split)", "fp64", tlp_case("fp64", 32, 262144, "on")),
         Case("sigmoid 2^28", "fp32", sigmoid_case("fp32", BUDGET)),
