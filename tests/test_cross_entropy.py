@@ -951,17 +951,21 @@ def _ref_head(x, t, *, logit_scale=1.0, logit_divisor=1.0, softcap=None, tempera
 
 
 HEAD = dict(logit_scale=1.5, logit_divisor=3.0, softcap=4.0, temperature=0.7)
+SCALE_ONLY = dict(logit_scale=1.5, logit_divisor=3.0, temperature=0.7)
 
 
 @pytest.mark.parametrize("path", list(PATH_CONFIGS))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cross_entropy_head_transform_every_path(device, rng, path, reduction):
-    """logit_divisor and temperature (with scale and softcap) on every path: the fused forward
-    gradient (mean) and the from-lse backward kernel (none)."""
+@pytest.mark.parametrize("head", ["softcap", "scale"])
+def test_cross_entropy_head_transform_every_path(device, rng, path, reduction, head):
+    """logit_divisor and temperature (with scale, with and without a softcap: the kernels'
+    HEAD = 2 and 1) on every path: the fused forward gradient (mean) and the from-lse backward
+    kernel (none)."""
     x, _ = make_input((7, 100), torch.float32, rng, scale=3.0, device=device)
     t = _targets(rng, 7, 100, device=device)
     w = _weight(rng, 100, device=device)
-    opts = dict(weight=w, label_smoothing=0.25, z_loss=2.0**-6, **HEAD)
+    opts = dict(weight=w, label_smoothing=0.25, z_loss=2.0**-6,
+                **(HEAD if head == "softcap" else SCALE_ONLY))
     rows, lse, dx = ce.cross_entropy_fwd(x, t, reduction=reduction, compute_grad=True,
                                          config=PATH_CONFIGS[path], **opts)
     ref_rows, ref_lse, ref_g = _ref_head(x, t, reduction="none", **opts)

@@ -457,3 +457,20 @@ def test_head_softcap_within_one_ulp_unbiased(op, softcap, device, rng):
     assert np.abs(err[near]).max() <= 1.0, np.abs(err[near]).max()
     assert np.abs(err).max() <= 2.0, np.abs(err).max()
     assert abs(err.mean()) < 0.05, err.mean()
+
+
+@pytest.mark.parametrize(("kw", "mode", "factors"), [
+    (dict(), 0, (1.0, 1.0, 1.0)),
+    (dict(logit_scale=2.0, temperature=2.0), 0, (1.0, 1.0, 1.0)),  # z = x: no arithmetic
+    (dict(temperature=0.5), 1, (2.0, 1.0, 1.0)),
+    (dict(logit_scale=1.5, logit_divisor=3.0, softcap=4.0, temperature=0.8), 2,
+     (0.5 / 0.8, 0.5 / 4.0, 4.0 / 0.8)),
+])
+def test_head_kernel_mode_and_factors(kw, mode, factors, device):
+    """HeadTransform → the kernels' HEAD constexpr and fp64 factors, as launched."""
+    transform = HeadTransform(**kw)
+    assert transform.kernel_mode == mode and transform.kernel_factors == factors
+    x = torch.zeros((2, 5), device=device)
+    with record_launches() as launches:
+        token_log_probs(x, torch.zeros(2, dtype=torch.int64, device=device), **kw)
+    assert {rec.meta["HEAD"] for rec in launches} == {mode}
