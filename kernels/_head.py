@@ -29,7 +29,8 @@ to 0.125), the rest ``cap_scale · (1 − e) / (1 + e)``, ``e = exp(−2|u|)``, 
 and the quotient's remainder carried into the last fma: within 2 ulps (measured; e's own error
 is what remains, amplified ~0.85× at |u| = 0.5), where torch's libm tanh gives 1.5.
 
-The chain rule back to x, from the raw logit x (``head_chain``)::
+The chain rule back to x (``head_chain``, with ``head_slope``'s sech², which
+``head_transform_slope`` forms with z from the same exponential)::
 
     dL/dx = dL/dz · scale · sech²(u)         (sech² = 1 without a softcap)
 """
@@ -37,7 +38,7 @@ The chain rule back to x, from the raw logit x (``head_chain``)::
 import triton
 import triton.language as tl
 
-from ._online import exp, exp_precise
+from ._online import exp_precise
 
 # The transform's kind, the kernels' ``HEAD`` constexpr (``HeadTransform.kernel_mode``): none
 # (z = x, no multiply), a scale, a softcap (with any scale).
@@ -93,9 +94,16 @@ def mul_factor(x, hi, lo):
 
 
 @triton.jit
-def head_transform(x, head, HEAD: tl.constexpr):
-    """z from the upcast logits ``x`` (fp32 or fp64), ``head`` (``head_factors``) and the
-    transform's kind ``HEAD``."""
+def _transform(x, head, HEAD: tl.constexpr):
+    """``(z, slope)`` of the upcast logits ``x``: z (module docstring) and, with a softcap,
+    ``sech²(u)`` for the chain rule (``head_chain``), from the same u and e; without one the
+    slope is unused (1.0). Callers that need one of the two take ``head_transform`` or
+    ``head_slope``: the compiler drops the other's arithmetic.
+
+    sech²(u): ``1 − t²`` with t the near-0 series' tanh below |u| = 0.5 (t² < 0.22: no
+    cancellation), ``4e / (1 + e)²`` above (products and quotients only: ≤ 3 ulps for every u).
+    The form ``1 − r²`` from the transformed z (``r = z / cap_scale``) would cancel as tanh
+    saturates (~4 ulps of sech² near |u| ~ 2, growing as e^{2|u|} beyond)."""
     if HEAD == HEAD_SOFTCAP:
         u = mul_factor(x, head[2], head[3])
         if u.dtype == tl.float64:
@@ -110,11 +118,13 @@ def head_transform(x, head, HEAD: tl.constexpr):
         p = p * u2 + _T3
         p = p * u2 + _T2
         p = p * u2 + _T1
+        t_near = tl.fma(u, u2 * p, u)  # tanh u below the bound
         if x.dtype == tl.float64:  # exact factors, correctly rounded division: plain forms
             w = x * head[0]
             e = tl.exp(-2.0 * tl.abs(u))
-            t = (1.0 - e) / (1.0 + e)
-            return tl.where(small, tl.fma(w, u2 * p, w), tl.where(u < 0.0, -t, t) * head[4])
+            den = 1.0 + e
+            t = (1.0 - e) / den
+            z = tl.where(small, tl.fma(w, u2 * p, w), tl.where(u < 0.0, -t, t) * head[4])
         else:
             # z = fma(a, hi, c·hi + a·lo): a plus a small correction c, times (hi, lo), rounded
             # once. Near 0: a = x, c = x·u²P, (hi, lo) = scale (z = x·scale·(1 + u²P)). Else
@@ -139,35 +149,44 @@ def head_transform(x, head, HEAD: tl.constexpr):
             c = tl.where(small, x * (u2 * p), tl.where(neg, -q_lo, q_lo))
             hi = tl.where(small, head[0], head[4])
             lo = tl.where(small, head[1], head[5])
-            b = tl.fma(c, hi, a * lo)
-            return tl.fma(a, hi, b)
+            z = tl.fma(a, hi, tl.fma(c, hi, a * lo))
+        slope = tl.where(small, 1.0 - t_near * t_near, (4.0 * e) / (den * den))
+        return z, slope
     elif HEAD == HEAD_SCALE:
-        return mul_factor(x, head[0], head[1])
+        return mul_factor(x, head[0], head[1]), 1.0
     else:
-        return x
+        return x, 1.0
 
 
 @triton.jit
-def head_chain(dz, x, head, HEAD: tl.constexpr):
-    """dL/dx from dL/dz, for ``z = head_transform(x, head)`` of the upcast logits ``x``.
+def head_transform(x, head, HEAD: tl.constexpr):
+    """z from the upcast logits ``x`` (fp32 or fp64), ``head`` (``head_factors``) and the
+    transform's kind ``HEAD``."""
+    z, _ = _transform(x, head, HEAD)
+    return z
 
-    With a softcap, ``dz/dx = scale · sech²(u)``, ``u = x · u_scale``, formed from the raw logit
-    with ``e = exp(−2|u|)``: ``4e / (1 + e)²`` for |u| ≥ 0.5 (products and quotients only:
-    ≤ 3 ulps for every u), ``1 − t²`` with ``t = (1 − e) / (1 + e)`` below (≤ 1.2 ulps there,
-    where the quotient form's roundings cost up to 1.8; measured in fp32 over uniform u). The
-    form ``1 − r²`` from the transformed z (``r = z / cap_scale``) cancels as tanh saturates:
-    r carries the roundings of the transform, so ``1 − r²`` has an absolute error of ~ulp(1),
-    ~4 ulps of sech² near |u| ~ 2, growing as e^{2|u|} beyond. The last multiply, by ``scale``,
-    is ``mul_factor``'s: no bias from the factor's rounding."""
+
+@triton.jit
+def head_slope(x, head, HEAD: tl.constexpr):
+    """The chain rule's ``sech²(u)`` of the upcast logits ``x`` (1.0 without a softcap), for
+    ``head_chain``; ``head_transform_slope`` gives z with it for the work of one."""
+    _, slope = _transform(x, head, HEAD)
+    return slope
+
+
+@triton.jit
+def head_transform_slope(x, head, HEAD: tl.constexpr):
+    """``(z, slope)``: ``head_transform`` and ``head_slope`` of ``x`` together."""
+    return _transform(x, head, HEAD)
+
+
+@triton.jit
+def head_chain(dz, slope, head, HEAD: tl.constexpr):
+    """dL/dx from dL/dz and ``slope = head_slope(x)``: ``dz · sech²(u) · scale`` (with a softcap),
+    ``dz · scale`` (a scale), dz (the identity). The multiply by ``scale`` is ``mul_factor``'s:
+    no bias from the factor's rounding."""
     if HEAD == HEAD_SOFTCAP:
-        # u's rounding (and u_scale's) moves sech²(u) by 2·u·tanh(u) times it: below a tenth
-        # of an ulp for |u| < 0.2, ~0.9 at |u| = 1; not worth the registers of mul_factor here
-        u = x * head[2]
-        e = exp(-2.0 * tl.abs(u))
-        d = 1.0 + e
-        t = (1.0 - e) / d  # tanh|u|: ~ulp(1) absolute, harmless in 1 − t² while t² is small
-        sech2 = tl.where(tl.abs(u) < 0.5, 1.0 - t * t, (4.0 * e) / (d * d))
-        return mul_factor(dz * sech2, head[0], head[1])
+        return mul_factor(dz * slope, head[0], head[1])
     elif HEAD == HEAD_SCALE:
         return mul_factor(dz, head[0], head[1])
     else:

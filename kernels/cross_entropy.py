@@ -85,7 +85,14 @@ forward and the split-stats kernel keep narrow loads on such rows.
 import triton
 import triton.language as tl
 
-from ._head import HEAD_SOFTCAP, head_chain, head_factors, head_transform
+from ._head import (
+    HEAD_SOFTCAP,
+    head_chain,
+    head_factors,
+    head_slope,
+    head_transform,
+    head_transform_slope,
+)
 from ._online import exp, math_arg, online_update, row_offset, safe_max, upcast
 
 # --------------------------------------------------------------------------- per-row math
@@ -178,9 +185,10 @@ def _logits_of(x, mask, head, HEAD: tl.constexpr):
 
 
 @triton.jit
-def _dx(x, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
+def _dx(slope, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
         HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr):
-    """dx of a tile from its upcast logits x and their z, with ``p = exp(z − shift) · inv_sum``
+    """dx of a tile from its logits' z and the transform's slope (``_head.head_slope``; unused
+    without a softcap), with ``p = exp(z − shift) · inv_sum``
     (shift = the row max and inv_sum = 1 / Σ exp(z − max) where known, else shift = lse and
     inv_sum = 1); ``w`` is the tile's class weights (1 without), used only with smoothing; 0 on
     ignored rows.
@@ -193,7 +201,7 @@ def _dx(x, z, is_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W,
     dz = true_coef * (p - tl.where(is_t, 1.0, 0.0)) + z_coef * p
     if HAS_SMOOTHING:
         dz += smooth_coef * (p * W - w)
-    return tl.where(valid, head_chain(dz, x, head, HEAD), 0.0)
+    return tl.where(valid, head_chain(dz, slope, head, HEAD), 0.0)
 
 
 @triton.jit
@@ -203,11 +211,11 @@ def _write_grad(x_ptrs, dx_ptrs, c, mask, tgt, valid, weight_ptr, w_off, shift, 
     """Read a tile of logits (columns ``c``; their class weights at ``w_off + c``), write its
     dx (``shift``, ``inv_sum``: see ``_dx``). The tile's last use: load and store are
     ``evict_first``."""
-    x = _load_x(x_ptrs, mask, "evict_first")
-    z = _logits_of(x, mask, head, HEAD)
+    z, slope = head_transform_slope(_load_x(x_ptrs, mask, "evict_first"), head, HEAD)
+    z = tl.where(mask, z, float("-inf"))
     w = _load_w(weight_ptr, w_off + c, mask)
-    dx = _dx(x, z, c == tgt, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W, head,
-             HAS_SMOOTHING, HEAD)
+    dx = _dx(slope, z, c == tgt, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W,
+             head, HAS_SMOOTHING, HEAD)
     tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
@@ -303,11 +311,11 @@ def cross_entropy_fwd_kernel(
         g = _grad_scale(divisor_ptr, denom, lse)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
                                                      label_smoothing, z_loss, HAS_SMOOTHING)
-        if HEAD == HEAD_SOFTCAP:  # the chain rule takes the raw logits: read again (L1/L2 hit)
-            x = _load_x(x_ptr + x_offs, mask, "")
+        if HEAD == HEAD_SOFTCAP:  # sech² from the raw logits: read again (an L1/L2 hit)
+            slope = head_slope(_load_x(x_ptr + x_offs, mask, ""), head, HEAD)
         else:
-            x = z  # unused without a softcap
-        dx = _dx(x, z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
+            slope = z  # unused without a softcap
+        dx = _dx(slope, z, is_t, w, valid[:, None], shift[:, None], (1.0 / row_sum)[:, None],
                  true_coef[:, None], smooth_coef[:, None], z_coef[:, None],
                  (tl.zeros_like(lse) + W)[:, None], head,
                  HAS_SMOOTHING, HEAD)
@@ -652,13 +660,14 @@ def cross_entropy_bwd_kernel(
     if ROW_STATS:
         q = tl.arange(0, BLOCK_N).to(tl.int64)
         mask = q < n_cols
-        x = _load_x(x_row + q * x_strides[2], mask, "evict_first")
-        z = _logits_of(x, mask, head, HEAD)
+        z, slope = head_transform_slope(_load_x(x_row + q * x_strides[2], mask, "evict_first"),
+                                        head, HEAD)
+        z = tl.where(mask, z, float("-inf"))
         shift = safe_max(tl.max(z, axis=0))
         inv_sum = 1.0 / tl.sum(exp(z - shift), axis=0)
         w = _load_w(weight_ptr, w_off + q, mask)
-        dx = _dx(x, z, q == local_t, w, valid, shift, inv_sum, true_coef, smooth_coef, z_coef, W,
-                 head, HAS_SMOOTHING, HEAD)
+        dx = _dx(slope, z, q == local_t, w, valid, shift, inv_sum, true_coef, smooth_coef,
+                 z_coef, W, head, HAS_SMOOTHING, HEAD)
         tl.store(dx_row + q * dx_strides[2], dx.to(dx_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
     else:

@@ -30,7 +30,7 @@ Gradient, with per-row upstream ``g_logp`` and ``g_H`` (either may be absent)::
 
     p_c  = exp((z_c − shift) − log s)
     dz_c = g_logp · ([c = t] − p_c) − g_H · p_c · ((z_c − shift) − μ_rel)
-    dx_c = head_chain(dz_c, x_c)       (the transform's chain rule, from the raw logit)
+    dx_c = head_chain(dz_c, sech²(u_c))   (the transform's chain rule; sech² with z_c)
 
 ``∂H/∂z_c = −p_c (z_c − Σ p·z)``; the entropy term is 0 where ``z_c = −inf`` (p_c = 0). The
 backward therefore needs per row ``(shift, log s, μ_rel)`` — the forward's saved statistics,
@@ -63,7 +63,7 @@ Kernels (host side: ``probact_gpu.ops.token_log_probs``):
 import triton
 import triton.language as tl
 
-from ._head import head_chain, head_factors, head_transform
+from ._head import head_chain, head_factors, head_transform, head_transform_slope
 from ._online import exp_precise, row_offset, safe_max, upcast
 
 _NO_INDEX: tl.constexpr = tl.constexpr(2**62)  # larger than any column: the argmin's identity
@@ -334,7 +334,8 @@ def token_log_probs_bwd_kernel(
         q = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = q < end
         x = upcast(tl.load(x_row + q * x_col_stride, mask=mask, other=0.0))
-        z = tl.where(mask, head_transform(x, head, HEAD), float("-inf"))
+        z, slope = head_transform_slope(x, head, HEAD)
+        z = tl.where(mask, z, float("-inf"))
         rel = z - shift
         p = exp_precise(rel - log_sum)
         dz = tl.zeros_like(p)
@@ -342,5 +343,5 @@ def token_log_probs_bwd_kernel(
             dz += g_logp * (tl.where(q == local_t, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
             dz -= g_entropy * tl.where(z == float("-inf"), 0.0, p * (rel - mu_rel))
-        dx = tl.where(valid, head_chain(dz, x, head, HEAD), 0.0)
+        dx = tl.where(valid, head_chain(dz, slope, head, HEAD), 0.0)
         tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
