@@ -38,7 +38,7 @@ The chain rule back to x (``head_chain``, with ``head_slope``'s sech², which
 import triton
 import triton.language as tl
 
-from ._online import exp_precise
+from ._online import exp_precise, math_arg
 
 # The transform's kind, the kernels' ``HEAD`` constexpr (``HeadTransform.kernel_mode``): none
 # (z = x, no multiply), a scale, a softcap (with any scale).
@@ -59,16 +59,11 @@ _T7: tl.constexpr = tl.constexpr(-929569.0 / 638512875.0)
 @triton.jit
 def factor(s, like_ptr):
     """``(hi, lo)`` of the fp64 argument ``s`` in the math dtype of the data ``like_ptr`` points
-    at: fp64 data keep ``(s, 0)``; otherwise hi is s rounded to fp32 and lo the remainder
-    ``s − hi`` rounded to fp32 (0 where hi overflowed). ``tl.full`` takes the interpreter's
-    Python float and the GPU's fp64 scalar alike (``_online.math_arg``)."""
-    s64 = tl.full((), s, tl.float64)
-    if like_ptr.dtype.element_ty == tl.float64:
-        return s64, tl.full((), 0.0, tl.float64)
-    else:
-        hi = s64.to(tl.float32)
-        lo = (s64 - hi.to(tl.float64)).to(tl.float32)
-        return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+    at: hi is ``_online.math_arg``'s s (rounded once to fp32, or s itself for fp64 data), lo the
+    remainder ``s − hi`` in the same dtype (0 for fp64 data, and where hi overflowed)."""
+    hi = math_arg(s, like_ptr)
+    lo = (tl.full((), s, tl.float64) - hi.to(tl.float64)).to(hi.dtype)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
 
 
 @triton.jit
@@ -94,7 +89,7 @@ def mul_factor(x, hi, lo):
 
 
 @triton.jit
-def _transform(x, head, HEAD: tl.constexpr):
+def head_transform_slope(x, head, HEAD: tl.constexpr):
     """``(z, slope)`` of the upcast logits ``x``: z (module docstring) and, with a softcap,
     ``sech²(u)`` for the chain rule (``head_chain``), from the same u and e; without one the
     slope is unused (1.0). Callers that need one of the two take ``head_transform`` or
@@ -162,7 +157,7 @@ def _transform(x, head, HEAD: tl.constexpr):
 def head_transform(x, head, HEAD: tl.constexpr):
     """z from the upcast logits ``x`` (fp32 or fp64), ``head`` (``head_factors``) and the
     transform's kind ``HEAD``."""
-    z, _ = _transform(x, head, HEAD)
+    z, _ = head_transform_slope(x, head, HEAD)
     return z
 
 
@@ -170,14 +165,8 @@ def head_transform(x, head, HEAD: tl.constexpr):
 def head_slope(x, head, HEAD: tl.constexpr):
     """The chain rule's ``sech²(u)`` of the upcast logits ``x`` (1.0 without a softcap), for
     ``head_chain``; ``head_transform_slope`` gives z with it for the work of one."""
-    _, slope = _transform(x, head, HEAD)
+    _, slope = head_transform_slope(x, head, HEAD)
     return slope
-
-
-@triton.jit
-def head_transform_slope(x, head, HEAD: tl.constexpr):
-    """``(z, slope)``: ``head_transform`` and ``head_slope`` of ``x`` together."""
-    return _transform(x, head, HEAD)
 
 
 @triton.jit

@@ -137,11 +137,12 @@ def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing
               HAS_SMOOTHING: tl.constexpr):
     """The loss of row(s) from lse, ``nll = lse − z_t`` and ``smooth = W·lse − Σ w·z``, each
     formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4)."""
-    loss = w_t * nll + tl.full((), z_loss, lse.dtype) * lse * lse
+    zeta = tl.full((), z_loss, lse.dtype)
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, lse.dtype)
-        loss = (1.0 - eps) * w_t * nll + tl.full((), z_loss, lse.dtype) * lse * lse \
-            + (eps / n_classes) * smooth
+        loss = (1.0 - eps) * w_t * nll + zeta * lse * lse + (eps / n_classes) * smooth
+    else:
+        loss = w_t * nll + zeta * lse * lse
     loss = tl.where(valid, loss, 0.0)
     return tl.where(valid & (~in_range), float("nan"), loss)
 

@@ -136,7 +136,7 @@ class HeadTransform:
         1 a scale (``logit_scale``, ``logit_divisor``, ``temperature``), 2 a softcap."""
         if self.softcap is not None:
             return 2
-        return 0 if self.pre_scale / self.temperature == 1.0 else 1
+        return 0 if self.kernel_factors[0] == 1.0 else 1
 
     @property
     def kernel_factors(self) -> tuple[float, float, float]:

@@ -120,6 +120,22 @@ def _inputs(case: Case, n_rows: int = N_ROWS):
 # --------------------------------------------------------------------------- spawned ranks
 
 
+def _layout_kwargs(case, start: int) -> dict:
+    """The shard's layout keywords a case passes: vocab_start_index (``explicit``) and
+    vocab_size (``with_size``)."""
+    kwargs = {}
+    if case.explicit:
+        kwargs["vocab_start_index"] = start
+    if case.with_size:
+        kwargs["vocab_size"] = case.vocab
+    return kwargs
+
+
+def _trace(launches) -> list[tuple]:
+    """(kernel, grid) of each recorded launch."""
+    return [(launch.kernel, launch.grid) for launch in launches]
+
+
 def run_rank(rank: int, world: int) -> dict:
     """Every case of this world size on this rank (a spawned rank: tests/_gloo.py)."""
     results = {}
@@ -130,11 +146,7 @@ def run_rank(rank: int, world: int) -> dict:
         shard = full[:, start:start + size].clone().requires_grad_()
         kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
                       label_smoothing=case.label_smoothing, z_loss=case.z_loss,
-                      softcap=case.softcap, config=case.config)
-        if case.explicit:
-            kwargs["vocab_start_index"] = start
-        if case.with_size:
-            kwargs["vocab_size"] = case.vocab
+                      softcap=case.softcap, config=case.config, **_layout_kwargs(case, start))
         try:
             with poison_outputs(), record_launches() as log:
                 loss = vocab_parallel_cross_entropy(shard, target, **kwargs)
@@ -147,8 +159,7 @@ def run_rank(rank: int, world: int) -> dict:
             continue
         results[case.name] = {
             "loss": loss.detach(), "grad": shard.grad,
-            "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
-            "bwd": [(launch.kernel, launch.grid) for launch in log[n_fwd:]],
+            "fwd": _trace(log[:n_fwd]), "bwd": _trace(log[n_fwd:]),
         }
     results[_LINEAR] = _run_linear_cases(rank, world)
     return results
@@ -526,11 +537,8 @@ def _run_linear_cases(rank: int, world: int) -> dict:
         kwargs = dict(reduction=case.reduction, ignore_index=case.ignore_index,
                       label_smoothing=case.label_smoothing, z_loss=case.z_loss,
                       softcap=case.softcap, logit_scale=case.logit_scale,
-                      weight=class_weight, chunk_size=case.chunk_size, config=case.config)
-        if case.explicit:
-            kwargs["vocab_start_index"] = start
-        if case.with_size:
-            kwargs["vocab_size"] = case.vocab
+                      weight=class_weight, chunk_size=case.chunk_size, config=case.config,
+                      **_layout_kwargs(case, start))
         try:
             with poison_outputs(), record_launches() as log, _CountCollectives() as fwd_comm:
                 loss = vocab_parallel_linear_cross_entropy(
@@ -548,8 +556,7 @@ def _run_linear_cases(rank: int, world: int) -> dict:
         results[case.name] = {
             "loss": loss.detach(),
             **{f"d_{name}": None if t is None else t.grad for name, t in leaves.items()},
-            "fwd": [(launch.kernel, launch.grid) for launch in log[:n_fwd]],
-            "bwd": [(launch.kernel, launch.grid) for launch in bwd_log],
+            "fwd": _trace(log[:n_fwd]), "bwd": _trace(bwd_log),
             "fwd_comm": fwd_comm.calls, "bwd_comm": bwd_comm.calls,
         }
     return results
