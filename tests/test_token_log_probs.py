@@ -459,6 +459,42 @@ def test_head_softcap_within_one_ulp_unbiased(op, softcap, device, rng):
     assert abs(err.mean()) < 0.05, err.mean()
 
 
+@pytest.mark.parametrize("config,path", [(None, "single"), (RowConfig("multi", 16, 4), "multi"),
+                                         (RowConfig("split", 16, 4, n_splits=2), "split")],
+                         ids=["single", "multi", "split"])
+@pytest.mark.parametrize("name,transform", TRANSFORMS, ids=[n for n, _ in TRANSFORMS])
+def test_token_log_probs_transforms_fp64(name, transform, config, path, device, rng):
+    """The transform's fp64 forms (exact factors: plain products, the softcap's plain tanh) on
+    every path, to fp64's tolerance."""
+    x, x64 = make_input((4, 37), torch.float64, rng, scale=4.0, device=device)
+    t = _targets(rng, 4, 37, device)
+    _check_all(x, x64, t, torch.float64, transform, config, device, rng, path)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3, 3.0])  # factor remainders of both signs
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("op", ["token_log_probs", "cross_entropy"])
+def test_head_transform_of_infinite_logits(op, softcap, temperature, device):
+    """±inf and NaN logits through the split products (``mul_factor``: ``fma(x, hi, x·lo)``
+    would meet inf − inf where lo's sign differs from hi's) and the softcap (tanh(±inf) = ±1):
+    NaN and ±inf where torch's transform + log_softmax in float64 put them, the rest close."""
+    import probact_gpu
+
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.5, -inf, 2.0, 1.0], [inf, 0.0, 1.0, -1.0], [-inf] * 4,
+                      [0.5, nan, 1.0, 2.0], [1e30, -1e30, 0.0, 3.0]], device=device)
+    t = torch.tensor([0, 2, 1, 3, 3], device=device)
+    kw = dict(logit_scale=1.5, softcap=softcap, temperature=temperature)
+    z = HeadTransform(**kw).apply(x.double().cpu())
+    expected = torch.log_softmax(z, -1).gather(1, t.cpu()[:, None])[:, 0]
+    if op == "token_log_probs":
+        got = token_log_probs(x, t, **kw).double().cpu()
+    else:
+        got = -probact_gpu.cross_entropy(x, t, reduction="none", **kw).double().cpu()
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+
+
 @pytest.mark.parametrize(("kw", "mode", "factors"), [
     (dict(), 0, (1.0, 1.0, 1.0)),
     (dict(logit_scale=2.0, temperature=2.0), 0, (1.0, 1.0, 1.0)),  # z = x: no arithmetic
