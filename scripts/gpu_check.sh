@@ -17,6 +17,10 @@
 # $OUT/summary.txt, $OUT/results/<gpu>/<date>.{md,json,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The repository root is not put on sys.path (PYTHONSAFEPATH, Python >= 3.11): Python runs the
+# installed package, and a folder here never shadows an installed module (kernels/: its
+# __init__.py steps aside for Hugging Face's `kernels` on any Python).
+export PYTHONSAFEPATH=1
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

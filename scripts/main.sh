@@ -7,6 +7,10 @@
 # Arguments go to `probact-gpu check`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repository root is not put on sys.path (PYTHONSAFEPATH, Python >= 3.11): Python runs the
+# installed package, and a folder here never shadows an installed module (kernels/: its
+# __init__.py steps aside for Hugging Face's `kernels` on any Python).
+export PYTHONSAFEPATH=1
 PY=$(bash scripts/install.sh)
 status=0
 "$PY" -m probact_gpu check "$@" || status=$?

@@ -5,5 +5,9 @@
 # (tests/conftest.py sets TRITON_INTERPRET=1); `gpu` tests are reported as skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repository root is not put on sys.path (PYTHONSAFEPATH, Python >= 3.11): Python runs the
+# installed package, and a folder here never shadows an installed module (kernels/: its
+# __init__.py steps aside for Hugging Face's `kernels` on any Python).
+export PYTHONSAFEPATH=1
 PY=$(bash scripts/install.sh)
 exec "$PY" -m pytest -q "$@"

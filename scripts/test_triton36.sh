@@ -6,6 +6,10 @@
 # interpreter needs NumPy < 2.4. Run after scripts/install.sh (CI: after scripts/test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repository root is not put on sys.path (PYTHONSAFEPATH, Python >= 3.11): Python runs the
+# installed package, and a folder here never shadows an installed module (kernels/: its
+# __init__.py steps aside for Hugging Face's `kernels` on any Python).
+export PYTHONSAFEPATH=1
 PY=${PYTHON:-python3}
 SITE=${TRITON36_SITE:-/tmp/probact-triton36}
 if ! "$PY" -m pip install -q --upgrade --target "$SITE" "triton==3.6.0" "numpy<2.4"; then

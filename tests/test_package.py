@@ -25,8 +25,43 @@ def test_kernels_are_a_subpackage_not_top_level():
     import probact_gpu.kernels.softmax as k
 
     assert k.__name__ == "probact_gpu.kernels.softmax"
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or "probact_gpu" not in (spec.origin or ""), spec
+    assert pathlib.Path(k.__file__).resolve().parent == ROOT / "kernels"
+
+
+def _import_kernels_from_root(*python_flags: str, pythonpath: str | None = None) -> str:
+    """What ``import kernels`` gives in a fresh interpreter started in the repository root, the
+    way a user's ``python``, ``python -m pytest`` and the scripts start (the root first on
+    sys.path): the module's file, or the error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    code = ("import sys\n"
+            "try:\n    import kernels\n"
+            "except ImportError as e:\n    print(type(e).__name__, e)\n"
+            "else:\n    print('FILE', kernels.__file__, getattr(kernels, 'MARK', None))\n")
+    out = subprocess.run([sys.executable, *python_flags, "-c", code], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_package_kernels_folder_never_shadows_a_top_level_kernels(tmp_path):
+    """transformers imports Hugging Face's package ``kernels``; from the repository root our
+    device-code folder of the same name must never be what it gets (it did, with transformers
+    5.25: ``cannot import name 'CUDAProperties' from 'kernels'``)."""
+    # Another package named kernels on the path: the import reaches it, not this folder.
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 'the other kernels'\n")
+    got = _import_kernels_from_root(pythonpath=str(tmp_path / "site"))
+    assert got == f"FILE {other / '__init__.py'} the other kernels", got
+    # No other kernels at all (-S: no site-packages, where Hugging Face's may be installed): the
+    # import fails as it would without this folder.
+    got = _import_kernels_from_root("-S")
+    assert got == "ModuleNotFoundError No module named 'kernels'", got
+    # And with whatever this environment has installed: never a file of this repository.
+    got = _import_kernels_from_root()
+    assert not got.startswith(f"FILE {ROOT}"), got
 
 
 def test_package_version_has_one_home():
@@ -124,6 +159,7 @@ def test_package_scripts_run_the_installed_interpreter():
             assert "probact-gpu" not in words, (name, line)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci
+    assert "scripts/test_transformers_oldest.sh" in ci
 
 
 def test_package_install_script_names_a_missing_interpreter():
