@@ -58,7 +58,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 H200_SMS = 132
 ARCH = 90
 KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs")
-OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs")
+# The modules that launch kernels (their launch-time names are replaced while recording).
+OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy.launch", "cross_entropy.custom_ops",
+               "token_log_probs")
 # Names of @jit functions in kernels/ that no launcher calls (compiled directly below).
 UNLAUNCHED = ("probe_kernel",)
 # Int arguments that take part in addresses or masks: their 16-divisibility decides vector width.

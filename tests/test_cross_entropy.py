@@ -15,6 +15,8 @@ import torch
 import probact_gpu
 from probact_gpu import check, reference
 from probact_gpu.ops import cross_entropy as ce
+from probact_gpu.ops.cross_entropy import custom_ops as ce_ops
+from probact_gpu.ops.cross_entropy import launch as ce_launch
 from probact_gpu.options import CrossEntropyOptions
 from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
 from probact_gpu.tiling import (
@@ -598,15 +600,15 @@ def test_cross_entropy_custom_ops_pass_opcheck(device, rng):
     opts = CrossEntropyOptions.from_kwargs(weight=w, reduction="sum", label_smoothing=0.25,
                                            z_loss=0.01, softcap=2.0, logit_scale=1.5,
                                            logit_divisor=2.0, temperature=0.5, normalizer=3.0)
-    torch.library.opcheck(ce._ce_op, (x, t, *opts.schema_args(), False))
+    torch.library.opcheck(ce_ops._ce_op, (x, t, *opts.schema_args(), False))
     # The fused op's backward scales a saved output in place, which AOTAutograd's opcheck cannot
     # partition; torch.compile takes an out-of-place branch instead (tests/test_compile.py).
     mean = CrossEntropyOptions.from_kwargs(weight=w, label_smoothing=0.25)
-    torch.library.opcheck(ce._ce_op, (x, t, *mean.schema_args(), True),
+    torch.library.opcheck(ce_ops._ce_op, (x, t, *mean.schema_args(), True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
     none = CrossEntropyOptions.from_kwargs(reduction="none", softcap=2.0)
-    torch.library.opcheck(ce._ce_bwd_op, (x.detach(), t, torch.randn(4, device=device),
+    torch.library.opcheck(ce_ops._ce_bwd_op, (x.detach(), t, torch.randn(4, device=device),
                                           torch.rand(4, device=device), *none.schema_args()))
 
 
@@ -1250,13 +1252,13 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self, monkeypatch):
         super().__init__()
         self.ops = []
-        real = ce.launch
+        real = ce_launch.launch
 
         def launch(*args, **kwargs):
             with torch.utils._python_dispatch._disable_current_modes():
                 real(*args, **kwargs)
 
-        monkeypatch.setattr(ce, "launch", launch)
+        monkeypatch.setattr(ce_launch, "launch", launch)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

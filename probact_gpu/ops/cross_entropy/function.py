@@ -1,0 +1,146 @@
+"""Softmax cross-entropy, the public function: validates, then runs the class-index op, the
+in-place Function or the class-probability path."""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+
+from ..._runtime import check_float, check_same_device
+from ...options import CrossEntropyOptions
+from .custom_ops import _ce_op
+from .inplace import CrossEntropyInplaceFunction, _inplace_carrier
+from .launch import _INT_DTYPES
+from .soft_targets import _soft_target_ce
+
+
+def _check_target(input: torch.Tensor, target) -> bool:
+    """Validate ``target`` against ``input``; True for class probabilities (float targets)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.ndim == 0:
+        raise ValueError("input must have at least 1 dimension (the classes), got a 0-d tensor")
+    if target.dtype.is_floating_point:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"target holds class probabilities (dtype={target.dtype}) so it must have the "
+                f"input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        return True
+    if target.dtype not in _INT_DTYPES:
+        raise TypeError(f"target must hold class indices (int64 or int32) or class "
+                        f"probabilities (float), got dtype={target.dtype}")
+    expected = tuple(input.shape[:1] + input.shape[2:]) if input.ndim >= 2 else ()
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target of class indices must have shape {expected} for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    return False
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+    logit_divisor: float = 1.0, temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None, return_lse: Literal[False] = False,
+    inplace_backward: bool = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+    logit_divisor: float = 1.0, temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None, return_lse: Literal[True],
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    logit_divisor: float = 1.0,
+    temperature: float = 1.0,
+    normalizer: float | torch.Tensor | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+):
+    """Softmax cross-entropy as ``torch.nn.functional.cross_entropy`` (input (C), (N, C) or
+    (N, C, d1, ...), class dim 1; targets as class indices or class probabilities; ``weight``,
+    ``ignore_index``, ``reduction``, ``label_smoothing`` with torch's semantics and scalar rules),
+    computed in fp32 (fp64 for fp64 input) and returned in the input's dtype, plus:
+
+    - ``z_loss``: adds ``z_loss · lse²`` per non-ignored row (PaLM).
+    - the logit transform, in this order, inside the kernels: ``logit_scale`` (multiplies),
+      ``logit_divisor`` (divides), ``softcap`` (``softcap · tanh(z / softcap)``, Gemma 2),
+      ``temperature`` (divides); loss and lse are those of the transformed logits.
+    - ``normalizer`` (``reduction="sum"`` only): a number or a 0-d device tensor the summed loss
+      and its gradient are divided by on the device (Hugging Face's ``num_items_in_batch``).
+    - ``return_lse``: returns ``(loss, lse)``, lse of the transformed logits per row, fp32 (fp64
+      for fp64 input), not differentiable.
+    - ``inplace_backward``: the gradient is written into ``input``'s storage (no logits-sized
+      buffer), when ``input`` requires grad (otherwise it is left alone). Class indices and a
+      batch dim only. Checked before anything is written: a leaf that requires grad, a view of
+      one, a view autograd forbids writing (no_grad, multi-output), an expanded tensor and
+      (sum/mean) a view of part of a larger tensor raise; a view covering its base whole
+      (``logits.view(-1, V)``) works. Logits whose dims after the class dim do not merge into
+      one stride are computed through a temporary copied back into them (correct, not free).
+      After the call ``input`` holds the gradient (sum/mean; none: after backward). Autograd
+      then raises if an op that saved the logits earlier runs its backward, or if a
+      differentiable use of the logits after the call needs a gradient; a non-differentiable
+      read (``logits.argmax(1)``, printing, a copy under no_grad) raises nothing and silently
+      reads the gradient — read the logits before the call. Under ``torch.compile`` the
+      out-of-place op is traced instead (same values, one logits-sized buffer).
+
+    A class index outside ``[0, C)`` that is not ``ignore_index`` gives NaN for its row (never an
+    out-of-bounds read); all targets ignored with ``"mean"`` gives NaN, as torch. With
+    ``reduction`` sum or mean and ``input.requires_grad``, the gradient is computed in the forward
+    (one read of the logits when a row fits on-chip); backward only scales it by grad_output (a
+    no-op when that is 1). Double backward (``create_graph=True``) raises.
+    """
+    opts = CrossEntropyOptions.from_kwargs(
+        weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
+        logit_divisor=logit_divisor, softcap=softcap, temperature=temperature,
+        normalizer=normalizer)
+    check_float("input", input)
+    soft = _check_target(input, target)
+    opts.check_weight(input.shape[1] if input.ndim >= 2 else input.shape[0], input.device)
+    check_same_device(input=input, target=target)
+    if isinstance(opts.normalizer, torch.Tensor):
+        check_same_device(input=input, normalizer=opts.normalizer)
+    if soft:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True supports class-index targets only, got "
+                             f"class probabilities (dtype={target.dtype})")
+        loss, lse = _soft_target_ce(input, target, opts)
+        return (loss, lse) if return_lse else loss
+    squeeze = input.ndim == 1
+    if inplace_backward and squeeze:
+        raise ValueError("inplace_backward=True needs input with a batch dim (N, C, ...)")
+    x = input.unsqueeze(0) if squeeze else input
+    t = target.reshape(1) if squeeze else target
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
+        carrier, geometry = _inplace_carrier(input, opts.reduction)
+        loss, lse, _ = CrossEntropyInplaceFunction.apply(carrier, t, geometry,
+                                                         *opts.schema_args())
+    else:  # (in place without a backward to feed would only destroy the logits)
+        loss, lse, _ = _ce_op(x, t, *opts.schema_args(),
+                              needs_grad and opts.reduction != "none")
+    if squeeze:
+        lse = lse.reshape(())
+        if opts.reduction == "none":
+            loss = loss.reshape(())
+    return (loss, lse) if return_lse else loss

@@ -1,0 +1,111 @@
+"""Softmax cross-entropy with ``inplace_backward=True``: the checks that decide, before anything
+is written, whether autograd lets the logits be overwritten with their gradient, and the
+``autograd.Function`` that carries the gradient in the logits' storage."""
+
+from __future__ import annotations
+
+import torch
+
+from ...options import CrossEntropyOptions
+from .autograd import _refuse_double_backward, _saved_grad, _scale_saved_grad
+from .custom_ops import _ce_bwd_inplace_op, _ce_inplace_op, _ce_op
+from .launch import _overlaps
+
+
+def _inplace_carrier(input: torch.Tensor, reduction: str):
+    """Before anything is written: may autograd let ``input`` be overwritten in place? Returns
+    (the tensor to hand autograd as written, the logits' geometry in it or None). A view (sum /
+    mean) is written through its base — autograd cannot mark a view dirty in a function with
+    several outputs — so it must cover its base whole (``logits.view(-1, V)``, the usual LM
+    head call)."""
+    if input.is_leaf:
+        raise RuntimeError(
+            "cross_entropy(..., inplace_backward=True) overwrites input with its gradient, but "
+            "input is a leaf tensor that requires grad, which autograd never lets be written in "
+            "place: pass the logits as computed (a non-leaf tensor), or inplace_backward=False")
+    if _overlaps(input):
+        raise ValueError(
+            f"cross_entropy(..., inplace_backward=True): input (shape {tuple(input.shape)}, "
+            f"strides {input.stride()}) has elements sharing memory (an expanded tensor), so "
+            "its gradient cannot be written in place: use inplace_backward=False")
+    if not input._is_view():
+        return input, None
+    base = input._base
+    if base.is_leaf:
+        raise RuntimeError(
+            "cross_entropy(..., inplace_backward=True) overwrites input with its gradient, but "
+            "input is a view of a leaf tensor that requires grad, which autograd never lets be "
+            "written in place: use inplace_backward=False")
+    meta = torch._C._autograd._get_creation_meta(input)
+    if meta != torch._C._autograd.CreationMeta.DEFAULT:
+        raise RuntimeError(
+            f"cross_entropy(..., inplace_backward=True) overwrites input with its gradient, but "
+            f"input is a view autograd does not let be written in place ({meta}: a view made "
+            "under no_grad, or one of several views from one op such as split): pass a tensor "
+            "that is not such a view, or inplace_backward=False")
+    if reduction == "none":
+        return input, None
+    if base.numel() != input.numel() or torch._debug_has_internal_overlap(base) != 0:
+        raise ValueError(
+            f"cross_entropy(..., inplace_backward=True): input is a view of part of a larger "
+            f"tensor (shape {tuple(base.shape)}); its gradient can be written in place only "
+            "when the view covers its base whole (e.g. logits.view(-1, V)): pass "
+            "input.contiguous(), or inplace_backward=False")
+    return base, (tuple(input.shape), input.stride(), input.storage_offset())
+
+
+class CrossEntropyInplaceFunction(torch.autograd.Function):
+    """``inplace_backward=True``: the gradient lives in the logits' storage.
+
+    sum/mean: the forward writes the gradient into the logits, marks them dirty and returns them
+    as a hidden output, so autograd knows: an op that saved the logits before raises at backward
+    ("modified by an inplace operation"), and any differentiable use of the logits afterwards
+    flows a gradient into this node, whose backward raises. none: the backward writes the
+    gradient into the saved logits (a version bump, so a later unpack of the same logits
+    raises). ``cross_entropy`` validates the logits before calling it (nothing is written
+    when autograd would refuse)."""
+
+    @staticmethod
+    def forward(ctx, carrier, target, geometry, *schema):
+        """``carrier``: the logits, or (sum/mean, logits that are a view) the base tensor they
+        cover whole, which autograd is told was written; ``geometry``: None, or the logits'
+        (size, stride, storage_offset) in the base."""
+        opts = CrossEntropyOptions.from_schema(*schema)
+        ctx.set_materialize_grads(False)
+        ctx.used = False
+        ctx.handed_out = None
+        ctx.schema_scalars = (*schema[1:9], schema[10])
+        if opts.reduction == "none":
+            loss, lse, _ = _ce_op(carrier, target, *schema, False)
+            ctx.save_for_backward(carrier, target, lse, schema[0])
+            ctx.mark_non_differentiable(lse)
+            return loss, lse, None
+        x = carrier if geometry is None else carrier.as_strided(*geometry)
+        loss, lse = _ce_inplace_op(x, target, *schema)
+        ctx.mark_dirty(carrier)
+        ctx.save_for_backward(carrier)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse, carrier
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_input_out):
+        none = (None,) * (2 + CrossEntropyOptions.N_SCHEMA_ARGS)
+        if grad_input_out is not None:
+            raise RuntimeError(
+                "the logits passed to cross_entropy(..., inplace_backward=True) were used after "
+                "the call, but they now hold the gradient: compute with them before the loss, or "
+                "use inplace_backward=False")
+        if grad_loss is None:
+            return (None, *none)
+        _refuse_double_backward()
+        if ctx.schema_scalars[1] == "none":
+            if ctx.used:
+                raise RuntimeError(
+                    "cross_entropy(..., reduction='none', inplace_backward=True) supports one "
+                    "backward pass: it overwrites the logits with their gradient")
+            ctx.used = True
+            input, target, lse, weight = ctx.saved_tensors
+            s = ctx.schema_scalars
+            _ce_bwd_inplace_op(input, target, lse, grad_loss, weight, *s[:8], None, s[8])
+            return (input, *none)
+        return (_scale_saved_grad(ctx, _saved_grad(ctx), grad_loss), *none)
