@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from probact_gpu import reference_lm_head as ref
-from probact_gpu.distributed_lm_head import (
+from probact_gpu.distributed import (
     VocabParallelTokenLogProbsFunction,
     vocab_parallel_linear_token_log_probs,
     vocab_parallel_token_log_probs,

@@ -1,6 +1,6 @@
 """Vocab-parallel token log-probs: the LM head's per-token log-prob, entropy, lse and argmax
 when its logits (or its weight) are split along the vocabulary over the ranks of a
-``torch.distributed`` process group, without gathering the logits. Re-exported by
+``torch.distributed`` process group, without gathering the logits. Exported by
 ``probact_gpu.distributed``.
 
 Rank ``r`` holds the columns of global classes ``[s_r, s_r + V_r)`` of the same N rows, and
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import accum_dtype, check_float, check_runnable, check_same_device
-from .ops._common import (
+from .._runtime import accum_dtype, check_float, check_runnable, check_same_device
+from ..ops._common import (
     check_chunking,
     check_head_inputs,
     flatten_head_input,
@@ -56,8 +56,8 @@ from .ops._common import (
     no_second_derivative,
     token_chunk,
 )
-from .ops.linear_token_log_probs import linear_token_log_probs, linear_token_log_probs_bwd
-from .ops.token_log_probs import (
+from ..ops.linear_token_log_probs import linear_token_log_probs, linear_token_log_probs_bwd
+from ..ops.token_log_probs import (
     NO_INDEX,
     check_target,
     finish_rows,
@@ -67,8 +67,9 @@ from .ops.token_log_probs import (
     token_log_probs_bwd,
     token_log_probs_partial,
 )
-from .options import CrossEntropyOptions, HeadTransform, as_index
-from .tiling import RowConfig
+from ..options import CrossEntropyOptions, HeadTransform, as_index
+from ..tiling import RowConfig
+from ._layout import _check_layout_args, _group_layout, _unwrap_dtensor
 
 __all__ = [
     "VocabParallelLinearTokenLogProbsFunction",
@@ -180,40 +181,6 @@ class VocabParallelTokenLogProbsFunction(torch.autograd.Function):
         return (dx,) + none
 
 
-def _unwrap_dtensor(input, target, group, vocab_start_index, vocab_size):
-    """(local logits, local target, group, vocab_start, vocab_size) of a DTensor input sharded
-    on its class dim over a 1-D mesh (module docstring)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    mesh = input.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(f"input is a DTensor on a {mesh.ndim}-D device mesh: only a 1-D mesh "
-                         "(the tensor-parallel group) is supported")
-    (placement,) = input.placements
-    class_dim = input.ndim - 1
-    if not (isinstance(placement, Shard) and placement.dim % input.ndim == class_dim):
-        raise ValueError(f"input is a DTensor with placement {placement}: it must be sharded "
-                         f"on its class dim (Shard(-1))")
-    if group is not None or vocab_start_index is not None or vocab_size is not None:
-        raise ValueError("group, vocab_start_index and vocab_size come from a DTensor input's "
-                         "mesh and shape: leave them None")
-    if isinstance(target, DTensor):
-        if any(not isinstance(p, Replicate) for p in target.placements):
-            raise ValueError(f"target is a DTensor with placements {target.placements}: it must "
-                             "be replicated")
-        target = target.to_local()
-    world, rank = mesh.size(), mesh.get_local_rank()
-    vocab = input.shape[-1]
-    chunk = -(-vocab // world)  # torch.chunk's layout
-    start = min(rank * chunk, vocab)
-    local = input.to_local()
-    if local.shape[-1] != min(chunk, vocab - start):
-        raise ValueError(f"input's local shard has {local.shape[-1]} classes but Shard(-1) of "
-                         f"{vocab} over {world} ranks gives rank {rank} "
-                         f"{min(chunk, vocab - start)}")
-    return local, target, mesh.get_group(), start, vocab
-
-
 def vocab_parallel_token_log_probs(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -260,8 +227,6 @@ def vocab_parallel_token_log_probs(
                          f"{tuple(input.shape)}")
     check_target(input, target, "input")
     check_same_device(input=input, target=target)
-    from .distributed import _check_layout_args, _group_layout  # it imports this module
-
     _check_layout_args(vocab_start_index, vocab_size)
     ignore_index = as_index("ignore_index", ignore_index)
     transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
@@ -385,8 +350,6 @@ def vocab_parallel_linear_token_log_probs(
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
-    from .distributed import _check_layout_args, _group_layout  # it imports this module
-
     _check_layout_args(vocab_start_index, vocab_size)
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,
                  return_argmax=return_argmax)

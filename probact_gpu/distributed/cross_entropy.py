@@ -61,9 +61,9 @@ from __future__ import annotations
 
 import torch
 
-from . import tiling
-from ._runtime import accum_dtype, check_runnable, check_same_device
-from .ops._common import (
+from .. import tiling
+from .._runtime import accum_dtype, check_runnable, check_same_device
+from ..ops._common import (
     ce_launch_options,
     check_chunking,
     check_head_inputs,
@@ -74,105 +74,23 @@ from .ops._common import (
     reduce_rows,
     token_chunk,
 )
-from .ops.cross_entropy import (
+from ..ops.cross_entropy import (
     cross_entropy,
     cross_entropy_combine,
     cross_entropy_grad,
     cross_entropy_partial_stats,
 )
-from .ops.linear_cross_entropy import linear_cross_entropy, vocab_walk_bwd
-from .options import CrossEntropyOptions
-from .tiling import RowConfig
+from ..ops.linear_cross_entropy import linear_cross_entropy, vocab_walk_bwd
+from ..options import CrossEntropyOptions
+from ..tiling import RowConfig
+from ._layout import _check_layout_args, _group_layout
 
 __all__ = [
     "VocabParallelCrossEntropyFunction",
     "VocabParallelLinearCrossEntropyFunction",
-    "VocabParallelLinearTokenLogProbsFunction",
-    "VocabParallelTokenLogProbsFunction",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
-    "vocab_parallel_linear_token_log_probs",
-    "vocab_parallel_token_log_probs",
 ]
-
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-
-
-def _dist():
-    """``torch.distributed`` when it is built in (it is not on every platform), else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() else None
-
-
-def _group_world(group) -> tuple[int, int]:
-    """(rank, world size) in ``group``; (0, 1) without an initialized default process group."""
-    dist = _dist()
-    if dist is None or not dist.is_initialized():
-        if group is not None:
-            raise RuntimeError("group was given but torch.distributed has no initialized process "
-                               "group: call torch.distributed.init_process_group first")
-        return 0, 1
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError("this process is not a member of `group`: every rank that calls "
-                           "vocab_parallel_cross_entropy must belong to the group")
-    return rank, dist.get_world_size(group)
-
-
-def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_index, vocab_size,
-            n_hidden=None) -> tuple[int, int]:
-    """(vocab_start, vocab_size) of this rank's shard of ``v_local`` classes. Exchanges
-    (V_local, N, start, dtype) — and the hidden size H when ``n_hidden`` is given (the linear
-    variant, whose backward all-reduces (N, H)) — with one all_gather of 4 (5) int64 per rank
-    and checks them, identically on every rank (so every rank raises the same error, and none
-    is left waiting in a later collective)."""
-    import torch.distributed as dist
-
-    if vocab_start_index is not None and vocab_size is not None:
-        if not 0 <= vocab_start_index <= vocab_size - v_local:
-            raise ValueError(
-                f"vocab_start_index={vocab_start_index} with {v_local} local classes does not "
-                f"fit in vocab_size={vocab_size}")
-        return vocab_start_index, vocab_size
-    start = -1 if vocab_start_index is None else vocab_start_index
-    fields = [v_local, n_rows, start, _DTYPE_CODES[dtype]]
-    if n_hidden is not None:
-        fields.append(n_hidden)
-    mine = torch.tensor(fields, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    meta = torch.stack(gathered).tolist()  # the one host read: world × 4 (5) integers
-    sizes = [m[0] for m in meta]
-    rows = {m[1] for m in meta}
-    if len(rows) != 1:
-        raise ValueError(f"every rank must hold the same rows: got N = {[m[1] for m in meta]} "
-                         "rows per rank")
-    if len({m[3] for m in meta}) != 1:
-        names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
-        raise ValueError(f"every rank's shard must have the same dtype, got "
-                         f"{[names[m[3]] for m in meta]}")
-    if n_hidden is not None and len({m[4] for m in meta}) != 1:
-        raise ValueError(f"every rank must have the same hidden size, got H = "
-                         f"{[m[4] for m in meta]} per rank")
-    total = sum(sizes)
-    if vocab_size is not None and vocab_size != total:
-        raise ValueError(f"vocab_size={vocab_size} but the shards hold {total} classes "
-                         f"({sizes} per rank)")
-    starts = [m[2] for m in meta]
-    if all(s == -1 for s in starts):
-        return sum(sizes[:rank]), total
-    if any(s == -1 for s in starts):
-        raise ValueError("vocab_start_index must be given on every rank or on none, got "
-                         f"{[None if s == -1 else s for s in starts]}")
-    covered = 0
-    for s, v in sorted(zip(starts, sizes, strict=True)):
-        if s != covered:
-            raise ValueError(f"the shards must tile [0, {total}) exactly: got (start, size) per "
-                             f"rank {list(zip(starts, sizes, strict=True))}")
-        covered += v
-    return starts[rank], total
-
 
 def _local_row_stats(stats: torch.Tensor) -> torch.Tensor:
     """Merge the (N, S, 4) split partials of each row (max, Σexp, z_t, Σz) into (N, 4), the
@@ -198,43 +116,6 @@ def _global_row_stats(local: torch.Tensor, group) -> torch.Tensor:
     sums[:, 0] *= torch.exp(local[:, 0] - shift)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return torch.cat([row_max[:, None], sums], dim=1)[:, None, :]
-
-
-def _check_layout_args(vocab_start_index, vocab_size) -> None:
-    for name, value in (("vocab_start_index", vocab_start_index), ("vocab_size", vocab_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 0):
-            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
-
-
-def _check_whole_vocabulary(v_local, vocab_start_index, vocab_size) -> None:
-    """With one rank the shard must be the whole vocabulary."""
-    if vocab_start_index not in (None, 0) or vocab_size not in (None, v_local):
-        raise ValueError(
-            f"with one rank the shard is the whole vocabulary ({v_local} classes), "
-            f"got vocab_start_index={vocab_start_index}, vocab_size={vocab_size}")
-
-
-def _check_backend(dist, group, device: torch.device) -> None:
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        raise ValueError(f"the process group uses NCCL, which needs CUDA tensors; input is on "
-                         f"{device}")
-
-
-def _group_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size, *,
-                  n_hidden=None) -> tuple[int, int, int]:
-    """(world size, vocab_start, vocab_size) of this rank's shard of ``v_local`` classes, for
-    every vocab-parallel function: with one rank (or no process group) the shard must be the
-    whole vocabulary; with more the backend must suit ``device`` and the layout is learnt or
-    checked by :func:`_layout` (``n_hidden``: the linear forms' H, checked too)."""
-    rank, world = _group_world(group)
-    if world == 1:
-        _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
-        return world, 0, v_local
-    _check_backend(_dist(), group, device)
-    start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
-                           vocab_start_index, vocab_size, n_hidden=n_hidden)
-    return world, start, total
 
 
 def _stats_options(options: CrossEntropyOptions) -> dict:
@@ -540,13 +421,3 @@ def vocab_parallel_linear_cross_entropy(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
         options, (chunk_size, memory_budget, config))
     return loss.reshape(batch_shape) if options.reduction == "none" else loss
-
-
-# The LM head's other outputs over the same process groups (token log-probs, entropy, lse,
-# argmax) live in their own module; they are part of this one's API.
-from .distributed_lm_head import (  # noqa: E402
-    VocabParallelLinearTokenLogProbsFunction,
-    VocabParallelTokenLogProbsFunction,
-    vocab_parallel_linear_token_log_probs,
-    vocab_parallel_token_log_probs,
-)

@@ -1,0 +1,158 @@
+"""The shard layout every vocab-parallel function shares: the process group's rank and size, the
+shard's place in the global vocabulary (given, or learnt by one small all_gather and checked the
+same way on every rank), and DTensor inputs unwrapped to their local shard. Below the
+functions that use it (``cross_entropy.py``, ``token_log_probs.py``), which never import each
+other."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _dist():
+    """``torch.distributed`` when it is built in (it is not on every platform), else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
+
+
+def _group_world(group) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without an initialized default process group."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        if group is not None:
+            raise RuntimeError("group was given but torch.distributed has no initialized process "
+                               "group: call torch.distributed.init_process_group first")
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of `group`: every rank that calls "
+                           "vocab_parallel_cross_entropy must belong to the group")
+    return rank, dist.get_world_size(group)
+
+
+def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_index, vocab_size,
+            n_hidden=None) -> tuple[int, int]:
+    """(vocab_start, vocab_size) of this rank's shard of ``v_local`` classes. Exchanges
+    (V_local, N, start, dtype) — and the hidden size H when ``n_hidden`` is given (the linear
+    variant, whose backward all-reduces (N, H)) — with one all_gather of 4 (5) int64 per rank
+    and checks them, identically on every rank (so every rank raises the same error, and none
+    is left waiting in a later collective)."""
+    import torch.distributed as dist
+
+    if vocab_start_index is not None and vocab_size is not None:
+        if not 0 <= vocab_start_index <= vocab_size - v_local:
+            raise ValueError(
+                f"vocab_start_index={vocab_start_index} with {v_local} local classes does not "
+                f"fit in vocab_size={vocab_size}")
+        return vocab_start_index, vocab_size
+    start = -1 if vocab_start_index is None else vocab_start_index
+    fields = [v_local, n_rows, start, _DTYPE_CODES[dtype]]
+    if n_hidden is not None:
+        fields.append(n_hidden)
+    mine = torch.tensor(fields, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    meta = torch.stack(gathered).tolist()  # the one host read: world × 4 (5) integers
+    sizes = [m[0] for m in meta]
+    rows = {m[1] for m in meta}
+    if len(rows) != 1:
+        raise ValueError(f"every rank must hold the same rows: got N = {[m[1] for m in meta]} "
+                         "rows per rank")
+    if len({m[3] for m in meta}) != 1:
+        names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
+        raise ValueError(f"every rank's shard must have the same dtype, got "
+                         f"{[names[m[3]] for m in meta]}")
+    if n_hidden is not None and len({m[4] for m in meta}) != 1:
+        raise ValueError(f"every rank must have the same hidden size, got H = "
+                         f"{[m[4] for m in meta]} per rank")
+    total = sum(sizes)
+    if vocab_size is not None and vocab_size != total:
+        raise ValueError(f"vocab_size={vocab_size} but the shards hold {total} classes "
+                         f"({sizes} per rank)")
+    starts = [m[2] for m in meta]
+    if all(s == -1 for s in starts):
+        return sum(sizes[:rank]), total
+    if any(s == -1 for s in starts):
+        raise ValueError("vocab_start_index must be given on every rank or on none, got "
+                         f"{[None if s == -1 else s for s in starts]}")
+    covered = 0
+    for s, v in sorted(zip(starts, sizes, strict=True)):
+        if s != covered:
+            raise ValueError(f"the shards must tile [0, {total}) exactly: got (start, size) per "
+                             f"rank {list(zip(starts, sizes, strict=True))}")
+        covered += v
+    return starts[rank], total
+
+
+def _check_layout_args(vocab_start_index, vocab_size) -> None:
+    for name, value in (("vocab_start_index", vocab_start_index), ("vocab_size", vocab_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
+
+
+def _check_whole_vocabulary(v_local, vocab_start_index, vocab_size) -> None:
+    """With one rank the shard must be the whole vocabulary."""
+    if vocab_start_index not in (None, 0) or vocab_size not in (None, v_local):
+        raise ValueError(
+            f"with one rank the shard is the whole vocabulary ({v_local} classes), "
+            f"got vocab_start_index={vocab_start_index}, vocab_size={vocab_size}")
+
+
+def _check_backend(dist, group, device: torch.device) -> None:
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        raise ValueError(f"the process group uses NCCL, which needs CUDA tensors; input is on "
+                         f"{device}")
+
+
+def _group_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size, *,
+                  n_hidden=None) -> tuple[int, int, int]:
+    """(world size, vocab_start, vocab_size) of this rank's shard of ``v_local`` classes, for
+    every vocab-parallel function: with one rank (or no process group) the shard must be the
+    whole vocabulary; with more the backend must suit ``device`` and the layout is learnt or
+    checked by :func:`_layout` (``n_hidden``: the linear forms' H, checked too)."""
+    rank, world = _group_world(group)
+    if world == 1:
+        _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
+        return world, 0, v_local
+    _check_backend(_dist(), group, device)
+    start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
+                           vocab_start_index, vocab_size, n_hidden=n_hidden)
+    return world, start, total
+
+
+def _unwrap_dtensor(input, target, group, vocab_start_index, vocab_size):
+    """(local logits, local target, group, vocab_start, vocab_size) of a DTensor input sharded
+    on its class dim over a 1-D mesh (module docstring)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = input.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"input is a DTensor on a {mesh.ndim}-D device mesh: only a 1-D mesh "
+                         "(the tensor-parallel group) is supported")
+    (placement,) = input.placements
+    class_dim = input.ndim - 1
+    if not (isinstance(placement, Shard) and placement.dim % input.ndim == class_dim):
+        raise ValueError(f"input is a DTensor with placement {placement}: it must be sharded "
+                         f"on its class dim (Shard(-1))")
+    if group is not None or vocab_start_index is not None or vocab_size is not None:
+        raise ValueError("group, vocab_start_index and vocab_size come from a DTensor input's "
+                         "mesh and shape: leave them None")
+    if isinstance(target, DTensor):
+        if any(not isinstance(p, Replicate) for p in target.placements):
+            raise ValueError(f"target is a DTensor with placements {target.placements}: it must "
+                             "be replicated")
+        target = target.to_local()
+    world, rank = mesh.size(), mesh.get_local_rank()
+    vocab = input.shape[-1]
+    chunk = -(-vocab // world)  # torch.chunk's layout
+    start = min(rank * chunk, vocab)
+    local = input.to_local()
+    if local.shape[-1] != min(chunk, vocab - start):
+        raise ValueError(f"input's local shard has {local.shape[-1]} classes but Shard(-1) of "
+                         f"{vocab} over {world} ranks gives rank {rank} "
+                         f"{min(chunk, vocab - start)}")
+    return local, target, mesh.get_group(), start, vocab
