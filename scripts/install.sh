@@ -88,7 +88,7 @@ have() {  # have MODULE...: every module imports
 }
 
 extras=test,bench
-modules=(pytest matplotlib tqdm)       # what the extras install, by import name
+modules=(pytest xdist matplotlib tqdm) # what the extras install, by import name
 if grep -Eq '^[[:space:]]*transformers[[:space:]]*=' pyproject.toml; then
     extras+=,transformers
     modules+=(transformers accelerate)

@@ -10,4 +10,10 @@ cd "$(dirname "$0")/.."
 # __init__.py steps aside for Hugging Face's `kernels` on any Python).
 export PYTHONSAFEPATH=1
 PY=$(bash scripts/install.sh)
-exec "$PY" -m pytest -q "$@"
+# The test files spread over the cores (pytest-xdist, from the test extra; a file's tests stay
+# in one process, which runs its multi-rank spawns once): PROBACT_TEST_WORKERS=0 runs one.
+XDIST=()
+if "$PY" -c "import xdist" 2> /dev/null; then
+    XDIST=(-n "${PROBACT_TEST_WORKERS:-auto}" --dist loadfile)
+fi
+exec "$PY" -m pytest -q "${XDIST[@]}" "$@"

@@ -18,7 +18,11 @@ if ! "$PY" -m pip install -q --upgrade --target "$SITE" "triton==3.6.0" "numpy<2
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
-exec "$PY" -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" \
+XDIST=()
+if "$PY" -c "import xdist" 2> /dev/null; then
+    XDIST=(-n "${PROBACT_TEST_WORKERS:-auto}" --dist loadfile)
+fi
+exec "$PY" -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" "${XDIST[@]}" \
     -m "not slow" \
     tests/test_interpreter.py tests/test_softmax.py tests/test_sigmoid.py tests/test_bce.py \
     tests/test_cross_entropy.py tests/test_token_log_probs.py tests/test_compile.py \
