@@ -249,15 +249,6 @@ def test_transformers_patch_shift_labels_and_logits_to_keep(device):
         model(**batch, labels=labels, logits_to_keep=5)
 
 
-def test_transformers_slice_hidden_without_transformers_slicer():
-    """What the forwards of transformers versions without slice_logits_to_keep do inline."""
-    hidden = torch.arange(2 * 6 * 3.0).reshape(2, 6, 3)
-    assert torch.equal(hf._slice_hidden(hidden, 0, None), hidden)
-    assert torch.equal(hf._slice_hidden(hidden, 2, None), hidden[:, 4:])
-    positions = torch.tensor([0, 3])
-    assert torch.equal(hf._slice_hidden(hidden, positions, None), hidden[:, positions])
-
-
 @needs_transformers
 def test_transformers_patch_without_labels_returns_the_models_logits(device):
     """labels=None (generation, evaluation that needs logits): the model's own forward, the same
@@ -341,7 +332,10 @@ def test_transformers_patch_token_log_probs_need_the_function(device, monkeypatc
 
 
 def _snapshot(model):
-    return (dict(model.__dict__), {k: v.clone() for k, v in model.state_dict().items()},
+    """Every module's attributes (the model's and its head's included), the weights, modes."""
+    attributes = {(name, key): value for name, m in model.named_modules()
+                  for key, value in m.__dict__.items()}
+    return (attributes, {k: v.clone() for k, v in model.state_dict().items()},
             {m: m.training for m in model.modules()})
 
 
@@ -379,8 +373,6 @@ def test_transformers_patch_declines_and_leaves_the_model_untouched(device):
     assert_declines(model, "custom loss")
     # config keys that may change the logits or the loss, and are not understood
     assert_declines(make_model("llama", device, lm_head_multiplier=2.0), "lm_head_multiplier")
-    assert_declines(make_model("llama", device, router_aux_loss_coef=0.01),
-                    "router_aux_loss_coef")
     # a key read only where its meaning is known: logits_scaling outside the Granite family
     assert_declines(make_model("llama", device, logits_scaling=4.0), "logits_scaling")
     assert_declines(make_model("gemma2", device, final_logit_softcapping=-1.0), "positive")
@@ -400,7 +392,7 @@ def test_transformers_patch_declines_and_leaves_the_model_untouched(device):
     assert_declines(model, "not floating point")
     model = make_model("llama", device)
     model.config.vocab_size = VOCAB + 1
-    assert_declines(model, "config.vocab_size")
+    assert_declines(model, "the config's vocab_size")
     model = make_model("llama", device)
     model.loss_type = "ForMaskedLM"
     assert_declines(model, "loss_type")
@@ -419,40 +411,56 @@ def _fake_class(forward=None, **attrs):
 
 
 @needs_transformers
-def test_transformers_patch_declines_forwards_it_cannot_route(device):
+def test_transformers_patch_declines_forwards_it_cannot_fuse(device):
+    """Forwards that do something between the head and the loss that the substitution cannot
+    reproduce: each is caught by a per-call check (the probe turns it into a decline), never
+    computed as another loss."""
     config = make_model("llama", device).config
     Out = transformers.modeling_outputs.CausalLMOutputWithPast
 
     def no_labels(self, input_ids=None, **kwargs) -> Out:
         return None
 
-    def images(self, input_ids=None, pixel_values=None, labels=None, **kwargs) -> Out:
-        return None
+    def body(self, input_ids, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k in ("attention_mask", "use_cache")}
+        return self.model(input_ids=input_ids, **kwargs).last_hidden_state
 
-    def untyped(self, input_ids=None, labels=None, **kwargs):
-        return None
+    def own_loss(self, input_ids=None, labels=None, **kwargs) -> Out:
+        logits = self.lm_head(body(self, input_ids, kwargs))
+        return Out(loss=logits.float().logsumexp(-1).mean(), logits=logits)
 
-    def union(self, input_ids=None, labels=None, router_mask=None, **kwargs) -> tuple | Out:
-        return None
+    def head_twice(self, input_ids=None, labels=None, **kwargs) -> Out:
+        h = body(self, input_ids, kwargs)
+        logits = self.lm_head(h) + self.lm_head(h)
+        return Out(loss=self.loss_function(logits, labels, self.vocab_size), logits=logits)
+
+    def sliced(self, input_ids=None, labels=None, **kwargs) -> Out:
+        logits = self.lm_head(body(self, input_ids, kwargs))[:, 1:].contiguous()
+        return Out(loss=self.loss_function(logits, labels[:, 1:], self.vocab_size), logits=logits)
+
+    def scaled(self, input_ids=None, labels=None, **kwargs) -> Out:
+        logits = self.lm_head(body(self, input_ids, kwargs)) * 2
+        return Out(loss=self.loss_function(logits, labels, self.vocab_size), logits=logits)
+
+    def twice(self, input_ids=None, labels=None, **kwargs) -> Out:
+        logits = self.lm_head(body(self, input_ids, kwargs))
+        loss = self.loss_function(logits, labels, self.vocab_size)
+        return Out(loss=loss + self.loss_function(logits, labels, self.vocab_size), logits=logits)
 
     assert_declines(_fake_class(no_labels)(config), "takes no labels")
-    assert_declines(_fake_class(images)(config), r"\['pixel_values'\]")
-    assert_declines(_fake_class(untyped)(config), "does not declare a ModelOutput")
-    assert hf._output_class(transformers, _fake_class(union)) is Out
-    # router arguments are never routed, even where the backbone names them
-    backbone = type("Body", (transformers.LlamaModel,), {
-        "forward": lambda self, input_ids=None, router_mask=None, **kwargs: None})
-    fake = _fake_class(union)(config)
-    fake.model = backbone(config)
-    assert_declines(fake, r"\['router_mask'\]")
-    assert_declines(_fake_class(base_model_prefix="body")(config), "no separate backbone")
-    decoder = torch.nn.Identity()
-    assert_declines(_fake_class(get_decoder=lambda self: decoder)(config), "composite")
-
-    def broken(self):
-        raise NotImplementedError("no decoder here")
-
-    assert_declines(_fake_class(get_decoder=broken)(config), "no decoder here")
+    for forward, match in ((own_loss, "did not compute its loss with model.loss_function"),
+                           (head_twice, "called its output embedding 2 times"),
+                           (sliced, "reshapes, slices or extends the logits"),
+                           (scaled, "transforms the logits before its loss and the config names "
+                                    "no transform"),
+                           (twice, "computes its loss more than once")):
+        assert_declines(_fake_class(forward)(config), match)
+        # and at run time, with the probe skipped: an error, not another loss
+        model = _fake_class(forward)(config)
+        assert hf.patch(model, check=False)
+        with pytest.raises(hf.FusedLossError, match=match):
+            model(**make_batch(device))
+    assert_declines(_fake_class(lm_head=torch.nn.Linear(64, VOCAB + 1))(config), "vocab_size")
 
 
 @needs_transformers
@@ -461,7 +469,8 @@ def test_transformers_patch_probe_declines_a_loss_it_cannot_reproduce(device):
     accept it, the probe's loss differs, the patch is undone. check=False skips the probe (and
     so patches a model whose loss it changes: the reason check defaults to True)."""
     model = make_model("llama", device, final_logit_softcapping=5.0)
-    assert_declines(model, "parity probe's loss differs")
+    assert_declines(model, "a logit transform .softcap=5.0. that the model's forward does not "
+                           "apply")
     assert hf.patch(model, check=False)
     assert hf.unpatch(model)
     assert not hf.unpatch(model)
@@ -471,32 +480,33 @@ def test_transformers_patch_probe_declines_a_loss_it_cannot_reproduce(device):
 def test_transformers_patch_probe_reasons(device, monkeypatch):
     """The probe's other reasons: it raises, a non-finite loss, an output with a field the patch
     does not compute, another output class."""
-    real_original = hf._Patch.original
+    real_run = hf._Patch.run
+    real_without = hf._without_logits
     out_cls = transformers.modeling_outputs.MoeCausalLMOutputWithPast
 
-    def with_aux(self, model, *args, **kwargs):
-        out = real_original(self, model, *args, **kwargs)
-        out["aux_loss"] = torch.zeros(())
+    def with_aux(self, model, call, kwargs):  # the unpatched run has a field the patch lacks
+        out = real_run(self, model, call, kwargs)
+        if call.mode == "record":
+            out["aux_loss"] = torch.zeros(())
         return out
 
-    def other_class(self, model, *args, **kwargs):
-        out = real_original(self, model, *args, **kwargs)
-        return out_cls(loss=out.loss, logits=out.logits)
+    def other_class(out, call, extras):
+        out = real_without(out, call, extras)
+        return out_cls(loss=out.loss)
 
     for name, value, match in (
             ("_linear_cross_entropy", lambda *a, **k: 1 / 0, "probe failed: ZeroDivisionError"),
             ("_linear_cross_entropy",
              lambda h, *a, **k: torch.full(h.shape[:1] if k["reduction"] == "none" else (),
                                            float("nan")), "loss differs"),
+            ("_without_logits", other_class, "the patch MoeCausalLMOutputWithPast"),
     ):
         with monkeypatch.context() as m:
             m.setattr(hf, name, value)
             assert_declines(make_model("llama", device), match)
-    for original, match in ((with_aux, r"\['aux_loss'\]"),
-                            (other_class, "returns MoeCausalLMOutputWithPast")):
-        with monkeypatch.context() as m:
-            m.setattr(hf._Patch, "original", original)
-            assert_declines(make_model("llama", device), match)
+    with monkeypatch.context() as m:
+        m.setattr(hf._Patch, "run", with_aux)
+        assert_declines(make_model("llama", device), r"\['aux_loss'\]")
 
 
 @needs_transformers
