@@ -97,13 +97,16 @@ def make_config(cls, extra=None, keep=frozenset()):
         key = aliases.get(key, key)
         if key in names and key not in keep:
             kwargs[key] = value
-    kwargs.update(extra or {})
+    extra = dict(extra or {})
+    subs = getattr(cls, "sub_configs", None) or {}
+    sub_extra = {k: extra.pop(k) for k in list(extra) if k in subs and isinstance(extra[k], dict)}
+    kwargs.update(extra)
     config = cls(**kwargs)
     more = {}
     for key in names:
         value = getattr(config, key, None)
         if isinstance(value, PreTrainedConfig) and key not in kwargs:
-            more[key] = make_config(type(value))
+            more[key] = make_config(type(value), sub_extra.get(key))
     next_id = VOCAB - 1
     for key in sorted(names):
         value = getattr(config, key, None)
@@ -114,6 +117,9 @@ def make_config(cls, extra=None, keep=frozenset()):
     return cls(**kwargs, **more) if more else config
 
 
+IMAGE_TEXT = "image-text:"  # a sweep entry: that model type's image-text-to-text class
+
+
 def model_class(model_type):
     import transformers
     from transformers.models.auto.modeling_auto import (
@@ -121,14 +127,17 @@ def model_class(model_type):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    name = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-            or MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
+    if model_type.startswith(IMAGE_TEXT):
+        name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type[len(IMAGE_TEXT):]]
+    else:
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     return getattr(transformers, name)
 
 
 def make_model(model_type, dtype=torch.float32, seed=0):
     cls = model_class(model_type)
-    config = make_config(cls.config_class, EXTRA.get(model_type), KEEP.get(model_type, set()))
+    base = model_type.removeprefix(IMAGE_TEXT)
+    config = make_config(cls.config_class, EXTRA.get(base), KEEP.get(base, set()))
     torch.manual_seed(seed)
     model = cls(config)
     return model.to(dtype)
@@ -249,12 +258,17 @@ def compare(model, ref, batch, dtype=torch.float32) -> str | None:
         for key in set(want.keys()) - {"logits", "loss"}:
             if key not in out.keys():
                 return f"{what}: the output lacks {key!r}"
+        # gradients of every size, each relative to its own scale — but not below a 1e-3 of
+        # the largest: a gradient that is zero in exact arithmetic (an attention key's bias)
+        # is rounding noise on both sides
+        top = max((float(g.abs().max()) for g in want_grads.values() if g is not None),
+                  default=0.0)
         for name, g in want_grads.items():
             mine = grads[name]
             if (g is None) != (mine is None):
                 return f"grad of {name} ({what}): one side has none"
             if g is not None:
-                scale = g.abs().max().clamp_min(1e-30)
+                scale = g.abs().max().clamp_min(max(1e-3 * top, 1e-30))
                 bad = _mismatch(mine / scale, g / scale, dtype, f"grad of {name} ({what})")
                 if bad:
                     return bad
@@ -323,7 +337,7 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     warnings.simplefilter("ignore")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    types = args.types or all_model_types()
+    types = args.types or all_model_types() + list(VLM_BATCHES)
     results = []
     for model_type in types:
         result = run(model_type, dtype, VLM_BATCHES.get(model_type))
@@ -338,7 +352,94 @@ def main(argv=None) -> int:
     return 1 if counts.get("patched-wrong") or counts.get("error") else 0
 
 
-VLM_BATCHES: dict = {}
+# --------------------------------------------------------------------------- vision-language
+
+# The image-text-to-text families, each with a tiny vision tower, and their image inputs: an
+# image's placeholder tokens at the start of each row (labels -100 there), then text.
+_TINY_VISION = {"image_size": 16, "patch_size": 4}
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+VLM_EXTRA: dict[str, dict] = {
+    "gemma3": {"mm_tokens_per_image": 4, "vision_config": _TINY_VISION},
+    "llava": {"image_seq_length": 16, "vision_config": _TINY_VISION},
+    "paligemma": {"projection_dim": 64, "vision_config": {**_TINY_VISION, "projection_dim": 64}},
+    "qwen2_vl": {"vision_config": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 4},
+                 "text_config": {"rope_parameters": _MROPE}},
+    "qwen2_5_vl": {"vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64,
+                                     "num_heads": 2, "patch_size": 4, "out_hidden_size": 64,
+                                     "fullatt_block_indexes": [1], "window_size": 16},
+                   "text_config": {"rope_parameters": _MROPE}},
+    "idefics2": {"vision_config": _TINY_VISION,
+                 "perceiver_config": {"resampler_n_latents": 4, "resampler_depth": 1,
+                                      "resampler_n_heads": 2, "resampler_head_dim": 8,
+                                      "num_key_value_heads": 1}},
+    "idefics3": {"scale_factor": 2, "vision_config": _TINY_VISION},
+    "mllama": {"vision_config": {**_TINY_VISION, "max_num_tiles": 1, "num_global_layers": 1,
+                                 "intermediate_layers_indices": [0], "vision_output_dim": 128,
+                                 "supported_aspect_ratios": [[1, 1]]},
+               "text_config": {"cross_attention_layers": [1]}},
+}
+EXTRA.update(VLM_EXTRA)
+
+
+def _image_token(config):
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    raise KeyError("no image token id in the config")
+
+
+def vlm_batch(model_type):
+    """A batch function for ``run``: text_batch with ``n`` image tokens in front and the
+    family's image inputs."""
+    def make(model):
+        config = model.config
+        batch = text_batch(model, seq=20)
+        ids, labels = batch["input_ids"], batch["labels"]
+        n, image = _VLM_IMAGE[model_type](config, ids.shape[0])
+        ids[:, 2:2 + n] = _image_token(config)
+        labels[:, 2:2 + n] = -100
+        if "attention_mask" in batch:  # the padded row's first two tokens: no image there
+            batch["attention_mask"][1, :2] = 0
+        params = inspect.signature(type(model).forward).parameters
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if key in params:
+                batch[key] = (ids == _image_token(config)).long()
+        batch.update(image)
+        return batch
+    return make
+
+
+def _pixels(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+
+
+def _qwen_image(config, batch):
+    vision = config.vision_config
+    grid = 4  # patches per side; merged 2 × 2 into 4 tokens
+    patch = 3 * vision.temporal_patch_size * vision.patch_size ** 2
+    thw = torch.tensor([[1, grid, grid]] * batch)
+    tokens = grid * grid // vision.spatial_merge_size ** 2
+    return tokens, {"pixel_values": _pixels(batch * grid * grid, patch), "image_grid_thw": thw}
+
+
+_VLM_IMAGE = {
+    "gemma3": lambda c, b: (4, {"pixel_values": _pixels(b, 3, 16, 16)}),
+    "llava": lambda c, b: (16, {"pixel_values": _pixels(b, 3, 16, 16)}),
+    "paligemma": lambda c, b: (16, {"pixel_values": _pixels(b, 3, 16, 16)}),
+    "qwen2_vl": _qwen_image,
+    "qwen2_5_vl": _qwen_image,
+    "idefics2": lambda c, b: (4, {"pixel_values": _pixels(b, 1, 3, 16, 16),
+                                  "pixel_attention_mask": torch.ones(b, 1, 16, 16, dtype=bool)}),
+    "idefics3": lambda c, b: (4, {"pixel_values": _pixels(b, 1, 3, 16, 16),
+                                  "pixel_attention_mask": torch.ones(b, 1, 16, 16, dtype=bool)}),
+    "mllama": lambda c, b: (1, {"pixel_values": _pixels(b, 1, 1, 3, 16, 16),
+                                "aspect_ratio_ids": torch.ones(b, 1, dtype=torch.long),
+                                "aspect_ratio_mask": torch.ones(b, 1, 1, dtype=torch.long),
+                                "cross_attention_mask": torch.ones(b, 20, 1, 1,
+                                                                   dtype=torch.long)}),
+}
+VLM_BATCHES = {IMAGE_TEXT + t: vlm_batch(t) for t in _VLM_IMAGE}
 
 if __name__ == "__main__":
     sys.exit(main())

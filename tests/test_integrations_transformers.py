@@ -328,6 +328,68 @@ def test_transformers_patch_token_log_probs_need_the_function(device, monkeypatc
         model(**make_batch(device), return_entropy=True)
 
 
+@needs_transformers
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_transformers_token_log_probs_equal_the_models_log_softmax(family, device):
+    """token_log_probs(model, input_ids) against the model's own logits: log_softmax(logits / T)
+    of each next token (Gemma 2: through its softcap), with left padding and a temperature, for
+    every position and for the last logits_to_keep; the entropy; the gradient of an RL-style
+    objective into every parameter; on an unpatched model (the substitution for the call only)
+    and a patched one."""
+    model, ref = patched_pair(family, device)
+    plain = make_model(family, device)
+    batch = make_batch(device)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    temperature = 0.7
+    for m in (model, ref, plain):
+        m.train()
+    want_logits = ref(input_ids=ids, attention_mask=mask).logits.float() / temperature
+    want_all = torch.log_softmax(want_logits[:, :-1], -1)
+    want = want_all.gather(-1, ids[:, 1:, None])[..., 0]
+    want_entropy = -(want_all.exp() * want_all).sum(-1)
+    for m in (model, plain):
+        logp, entropy = hf.token_log_probs(m, ids, attention_mask=mask, temperature=temperature,
+                                           return_entropy=True)
+        assert logp.shape == entropy.shape == (2, ids.shape[1] - 1)
+        assert logp.dtype == torch.float32
+        assert_close(logp, want, what="log-probs")
+        assert_close(entropy, want_entropy, what="entropy")
+    assert not hf.is_patched(plain)  # the substitution was for the call only
+    last = hf.token_log_probs(plain, ids, attention_mask=mask, temperature=temperature,
+                              logits_to_keep=4)
+    assert last.shape == (2, 4)
+    assert_close(last, want[:, -4:], what="logits_to_keep=4")
+    # a GRPO-like objective: the gradient reaches every parameter as through the logits
+    valid = mask[:, 1:].bool()
+    advantages = torch.tensor([[1.0], [-0.5]], device=device)
+    for m, logp in ((model, hf.token_log_probs(model, ids, attention_mask=mask,
+                                               temperature=temperature)),
+                    (ref, want)):
+        m.zero_grad()
+        (-(logp * advantages * valid).sum() / valid.sum()).backward()
+    assert_same_grads(model, ref)
+
+
+@needs_transformers
+def test_transformers_token_log_probs_declines_as_patch_does(device):
+    with pytest.raises(ValueError, match="model: .*lm_head_multiplier"):
+        hf.token_log_probs(make_model("llama", device, lm_head_multiplier=2.0),
+                           make_batch(device)["input_ids"])
+    model = make_model("llama", device, final_logit_softcapping=5.0)  # the probe's verdict
+    for _ in range(2):  # probed once, the reason kept for the instance
+        with pytest.raises(ValueError, match="does not apply"):
+            hf.token_log_probs(model, make_batch(device)["input_ids"])
+    assert not hf.is_patched(model)
+    ids = make_batch(device)["input_ids"]
+    for kwargs, match in ((dict(temperature=0.0), "temperature"),
+                          (dict(logits_to_keep=ids.shape[1]), "logits_to_keep"),
+                          (dict(logits_to_keep=True), "logits_to_keep")):
+        with pytest.raises(ValueError, match=match):
+            hf.token_log_probs(model, ids, **kwargs)
+    with pytest.raises(ValueError, match="input_ids"):
+        hf.token_log_probs(model, ids.float())
+
+
 # --------------------------------------------------------------------------- declining
 
 
