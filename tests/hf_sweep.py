@@ -55,7 +55,14 @@ SIZES = dict(
     encoder_layers=2, decoder_layers=2,
 )
 # Per model type: keys over SIZES that make the tiny config valid (what its validators ask).
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 EXTRA: dict[str, dict] = {
+    "axk2": {"num_key_value_heads": 4},
+    "codegen": {"rotary_dim": 8},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": _ROPE,
+                                                "sliding_attention": _ROPE}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    "deepseek_v32": {"num_key_value_heads": 4},
     "dots1": {"n_shared_experts": 1},
     "dots3_note": {"num_key_value_heads": 4},
     "dots3_note_text": {"num_key_value_heads": 4},
@@ -236,14 +243,17 @@ def _step(model, batch, seed, **kwargs):
     return out, grads
 
 
-def compare(model, ref, batch, dtype=torch.float32) -> str | None:
+def compare(model, ref, batch, dtype=torch.float32, num_items=False) -> str | None:
     """The first difference between the patched ``model`` and the unpatched ``ref`` (training
-    mode, same seeds), or None."""
+    mode, same seeds), or None: the loss and every gradient (with ``num_items_in_batch`` too
+    when ``num_items``; the router's auxiliary loss on too where the forward takes
+    ``output_router_logits``), then the logits without labels."""
     model.train()
     ref.train()
     cases = [{}]
-    n_items = int((batch["labels"][..., 1:] != -100).sum())
-    cases.append({"num_items_in_batch": torch.tensor(n_items)})
+    if num_items:
+        n_items = int((batch["labels"][..., 1:] != -100).sum())
+        cases.append({"num_items_in_batch": torch.tensor(n_items)})
     if "output_router_logits" in inspect.signature(type(ref).forward).parameters:
         cases.append({"output_router_logits": True})
     for kwargs in cases:
@@ -282,21 +292,25 @@ def compare(model, ref, batch, dtype=torch.float32) -> str | None:
     return None
 
 
-def run(model_type, dtype=torch.float32, batch_fn=None) -> Result:
+def run(model_type, dtype=torch.float32, batch_fn=None, num_items=False,
+        device="cpu") -> Result:
     """One model type's outcome (see the module docstring)."""
     from probact_gpu.integrations import transformers as hf
 
+    def on_device(batch):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     start = time.perf_counter()
     try:
-        model = make_model(model_type, dtype)
-        batch = (batch_fn or text_batch)(model)
+        model = make_model(model_type, dtype).to(device)
+        batch = on_device((batch_fn or text_batch)(model))
         try:
             _scale_head(model, batch)
             _step(copy.deepcopy(model), batch, 7)
         except Exception:
             if batch_fn is not None:
                 raise
-            batch = text_batch(model, padding=False)  # a model that takes no padding mask
+            batch = on_device(text_batch(model, padding=False))  # no padding mask taken
             _scale_head(model, batch)
             _step(copy.deepcopy(model), batch, 7)
         ref = copy.deepcopy(model)
@@ -311,7 +325,7 @@ def run(model_type, dtype=torch.float32, batch_fn=None) -> Result:
             reasons = [str(w.message) for w in caught if "left unpatched" in str(w.message)]
             reason = reasons[0].split(": ", 2)[-1] if reasons else "(no warning)"
             return Result(model_type, "declined", reason, time.perf_counter() - start)
-        bad = compare(model, ref, batch, dtype)
+        bad = compare(model, ref, batch, dtype, num_items)
     except Exception as exc:
         return Result(model_type, "error", f"{type(exc).__name__}: {exc}".splitlines()[0],
                       time.perf_counter() - start)

@@ -97,6 +97,7 @@ _ELSEWHERE_KEYS = frozenset({
     "num_logits_to_keep",  # generation only (Bamba, Nemotron-H, Zamba2, Falcon-H1)
     "router_logit_softcapping",  # the router's scores, inside the MoE block
     "router_logits_scaling",
+    "logits_mup_width_multiplier",  # divides the hidden states before the head (Inkling)
 })
 # Heads that are not nn.Linear.forward but compute what the fused op computes: the product of
 # operands rounded to the weight's dtype, accumulated in fp32.
@@ -258,10 +259,6 @@ def _check_model(transformers, model):
     _check_head(head)
     if _HEAD_STATE in head.__dict__:
         raise _Decline("the output embedding is patched for another model already")
-    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    if vocab is not None and head.weight.shape[0] != vocab:
-        raise _Decline(f"the output embedding has {head.weight.shape[0]} rows but the config's "
-                       f"vocab_size is {vocab}")
     return positional, head, _read_head_options(model)
 
 
