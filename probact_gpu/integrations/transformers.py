@@ -504,7 +504,16 @@ def _patched_forward(model, *args, **kwargs):
 
 def _fused_forward(model, state, kwargs, want_logp, want_entropy):
     call = _Call("loss", want_logp, want_entropy)
-    out = state.run(model, call, kwargs)
+    try:
+        out = state.run(model, call, kwargs)
+    except FusedLossError:
+        raise
+    except Exception as exc:
+        if call.head_calls and not call.loss_calls:  # the placeholder met something else
+            raise FusedLossError(
+                "the model's forward uses its logits other than through model.loss_function "
+                f"({type(exc).__name__}: {exc})") from exc
+        raise
     if call.loss_calls != 1:
         raise FusedLossError("the model's forward did not compute its loss with "
                              "model.loss_function")
