@@ -59,6 +59,10 @@ _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 EXTRA: dict[str, dict] = {
     "axk2": {"num_key_value_heads": 4},
     "codegen": {"rotary_dim": 8},
+    "glm_moe_dsa": {"num_key_value_heads": 4},
+    "gptj": {"rotary_dim": 8},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "attention"]},
+    "longcat_flash": {"num_key_value_heads": 4},
     "cohere_compass_text": {"rope_parameters": {"full_attention": _ROPE,
                                                 "sliding_attention": _ROPE}},
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
@@ -92,6 +96,13 @@ def _fields(cls) -> dict:
         return {}
 
 
+def _get(config, key):
+    try:  # some keys raise on a config whose layers differ (Gemma 4's head_dim)
+        return getattr(config, key, None)
+    except Exception:
+        return None
+
+
 def make_config(cls, extra=None, keep=frozenset()):
     """A tiny config of class ``cls``: SIZES where it has the keys, ``extra`` over them, its
     sub-configs made tiny in turn, token ids beyond the vocabulary moved inside it."""
@@ -111,12 +122,12 @@ def make_config(cls, extra=None, keep=frozenset()):
     config = cls(**kwargs)
     more = {}
     for key in names:
-        value = getattr(config, key, None)
+        value = _get(config, key)
         if isinstance(value, PreTrainedConfig) and key not in kwargs:
             more[key] = make_config(type(value), sub_extra.get(key))
     next_id = VOCAB - 1
     for key in sorted(names):
-        value = getattr(config, key, None)
+        value = _get(config, key)
         if (key.endswith(("_id", "_index")) and type(value) is int and value >= VOCAB
                 and key not in kwargs):
             more[key] = next_id
@@ -142,9 +153,15 @@ def model_class(model_type):
 
 
 def make_model(model_type, dtype=torch.float32, seed=0):
+    from transformers import CONFIG_MAPPING, PreTrainedConfig
+
     cls = model_class(model_type)
     base = model_type.removeprefix(IMAGE_TEXT)
-    config = make_config(cls.config_class, EXTRA.get(base), KEEP.get(base, set()))
+    config_cls = cls.config_class
+    if config_cls in (None, PreTrainedConfig):  # a class that names no config class of its own
+        config_cls = CONFIG_MAPPING[base]
+    extra = VLM_EXTRA.get(base) if model_type.startswith(IMAGE_TEXT) else EXTRA.get(base)
+    config = make_config(config_cls, extra, KEEP.get(base, set()))
     torch.manual_seed(seed)
     model = cls(config)
     return model.to(dtype)
@@ -220,6 +237,8 @@ def _scale_head(model, batch, target=10.0):
     """Scale the head so the logits' spread is ~``target``: a softcap of 30 or a divisor of 4
     read wrongly then moves the loss far beyond the tolerance."""
     head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return  # a list of heads (patch declines it)
     with torch.no_grad():
         model.eval()
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
@@ -397,7 +416,6 @@ VLM_EXTRA: dict[str, dict] = {
                                  "supported_aspect_ratios": [[1, 1]]},
                "text_config": {"cross_attention_layers": [1]}},
 }
-EXTRA.update(VLM_EXTRA)
 
 
 def _image_token(config):

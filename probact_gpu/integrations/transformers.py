@@ -91,12 +91,11 @@ _READ_KEYS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 # head (which the model's own forward does) in MiniCPM3: the model types where it is not the
 # Granite divisor.
 _LOGITS_SCALING_OTHER = {"hyperclovax": "multiplier", "minicpm3": "before the head"}
-# Keys that match _LOGIT_KEY and act inside the backbone or only when generating.
+# Keys that match _LOGIT_KEY and act inside the backbone or only when generating: those of the
+# attention scores and of a mixture-of-experts router (inside the blocks), and these.
+_ELSEWHERE_KEY = re.compile(r"attn|attention|router")
 _ELSEWHERE_KEYS = frozenset({
-    "attn_logit_softcapping",  # attention scores (Gemma 2/3)
     "num_logits_to_keep",  # generation only (Bamba, Nemotron-H, Zamba2, Falcon-H1)
-    "router_logit_softcapping",  # the router's scores, inside the MoE block
-    "router_logits_scaling",
     "logits_mup_width_multiplier",  # divides the hidden states before the head (Inkling)
 })
 # Heads that are not nn.Linear.forward but compute what the fused op computes: the product of
@@ -171,7 +170,8 @@ def _read_head_options(model) -> dict[str, Any]:
         return types_ is None or any(t.startswith(types_) for t in (model_type, top_type))
 
     unknown = sorted(key for key, value in items.items()
-                     if _LOGIT_KEY.search(key) and key not in _READ_KEYS
+                     if _LOGIT_KEY.search(key) and not _ELSEWHERE_KEY.search(key)
+                     and key not in _READ_KEYS
                      and key not in _ELSEWHERE_KEYS and value is not None and value is not False)
     if unknown:
         shown = ", ".join(f"{key}={items[key]!r}" for key in unknown)
@@ -204,6 +204,12 @@ def _read_head_options(model) -> dict[str, Any]:
             options["logit_scale"] *= value
         else:
             options["logit_divisor"] *= value
+    own = getattr(model, "logit_scale", None)
+    if items.get("logit_scale") is None and is_type(_READ_KEYS["logit_scale"][1]) and (
+            type(own) is float):
+        # a Cohere forward that multiplies by model.logit_scale, 1.0 where the config has None
+        options["logit_scale"] *= own
+        options["named"] = True
     if items.get("logit_scale") is not None:
         own = getattr(model, "logit_scale", items["logit_scale"])
         if not isinstance(own, (int, float)) or float(own) != float(items["logit_scale"]):
@@ -454,7 +460,10 @@ def _loss_dispatch(model, logits, labels, vocab_size, num_items_in_batch=None, i
     _check_logits(state, call, logits, "its loss")
     call.logits = logits
     head = state.head
-    if vocab_size != head.weight.shape[0]:
+    # the forward passes vocab_size from its config, or from the logits' last dim (Inkling:
+    # the placeholder's 1 stands for the head's rows)
+    if vocab_size != head.weight.shape[0] and not (
+            vocab_size == 1 and logits.shape[-1] == 1 and head.weight.shape[0] != 1):
         raise FusedLossError(f"the model's loss reads {vocab_size} classes, its output embedding "
                              f"has {head.weight.shape[0]}")
     hidden = call.hidden
