@@ -12,6 +12,7 @@ prints the same as a table with the counts)."""
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def _load_sweep():
     spec = importlib.util.spec_from_file_location("hf_sweep", Path(__file__).with_name(
         "hf_sweep.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_sweep"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
