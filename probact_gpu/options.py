@@ -33,8 +33,10 @@ REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean")
 _INT64 = (-(2**63), 2**63 - 1)
 
 __all__ = [
+    "DIVERGENCES",
     "REDUCTIONS",
     "CrossEntropyOptions",
+    "DistillationOptions",
     "HeadTransform",
     "Reduction",
     "as_index",
@@ -290,3 +292,183 @@ class CrossEntropyOptions:
                    normalizer=normalizer if normalizer is not None else normalizer_value)
 
     N_SCHEMA_ARGS = 11
+
+
+# --------------------------------------------------------------------------- distillation
+
+DIVERGENCES: tuple[str, ...] = ("kl", "reverse_kl", "jsd", "jsd_continuous", "tvd")
+# The kernels' ``DIVERGENCE`` constexpr (kernels/distillation.py).
+DIVERGENCE_KIND = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+
+
+@dataclass(frozen=True, eq=False)
+class DistillationOptions:
+    """The distillation family's options (``probact_gpu.distillation_loss`` documents each),
+    validated at construction, each error naming its argument.
+
+    ``divergence`` in :data:`DIVERGENCES`; ``beta`` in [0, 1] (JSD only); ``temperature`` > 0,
+    applied to both heads after their own transforms; ``ignore_index`` (int64);
+    ``reduction`` ``"none" | "sum" | "mean"``; ``normalizer`` (``"sum"`` only: a number or a 0-d
+    device tensor); ``hard_weight`` ≥ 0 (the student's cross-entropy against ``target``, at its
+    own transform without the temperature); ``temperature_squared`` (multiply the divergence
+    by T²); ``shared_vocab`` (None: both heads' class counts must agree; else the number of
+    leading classes both distributions are taken over, each renormalised over them); the
+    ``student`` and ``teacher`` transforms (:class:`HeadTransform` without the temperature,
+    which is ``temperature``).
+    """
+
+    divergence: str = "kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    normalizer: float | torch.Tensor | None = None
+    hard_weight: float = 0.0
+    temperature_squared: bool = False
+    shared_vocab: int | None = None
+    student: HeadTransform = field(default_factory=HeadTransform)
+    teacher: HeadTransform = field(default_factory=HeadTransform)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.divergence, str) or self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        set_(self, "beta", as_real("beta", self.beta, low=0.0, high=1.0))
+        set_(self, "temperature",
+             as_real("temperature", self.temperature, low=0.0, low_open=True))
+        set_(self, "ignore_index", as_index("ignore_index", self.ignore_index))
+        if not isinstance(self.reduction, str) or self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        set_(self, "hard_weight", as_real("hard_weight", self.hard_weight, low=0.0))
+        if not isinstance(self.temperature_squared, bool):
+            raise TypeError(f"temperature_squared must be a bool, got "
+                            f"{self.temperature_squared!r}")
+        if self.shared_vocab is not None:
+            n = as_index("shared_vocab", self.shared_vocab)
+            if n < 1:
+                raise ValueError(f"shared_vocab must be a positive number of classes, got {n}")
+            set_(self, "shared_vocab", n)
+        for name in ("student", "teacher"):
+            t = getattr(self, name)
+            if not isinstance(t, HeadTransform) or t.temperature != 1.0:
+                raise TypeError(f"{name} must be a HeadTransform without a temperature (the "
+                                f"shared temperature is its own option), got {t!r}")
+        # the normalizer: CrossEntropyOptions' rule, one home
+        set_(self, "normalizer", CrossEntropyOptions(
+            reduction=self.reduction, normalizer=self.normalizer).normalizer)
+
+    @classmethod
+    def from_kwargs(cls, *, divergence="kl", beta=0.5, temperature=1.0, ignore_index=-100,
+                    reduction="mean", normalizer=None, hard_weight=0.0,
+                    temperature_squared=False, shared_vocab=None, student_logit_scale=1.0,
+                    student_logit_divisor=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                    teacher_logit_divisor=1.0, teacher_softcap=None) -> DistillationOptions:
+        """The options from the public functions' keywords (each validated, named on error)."""
+        student = HeadTransform(logit_scale=_named("student_logit_scale", student_logit_scale),
+                                logit_divisor=_named("student_logit_divisor",
+                                                     student_logit_divisor),
+                                softcap=_named("student_softcap", student_softcap))
+        teacher = HeadTransform(logit_scale=_named("teacher_logit_scale", teacher_logit_scale),
+                                logit_divisor=_named("teacher_logit_divisor",
+                                                     teacher_logit_divisor),
+                                softcap=_named("teacher_softcap", teacher_softcap))
+        return cls(divergence=divergence, beta=beta, temperature=temperature,
+                   ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                   hard_weight=hard_weight, temperature_squared=temperature_squared,
+                   shared_vocab=shared_vocab, student=student, teacher=teacher)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The public functions' keywords (the inverse of :meth:`from_kwargs`)."""
+        s, t = self.student, self.teacher
+        return dict(divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+                    ignore_index=self.ignore_index, reduction=self.reduction,
+                    normalizer=self.normalizer, hard_weight=self.hard_weight,
+                    temperature_squared=self.temperature_squared,
+                    shared_vocab=self.shared_vocab, student_logit_scale=s.logit_scale,
+                    student_logit_divisor=s.logit_divisor, student_softcap=s.softcap,
+                    teacher_logit_scale=t.logit_scale, teacher_logit_divisor=t.logit_divisor,
+                    teacher_softcap=t.softcap)
+
+    def replace(self, **changes: Any) -> DistillationOptions:
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ what the kernels take
+
+    @property
+    def kernel_divergence(self) -> tuple[int, float]:
+        """``(DIVERGENCE, coef)``: TRL's JSD at β = 0 / 1 is KL(P‖Q) / KL(Q‖P) (its special
+        cases), as is the continuous JSD, elsewhere divided by β(1 − β); the soft coefficient
+        ``coef`` carries that division and T² when ``temperature_squared``."""
+        name, beta = self.divergence, self.beta
+        coef = self.temperature ** 2 if self.temperature_squared else 1.0
+        if name in ("jsd", "jsd_continuous"):
+            if beta == 0.0:
+                return DIVERGENCE_KIND["kl"], coef
+            if beta == 1.0:
+                return DIVERGENCE_KIND["reverse_kl"], coef
+            if name == "jsd_continuous":
+                coef /= beta * (1.0 - beta)
+            return DIVERGENCE_KIND["jsd"], coef
+        return DIVERGENCE_KIND[name], coef
+
+    @property
+    def soft_transforms(self) -> tuple[HeadTransform, HeadTransform, HeadTransform]:
+        """(student, teacher, hard): the heads' transforms with the temperature, and the
+        student's without it (the hard term's)."""
+        s, t, temp = self.student, self.teacher, self.temperature
+        return (replace(s, temperature=temp), replace(t, temperature=temp), s)
+
+    def kernel_args(self) -> tuple[tuple[float, ...], dict[str, int | bool]]:
+        """The kernels' runtime floats — the three transforms' factors (student, teacher, hard:
+        ``HeadTransform.kernel_factors``), β, 1 − β, coef, hard_weight — and their constexprs
+        ``HEAD_S``, ``HEAD_T``, ``DIVERGENCE``, ``HAS_HARD``. The hard head runs with the
+        student's kind (a scale kind reaches the identity exactly: fma(x, 1, 0))."""
+        student, teacher, hard = self.soft_transforms
+        kind, coef = self.kernel_divergence
+        floats = (*student.kernel_factors, *teacher.kernel_factors, *hard.kernel_factors,
+                  self.beta, 1.0 - self.beta, coef, self.hard_weight)
+        head_s = max(student.kernel_mode, hard.kernel_mode) if self.hard_weight else \
+            student.kernel_mode
+        flags = dict(HEAD_S=head_s, HEAD_T=teacher.kernel_mode, DIVERGENCE=kind,
+                     HAS_HARD=self.hard_weight > 0.0)
+        return floats, flags
+
+    # ------------------------------------------------------------------ the op boundary
+
+    def schema_args(self) -> tuple:
+        """Flattened for a ``torch.library`` op, in this order: ``divergence: str, beta: float,
+        temperature: float, ignore_index: int, hard_weight: float, temperature_squared: bool,
+        shared_vocab: int?, student_logit_scale, student_logit_divisor: float,
+        student_softcap: float?, teacher_logit_scale, teacher_logit_divisor: float,
+        teacher_softcap: float?`` (reduction and normalizer stay outside the logits op)."""
+        s, t = self.student, self.teacher
+        return (self.divergence, self.beta, self.temperature, self.ignore_index,
+                self.hard_weight, self.temperature_squared, self.shared_vocab, s.logit_scale,
+                s.logit_divisor, s.softcap, t.logit_scale, t.logit_divisor, t.softcap)
+
+    N_SCHEMA_ARGS = 13
+
+    @classmethod
+    def from_schema(cls, divergence, beta, temperature, ignore_index, hard_weight,
+                    temperature_squared, shared_vocab, s_scale, s_divisor, s_softcap, t_scale,
+                    t_divisor, t_softcap, reduction="mean",
+                    normalizer=None) -> DistillationOptions:
+        """Inverse of :meth:`schema_args` (plus the reduction and normalizer)."""
+        return cls(divergence=divergence, beta=beta, temperature=temperature,
+                   ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                   hard_weight=hard_weight, temperature_squared=temperature_squared,
+                   shared_vocab=shared_vocab, student=HeadTransform(s_scale, s_divisor, s_softcap),
+                   teacher=HeadTransform(t_scale, t_divisor, t_softcap))
+
+
+def _named(name: str, value: Any) -> Any:
+    """Validate one transform keyword under its public name (the HeadTransform would name its
+    own field, ``softcap``, not ``teacher_softcap``)."""
+    if value is None:
+        return None
+    if name.endswith("softcap"):
+        return as_real(name, value, low=0.0, low_open=True)
+    value = as_real(name, value)
+    if name.endswith("divisor") and value == 0.0:
+        raise ValueError(f"{name} must be a nonzero finite number, got 0.0")
+    return value

@@ -465,3 +465,40 @@ def peel_row_edges(elem_size: int, n_cols: int, block_n: int, frames) -> bool:
         return (addr % VECTOR_BYTES,) + tuple(s * elem_size % VECTOR_BYTES for s in steps)
 
     return len({offsets(f) for f in frames}) == 1
+
+
+# --------------------------------------------------------------------------- distillation
+
+# Tile of the distillation row kernels, per tensor: every step loads a tile of the student's row
+# and one of the teacher's, 8 KiB each (4096 bf16 / 2048 fp32), so a program has the 16 KiB of
+# loads in flight a step that the CE loop has, at 8 warps (16 elements of each row a thread).
+# Reasoned, not yet swept (perf/NOTES.md); registers: perf/sm90_static.md.
+DISTILLATION_TILE_BYTES = 8 * 1024
+# Most teacher classes a sparse top-k row may hold (its k log-probs, indices and the student's
+# logits at them stay in registers: 1024 at 8 warps is 4 of each a thread).
+TOPK_MAX = 1024
+
+
+def choose_distillation_config(n_rows: int, n_cols: int, elem_size: int,
+                               sm_count: int) -> RowConfig:
+    """The distillation kernels' launch: ``multi`` (one program per row sweeping
+    ``DISTILLATION_TILE_BYTES`` tiles; a row that fits one tile takes one step), or ``split``
+    when the rows alone give fewer than ``MIN_PROGRAMS_PER_SM`` programs a SM (the rule of
+    ``choose_row_config``: chunks of at least ``SPLIT_MIN_CHUNK`` columns, about
+    ``SPLIT_PROGRAMS_PER_SM`` programs a SM). ``elem_size``: the wider of the two heads'."""
+    block_n = min(DISTILLATION_TILE_BYTES // elem_size, next_power_of_2(n_cols))
+    if n_rows < MIN_PROGRAMS_PER_SM * sm_count:
+        wanted = cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, max(n_rows, 1))
+        n_splits = min(wanted, cdiv(n_cols, SPLIT_MIN_CHUNK))
+        if n_splits > 1:
+            block_n = min(block_n, next_power_of_2(cdiv(n_cols, n_splits)))
+            return RowConfig("split", block_n, warps_for(block_n), n_splits=n_splits)
+    return RowConfig("multi", block_n, warps_for(block_n))
+
+
+def choose_distillation_token_chunk(n_tokens: int, bytes_per_token: int,
+                                    budget_bytes: int | None = None) -> int:
+    """Tokens per chunk of the fused linear distillation: as many as fit ``budget_bytes``
+    (default ``LINEAR_CE_LOGITS_BUDGET``) of *both* heads' logits (``bytes_per_token`` =
+    ``V_s·e_s + V_t·e_t``), rounded as ``choose_token_chunk``."""
+    return _rows_in_budget(n_tokens, bytes_per_token, 1, budget_bytes)
