@@ -1,5 +1,5 @@
 """probact_gpu: Triton kernels for the probability layer (softmax, sigmoid, cross-entropy,
-fused linear + cross-entropy, token log-probs).
+fused linear + cross-entropy, token log-probs, distillation).
 
 The public names below are imported on first use, so ``import probact_gpu`` does no work (no
 torch, no triton): the command line can still choose Triton's interpreter
@@ -29,9 +29,13 @@ _EXPORTS: dict[str, str] = {
     "linear_cross_entropy": "functional",
     "token_log_probs": "ops.token_log_probs",
     "linear_token_log_probs": "ops.linear_token_log_probs",
+    "distillation_loss": "ops.distillation",
+    "linear_distillation_loss": "ops.linear_distillation",
     # result and option types
     "TokenLogProbs": "ops.token_log_probs",
+    "TopKTeacher": "ops.distillation",
     "CrossEntropyOptions": "options",
+    "DistillationOptions": "options",
     "HeadTransform": "options",
     # modules
     "Softmax": "nn",
@@ -41,22 +45,30 @@ _EXPORTS: dict[str, str] = {
     "BCEWithLogitsLoss": "nn",
     "CrossEntropyLoss": "nn",
     "LinearCrossEntropyLoss": "nn",
+    "DistillationLoss": "nn",
+    "LinearDistillationLoss": "nn",
 }
 
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "CrossEntropyOptions",
+    "DistillationLoss",
+    "DistillationOptions",
     "HeadTransform",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "LogSigmoid",
     "LogSoftmax",
     "Sigmoid",
     "Softmax",
     "TokenLogProbs",
+    "TopKTeacher",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_token_log_probs",
     "log_softmax",
     "logsigmoid",
@@ -78,15 +90,19 @@ if TYPE_CHECKING:
     from .nn import (
         BCEWithLogitsLoss,
         CrossEntropyLoss,
+        DistillationLoss,
         LinearCrossEntropyLoss,
+        LinearDistillationLoss,
         LogSigmoid,
         LogSoftmax,
         Sigmoid,
         Softmax,
     )
+    from .ops.distillation import TopKTeacher, distillation_loss
+    from .ops.linear_distillation import linear_distillation_loss
     from .ops.linear_token_log_probs import linear_token_log_probs
     from .ops.token_log_probs import TokenLogProbs, token_log_probs
-    from .options import CrossEntropyOptions, HeadTransform
+    from .options import CrossEntropyOptions, DistillationOptions, HeadTransform
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import functional
-from .options import CrossEntropyOptions
+from .options import CrossEntropyOptions, DistillationOptions
 
 
 class Softmax(torch.nn.Module):
@@ -196,3 +196,81 @@ class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
             chunk_size=self.chunk_size, memory_budget=self.memory_budget,
             low_memory=self.low_memory,
         )
+
+
+class DistillationLoss(torch.nn.Module):
+    """``probact_gpu.distillation_loss`` with its options stored (validated here, once):
+    ``forward(student_logits, teacher_logits, target=None)``; the teacher may be logits,
+    log-probs or a ``TopKTeacher``."""
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        *,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        normalizer: float | torch.Tensor | None = None,
+        hard_weight: float = 0.0,
+        temperature_squared: bool = False,
+        shared_vocab: int | None = None,
+        student_logit_scale: float = 1.0,
+        student_logit_divisor: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_logit_scale: float = 1.0,
+        teacher_logit_divisor: float = 1.0,
+        teacher_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = DistillationOptions.from_kwargs(
+            divergence=divergence, beta=beta, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+            hard_weight=hard_weight, temperature_squared=temperature_squared,
+            shared_vocab=shared_vocab, student_logit_scale=student_logit_scale,
+            student_logit_divisor=student_logit_divisor, student_softcap=student_softcap,
+            teacher_logit_scale=teacher_logit_scale,
+            teacher_logit_divisor=teacher_logit_divisor, teacher_softcap=teacher_softcap)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        from .ops.distillation import distillation_loss
+
+        return distillation_loss(student_logits, teacher_logits, target,
+                                 **self.options.as_kwargs())
+
+    def extra_repr(self) -> str:
+        return _distillation_repr(self.options)
+
+
+class LinearDistillationLoss(DistillationLoss):
+    """``probact_gpu.linear_distillation_loss`` with its options stored: ``forward(
+    student_input, student_weight, teacher_input, teacher_weight, target=None,
+    student_bias=None, teacher_bias=None)`` (the heads stay owned by their models)."""
+
+    def __init__(self, divergence: str = "kl", *, chunk_size: int | None = None,
+                 memory_budget: int | None = None, **kwargs) -> None:
+        super().__init__(divergence, **kwargs)
+        from .ops._common import check_chunking
+
+        self.chunk_size, self.memory_budget, _ = check_chunking(chunk_size, memory_budget)
+
+    def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor,
+                teacher_input: torch.Tensor, teacher_weight: torch.Tensor,
+                target: torch.Tensor | None = None, student_bias: torch.Tensor | None = None,
+                teacher_bias: torch.Tensor | None = None) -> torch.Tensor:
+        from .ops.linear_distillation import linear_distillation_loss
+
+        return linear_distillation_loss(
+            student_input, student_weight, teacher_input, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget, **self.options.as_kwargs())
+
+
+def _distillation_repr(options: DistillationOptions) -> str:
+    defaults = DistillationOptions().as_kwargs()
+    parts = [f"divergence={options.divergence!r}"]
+    for name, value in options.as_kwargs().items():
+        if name != "divergence" and value is not None and value != defaults.get(name):
+            parts.append(f"{name}={value!r}")
+    return ", ".join(parts)

@@ -583,22 +583,26 @@ def check_target_mask(target, batch: tuple[int, ...], options: DistillationOptio
                          f"{tuple(target.shape)}")
 
 
+def check_math_dtypes(a: torch.Tensor, b: torch.Tensor, names) -> None:
+    """float64 on one side needs float64 on the other (the math is fp64 only when both are)."""
+    if (a.dtype == torch.float64) != (b.dtype == torch.float64):
+        raise TypeError(f"{names[0]} ({a.dtype}) and {names[1]} ({b.dtype}): float64 on one "
+                        "side needs float64 on the other (the math runs in float64 only when "
+                        "both are)")
+
+
 def check_pair(student: torch.Tensor, teacher: torch.Tensor, options: DistillationOptions, *,
-               names=("student_logits", "teacher_logits"), batch_dims=True) -> int:
-    """Both heads' float dtypes (fp64 with fp64 only), their class counts against
-    ``shared_vocab``; with ``batch_dims`` the same leading shape. Returns the compared class
-    count."""
+               names=("student_logits", "teacher_logits")) -> int:
+    """Both logits' float dtypes, the same leading (token) dims, their class counts against
+    ``shared_vocab``. Returns the compared class count."""
     check_float(names[0], student)
     check_float(names[1], teacher)
-    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        raise TypeError(f"{names[0]} ({student.dtype}) and {names[1]} ({teacher.dtype}): "
-                        "float64 on one side needs float64 on the other (the math runs in "
-                        "float64 only when both are)")
+    check_math_dtypes(student, teacher, names)
     for name, t in zip(names, (student, teacher), strict=True):
         if t.ndim == 0 or t.shape[-1] == 0:
             raise ValueError(f"{name} must have a class dim of at least one class, got shape "
                              f"{tuple(t.shape)}")
-    if batch_dims and tuple(student.shape[:-1]) != tuple(teacher.shape[:-1]):
+    if tuple(student.shape[:-1]) != tuple(teacher.shape[:-1]):
         raise ValueError(f"{names[0]} {tuple(student.shape)} and {names[1]} "
                          f"{tuple(teacher.shape)} must have the same leading (token) dims")
     return shared_classes(student.shape[-1], teacher.shape[-1], options, names)
