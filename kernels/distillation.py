@@ -648,7 +648,8 @@ def distillation_topk_bwd_kernel(
     lp_row = lp_ptr + row.to(tl.int64) * lp_row_stride
     tgt, kept, in_range = _row_target(target_ptr, row, ignore_index, n_cols)
     g = upcast(tl.load(g_ptr + row.to(tl.int64) * g_stride))
-    g_soft = g * math_arg(coef, x_ptr)
+    # aux is NaN on a row whose indices repeat or leave the row: its gradient is NaN too
+    g_soft = tl.where(aux != aux, float("nan"), g * math_arg(coef, x_ptr))
     g_hard = tl.where(in_range, g * math_arg(hard_weight, x_ptr), float("nan"))
     b = math_arg(beta, x_ptr)
     omb = math_arg(one_minus_beta, x_ptr)
