@@ -395,3 +395,41 @@ def test_cross_entropy_bf16_logits_fp64_weight(rng, device):
     assert_close_to_reference(xr.grad, grad_ref, torch.bfloat16, "dlogits")
     assert_close_to_reference(loss.detach().double(), np.asarray(loss_ref), torch.bfloat16,
                               "loss")
+
+
+@triton.jit
+def _twice(x):
+    return x * 2.0
+
+
+@triton.jit
+def _helpers_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """y = max(8·x over the block) via a helper called three times and triton's tl.max (whose
+    standard-library module sees triton.language.core, not the kernel module's tl)."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=float("-inf"))
+    for _ in range(3):
+        x = _twice(x)
+    tl.store(y_ptr, tl.max(x, axis=0))
+
+
+def test_interpreter_patches_language_once_per_module_and_launch(monkeypatch):
+    """A helper called inside a launch no longer re-patches triton.language on every call (the
+    interpreter's ~4 ms a call): once per module a launch calls into; outside a launch the
+    interpreter's own call runs."""
+    if not _runtime.interpreting():
+        pytest.skip("the interpreter's call path (CPU tier)")
+    from triton.runtime import interpreter
+
+    _interpreter.install()
+    calls = []
+    original = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: calls.append(fn) or original(fn))
+    x = torch.arange(5, dtype=torch.float32)
+    y = torch.empty(1)
+    _helpers_kernel[(2,)](x, y, 5, BLOCK=8)
+    assert float(y) == 32.0
+    # the launch's own patch, then once for this module's helpers and once for triton's
+    # standard library (not 2 programs × 3 helper calls + the reductions)
+    assert len(calls) <= 3, [c.__name__ for c in calls]
