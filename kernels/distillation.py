@@ -58,10 +58,11 @@ falling in a tile marks them), never as ``1 − Σ Q_i`` (which cancels when the
 nearly all its mass on the k). The divergence is the dense formula over the buckets. Its
 gradient is ``dz_j = q_j (G_b(j) − Σ_b Q_b G_b)``, ``G_b = ∂D/∂Q_b``: a class of the k gets the
 dense formula with its bucket's values; a tail class gets ``(q_j / Q_tail) ·`` (the dense
-formula at the tail bucket). The backward writes the tail classes as it sweeps (stores masked
-off the k) and the k classes by one scatter: disjoint addresses, no ordering between them. An
-index outside ``[0, n_cols)`` or repeated gives a NaN row (loss and gradient), never an
-out-of-bounds access.
+formula at the tail bucket). The backward writes every class of its chunk as a tail class as it
+sweeps (whole-tile, vectorised stores), then — after a barrier that orders the program's
+stores — overwrites the k classes that fall in its chunk by one scatter; each program owns its
+chunk's columns. An index outside ``[0, n_cols)`` or repeated gives a NaN row (loss and
+gradient), never an out-of-bounds access.
 
 Rows whose target is ``ignore_index`` (when a target is given) contribute 0 and get a zero
 gradient; with the hard term a target outside ``[0, n_classes)`` gives NaN.
@@ -634,8 +635,9 @@ def distillation_topk_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_S: tl.constexpr,
     DIVERGENCE: tl.constexpr, HAS_HARD: tl.constexpr,
 ):
-    """dx of one chunk of one row: the tail classes as the chunk is swept (stores masked off the
-    k), then, by split 0 only, the k classes by one scatter (module docstring)."""
+    """dx of one chunk of one row: every class as a tail class as the chunk is swept, then,
+    after a barrier, the k classes that fall in the chunk overwritten by one scatter (module
+    docstring)."""
     head_s = head_factors(s_scale, s_u_scale, s_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -674,16 +676,17 @@ def distillation_topk_bwd_kernel(
             ph = exp_precise((z - shift) - log_s)
             dz += g_hard * (ph - tl.where(q == tgt, 1.0, 0.0))
         dx = tl.where(kept, head_chain(dz, slope, head_s, HEAD_S), 0.0)
-        tail = mask & (_topk_members(idx, valid, tile, BLOCK_N) == 0)
-        tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=tail,
+        tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
-    if split == 0:
-        here = valid & (idx >= 0) & (idx < n_cols)
-        safe = tl.where(here, idx, 0)
-        xk = upcast(tl.load(x_row + safe * x_col_stride, mask=here, other=0.0))
-        _, slope_k = head_transform_slope(xk, head_s, HEAD_S)
-        dz = g_soft * _grad(lp, lq, pk, qk, aux, b, omb, DIVERGENCE)
-        if HAS_HARD:
-            dz += g_hard * (qk - tl.where(idx == tgt, 1.0, 0.0))
-        dx = tl.where(kept, head_chain(dz, slope_k, head_s, HEAD_S), 0.0)
-        tl.store(dx_row + safe * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=here)
+    # The k classes of this chunk, overwritten once every tail store of the program is done
+    # (a store masked off them would not vectorise: its mask would depend on the data).
+    tl.debug_barrier()
+    here = valid & (idx >= start) & (idx < end)
+    safe = tl.where(here, idx, 0)
+    xk = upcast(tl.load(x_row + safe * x_col_stride, mask=here, other=0.0))
+    _, slope_k = head_transform_slope(xk, head_s, HEAD_S)
+    dz = g_soft * _grad(lp, lq, pk, qk, aux, b, omb, DIVERGENCE)
+    if HAS_HARD:
+        dz += g_hard * (qk - tl.where(idx == tgt, 1.0, 0.0))
+    dx = tl.where(kept, head_chain(dz, slope_k, head_s, HEAD_S), 0.0)
+    tl.store(dx_row + safe * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=here)

@@ -96,6 +96,23 @@ def as_real(
     return value
 
 
+def check_normalizer(reduction: str, n: Any) -> float | torch.Tensor | None:
+    """``normalizer`` by the families' rule: None, or with ``reduction="sum"`` only a positive
+    number or a 0-d int/float tensor (a device tensor is never read on the host)."""
+    if n is None:
+        return None
+    if reduction != "sum":
+        raise ValueError("normalizer divides the summed loss: it needs reduction='sum', "
+                         f"got reduction={reduction!r}")
+    if isinstance(n, torch.Tensor):
+        if n.ndim != 0 or not (n.dtype.is_floating_point or n.dtype in (torch.int32,
+                                                                         torch.int64)):
+            raise TypeError("normalizer must be a number or a 0-d int/float tensor, got "
+                            f"shape {tuple(n.shape)}, dtype {n.dtype}")
+        return n
+    return as_real("normalizer", n, low=0.0, low_open=True)
+
+
 # --------------------------------------------------------------------------- the transform
 
 
@@ -202,18 +219,7 @@ class CrossEntropyOptions:
             if w.ndim != 1:
                 raise ValueError(f"weight (per-class weights) must be 1-D (C,), got shape "
                                  f"{tuple(w.shape)}")
-        if self.normalizer is not None:
-            if self.reduction != "sum":
-                raise ValueError("normalizer divides the summed loss: it needs reduction='sum', "
-                                 f"got reduction={self.reduction!r}")
-            n = self.normalizer
-            if isinstance(n, torch.Tensor):
-                if n.ndim != 0 or not (n.dtype.is_floating_point or n.dtype in (
-                        torch.int32, torch.int64)):
-                    raise TypeError("normalizer must be a number or a 0-d int/float tensor, got "
-                                    f"shape {tuple(n.shape)}, dtype {n.dtype}")
-            else:
-                set_(self, "normalizer", as_real("normalizer", n, low=0.0, low_open=True))
+        set_(self, "normalizer", check_normalizer(self.reduction, self.normalizer))
 
     # ------------------------------------------------------------------ construction
 
@@ -353,9 +359,7 @@ class DistillationOptions:
             if not isinstance(t, HeadTransform) or t.temperature != 1.0:
                 raise TypeError(f"{name} must be a HeadTransform without a temperature (the "
                                 f"shared temperature is its own option), got {t!r}")
-        # the normalizer: CrossEntropyOptions' rule, one home
-        set_(self, "normalizer", CrossEntropyOptions(
-            reduction=self.reduction, normalizer=self.normalizer).normalizer)
+        set_(self, "normalizer", check_normalizer(self.reduction, self.normalizer))
 
     @classmethod
     def from_kwargs(cls, *, divergence="kl", beta=0.5, temperature=1.0, ignore_index=-100,

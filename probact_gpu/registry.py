@@ -40,6 +40,11 @@ OPS: tuple[Op, ...] = (
     Op("linear_cross_entropy", "linear_cross_entropy", bench=True),
     Op("token_log_probs", "token_log_probs", bench=True),
     Op("linear_token_log_probs", "linear_token_log_probs", bench=True),
+    Op("distillation_kl", "distillation", bench=True),
+    Op("distillation_reverse_kl", "distillation", bench=True),
+    Op("distillation_jsd", "distillation", bench=True),
+    Op("distillation_tvd", "distillation", bench=True),
+    Op("linear_distillation_jsd", "distillation", bench=True),
 )
 
 

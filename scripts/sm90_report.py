@@ -57,10 +57,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 H200_SMS = 132
 ARCH = 90
-KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs")
+KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs",
+                  "distillation")
 # The modules that launch kernels (their launch-time names are replaced while recording).
 OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy.launch", "cross_entropy.custom_ops",
-               "token_log_probs")
+               "token_log_probs", "distillation")
 # Names of @jit functions in kernels/ that no launcher calls (compiled directly below).
 UNLAUNCHED = ("probe_kernel",)
 # Int arguments that take part in addresses or masks: their 16-divisibility decides vector width.
@@ -249,6 +250,43 @@ def tlp_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
     return run
 
 
+DISTILL_VARIANTS = ("kl", "reverse_kl", "jsd", "tvd")
+
+
+def distill_case(dtype: str, m: int, v: int, variant: str) -> Callable[[], None]:
+    """Distillation on logits, forward with saved statistics then the backward. ``kl`` /
+    ``reverse_kl``: the one-sweep divergences, identity heads; ``jsd``: the two-sweep forward
+    with a student softcap, a teacher scale, a temperature and the hard term (every flag on);
+    ``tvd``: the other two-sweep divergence; ``topk``: a sparse top-64 teacher (a temperature-
+    free softcapped student, the hard term). Few long rows take the split path (partials,
+    terms)."""
+    def run():
+        import torch
+
+        from probact_gpu.ops import distillation as dist
+        from probact_gpu.options import DistillationOptions
+
+        x = _meta((m, v), dtype)
+        t = torch.empty(m, dtype=torch.int64, device="meta")
+        g = torch.empty((), dtype=torch.float64 if dtype == "fp64" else torch.float32,
+                        device="meta")
+        if variant == "topk":
+            opts = DistillationOptions.from_kwargs(divergence="kl", hard_weight=0.5,
+                                                   student_softcap=30.0)
+            idx = torch.empty((m, 64), dtype=torch.int64, device="meta")
+            lp = _meta((m, 64), "fp32" if dtype != "fp64" else "fp64")
+            _, stats = dist.distillation_topk_fwd(x, idx, lp, t, options=opts, save_stats=True)
+            dist.distillation_topk_bwd(x, idx, lp, t, stats, g, options=opts)
+            return
+        extra = dict(beta=0.5, temperature=2.0, hard_weight=0.5, student_softcap=30.0,
+                     teacher_logit_scale=0.5) if variant == "jsd" else {}
+        opts = DistillationOptions.from_kwargs(divergence=variant, **extra)
+        y = _meta((m, v), dtype)
+        _, stats = dist.distillation_fwd(x, y, t, options=opts, n_cols=v, save_stats=True)
+        dist.distillation_bwd(x, y, t, stats, g, options=opts, n_cols=v)
+    return run
+
+
 def sigmoid_case(dtype: str, n: int) -> Callable[[], None]:
     def run():
         from probact_gpu.ops.sigmoid import sigmoid_bwd, sigmoid_fwd
@@ -333,6 +371,14 @@ def full_cases() -> list[Case]:
         cases.append(Case(f"TLP {CE_TOKENS}x8192 on (single tile)", dtype,
                           tlp_case(dtype, CE_TOKENS, 8192, "on")))
         cases.append(Case("TLP 32x262144 on (split)", dtype, tlp_case(dtype, 32, 262144, "on")))
+        for v in CE_VOCABS:
+            for variant in DISTILL_VARIANTS:
+                cases.append(Case(f"distill {CE_TOKENS}x{v} {variant}", dtype,
+                                  distill_case(dtype, CE_TOKENS, v, variant)))
+        cases.append(Case(f"distill {CE_TOKENS}x128256 topk", dtype,
+                          distill_case(dtype, CE_TOKENS, 128256, "topk")))
+        cases.append(Case("distill 32x262144 jsd (split)", dtype,
+                          distill_case(dtype, 32, 262144, "jsd")))
         cases.append(Case("sigmoid 2^28", dtype, sigmoid_case(dtype, BUDGET)))
         for variant in BCE_VARIANTS:
             cases.append(Case(f"BCE 2^28 {variant}", dtype, bce_case(dtype, BUDGET, variant)))
@@ -345,6 +391,8 @@ def full_cases() -> list[Case]:
         Case("CE 4096x32000 on", "fp64", ce_case("fp64", 4096, 32000, "on")),
         Case("CE 4096x32000 perf", "fp64", ce_case("fp64", 4096, 32000, "perf")),
         Case("CE 32x262144 on (split)", "fp64", ce_case("fp64", 32, 262144, "on")),
+        Case("distill 4096x32000 jsd", "fp64", distill_case("fp64", 4096, 32000, "jsd")),
+        Case("distill 4096x32000 topk", "fp64", distill_case("fp64", 4096, 32000, "topk")),
         Case("sigmoid 2^28", "fp64", sigmoid_case("fp64", BUDGET)),
         Case("BCE 2^28 perf", "fp64", bce_case("fp64", BUDGET, "perf")),
         Case("BCE 2^28 on", "fp64", bce_case("fp64", BUDGET, "on")),
@@ -372,6 +420,10 @@ def smoke_cases() -> list[Case]:
         Case("TLP 4096x128256 rl", "bf16", tlp_case("bf16", 4096, 128256, "rl")),
         Case("TLP 4096x4096 off (single tile)", "bf16", tlp_case("bf16", 4096, 4096, "off")),
         Case("TLP 32x262144 on (split)", "fp64", tlp_case("fp64", 32, 262144, "on")),
+        Case("distill 4096x128256 kl", "bf16", distill_case("bf16", 4096, 128256, "kl")),
+        Case("distill 4096x128256 jsd", "bf16", distill_case("bf16", 4096, 128256, "jsd")),
+        Case("distill 4096x128256 topk", "bf16", distill_case("bf16", 4096, 128256, "topk")),
+        Case("distill 32x262144 tvd (split)", "bf16", distill_case("bf16", 32, 262144, "tvd")),
         Case("sigmoid 2^28", "fp32", sigmoid_case("fp32", BUDGET)),
         Case("BCE 2^28 perf", "bf16", bce_case("bf16", BUDGET, "perf")),
         Case("BCE 2^28 on", "bf16", bce_case("bf16", BUDGET, "on")),

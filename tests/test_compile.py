@@ -21,7 +21,8 @@ from probact_gpu.options import CrossEntropyOptions
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's inf − inf lanes
 
 OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy",
-               "token_log_probs", "linear_token_log_probs")
+               "token_log_probs", "linear_token_log_probs", "distillation",
+               "linear_distillation")
 # opcheck's checks: schema, autograd registration and fake tensors run the op and its fake
 # implementation; test_aot_dispatch_dynamic traces it with AOTAutograd and dynamic shapes.
 ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -68,6 +69,40 @@ def _ltlp_saved():
     out = torch.ops.probact_gpu.linear_token_log_probs(h, w, t, b, -100, 1.0, 2.0, 3.0, 0.8,
                                                        False, False, True, 4)
     return h, w, t, b, out[-1]
+
+
+# distillation's 13 schema options (DistillationOptions.schema_args): JSD with a hard term, a
+# temperature, a softcap on the student and a scale on the teacher.
+def _ds(divergence="jsd", hard_weight=0.5, shared_vocab=None):
+    return (divergence, 0.3, 1.5, -100, hard_weight, False, shared_vocab, 1.0, 1.0, 4.0, 1.2,
+            1.0, None)
+
+
+def _ds_stats():
+    s, t, tgt = _x(5, 9, grad=False), _x(5, 11, grad=False, seed=3), _t(5, 9)
+    out = torch.ops.probact_gpu.distillation(s, t, tgt, *_ds(shared_vocab=9), True)
+    return s, t, tgt, out[1]
+
+
+def _topk_teacher(n=5, v=9, k=3):
+    logp = torch.log_softmax(_x(n, v, grad=False, seed=6), -1)
+    lp, idx = logp.topk(k, -1)
+    return idx, lp
+
+
+def _topk_stats():
+    s, tgt = _x(5, 9, grad=False), _t(5, 9)
+    idx, lp = _topk_teacher()
+    out = torch.ops.probact_gpu.distillation_topk(s, idx, lp, tgt, "kl", 0.3, 1.0, -100, 0.5,
+                                                  False, None, 1.0, 1.0, None, 1.0, 1.0, None,
+                                                  True)
+    return s, idx, lp, tgt, out[1]
+
+
+def _ld_args(reduction):
+    return (_x(6, 5), _x(9, 5, seed=4), _x(9, seed=5), _x(6, 7, grad=False, seed=7),
+            _x(9, 7, grad=False, seed=8), None, _t(6, 9), *_ds("tvd", 0.0), reduction, None,
+            None, 4, [True, True, True])
 
 
 # One case per registered op: (args, checks).
@@ -118,6 +153,27 @@ CASES = {
                                        ALL_CHECKS),
     "linear_token_log_probs_bwd": lambda: ((*_ltlp_saved(), torch.rand(6), None, -100, 1.0,
                                             2.0, 3.0, 0.8, 4, [True, True, True]), ALL_CHECKS),
+    # a teacher padded past the student (shared_vocab); no saved statistics (the backward
+    # recomputes them, as token_log_probs above)
+    "distillation": lambda: ((_x(5, 9), _x(5, 11, grad=False, seed=3), _t(5, 9),
+                              *_ds(shared_vocab=9), False), ALL_CHECKS),
+    "distillation_bwd": lambda: ((*_ds_stats(), torch.rand(5), *_ds(shared_vocab=9)),
+                                 ALL_CHECKS),
+    "distillation_topk": lambda: ((_x(5, 9), *_topk_teacher(), _t(5, 9), "reverse_kl", 0.3,
+                                   1.0, -100, 0.5, False, None, 1.0, 1.0, 3.0, 1.0, 1.0, None,
+                                   False), ALL_CHECKS),
+    "distillation_topk_bwd": lambda: ((*_topk_stats(), torch.rand(5), "kl", 0.3, 1.0, -100, 0.5,
+                                       False, None, 1.0, 1.0, None, 1.0, 1.0, None), ALL_CHECKS),
+    # mean: the gradients computed in the forward (scaled in place by scale_grads' backward,
+    # as linear_cross_entropy's: NO_AOT); none: the recomputing backward
+    "linear_distillation": lambda: (_ld_args("none"), ALL_CHECKS),
+    "linear_distillation_bwd": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False, seed=4),
+                                         None, _x(6, 7, grad=False, seed=7),
+                                         _x(9, 7, grad=False, seed=8), None, _t(6, 9),
+                                         torch.ops.probact_gpu.linear_distillation(
+                                             *_ld_args("none"))[1].detach(), torch.rand(6),
+                                         *_ds("tvd", 0.0), 4, [True, True, False]),
+                                        ALL_CHECKS),
 }
 
 
@@ -131,6 +187,12 @@ def test_opcheck(name):
     args, checks = CASES[name]()
     torch.library.opcheck(getattr(torch.ops.probact_gpu, name).default, args,
                           test_utils=checks)
+
+
+def test_opcheck_linear_distillation_gradients_in_forward():
+    """reduction='mean': the gradients computed in the forward (NO_AOT, as linear + CE)."""
+    torch.library.opcheck(torch.ops.probact_gpu.linear_distillation.default,
+                          _ld_args("mean"), test_utils=NO_AOT)
 
 
 def test_opcheck_cross_entropy_fused_gradient():
@@ -181,6 +243,18 @@ PUBLIC = {
         x @ w.T, _inputs(x, w, t)[2], temperature=0.7).sum(),
     "linear_token_log_probs": lambda x, w, t: pg.linear_token_log_probs(
         x, w, _inputs(x, w, t)[2], chunk_size=4).sum(),
+    "distillation_loss": lambda x, w, t: pg.distillation_loss(
+        x @ w.T, (x @ w.T).detach().flip(0), t, divergence="jsd", beta=0.3, temperature=1.5,
+        hard_weight=0.2),
+    "distillation_loss_topk": lambda x, w, t: pg.distillation_loss(
+        x @ w.T, pg.TopKTeacher(*reversed(torch.log_softmax((x @ w.T).detach().flip(0),
+                                                            -1).topk(3, -1))), t,
+        reduction="sum", normalizer=4.0),
+    "linear_distillation_loss": lambda x, w, t: pg.linear_distillation_loss(
+        x, w, x.detach().flip(0), w.detach(), t, divergence="tvd", chunk_size=4),
+    "linear_distillation_loss_none": lambda x, w, t: pg.linear_distillation_loss(
+        x, w, x.detach() * 2.0, w.detach(), t, divergence="kl", reduction="none",
+        chunk_size=4).sum(),
 }
 
 

@@ -124,6 +124,16 @@ PINNED = [
     ("bce", "fwd_bwd", (1 << 28,), "probact", 1.00, 1.00, 1.00, (3, 0)),
     ("token_log_probs", "fwd", (4096, 32000), "probact", 1.00, 1.00, 1.00, (1, 0)),
     ("token_log_probs", "fwd_bwd", (4096, 32000), "probact", 1.50, 1.50, 1.50, (2, 0)),
+    # distillation, minimal = both logits read (+ the student's gradient written): KL and
+    # reverse KL read each row once in the forward; JSD and TVD twice (the reverse second sweep,
+    # an L2 hit while the rows in flight fit); the backward reads both again and writes one.
+    # The 7 (+2) torch kernels are the mean over the kept tokens (and its backward).
+    ("distillation_kl", "fwd", (4096, 32000), "probact", 1.00, 1.00, 1.00, (1, 7)),
+    ("distillation_kl", "fwd_bwd", (4096, 32000), "probact", 1.67, 1.67, 1.67, (2, 9)),
+    ("distillation_reverse_kl", "fwd", (4096, 32000), "probact", 1.00, 1.00, 1.00, (1, 7)),
+    ("distillation_jsd", "fwd", (4096, 32000), "probact", 2.00, 2.00, 1.00, (1, 7)),
+    ("distillation_jsd", "fwd_bwd", (4096, 32000), "probact", 2.34, 2.34, 1.67, (2, 9)),
+    ("distillation_tvd", "fwd_bwd", (4096, 32000), "probact", 2.34, 2.34, 1.67, (2, 9)),
 ]
 
 

@@ -14,7 +14,9 @@
 - ``compile``: the torch eager functions through ``torch.compile(dynamic=False)``; dynamo's
   caches are reset per case so no shape silently falls back to eager after too many recompiles.
 - ``liger``: Liger-Kernel (``liger_kernel.transformers.functional`` / ``liger_kernel.ops``) where
-  it has the op and is importable.
+  it has the op and is importable. Distillation: its KL / JSD / TVD losses on log-probs (or
+  probabilities) formed by torch first — how they are called — with JSD's β = 1 for reverse
+  KL; its fused linear JSD for the linear op.
 - ``cce`` (linear + cross-entropy only): cut-cross-entropy's
   ``cut_cross_entropy.linear_cross_entropy`` with its defaults, when importable.
 
@@ -23,7 +25,9 @@ reason (:class:`Skip`, or the exception the runner catches) — never a crash of
 
 Every provider's forward has the positional signature of its op family: ``(x)`` for softmax,
 log_softmax and sigmoid, ``(logits, target)`` for cross-entropy and token log-probs, ``(x,
-target)`` for BCE, ``(x, weight, target)`` for the linear ops; defaults (``ignore_index=-100``,
+target)`` for BCE, ``(x, weight, target)`` for the linear ops, ``(student, teacher, target)``
+for distillation (the mean over kept tokens; JSD at β = 0.5), ``(x, weight, teacher_x,
+teacher_weight, target)`` for the fused linear distillation; defaults (``ignore_index=-100``,
 ``reduction="mean"``, ``dim=-1``) are torch's. The LM-head outputs return ``(logp, entropy)``,
 both per token, zero on ignored tokens.
 """
@@ -51,6 +55,11 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 512
 # Ops whose forward returns (logp, entropy) per token; their backward takes a gradient for each.
 LM_HEAD_OPS = ("token_log_probs", "linear_token_log_probs")
+# Distillation: the divergence each bench op times; TRL's default β for JSD.
+DISTILLATION_OPS = {"distillation_kl": "kl", "distillation_reverse_kl": "reverse_kl",
+                    "distillation_jsd": "jsd", "distillation_tvd": "tvd",
+                    "linear_distillation_jsd": "jsd"}
+JSD_BETA = 0.5
 
 # probact_gpu's public name for each bench op.
 PUBLIC_NAMES = {
@@ -62,6 +71,11 @@ PUBLIC_NAMES = {
     "linear_cross_entropy": "linear_cross_entropy",
     "token_log_probs": "token_log_probs",
     "linear_token_log_probs": "linear_token_log_probs",
+    "distillation_kl": "distillation_loss",
+    "distillation_reverse_kl": "distillation_loss",
+    "distillation_jsd": "distillation_loss",
+    "distillation_tvd": "distillation_loss",
+    "linear_distillation_jsd": "linear_distillation_loss",
 }
 
 
@@ -123,6 +137,41 @@ def _torch_chunked_linear_token_log_probs(x, weight, target):
                       zip(x.split(CHUNK_TOKENS), target.split(CHUNK_TOKENS), strict=True))
 
 
+def _torch_divergence_rows(student, teacher, divergence):
+    """Per token, the unfused fp32 path: both heads' log_softmax in fp32 (two (tokens × V)
+    tensors), then the divergence by its definition (``F.kl_div`` for the KLs, TRL's mixture
+    for JSD)."""
+    ls = torch.log_softmax(student.float(), -1)
+    lt = torch.log_softmax(teacher.float(), -1)
+    if divergence == "kl":
+        return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
+    if divergence == "reverse_kl":
+        return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)
+    if divergence == "tvd":
+        return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+    lm = torch.logsumexp(torch.stack([ls + torch.log1p(torch.tensor(-JSD_BETA)),
+                                      lt + torch.log(torch.tensor(JSD_BETA))]), 0)
+    return (JSD_BETA * F.kl_div(lm, lt, reduction="none", log_target=True)
+            + (1 - JSD_BETA) * F.kl_div(lm, ls, reduction="none", log_target=True)).sum(-1)
+
+
+def _masked_mean(rows, target):
+    kept = target != IGNORE_INDEX
+    return (rows * kept).sum() / kept.sum().clamp(min=1)
+
+
+def _torch_distillation(divergence: str) -> Callable:
+    def torch_distillation(student, teacher, target):
+        return _masked_mean(_torch_divergence_rows(student, teacher, divergence), target)
+
+    return torch_distillation
+
+
+def _torch_linear_distillation(x, weight, teacher_x, teacher_weight, target):
+    return _masked_mean(_torch_divergence_rows(x @ weight.t(), teacher_x @ teacher_weight.t(),
+                                               "jsd"), target)
+
+
 TORCH_FNS: dict[str, Callable] = {
     "softmax": _torch_softmax,
     "log_softmax": _torch_log_softmax,
@@ -132,6 +181,9 @@ TORCH_FNS: dict[str, Callable] = {
     "linear_cross_entropy": _torch_linear_cross_entropy,
     "token_log_probs": _torch_token_log_probs,
     "linear_token_log_probs": _torch_linear_token_log_probs,
+    **{op: _torch_distillation(d) for op, d in DISTILLATION_OPS.items()
+       if not op.startswith("linear")},
+    "linear_distillation_jsd": _torch_linear_distillation,
 }
 CHUNKED_FNS: dict[str, Callable] = {
     "token_log_probs": _torch_chunked_token_log_probs,
@@ -186,6 +238,22 @@ def _lm_head(op: str, fn: Callable) -> Callable:
     return probact_linear_token_log_probs
 
 
+def _distillation(op: str, fn: Callable) -> Callable:
+    """probact's distillation function at the op's divergence (JSD at ``JSD_BETA``)."""
+    divergence = DISTILLATION_OPS[op]
+    if op.startswith("linear"):
+        def probact_linear_distillation(x, weight, teacher_x, teacher_weight, target):
+            return fn(x, weight, teacher_x, teacher_weight, target, divergence=divergence,
+                      beta=JSD_BETA)
+
+        return probact_linear_distillation
+
+    def probact_distillation(student, teacher, target):
+        return fn(student, teacher, target, divergence=divergence, beta=JSD_BETA)
+
+    return probact_distillation
+
+
 def cce_fn(op: str) -> Callable:
     """cut-cross-entropy's ``linear_cross_entropy`` (its defaults), or :class:`Skip`."""
     if op != "linear_cross_entropy":
@@ -238,13 +306,44 @@ def liger_fn(op: str) -> Callable:
                 x, weight, target, ignore_index=IGNORE_INDEX)
 
         return liger_linear_cross_entropy
+    if op in DISTILLATION_OPS:
+        return _liger_distillation(op)
     raise Skip(f"liger-kernel has no {op}")
+
+
+def _liger_distillation(op: str) -> Callable:
+    """Liger's KL / JSD / TVD losses take log-probs (TVD: probabilities) formed by torch first;
+    its JSD at β = 1 is reverse KL; its fused linear JSD takes both heads."""
+    functional = _import("liger_kernel.transformers.functional")
+    divergence = DISTILLATION_OPS[op]
+    if op == "linear_distillation_jsd":
+        def liger_linear_jsd(x, weight, teacher_x, teacher_weight, target):
+            return functional.liger_fused_linear_jsd(x, weight, teacher_x, teacher_weight,
+                                                     target, jsd_beta=JSD_BETA,
+                                                     ignore_index=IGNORE_INDEX)
+
+        return liger_linear_jsd
+
+    def liger_distillation(student, teacher, target):
+        ls = torch.log_softmax(student.float(), -1)
+        lt = torch.log_softmax(teacher.float(), -1)
+        if divergence == "kl":
+            return functional.liger_kl_div(ls, lt, log_target=True, reduction="batchmean")
+        if divergence == "tvd":
+            return functional.liger_tvd(ls.exp(), lt.exp(), target, reduction="batchmean",
+                                        ignore_index=IGNORE_INDEX)
+        beta = 1.0 if divergence == "reverse_kl" else JSD_BETA
+        return functional.liger_jsd(ls, lt, target, beta=beta, ignore_index=IGNORE_INDEX)
+
+    return liger_distillation
 
 
 def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False) -> Callable:
     """The forward function ``provider`` offers for ``op``, or :class:`Skip` with the reason."""
     if provider == "probact":
         fn = probact_fn(op)
+        if op in DISTILLATION_OPS:
+            return _distillation(op, fn)
         return _lm_head(op, fn) if op in LM_HEAD_OPS else fn
     if provider == "probact_inplace" and op == "cross_entropy":
         ce = probact_fn(op)
@@ -311,6 +410,16 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     if op == "bce":
         target = torch.rand(*shape, dtype=dtype, device=device, generator=g)
         return {"x": randn(*shape), "target": target}
+    if op in DISTILLATION_OPS and not op.startswith("linear"):
+        rows, vocab = shape
+        return {"student": randn(rows, vocab), "teacher": randn(rows, vocab),
+                "target": targets(rows, vocab)}
+    if op == "linear_distillation_jsd":
+        tokens, hidden, vocab = shape  # both heads of hidden size H
+        return {"x": randn(tokens, hidden), "weight": randn(vocab, hidden, scale=hidden**-0.5),
+                "teacher_x": randn(tokens, hidden),
+                "teacher_weight": randn(vocab, hidden, scale=hidden**-0.5),
+                "target": targets(tokens, vocab)}
     if op in ("linear_cross_entropy", "linear_token_log_probs"):
         tokens, hidden, vocab = shape
         # Unit-variance logits: x ~ N(0, 1), weight ~ N(0, 1/hidden).
@@ -323,7 +432,9 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
 GRAD_INPUTS = {"softmax": ("x",), "log_softmax": ("x",), "sigmoid": ("x",),
                "cross_entropy": ("logits",), "bce": ("x",),
                "linear_cross_entropy": ("x", "weight"), "token_log_probs": ("logits",),
-               "linear_token_log_probs": ("x", "weight")}
+               "linear_token_log_probs": ("x", "weight"),
+               **{op: ("student",) for op in DISTILLATION_OPS if not op.startswith("linear")},
+               "linear_distillation_jsd": ("x", "weight")}
 
 
 @dataclass
@@ -339,7 +450,7 @@ class Step:
             t.grad = None
 
 
-SCALAR_LOSS_OPS = ("cross_entropy", "bce", "linear_cross_entropy")
+SCALAR_LOSS_OPS = ("cross_entropy", "bce", "linear_cross_entropy", *DISTILLATION_OPS)
 
 
 def upstream_grads(op: str, inputs: dict[str, torch.Tensor], seed: int = 1):

@@ -88,7 +88,7 @@ def run_case(case: Case, provider: str, device: torch.device, *, smoke: bool,
         row.ms, row.ms_p20, row.ms_p80 = timing.ms, timing.p20, timing.p80
         if case.op in bytes_model.COMPUTE_BOUND:
             tokens, hidden, vocab = case.shape
-            flops = bytes_model.matmul_flops(case.pass_, tokens, hidden, vocab)
+            flops = bytes_model.matmul_flops(case.pass_, tokens, hidden, vocab, op=case.op)
             row.tflops = bytes_model.tflops(flops, timing.ms)
         else:
             row.bytes = bytes_model.minimal_bytes(case.op, case.pass_, case.shape,

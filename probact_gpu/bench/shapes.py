@@ -4,9 +4,10 @@ bench shapes: ``perf/sweep_tiling.py``, ``scripts/sm90_report.py`` and ``bench -
 them from here.
 
 Shapes are tuples: ``(M, N)`` rows × row length for softmax / log_softmax / cross-entropy /
-token log-probs, ``(n,)`` for the elementwise ops, ``(tokens, hidden, vocab)`` for the linear
-ops. Full and quick inputs are at least 256 MiB wherever the convention asks for it (far beyond
-the 50 MB L2), so timings measure HBM, not cache. The op names are the command line's
+token log-probs / distillation (student and teacher logits of that shape), ``(n,)`` for the
+elementwise ops, ``(tokens, hidden, vocab)`` for the linear ops (both heads' hidden size, for
+distillation). Full and quick inputs are at least 256 MiB wherever the convention asks for it
+(far beyond the 50 MB L2), so timings measure HBM, not cache. The op names are the command line's
 (``probact_gpu.registry``: the ops ``bench`` times).
 """
 
@@ -35,8 +36,16 @@ DEFAULT_PASSES = {
     "linear_cross_entropy": ("fwd_bwd",),
     "token_log_probs": ("fwd", "fwd_bwd"),  # fwd alone: the log-probs of a rollout
     "linear_token_log_probs": ("fwd", "fwd_bwd"),
+    "distillation_kl": ("fwd", "fwd_bwd"),
+    "distillation_reverse_kl": ("fwd", "fwd_bwd"),
+    "distillation_jsd": ("fwd", "fwd_bwd"),
+    "distillation_tvd": ("fwd", "fwd_bwd"),
+    "linear_distillation_jsd": ("fwd_bwd",),
 }
-LINEAR_OPS = ("linear_cross_entropy", "linear_token_log_probs")
+LINEAR_OPS = ("linear_cross_entropy", "linear_token_log_probs", "linear_distillation_jsd")
+# Distillation on logits, per divergence: student and teacher logits of the CE shapes.
+DISTILLATION_OPS = ("distillation_kl", "distillation_reverse_kl", "distillation_jsd",
+                    "distillation_tvd")
 
 
 def _rows_of(ns: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -59,7 +68,8 @@ def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
             "linear_cross_entropy": [(16, 32, 100)],
             "token_log_probs": [(8, 100)],
             "linear_token_log_probs": [(16, 32, 100)],
-        }[op]
+            "linear_distillation_jsd": [(16, 32, 100)],
+        }.get(op, [(8, 100)])
     if op in ("softmax", "log_softmax"):
         if size == "quick":  # one short row, one long row, few long rows
             if op == "log_softmax":
@@ -68,7 +78,7 @@ def shapes(op: str, size: str = "full") -> list[tuple[int, ...]]:
         return _rows_of(SOFTMAX_N) + [FEW_ROWS]
     if op in ("sigmoid", "bce"):
         return [(BUDGET,)]
-    if op in ("cross_entropy", "token_log_probs"):
+    if op in ("cross_entropy", "token_log_probs") or op in DISTILLATION_OPS:
         vocabs = (32000, 128256) if size == "quick" else CE_VOCABS
         return [(CE_TOKENS, v) for v in vocabs]
     return [LINEAR_CE]

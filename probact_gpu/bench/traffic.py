@@ -332,8 +332,9 @@ def counting(alloc_threshold: int = 0) -> Iterator[Counts]:
 
 # tiling functions whose first argument is a row or element count, and where the SM count is.
 _ROW_CHOOSERS = {"choose_row_config": 3, "choose_cross_entropy_config": 3,
-                 "choose_elementwise_config": None, "choose_bce_config": None}
-_CHUNK_CHOOSERS = ("choose_token_chunk",)
+                 "choose_elementwise_config": None, "choose_bce_config": None,
+                 "choose_distillation_config": 3}
+_CHUNK_CHOOSERS = ("choose_token_chunk", "choose_distillation_token_chunk")
 
 
 # The config the last chooser answered inside full_size_configs (the launch that follows uses it).
@@ -392,6 +393,8 @@ def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200
         return tiling.choose_row_config(shape[0], shape[1], elem_size, sms)
     if op in ("cross_entropy", "token_log_probs"):
         return tiling.choose_cross_entropy_config(shape[0], shape[1], elem_size, sms)
+    if op in shape_table.DISTILLATION_OPS:
+        return tiling.choose_distillation_config(shape[0], shape[1], elem_size, sms)
     if op == "sigmoid":
         return tiling.choose_elementwise_config(shape[0], elem_size)
     if op == "bce":
@@ -407,7 +410,7 @@ def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...
     if op in ("softmax", "log_softmax"):
         rows = 2 * cfg.block_m if cfg.path == "single" else 2
         return (min(shape[0], rows), shape[1])
-    if op in ("cross_entropy", "token_log_probs"):
+    if op in ("cross_entropy", "token_log_probs") or op in shape_table.DISTILLATION_OPS:
         return (min(shape[0], 8), shape[1])
     if op in ("sigmoid", "bce"):
         return (min(shape[0], 4 * cfg.block),)
@@ -489,7 +492,10 @@ def _main_bytes(op: str, inputs: dict[str, torch.Tensor]) -> int:
     """Bytes of the op's big input: the logits (for the linear ops, the logits they compute)."""
     if op in shape_table.LINEAR_OPS:
         return inputs["x"].shape[0] * inputs["weight"].shape[0] * inputs["x"].element_size()
-    return _nbytes(inputs["logits"] if "logits" in inputs else inputs["x"])
+    for name in ("logits", "student", "x"):
+        if name in inputs:
+            return _nbytes(inputs[name])
+    raise ValueError(f"no main input among {tuple(inputs)}")
 
 
 def count_call(fn: Callable, op: str, pass_: str, inputs: dict[str, torch.Tensor],
