@@ -7,6 +7,8 @@ head's weight. One module a family, over one home for the shard layout:
   :func:`vocab_parallel_linear_cross_entropy` (the maths and communication in its docstring);
 - ``token_log_probs.py``: :func:`vocab_parallel_token_log_probs`,
   :func:`vocab_parallel_linear_token_log_probs`;
+- ``distillation.py``: :func:`vocab_parallel_distillation_loss`,
+  :func:`vocab_parallel_linear_distillation_loss`;
 - ``_layout.py``: the group, the shard's place in the vocabulary, DTensor unwrapping.
 """
 
@@ -15,6 +17,12 @@ from .cross_entropy import (
     VocabParallelLinearCrossEntropyFunction,
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
+)
+from .distillation import (
+    VocabParallelDistillationFunction,
+    VocabParallelLinearDistillationFunction,
+    vocab_parallel_distillation_loss,
+    vocab_parallel_linear_distillation_loss,
 )
 from .token_log_probs import (
     VocabParallelLinearTokenLogProbsFunction,
@@ -25,11 +33,15 @@ from .token_log_probs import (
 
 __all__ = [
     "VocabParallelCrossEntropyFunction",
+    "VocabParallelDistillationFunction",
+    "VocabParallelLinearDistillationFunction",
     "VocabParallelLinearCrossEntropyFunction",
     "VocabParallelLinearTokenLogProbsFunction",
     "VocabParallelTokenLogProbsFunction",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_distillation_loss",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distillation_loss",
     "vocab_parallel_linear_token_log_probs",
     "vocab_parallel_token_log_probs",
 ]
