@@ -571,3 +571,20 @@ def test_distillation_matches_trl_generalized_jsd_loss(device, rng):
         theirs.backward()
         ours.backward()
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_distillation_strided_views_and_a_single_token(device, rng):
+    """A transposed student and a column-sliced teacher are read in place (the result equals
+    the contiguous one's, gradient included); (V,) logits with a 0-d target are one token."""
+    base_s, _ = make_input((30, 4), torch.float32, rng, device=device)
+    base_t, _ = make_input((4, 40), torch.float32, rng, device=device)
+    s, t = base_s.t(), base_t[:, 5:35]  # (4, 30) each: column stride 4, row stride 40
+    a, b = s.clone().requires_grad_(), s.contiguous().requires_grad_()
+    strided = distillation_loss(a, t, divergence="jsd")
+    dense = distillation_loss(b, t.contiguous(), divergence="jsd")
+    strided.backward()
+    dense.backward()
+    assert torch.equal(strided, dense) and torch.equal(a.grad, b.grad)
+    one = distillation_loss(s[0], t[0], torch.tensor(3, device=device), reduction="none")
+    assert one.shape == () and torch.equal(one, distillation_loss(s[:1], t[:1],
+                                                                  reduction="none")[0])
