@@ -474,6 +474,11 @@ def peel_row_edges(elem_size: int, n_cols: int, block_n: int, frames) -> bool:
 # loads in flight a step that the CE loop has, at 8 warps (16 elements of each row a thread).
 # Reasoned, not yet swept (perf/NOTES.md); registers: perf/sm90_static.md.
 DISTILLATION_TILE_BYTES = 8 * 1024
+# Tile width of the sparse top-k kernels: each tile also builds a histogram of the k indices
+# over its columns (which of them are the teacher's). At 4096 columns triton 3.6's ptxas
+# allocated 254 registers to the forward (bf16, k = 64, softcap and hard term; 3.9's: 79); at
+# 2048, 127 (16 warps/SM) and the backward 48 (scripts/sm90_report.py --smoke).
+TOPK_TILE_COLS = 2048
 # Most teacher classes a sparse top-k row may hold (its k log-probs, indices and the student's
 # logits at them stay in registers: 1024 at 8 warps is 4 of each a thread).
 TOPK_MAX = 1024

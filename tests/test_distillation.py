@@ -588,3 +588,20 @@ def test_distillation_strided_views_and_a_single_token(device, rng):
     one = distillation_loss(s[0], t[0], torch.tensor(3, device=device), reduction="none")
     assert one.shape == () and torch.equal(one, distillation_loss(s[:1], t[:1],
                                                                   reduction="none")[0])
+
+
+def test_distillation_tiling_heuristics():
+    """The launch choices of tiling.py: one program per row over 8 KiB tiles of each row; split
+    rows when the rows alone leave SMs idle; the fused linear form's token chunk bounds both
+    heads' logits by the budget (8192 × 4096 × 128256 bf16: 1024 tokens, 2 × 250.5 MiB)."""
+    from probact_gpu import tiling
+
+    cfg = tiling.choose_distillation_config(4096, 128256, 2, 132)
+    assert (cfg.path, cfg.block_n, cfg.num_warps) == ("multi", 4096, 8)
+    assert tiling.choose_distillation_config(4096, 128256, 4, 132).block_n == 2048
+    assert tiling.choose_distillation_config(4096, 37, 2, 132).block_n == 64  # one tile
+    few = tiling.choose_distillation_config(8, 262144, 2, 132)
+    assert (few.path, few.n_splits) == ("split", 64)  # chunks of SPLIT_MIN_CHUNK columns
+    chunk = tiling.choose_distillation_token_chunk(8192, 128256 * (2 + 2))
+    assert chunk == 1024 and 2 * chunk * 128256 * 2 <= tiling.LINEAR_CE_LOGITS_BUDGET
+    assert tiling.choose_distillation_token_chunk(8192, 128256 * 4, 1 << 20) == 2

@@ -340,13 +340,14 @@ def distillation_topk_fwd(student, indices, log_probs, target, *, options: Disti
                 torch.empty((0, N_STATS), dtype=sdt, device=device) if save_stats else None)
     idx, lp, k = _topk_views(indices, log_probs, n_rows)
     cfg = _config(n_rows, sv.n_cols, (student,), config)
+    block_n = min(cfg.block_n, tiling.TOPK_TILE_COLS)
     loss = empty((n_rows,), sdt, device)
     stats = empty((n_rows, N_STATS), sdt, device) if save_stats else None
     floats, flags = options.kernel_args()
     launch(distillation_topk_fwd_kernel, (n_rows,),
            (sv.tensor, idx, lp, target, loss, stats, sv.n_cols, 1, k, options.ignore_index,
             *sv.strides, idx.stride(0), lp.stride(0), *floats[:3], *floats[9:]),
-           path="multi", num_warps=cfg.num_warps, BLOCK_N=cfg.block_n,
+           path="multi", num_warps=cfg.num_warps, BLOCK_N=block_n,
            BLOCK_K=tiling.next_power_of_2(k), HEAD_S=flags["HEAD_S"],
            DIVERGENCE=flags["DIVERGENCE"], HAS_HARD=flags["HAS_HARD"])
     return loss, stats
@@ -373,7 +374,7 @@ def distillation_topk_bwd(student, indices, log_probs, target, stats, grad_rows,
             options.ignore_index, g_stride, *sv.strides, idx.stride(0), lp.stride(0),
             *ov.strides, *floats[:3], *floats[9:]),
            path=cfg.path, num_warps=cfg.num_warps,
-           BLOCK_N=min(cfg.block_n, tiling.next_power_of_2(chunk)),
+           BLOCK_N=min(cfg.block_n, tiling.next_power_of_2(chunk), tiling.TOPK_TILE_COLS),
            BLOCK_K=tiling.next_power_of_2(k), HEAD_S=flags["HEAD_S"],
            DIVERGENCE=flags["DIVERGENCE"], HAS_HARD=flags["HAS_HARD"])
     return out
