@@ -25,5 +25,5 @@ fi
 exec "$PY" -m pytest -q -p no:cacheprovider -W "ignore::DeprecationWarning" "${XDIST[@]}" \
     -m "not slow" \
     tests/test_interpreter.py tests/test_softmax.py tests/test_sigmoid.py tests/test_bce.py \
-    tests/test_cross_entropy.py tests/test_token_log_probs.py tests/test_compile.py \
-    tests/test_sm90_compile.py "$@"
+    tests/test_cross_entropy.py tests/test_token_log_probs.py tests/test_distillation.py \
+    tests/test_compile.py tests/test_sm90_compile.py "$@"
