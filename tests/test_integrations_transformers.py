@@ -594,7 +594,11 @@ def test_transformers_patch_keeps_an_instance_forward(device):
 def test_transformers_patch_api(device):
     model = make_model("gemma2", device)
     assert hf.head_options(model) == {"softcap": 30.0, "logit_scale": 1.0, "logit_divisor": 1.0}
-    assert hf.head_options(make_model("granite", device))["logit_divisor"] == 4.0
+    granite = make_model("granite", device)
+    assert hf.head_options(granite)["logit_divisor"] == 4.0
+    assert hf.patch(granite, check=False)  # patched: the patch's own options, not a decline
+    assert hf.head_options(granite) == {"softcap": None, "logit_scale": 1.0, "logit_divisor": 4.0}
+    assert hf.unpatch(granite)
     with pytest.raises(ValueError, match="model: .*lm_head_multiplier"):
         hf.head_options(make_model("llama", device, lm_head_multiplier=2.0))
     with pytest.raises(ValueError, match="chunk_size"):

@@ -276,8 +276,12 @@ def head_options(model) -> dict[str, Any]:
     """The head's transforms as ``linear_cross_entropy`` keywords (``softcap``, ``logit_scale``,
     ``logit_divisor``), read from a transformers causal LM's config — for trainers that compute
     their own loss from the hidden states the model feeds ``model.get_output_embeddings()``.
-    Raises ValueError when ``patch``'s static checks would decline."""
+    Raises ValueError when ``patch``'s static checks would decline. On a model ``patch`` has
+    patched, they are the options the patch uses."""
     transformers = _transformers()
+    state = model.__dict__.get(_STATE) if isinstance(model, nn.Module) else None
+    if state is not None:
+        return {key: state.options[key] for key in ("softcap", "logit_scale", "logit_divisor")}
     try:
         options = dict(_check_model(transformers, model)[2])
     except _Decline as exc:
