@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__, registry
 
@@ -25,6 +26,10 @@ def _pick_device(requested: str | None) -> str:
     import torch
 
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("probact-gpu: --device cuda, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                         "drop --device to run on the CPU through Triton's interpreter")
     if device == "cpu":
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit(
@@ -32,6 +37,25 @@ def _pick_device(requested: str | None) -> str:
             )
         os.environ["TRITON_INTERPRET"] = "1"
     return device
+
+
+def _check_out(out: str | None, *, file_ok: bool = False) -> None:
+    """Before any work: ``--out`` must be a folder that exists or can be created (with
+    ``file_ok``, a ``.md`` file in one); one line naming the path when it cannot."""
+    if not out:
+        return
+    path = Path(out)
+    folder = path.parent if file_ok and path.suffix == ".md" else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise SystemExit(f"probact-gpu bench: --out {out} cannot be created: {problem}")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -53,6 +77,7 @@ def _interrupt(signum, frame):
 
 
 def _traffic(args: argparse.Namespace) -> int:
+    _check_out(args.out, file_ok=True)
     if args.device == "cuda":
         raise SystemExit("probact-gpu bench --traffic counts through Triton's interpreter: "
                          "it runs on the CPU (drop --device cuda)")
@@ -80,6 +105,7 @@ def _traffic(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.traffic:
         return _traffic(args)
+    _check_out(args.out)
     device = _pick_device(args.device)
     smoke = args.smoke or device == "cpu"
     if device == "cpu":

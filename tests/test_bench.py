@@ -437,3 +437,43 @@ def test_timed_row_arithmetic(device, monkeypatch):
                           "torch", device, smoke=False, copy_gbps=0.05)
     assert lce.status == "ok" and lce.bytes is None and lce.gbps is None
     assert lce.tflops == pytest.approx(6 * 8 * 16 * 32 / 2e-3 / 1e12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_cli_device_cuda_without_cuda_is_a_one_line_error(command, monkeypatch):
+    """`--device cuda` where torch sees no CUDA device ends at once with one line naming the
+    option, not a traceback from deep inside the first launch."""
+    from probact_gpu import check
+
+    def nothing_runs(*args, **kwargs):
+        raise AssertionError("work started before the device was checked")
+
+    monkeypatch.setattr(check, "run", nothing_runs)
+    monkeypatch.setattr(runner, "run", nothing_runs)
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--device", "cuda", "--op", "softmax"])
+    message = str(exc.value.code)
+    assert "--device cuda" in message and "no CUDA device" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("extra", [[], ["--traffic"]])
+def test_bench_out_that_cannot_be_created_fails_before_the_bench(tmp_path, monkeypatch, extra):
+    """`bench --out PATH` checks PATH can be written before running anything (it once ran the
+    whole bench, then failed writing the results)."""
+    from probact_gpu.bench import traffic
+
+    def nothing_runs(*args, **kwargs):
+        raise AssertionError("the bench ran before --out was checked")
+
+    monkeypatch.setattr(runner, "run", nothing_runs)
+    monkeypatch.setattr(traffic, "run", nothing_runs)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "results", blocker):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--smoke", "--device", "cpu", "--op", "softmax", *extra,
+                  "--out", str(out)])
+        message = str(exc.value.code)
+        assert "--out" in message and str(blocker) in message and "\n" not in message
