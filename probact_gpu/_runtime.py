@@ -160,20 +160,23 @@ def _merged_stride(shape: Sequence[int], strides: Sequence[int]) -> int | None:
 
 def row_view(t: torch.Tensor, dim: int) -> RowView:
     """View ``t`` as rows along ``dim`` (already normalised). Copies only when the dims before or
-    after ``dim`` cannot be merged into one stride each (an arbitrary permutation)."""
+    after ``dim`` cannot be merged into one stride each (an arbitrary permutation). An empty
+    ``t`` (a size-0 dim anywhere) is its own view, with zero row strides: there is nothing to
+    address, and its strides need not merge (torch gives a (2, 0, 5) tensor strides (5, 5, 1))."""
     shape = list(t.shape) or [1]
     strides = list(t.stride()) or [1]
-    outer = _merged_stride(shape[:dim], strides[:dim])
-    inner = _merged_stride(shape[dim + 1 :], strides[dim + 1 :])
-    if outer is None or inner is None:
-        t = t.contiguous()
-        return row_view(t, dim)
     n_outer = 1
     for n in shape[:dim]:
         n_outer *= n
     n_inner = 1
     for n in shape[dim + 1 :]:
         n_inner *= n
+    if t.numel() == 0:  # nothing to address (and .contiguous() of an empty tensor keeps its
+        return RowView(t, n_outer * n_inner, shape[dim], n_inner, 0, 0, strides[dim])  # strides)
+    outer = _merged_stride(shape[:dim], strides[:dim])
+    inner = _merged_stride(shape[dim + 1 :], strides[dim + 1 :])
+    if outer is None or inner is None:
+        return row_view(t.contiguous(), dim)
     return RowView(t, n_outer * n_inner, shape[dim], n_inner, outer, inner, strides[dim])
 
 
