@@ -550,3 +550,17 @@ def test_linear_ce_lm_head_shape_gpu(device):
     torch.testing.assert_close(loss.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(h.grad.float(), h2.grad, atol=2e-3, rtol=5e-2)
     torch.testing.assert_close(w.grad.float(), w2.grad, atol=2e-3, rtol=5e-2)
+
+
+def test_linear_ce_probabilities_refuse_an_explicit_ignore_index():
+    """As torch's F.linear_cross_entropy (one of its OpInfo error inputs): class-probability
+    targets with an ignore_index given raise, before anything runs; left None it is accepted."""
+    torch.manual_seed(0)
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    probs = torch.softmax(torch.randn(3, 5), -1)
+    for ignore_index in (-100, 2):
+        with pytest.raises(ValueError, match="ignore_index cannot be specified when target "
+                                             "contains probabilities"):
+            pg.linear_cross_entropy(h, w, probs, ignore_index=ignore_index)
+    want = torch.nn.functional.linear_cross_entropy(h, w, probs)
+    torch.testing.assert_close(pg.linear_cross_entropy(h, w, probs), want)

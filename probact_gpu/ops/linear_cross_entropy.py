@@ -419,7 +419,7 @@ def linear_cross_entropy(
     linear_bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -437,11 +437,12 @@ def linear_cross_entropy(
     - ``input`` (…, H); ``linear_weight`` (V, H) (``nn.Linear`` layout), same dtype;
       ``linear_bias`` (V,) or None, added before the logit transform.
     - ``target``: (…) int64/int32 class indices, or (…, V) float class probabilities (torch's
-      rule; ``ignore_index`` then does not apply).
-    - ``weight``: per-class weights (V,); ``reduction``, ``ignore_index`` (None means -100, as
-      torch), ``label_smoothing``: torch's semantics. ``z_loss``, ``softcap``, ``logit_scale``,
-      ``logit_divisor``, ``temperature``, ``normalizer``: as ``probact_gpu.cross_entropy``
-      (the transform runs inside the kernels, in fp32, after the bias).
+      rule; ``ignore_index`` must then be left None, as torch: an explicit one raises).
+    - ``weight``: per-class weights (V,); ``reduction``, ``ignore_index`` (None means -100 for
+      class indices, as torch), ``label_smoothing``: torch's semantics. ``z_loss``,
+      ``softcap``, ``logit_scale``, ``logit_divisor``, ``temperature``, ``normalizer``: as
+      ``probact_gpu.cross_entropy`` (the transform runs inside the kernels, in fp32, after the
+      bias).
     - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of logits per chunk) trade speed for
       memory; ``low_memory=True`` computes the gradients in the backward over vocabulary chunks
       (4 matmuls instead of 3, any number of backward passes).
@@ -456,6 +457,10 @@ def linear_cross_entropy(
         temperature=temperature, normalizer=normalizer)
     chunk_size, memory_budget, low_memory = check_chunking(chunk_size, memory_budget, low_memory)
     soft = check_head_inputs(input, linear_weight, target, linear_bias, options)
+    if soft and ignore_index is not None:
+        raise ValueError(f"ignore_index cannot be specified when target contains probabilities "
+                         f"(got ignore_index={ignore_index!r} with a {target.dtype} target of "
+                         f"shape {tuple(target.shape)}): leave it None, as torch requires")
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     if h.shape[0] > 0:
         check_runnable(h)
