@@ -115,3 +115,83 @@ def test_empty_inputs_give_torchs_empty_results(name):
     ours.sum().backward()
     ref.sum().backward()
     _assert_same(x.grad, x_ref.grad)
+
+
+# --------------------------------------------------------------------------- meta tensors
+
+
+def _meta_cases():
+    """name → fn(device) -> (output, [tensors whose gradients the backward of output.sum()
+    gives]); every public op and each path its autograd takes."""
+    def x(device, *shape, dtype=torch.float32):
+        g = torch.Generator().manual_seed(len(shape))
+        return torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_()
+
+    def t(device, n, c=5):
+        return (torch.arange(n) % c).to(device)
+
+    def probs(device, *shape):
+        return torch.softmax(torch.randn(shape), -1).to(device)
+
+    def head(device, fn, **kw):
+        h, w = x(device, 3, 4, dtype=torch.bfloat16), x(device, 5, 4, dtype=torch.bfloat16)
+        b = x(device, 5, dtype=torch.bfloat16)
+        return fn(h, w, t(device, 3), linear_bias=b, **kw), [h, w, b]
+
+    def one(fn, *shape, dtype=torch.float32):
+        def case(device):
+            a = x(device, *shape, dtype=dtype)
+            return fn(a, device), [a]
+        return case
+
+    ce, lce = pg.cross_entropy, pg.linear_cross_entropy
+    return {
+        "softmax": one(lambda a, d: pg.softmax(a, 0), 3, 5),
+        "log_softmax bf16 → fp32": one(lambda a, d: pg.log_softmax(a, -1, dtype=torch.float32),
+                                       3, 5, dtype=torch.bfloat16),
+        "sigmoid": one(lambda a, d: pg.sigmoid(a), 3, 5),
+        "logsigmoid": one(lambda a, d: pg.logsigmoid(a), 3, 5),
+        "bce mean": one(lambda a, d: pg.binary_cross_entropy_with_logits(
+            a, probs(d, 3, 5).to(a.dtype)), 3, 5, dtype=torch.bfloat16),
+        "bce none": one(lambda a, d: pg.binary_cross_entropy_with_logits(
+            a, probs(d, 3, 5), reduction="none"), 3, 5),
+        "ce mean": one(lambda a, d: ce(a, t(d, 3)), 3, 5, dtype=torch.bfloat16),
+        "ce sum lse": one(lambda a, d: ce(a, t(d, 3), reduction="sum", return_lse=True)[0],
+                          3, 5),
+        "ce none (N, C, d)": one(lambda a, d: ce(a, t(d, 6).view(3, 2), reduction="none"),
+                                 3, 5, 2),
+        "ce probabilities": one(lambda a, d: ce(a, probs(d, 3, 5)), 3, 5),
+        "ce in place mean": one(lambda a, d: ce(a * 1.0, t(d, 3), inplace_backward=True), 3, 5),
+        "ce in place none": one(lambda a, d: ce(a * 1.0, t(d, 3), reduction="none",
+                                                inplace_backward=True), 3, 5),
+        "linear ce mean": lambda d: head(d, lce),
+        "linear ce none": lambda d: head(d, lce, reduction="none"),
+        "linear ce low_memory": lambda d: head(d, lce, low_memory=True),
+        "linear ce probabilities": lambda d: (lambda h, w: (lce(h, w, probs(d, 3, 5)), [h, w]))(
+            x(d, 3, 4), x(d, 5, 4)),
+        "token_log_probs entropy": one(lambda a, d: pg.token_log_probs(
+            a, t(d, 3), return_entropy=True).entropy, 3, 5),
+        "linear_token_log_probs": lambda d: head(d, pg.linear_token_log_probs),
+    }
+
+
+META = _meta_cases()
+
+
+@pytest.mark.parametrize("name", list(META))
+def test_meta_tensors_infer_what_the_op_computes(name):
+    """Every op on meta tensors, forward and backward: the shapes and dtypes of the output and
+    the gradients are those of the same call on real tensors, and nothing is launched (the
+    cross-entropy mean/sum backward once launched its rescale kernel on meta storage;
+    linear_cross_entropy refused meta input)."""
+    from probact_gpu.testing import record_launches
+
+    real, real_inputs = META[name]("cpu")
+    real.sum().backward()
+    with record_launches() as launches:
+        meta, meta_inputs = META[name]("meta")
+        meta.sum().backward()
+    assert not launches
+    assert meta.is_meta and (meta.shape, meta.dtype) == (real.shape, real.dtype)
+    for a, b in zip(meta_inputs, real_inputs, strict=True):
+        assert a.grad.is_meta and (a.grad.shape, a.grad.dtype) == (b.grad.shape, b.grad.dtype)

@@ -49,8 +49,9 @@ def _scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor) -> tor
     first (a first grad_output of exactly 0 leaves NaN); it needs both as the first backward
     left them, so it raises if either was modified in place since (version counters) — e.g.
     by an in-place accumulation into ``.grad``. Under torch.compile (which cannot partition a
-    backward mutating a saved forward output) always out of place."""
-    if torch.compiler.is_compiling():
+    backward mutating a saved forward output) always out of place; on meta tensors (shape
+    inference: nothing is launched) too."""
+    if torch.compiler.is_compiling() or grad.is_meta:
         return grad * grad_output
     if ctx.handed_out is None:
         cross_entropy_scale_grad(grad, grad_output)
