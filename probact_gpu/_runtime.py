@@ -122,6 +122,53 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.type, index)
 
 
+# --------------------------------------------------------------------------- autocast
+
+# The ops torch's autocast runs in float32, per device type (its autocast op reference: the
+# float32 lists of CUDA and CPU); tests/test_edges.py checks this table against the policies
+# torch's dispatcher registers. Everything else keeps its dtypes, except F.linear (the fused
+# heads' GEMMs), which autocast casts down to the autocast dtype on both.
+AUTOCAST_FP32_OPS: dict[str, frozenset[str]] = {
+    "cuda": frozenset({"softmax", "log_softmax", "cross_entropy",
+                       "binary_cross_entropy_with_logits"}),
+    "cpu": frozenset({"cross_entropy", "binary_cross_entropy_with_logits"}),
+}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in AUTOCAST_FP32_OPS and torch.is_autocast_enabled(device.type)
+
+
+def autocast_fp32(op: str, *tensors: torch.Tensor | None) -> bool:
+    """True when autocast is on for the tensors' device, runs ``op`` in float32 there and one
+    of ``tensors`` is 16-bit: torch's op would then take them as float32 and return float32
+    (the kernels compute in float32 anyway: only the result's dtype changes, nothing is
+    copied). Float64 tensors are left alone, as autocast does."""
+    present = [t for t in tensors if t is not None]
+    if not present or not _autocast_on(present[0].device):
+        return False
+    return (op in AUTOCAST_FP32_OPS[present[0].device.type]
+            and any(t.dtype in _HALF_DTYPES for t in present))
+
+
+def autocast_linear(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The operands of a linear layer as autocast gives them to ``F.linear``: where autocast is
+    on for their device, each floating tensor that is not float64 cast (differentiably) to the
+    autocast dtype; else unchanged."""
+    present = [t for t in tensors if t is not None]
+    if not present or not _autocast_on(present[0].device):
+        return tensors
+    dtype = torch.get_autocast_dtype(present[0].device.type)
+
+    def cast(t):
+        if t is None or not t.dtype.is_floating_point or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    return tuple(cast(t) for t in tensors)
+
+
 # --------------------------------------------------------------------------- strided views
 
 

@@ -195,3 +195,120 @@ def test_meta_tensors_infer_what_the_op_computes(name):
     assert meta.is_meta and (meta.shape, meta.dtype) == (real.shape, real.dtype)
     for a, b in zip(meta_inputs, real_inputs, strict=True):
         assert a.grad.is_meta and (a.grad.shape, a.grad.dtype) == (b.grad.shape, b.grad.dtype)
+
+
+# --------------------------------------------------------------------------- autocast
+
+# our op → the aten ops autocast decides it by (its policy per device type is torch's): on CUDA
+# cross_entropy_loss decomposes into log_softmax and nll_loss, each run in float32 there
+_ATEN = {"softmax": ("aten::softmax.int",), "log_softmax": ("aten::log_softmax.int",),
+         "sigmoid": ("aten::sigmoid",), "logsigmoid": ("aten::log_sigmoid",),
+         "binary_cross_entropy_with_logits": ("aten::binary_cross_entropy_with_logits",),
+         "cross_entropy": ("aten::cross_entropy_loss", "aten::nll_loss")}
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_autocast_fp32_table_is_torchs(device_type):
+    """The ops we run in float32 under autocast are exactly those torch's autocast registers a
+    (float32) policy for, per device type — checked against torch's dispatcher, so the CUDA
+    table is checked on a CPU-only machine too; F.linear (the fused heads) is cast down."""
+    from probact_gpu._runtime import AUTOCAST_FP32_OPS
+
+    key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
+    registered = {op for op, names in _ATEN.items()
+                  if any(torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for n in names)}
+    assert AUTOCAST_FP32_OPS[device_type] == registered
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::linear", key)
+
+
+def _autocast_cases():
+    """name → (ours(tensors), torch's(tensors), input builders); each runs under autocast."""
+    def t(n, c=5):
+        return torch.arange(n) % c
+
+    def probs(*shape):  # the same values for ours and torch's
+        return torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(1)), -1)
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    ce = pg.cross_entropy
+    return {
+        "softmax": (lambda x: pg.softmax(x, -1), lambda x: torch.softmax(x, -1), [(3, 5, bf16)]),
+        "log_softmax fp32": (lambda x: pg.log_softmax(x, 0), lambda x: torch.log_softmax(x, 0),
+                             [(3, 5, f32)]),
+        "sigmoid": (pg.sigmoid, torch.sigmoid, [(3, 5, bf16)]),
+        "logsigmoid": (pg.logsigmoid, F.logsigmoid, [(3, 5, bf16)]),
+        "bce mean, bf16 target": (
+            lambda x: pg.binary_cross_entropy_with_logits(x, probs(3, 5).to(bf16)),
+            lambda x: F.binary_cross_entropy_with_logits(x, probs(3, 5).to(bf16)),
+            [(3, 5, bf16)]),
+        "bce none": (
+            lambda x: pg.binary_cross_entropy_with_logits(x, probs(3, 5).to(bf16),
+                                                          reduction="none"),
+            lambda x: F.binary_cross_entropy_with_logits(x, probs(3, 5).to(bf16),
+                                                         reduction="none"), [(3, 5, bf16)]),
+        "ce mean": (lambda x: ce(x, t(3)), lambda x: F.cross_entropy(x, t(3)), [(3, 5, bf16)]),
+        "ce none smoothing": (
+            lambda x: ce(x, t(3), reduction="none", label_smoothing=0.1),
+            lambda x: F.cross_entropy(x, t(3), reduction="none", label_smoothing=0.1),
+            [(3, 5, bf16)]),
+        "ce sum lse": (lambda x: ce(x, t(3), reduction="sum", return_lse=True)[0],
+                       lambda x: F.cross_entropy(x, t(3), reduction="sum"), [(3, 5, bf16)]),
+        "ce probabilities": (lambda x: ce(x, probs(3, 5).to(bf16)),
+                             lambda x: F.cross_entropy(x, probs(3, 5).to(bf16)), [(3, 5, bf16)]),
+        "ce in place": (lambda x: ce(x * 1.0, t(3), inplace_backward=True),
+                        lambda x: F.cross_entropy(x * 1.0, t(3)), [(3, 5, bf16)]),
+        "ce fp64 stays fp64": (lambda x: ce(x, t(3)), lambda x: F.cross_entropy(x, t(3)),
+                               [(3, 5, torch.float64)]),
+        "linear ce": (lambda h, w, b: pg.linear_cross_entropy(h, w, t(3), linear_bias=b),
+                      lambda h, w, b: F.cross_entropy(F.linear(h, w, b), t(3)),
+                      [(3, 8, f32), (5, 8, f32), (5, f32)]),
+        "linear ce none": (
+            lambda h, w: pg.linear_cross_entropy(h, w, t(3), reduction="none"),
+            lambda h, w: F.cross_entropy(F.linear(h, w), t(3), reduction="none"),
+            [(3, 8, f32), (5, 8, f32)]),
+        "linear ce probabilities": (
+            lambda h, w: pg.linear_cross_entropy(h, w, probs(3, 5)),
+            lambda h, w: F.cross_entropy(F.linear(h, w), probs(3, 5)), [(3, 8, f32), (5, 8, f32)]),
+        "linear_token_log_probs": (
+            lambda h, w: pg.linear_token_log_probs(h, w, t(3)),
+            lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(
+                -1, t(3)[:, None])[:, 0], [(3, 8, f32), (5, 8, f32)]),
+    }
+
+
+AUTOCAST = _autocast_cases()
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST))
+def test_autocast_follows_torch(name, device, monkeypatch):
+    """Under torch.autocast every op returns what torch's composition returns there, dtype
+    first: cross-entropy and BCE a float32 loss (they once returned bf16), softmax float32 on
+    CUDA only, sigmoid the input's dtype; the fused heads run their GEMMs in the autocast dtype
+    (F.linear's policy; they ran the parameters' float32). Gradients have the inputs' dtypes."""
+    from probact_gpu.ops import _common
+
+    torch.manual_seed(0)
+    ours_fn, ref_fn, specs = AUTOCAST[name]
+    inputs = [torch.randn(s[:-1], dtype=s[-1]).to(device).requires_grad_() for s in specs]
+    refs = [a.detach().clone().requires_grad_() for a in inputs]
+    gemm_dtypes = []
+    chunk_logits = _common.chunk_logits
+
+    def spy(h, weight, bias, out):
+        gemm_dtypes.append((h.dtype, weight.dtype))
+        return chunk_logits(h, weight, bias, out)
+
+    monkeypatch.setattr(_common, "chunk_logits", spy)
+    monkeypatch.setattr("probact_gpu.ops.linear_cross_entropy.chunk_logits", spy)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours, ref = ours_fn(*inputs), ref_fn(*refs)
+    assert ours.dtype == ref.dtype, (ours.dtype, ref.dtype)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    if name.startswith("linear"):
+        assert gemm_dtypes and set(gemm_dtypes) == {(torch.bfloat16, torch.bfloat16)}
+    ours.sum().backward()
+    ref.sum().backward()
+    for a, b in zip(inputs, refs, strict=True):
+        assert a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad, **tol)

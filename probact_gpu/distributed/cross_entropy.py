@@ -62,7 +62,13 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import accum_dtype, check_runnable, check_same_device
+from .._runtime import (
+    accum_dtype,
+    autocast_fp32,
+    autocast_linear,
+    check_runnable,
+    check_same_device,
+)
 from ..ops._common import (
     ce_launch_options,
     check_chunking,
@@ -172,7 +178,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     arguments and sends world size 1 to the local op instead."""
 
     @staticmethod
-    def forward(ctx, input, target, group, vocab_start, vocab_size, options, config):
+    def forward(ctx, input, target, group, vocab_start, vocab_size, options, config,
+                loss_dtype=None):
         sdt = accum_dtype(input)
         target = target.contiguous()
         # 1. Local partials: (N, S, 4) = (max z, Σ exp(z − max), z_t or 0, Σ w·z) per chunk.
@@ -190,12 +197,12 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, lse, divisor)
         ctx.vocab_start, ctx.vocab_size, ctx.options, ctx.config = (vocab_start, vocab_size,
                                                                     options, config)
-        return loss.to(input.dtype)
+        return loss.to(loss_dtype or input.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         no_second_derivative("vocab_parallel_cross_entropy")
-        none = (None,) * 6
+        none = (None,) * 7
         if grad_loss is None:
             return (None,) + none
         input, target, lse, divisor = ctx.saved_tensors
@@ -269,8 +276,10 @@ def vocab_parallel_cross_entropy(
     if input.numel() > 0:
         check_runnable(input)
     options.check_weight(n_classes, input.device)
+    # autocast runs cross-entropy in float32: a float32 loss (the kernels' math is anyway)
+    loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input) else input.dtype
     return VocabParallelCrossEntropyFunction.apply(
-        input, target, group, vocab_start, n_classes, options, config)
+        input, target, group, vocab_start, n_classes, options, config, loss_dtype)
 
 
 # --------------------------------------------------------------------------- linear + CE
@@ -286,7 +295,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, linear_weight, linear_bias, target, group, vocab_start, vocab_size,
-                options, chunking):
+                options, chunking, loss_dtype=None):
         chunk_size, memory_budget, config = chunking
         n_tokens, v_local = h.shape[0], linear_weight.shape[0]
         sdt = accum_dtype(h)
@@ -312,14 +321,14 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(h, linear_weight, linear_bias, target, lse, divisor)
         ctx.group, ctx.vocab_start, ctx.vocab_size = group, vocab_start, vocab_size
         ctx.options, ctx.chunk, ctx.config = options, chunk, config
-        return loss.to(h.dtype)
+        return loss.to(loss_dtype or h.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
         import torch.distributed as dist
 
         no_second_derivative("vocab_parallel_linear_cross_entropy")
-        none = (None,) * 6
+        none = (None,) * 7
         if grad_loss is None:
             return (None,) * 3 + none
         h, weight, bias, target, lse, divisor = ctx.saved_tensors
@@ -403,6 +412,8 @@ def vocab_parallel_linear_cross_entropy(
         temperature=temperature, normalizer=normalizer)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     _check_layout_args(vocab_start_index, vocab_size)
+    # autocast: the head in the autocast dtype and a float32 loss, as F.linear + F.cross_entropy
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     n_weights = None if options.weight is None else (vocab_size or options.weight.shape[0])
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False, n_classes=n_weights)
@@ -419,5 +430,6 @@ def vocab_parallel_linear_cross_entropy(
     options.check_weight(n_classes, h.device)
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
-        options, (chunk_size, memory_budget, config))
+        options, (chunk_size, memory_budget, config),
+        torch.float32 if autocast_fp32("cross_entropy", h) else h.dtype)
     return loss.reshape(batch_shape) if options.reduction == "none" else loss

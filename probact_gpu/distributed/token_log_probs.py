@@ -47,7 +47,13 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import accum_dtype, check_float, check_runnable, check_same_device
+from .._runtime import (
+    accum_dtype,
+    autocast_linear,
+    check_float,
+    check_runnable,
+    check_same_device,
+)
 from ..ops._common import (
     check_chunking,
     check_head_inputs,
@@ -347,6 +353,7 @@ def vocab_parallel_linear_token_log_probs(
     options = CrossEntropyOptions.from_kwargs(
         ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
         softcap=softcap, temperature=temperature)
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)

@@ -42,6 +42,7 @@ import torch
 from .. import tiling
 from .._runtime import (
     accum_dtype,
+    autocast_fp32,
     check_float,
     check_runnable,
     check_same_device,
@@ -390,7 +391,8 @@ def binary_cross_entropy_with_logits(
     ``weight`` broadcasts to the input, ``pos_weight`` along the last (class) dim (any shape that
     broadcasts to the input is accepted). Arguments after ``weight`` are keyword-only.
     Differentiable w.r.t. ``input`` only, to any order (``create_graph=True`` gives exact second
-    derivatives)."""
+    derivatives). Under ``torch.autocast`` the loss is float32 when the input or target is
+    16-bit, as torch's (a 16-bit target is then read as float32, as autocast does)."""
     _check(input, target, weight, pos_weight, reduction)
     grad_on = torch.is_grad_enabled()
     for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
@@ -399,5 +401,7 @@ def binary_cross_entropy_with_logits(
                 f"{name} requires grad: probact_gpu differentiates this loss w.r.t. input only"
             )
     compute_grad = grad_on and input.requires_grad and reduction != "none"
+    if autocast_fp32("binary_cross_entropy_with_logits", input, target):
+        target = target.float()  # as autocast: the loss is float32 (the math is anyway)
     loss, _ = _bce_fwd_op(input, target, weight, pos_weight, reduction, compute_grad)
     return loss

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import accum_dtype, check_runnable, empty
+from .._runtime import accum_dtype, autocast_fp32, autocast_linear, check_runnable, empty
 from ..options import CrossEntropyOptions
 from ._common import (
     LinearGrads,
@@ -343,7 +343,7 @@ class _SoftTargetLinearCE(torch.autograd.Function):
     ops, backward recomputing each chunk. ``target`` (N, V) float."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, options, chunk):
+    def forward(ctx, h, weight, bias, target, options, chunk, loss_dtype):
         n_tokens, n_classes = h.shape[0], weight.shape[0]
         sdt = accum_dtype(h)
         rows = torch.empty(n_tokens, dtype=sdt, device=h.device)
@@ -363,7 +363,7 @@ class _SoftTargetLinearCE(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, target, lse, divisor)
         ctx.options, ctx.chunk = options, chunk
         ctx.set_materialize_grads(False)
-        return reduce_rows(rows, options, divisor).to(h.dtype)
+        return reduce_rows(rows, options, divisor).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -394,7 +394,7 @@ class _SoftTargetLinearCE(torch.autograd.Function):
             grads.add_chunk(start, end, dlogits, h[start:end], weight)
         dh, dw, db = grads.results(h, weight, bias)
         return (dh if need[0] else None, dw if need[1] else None,
-                db if need[2] and bias is not None else None, None, None, None)
+                db if need[2] and bias is not None else None, None, None, None, None)
 
 
 def _smoothed(target: torch.Tensor, options: CrossEntropyOptions, dtype) -> torch.Tensor:
@@ -448,7 +448,10 @@ def linear_cross_entropy(
       (4 matmuls instead of 3, any number of backward passes).
 
     Returns the loss in ``input``'s dtype (per token, shaped like ``target``'s leading dims, for
-    ``reduction="none"``). The module docstring has the memory model.
+    ``reduction="none"``). Under ``torch.autocast`` it follows ``F.linear`` + ``F.cross_entropy``
+    there: the head runs in the autocast dtype (input, head and bias cast to it, as autocast
+    casts F.linear's operands) and the loss is float32. The module docstring has the memory
+    model.
     """
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
@@ -456,6 +459,10 @@ def linear_cross_entropy(
         logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
         temperature=temperature, normalizer=normalizer)
     chunk_size, memory_budget, low_memory = check_chunking(chunk_size, memory_budget, low_memory)
+    # Under autocast, as F.linear + F.cross_entropy: the head in the autocast dtype (the casts
+    # are differentiable, so the gradients come back in the parameters' dtypes), the loss fp32.
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
+    loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input) else input.dtype
     soft = check_head_inputs(input, linear_weight, target, linear_bias, options)
     if soft and ignore_index is not None:
         raise ValueError(f"ignore_index cannot be specified when target contains probabilities "
@@ -469,7 +476,8 @@ def linear_cross_entropy(
         chunk = chunk_size or token_chunk(h.shape[0], n_classes, 4 * accum_dtype(h).itemsize,
                                           None, memory_budget)
         loss = _SoftTargetLinearCE.apply(h, linear_weight, linear_bias,
-                                         target.reshape(h.shape[0], n_classes), options, chunk)
+                                         target.reshape(h.shape[0], n_classes), options, chunk,
+                                         loss_dtype)
         return loss.reshape(batch_shape) if reduction == "none" else loss
     grad_on = torch.is_grad_enabled()
     need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
@@ -478,4 +486,4 @@ def linear_cross_entropy(
                        *options.schema_args(), chunk_size, memory_budget, low_memory, need)
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype)

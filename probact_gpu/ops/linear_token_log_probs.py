@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import accum_dtype, check_runnable, empty
+from .._runtime import accum_dtype, autocast_linear, check_runnable, empty
 from ..options import CrossEntropyOptions, HeadTransform
 from ._common import (
     LinearGrads,
@@ -226,11 +226,14 @@ def linear_token_log_probs(
       chunk; default ``tiling.LINEAR_CE_LOGITS_BUDGET``).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias`` through logp and entropy;
-    under ``torch.no_grad`` nothing is saved. Double backward is not supported.
+    under ``torch.no_grad`` nothing is saved. Double backward is not supported. Under
+    ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would (the outputs
+    stay fp32).
     """
     options = CrossEntropyOptions.from_kwargs(
         ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
         softcap=softcap, temperature=temperature)
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)

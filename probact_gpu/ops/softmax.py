@@ -17,6 +17,7 @@ import torch
 from .. import tiling
 from .._runtime import (
     accum_dtype,
+    autocast_fp32,
     check_float,
     check_runnable,
     check_same_device,
@@ -228,7 +229,7 @@ torch.library.register_autograd("probact_gpu::softmax_bwd", _bwd_backward,
 
 def _prepare(
     input: torch.Tensor, dim: int | None, dtype: torch.dtype | None, name: str
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, torch.dtype | None]:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if dim is None:  # torch's deprecated implicit dim, with its warning
@@ -239,7 +240,9 @@ def _prepare(
         input = input.to(dtype)  # torch casts integer input to `dtype` first
     check_float("input", input)
     normalize_dim(dim, input.ndim)
-    return input, dim
+    if dtype is None and autocast_fp32(name, input):
+        dtype = torch.float32  # autocast runs it in float32 there (CUDA): no copy, the kernels
+    return input, dim, dtype   # read 16-bit input and compute in float32 anyway
 
 
 def softmax(
@@ -247,8 +250,10 @@ def softmax(
 ) -> torch.Tensor:
     """``exp(x − max) / Σ exp(x − max)`` along ``dim``, as ``torch.softmax``; computed in fp32
     (fp64 for fp64 input) and returned in ``dtype`` (default: the input's dtype). ``dim=None``
-    picks torch's deprecated implicit dim (0 for 0-, 1- and 3-d input, else 1) and warns."""
-    input, dim = _prepare(input, dim, dtype, "softmax")
+    picks torch's deprecated implicit dim (0 for 0-, 1- and 3-d input, else 1) and warns.
+    Under ``torch.autocast`` on CUDA (where autocast runs softmax in float32) 16-bit input gives
+    a float32 result, as torch."""
+    input, dim, dtype = _prepare(input, dim, dtype, "softmax")
     return _softmax_fwd_op(input, dim, False, dtype)
 
 
@@ -256,6 +261,6 @@ def log_softmax(
     input: torch.Tensor, dim: int | None = -1, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """``(x − max) − log Σ exp(x − max)`` along ``dim``, as ``torch.log_softmax`` (``dim=None``
-    as in ``softmax``)."""
-    input, dim = _prepare(input, dim, dtype, "log_softmax")
+    as in ``softmax``; autocast as ``softmax``)."""
+    input, dim, dtype = _prepare(input, dim, dtype, "log_softmax")
     return _softmax_fwd_op(input, dim, True, dtype)

@@ -63,11 +63,11 @@ def _scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor) -> tor
     return grad * (grad_output / first).to(grad.dtype)
 
 
-_N_OP_INPUTS = 2 + CrossEntropyOptions.N_SCHEMA_ARGS + 1
+_N_OP_INPUTS = 2 + CrossEntropyOptions.N_SCHEMA_ARGS + 2  # + compute_grad, loss_dtype
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, *schema, compute_grad = inputs
+    input, target, *schema, compute_grad, _loss_dtype = inputs
     _, lse, grad = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, grad)

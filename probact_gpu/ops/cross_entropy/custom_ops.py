@@ -6,7 +6,8 @@ in ``autograd.py``.
 Every op takes the options as ``CrossEntropyOptions.schema_args()``: weight: Tensor?,
 ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
 logit_divisor: float, softcap: float?, temperature: float, normalizer: Tensor?,
-normalizer_value: float?."""
+normalizer_value: float?. The forwards end with ``loss_dtype: ScalarType?``, the loss's dtype
+(None: the input's; float32 under autocast, which runs cross-entropy in float32)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ from .launch import (
 
 
 def _run(input: torch.Tensor, target: torch.Tensor, opts: CrossEntropyOptions,
-         grad_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward for an ND input (class dim 1) and its targets: (loss, lse). With
-    ``grad_out`` the fused gradient of the loss is written there. Launches: the mean's divisor
-    (mean only), the forward, and (sum/mean) the finish kernel, which reduces the rows."""
+         grad_out: torch.Tensor | None,
+         loss_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward for an ND input (class dim 1) and its targets: (loss, lse), the loss in
+    ``loss_dtype`` (default: the input's). With ``grad_out`` the fused gradient of the loss is
+    written there. Launches: the mean's divisor (mean only), the forward, and (sum/mean) the
+    finish kernel, which reduces the rows."""
     sdt = accum_dtype(input)
+    loss_dtype = loss_dtype or input.dtype
     if input.numel() > 0:
         check_runnable(input)
     flat = target.reshape(-1).contiguous()
@@ -43,19 +47,19 @@ def _run(input: torch.Tensor, target: torch.Tensor, opts: CrossEntropyOptions,
         divisor, denom = _normalizer(opts, input, sdt)
     dxv, temp = (None, None) if grad_out is None else _written_view(grad_out, "input")
     rows, lse = _fwd_rows(xv, flat, opts, dxv=dxv, divisor=divisor, denom=denom, config=None,
-                          loss_dtype=input.dtype if opts.reduction == "none" else None)
+                          loss_dtype=loss_dtype if opts.reduction == "none" else None)
     if grad_out is not None:
         _copy_back(grad_out, temp)
     if opts.reduction == "none":
         loss = rows.reshape(target.shape)
     else:
-        loss = cross_entropy_finish(rows, divisor=divisor, denom=denom, dtype=input.dtype)
+        loss = cross_entropy_finish(rows, divisor=divisor, denom=denom, dtype=loss_dtype)
     return loss, lse.reshape(target.shape)
 
 
-def _fake_outputs(input, target, reduction):
+def _fake_outputs(input, target, reduction, loss_dtype):
     loss_shape = target.shape if reduction == "none" else ()
-    return (input.new_empty(loss_shape),
+    return (input.new_empty(loss_shape, dtype=loss_dtype or input.dtype),
             input.new_empty(target.shape, dtype=accum_dtype(input)))
 
 
@@ -65,6 +69,7 @@ def _ce_op(
     reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
     logit_divisor: float, softcap: float | None, temperature: float,
     normalizer: torch.Tensor | None, normalizer_value: float | None, compute_grad: bool,
+    loss_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, dlogits of the reduced loss — or an empty tensor without compute_grad).
     ``input`` has at least 2 dims (class dim 1)."""
@@ -72,14 +77,15 @@ def _ce_op(
                                            z_loss, logit_scale, logit_divisor, softcap,
                                            temperature, normalizer, normalizer_value)
     grad = empty(input.shape if compute_grad else (0,), input.dtype, input.device)
-    loss, lse = _run(input, target, opts, grad if compute_grad else None)
+    loss, lse = _run(input, target, opts, grad if compute_grad else None, loss_dtype)
     return loss, lse, grad
 
 
 @_ce_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
-      logit_divisor, softcap, temperature, normalizer, normalizer_value, compute_grad):
-    loss, lse = _fake_outputs(input, target, reduction)
+      logit_divisor, softcap, temperature, normalizer, normalizer_value, compute_grad,
+      loss_dtype=None):
+    loss, lse = _fake_outputs(input, target, reduction, loss_dtype)
     return loss, lse, input.new_empty(input.shape if compute_grad else (0,))
 
 
@@ -89,18 +95,19 @@ def _ce_inplace_op(
     reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
     logit_divisor: float, softcap: float | None, temperature: float,
     normalizer: torch.Tensor | None, normalizer_value: float | None,
+    loss_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) for sum/mean; the gradient of the loss overwrites ``input``."""
     opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
                                            z_loss, logit_scale, logit_divisor, softcap,
                                            temperature, normalizer, normalizer_value)
-    return _run(input, target, opts, input)
+    return _run(input, target, opts, input, loss_dtype)
 
 
 @_ce_inplace_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
-      logit_divisor, softcap, temperature, normalizer, normalizer_value):
-    return _fake_outputs(input, target, reduction)
+      logit_divisor, softcap, temperature, normalizer, normalizer_value, loss_dtype=None):
+    return _fake_outputs(input, target, reduction, loss_dtype)
 
 
 def _bwd_impl(input, target, lse, grad_output, opts: CrossEntropyOptions, out) -> None:

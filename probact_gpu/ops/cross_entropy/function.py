@@ -7,7 +7,7 @@ from typing import Literal, overload
 
 import torch
 
-from ..._runtime import check_float, check_same_device
+from ..._runtime import autocast_fp32, check_float, check_same_device
 from ...options import CrossEntropyOptions
 from .custom_ops import _ce_op
 from .inplace import CrossEntropyInplaceFunction, _inplace_carrier
@@ -79,7 +79,8 @@ def cross_entropy(
     """Softmax cross-entropy as ``torch.nn.functional.cross_entropy`` (input (C), (N, C) or
     (N, C, d1, ...), class dim 1; targets as class indices or class probabilities; ``weight``,
     ``ignore_index``, ``reduction``, ``label_smoothing`` with torch's semantics and scalar rules),
-    computed in fp32 (fp64 for fp64 input) and returned in the input's dtype, plus:
+    computed in fp32 (fp64 for fp64 input) and returned in the input's dtype (float32 under
+    ``torch.autocast`` for 16-bit input, as torch: the logits are still read as they are), plus:
 
     - ``z_loss``: adds ``z_loss · lse²`` per non-ignored row (PaLM).
     - the logit transform, in this order, inside the kernels: ``logit_scale`` (multiplies),
@@ -120,11 +121,14 @@ def cross_entropy(
     check_same_device(input=input, target=target)
     if isinstance(opts.normalizer, torch.Tensor):
         check_same_device(input=input, normalizer=opts.normalizer)
+    # autocast runs cross-entropy in float32: the loss is float32 (the kernels' math is anyway,
+    # so the logits are read as they are, never copied)
+    loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input, target) else None
     if soft:
         if inplace_backward:
             raise ValueError("inplace_backward=True supports class-index targets only, got "
                              f"class probabilities (dtype={target.dtype})")
-        loss, lse = _soft_target_ce(input, target, opts)
+        loss, lse = _soft_target_ce(input, target, opts, loss_dtype)
         return (loss, lse) if return_lse else loss
     squeeze = input.ndim == 1
     if inplace_backward and squeeze:
@@ -134,11 +138,11 @@ def cross_entropy(
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
         carrier, geometry = _inplace_carrier(input, opts.reduction)
-        loss, lse, _ = CrossEntropyInplaceFunction.apply(carrier, t, geometry,
+        loss, lse, _ = CrossEntropyInplaceFunction.apply(carrier, t, geometry, loss_dtype,
                                                          *opts.schema_args())
     else:  # (in place without a backward to feed would only destroy the logits)
         loss, lse, _ = _ce_op(x, t, *opts.schema_args(),
-                              needs_grad and opts.reduction != "none")
+                              needs_grad and opts.reduction != "none", loss_dtype)
     if squeeze:
         lse = lse.reshape(())
         if opts.reduction == "none":

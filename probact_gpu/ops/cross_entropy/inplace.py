@@ -66,22 +66,23 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
     when autograd would refuse)."""
 
     @staticmethod
-    def forward(ctx, carrier, target, geometry, *schema):
+    def forward(ctx, carrier, target, geometry, loss_dtype, *schema):
         """``carrier``: the logits, or (sum/mean, logits that are a view) the base tensor they
         cover whole, which autograd is told was written; ``geometry``: None, or the logits'
-        (size, stride, storage_offset) in the base."""
+        (size, stride, storage_offset) in the base; ``loss_dtype``: the loss's dtype (None: the
+        logits')."""
         opts = CrossEntropyOptions.from_schema(*schema)
         ctx.set_materialize_grads(False)
         ctx.used = False
         ctx.handed_out = None
         ctx.schema_scalars = (*schema[1:9], schema[10])
         if opts.reduction == "none":
-            loss, lse, _ = _ce_op(carrier, target, *schema, False)
+            loss, lse, _ = _ce_op(carrier, target, *schema, False, loss_dtype)
             ctx.save_for_backward(carrier, target, lse, schema[0])
             ctx.mark_non_differentiable(lse)
             return loss, lse, None
         x = carrier if geometry is None else carrier.as_strided(*geometry)
-        loss, lse = _ce_inplace_op(x, target, *schema)
+        loss, lse = _ce_inplace_op(x, target, *schema, loss_dtype)
         ctx.mark_dirty(carrier)
         ctx.save_for_backward(carrier)
         ctx.mark_non_differentiable(lse)
@@ -89,7 +90,7 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_input_out):
-        none = (None,) * (2 + CrossEntropyOptions.N_SCHEMA_ARGS)
+        none = (None,) * (3 + CrossEntropyOptions.N_SCHEMA_ARGS)
         if grad_input_out is not None:
             raise RuntimeError(
                 "the logits passed to cross_entropy(..., inplace_backward=True) were used after "

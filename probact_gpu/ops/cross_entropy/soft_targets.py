@@ -9,11 +9,13 @@ from ..._runtime import accum_dtype
 from ...options import CrossEntropyOptions
 
 
-def _soft_target_ce(input: torch.Tensor, target: torch.Tensor, opts: CrossEntropyOptions):
+def _soft_target_ce(input: torch.Tensor, target: torch.Tensor, opts: CrossEntropyOptions,
+                    loss_dtype: torch.dtype | None = None):
     """Class-probability targets, composed from torch ops and probact's log_softmax (the simple
     path: correctness first). loss_row = −Σ_c w_c t'_c log p_c + z_loss · lse², with
     t' = (1 − ε) t + ε / C over the transformed logits (``HeadTransform.apply``); mean divides
-    by the number of rows, as torch; sum by the normalizer when one is given."""
+    by the number of rows, as torch; sum by the normalizer when one is given. The loss in
+    ``loss_dtype`` (default: the input's)."""
     from ..softmax import log_softmax
 
     math_dtype = accum_dtype(input)
@@ -40,4 +42,4 @@ def _soft_target_ce(input: torch.Tensor, target: torch.Tensor, opts: CrossEntrop
             loss = loss / opts.normalizer
     else:
         loss = rows.sum() / (input.numel() // max(n_classes, 1))
-    return loss.to(input.dtype), lse.detach().to(math_dtype)
+    return loss.to(loss_dtype or input.dtype), lse.detach().to(math_dtype)
