@@ -84,10 +84,10 @@ def exp_precise(x):
     else:
         t = x * LOG2E
         r = tl.fma(x, LOG2E, -t) + x * LOG2E_LO
-        # Past |t| = 160, 2^t is 0 or inf in fp32 anyway; ±inf and NaN x take r = 0 (not NaN).
-        r = tl.where(tl.abs(t) < 160.0, r, 0.0)
         e = tl.exp2(t)
-        return tl.fma(e, r * LN2, e)
+        # Past |t| = 160, 2^t is 0 or inf in fp32 anyway: 2^t itself, also for ±inf and NaN x
+        # (whose r is NaN, and whose fma(inf, 0, inf) would be NaN: exp(+inf) is +inf).
+        return tl.where(tl.abs(t) < 160.0, tl.fma(e, r * LN2, e), e)
 
 
 @triton.jit
@@ -97,10 +97,29 @@ def safe_max(m):
 
 
 @triton.jit
+def lse_shift(m):
+    """The shift an lse is formed around (torch.logsumexp's): ``m`` where finite or NaN, 0 where
+    ±inf. An all −inf row keeps ``s = 0`` (lse −inf); a row with a +inf logit sums
+    ``exp(+inf) = +inf`` (lse +inf, or NaN if the row also holds a NaN) instead of forming
+    ``(+inf) − (+inf) = NaN``. A finite row's shift is its max, as ``safe_max``'s."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
 def online_update(m, s, x, axis: tl.constexpr):
     """Fold tile ``x`` (already upcast, −inf in masked lanes) into the running ``(m, s)``."""
     m_new = tl.maximum(m, tl.max(x, axis=axis))
     shift = safe_max(m_new)
+    s = s * exp(m - shift) + tl.sum(exp(x - shift), axis=axis)
+    return m_new, s
+
+
+@triton.jit
+def online_update_lse(m, s, x, axis: tl.constexpr):
+    """``online_update`` around ``lse_shift``: ``s`` becomes +inf (not NaN) once a +inf lane is
+    folded in (then ``m = +inf``), so the row's lse is +inf as torch.logsumexp's."""
+    m_new = tl.maximum(m, tl.max(x, axis=axis))
+    shift = lse_shift(m_new)
     s = s * exp(m - shift) + tl.sum(exp(x - shift), axis=axis)
     return m_new, s
 

@@ -93,7 +93,15 @@ from ._head import (
     head_transform,
     head_transform_slope,
 )
-from ._online import exp, math_arg, online_update, row_offset, safe_max, upcast
+from ._online import (
+    exp,
+    lse_shift,
+    math_arg,
+    online_update_lse,
+    row_offset,
+    safe_max,
+    upcast,
+)
 
 # --------------------------------------------------------------------------- per-row math
 
@@ -136,13 +144,16 @@ def _grad_scale(divisor_ptr, denom, like):
 def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing, z_loss,
               HAS_SMOOTHING: tl.constexpr):
     """The loss of row(s) from lse, ``nll = lse − z_t`` and ``smooth = W·lse − Σ w·z``, each
-    formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4)."""
+    formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4). A
+    row with a +inf logit (lse = +inf, ``lse_shift``) has a NaN loss, as torch's log_softmax
+    gives it (inf − inf), unless ignored."""
     zeta = tl.full((), z_loss, lse.dtype)
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, lse.dtype)
         loss = (1.0 - eps) * w_t * nll + zeta * lse * lse + (eps / n_classes) * smooth
     else:
         loss = w_t * nll + zeta * lse * lse
+    loss = tl.where(lse == float("inf"), float("nan"), loss)
     loss = tl.where(valid, loss, 0.0)
     return tl.where(valid & (~in_range), float("nan"), loss)
 
@@ -152,7 +163,8 @@ def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss,
                 HAS_SMOOTHING: tl.constexpr):
     """(true_coef, smooth_coef, z_coef) of ``dz = true_coef·(p − [c = t]) + smooth_coef·(p·W −
     w_c) + z_coef·p`` (``_dx``; smooth_coef unused without smoothing); true_coef is NaN for a
-    target outside ``[0, C)``."""
+    target outside ``[0, C)`` and on a row with a +inf logit (lse = +inf): its gradient is NaN,
+    as torch's."""
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, lse.dtype)
         true_coef = tl.where(in_range, g * (1.0 - eps) * w_t, float("nan"))
@@ -160,6 +172,7 @@ def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss,
     else:
         true_coef = tl.where(in_range, g * w_t, float("nan"))
         smooth_coef = tl.zeros_like(lse)
+    true_coef = tl.where(lse == float("inf"), float("nan"), true_coef)
     z_coef = g * (2.0 * tl.full((), z_loss, lse.dtype)) * lse
     return true_coef, smooth_coef, z_coef
 
@@ -225,7 +238,7 @@ def _fold_tile(z, c, mask, tgt, ref, row_max, row_sum, z_t, smooth_acc, w_acc, w
                w_off, HAS_SMOOTHING: tl.constexpr):
     """Fold tile ``z`` (columns ``c``) into the row's online (max, Σexp), target logit, and —
     with smoothing — the per-lane accumulators of ``w·(z − ref)`` and ``w``."""
-    row_max, row_sum = online_update(row_max, row_sum, z, 0)
+    row_max, row_sum = online_update_lse(row_max, row_sum, z, 0)
     z_t += tl.sum(tl.where(c == tgt, z, 0.0), axis=0)
     if HAS_SMOOTHING:
         w = _load_w(weight_ptr, w_off + c, mask)
@@ -287,7 +300,7 @@ def cross_entropy_fwd_kernel(
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid, in_range, w_t = _target_info(tgt, weight_ptr, n_cols, ignore_index)
 
-    shift = safe_max(tl.max(z, axis=1))
+    shift = lse_shift(tl.max(z, axis=1))
     row_sum = tl.sum(exp(z - shift[:, None]), axis=1)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum
@@ -363,7 +376,7 @@ def _sweep_row(
     mask = cols < n_body
     z = _logits(x_row + cols * x_strides[2], mask, head, HEAD, "")
     row_max = tl.max(z, axis=0)
-    row_sum = tl.sum(exp(z - safe_max(row_max)), axis=0)
+    row_sum = tl.sum(exp(z - lse_shift(row_max)), axis=0)
     z_t = tl.sum(tl.where(cols == body_t, z, 0.0), axis=0)
     # Σ w·z is accumulated around the first tile's max (fixed): no cancellation at 1e4.
     ref = safe_max(row_max)
@@ -394,7 +407,7 @@ def _sweep_row(
         smooth_sum += tl.sum(edge_smooth, axis=0)
         w_sum += tl.sum(edge_w, axis=0)
 
-    shift = safe_max(row_max)
+    shift = lse_shift(row_max)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum
     nll = (shift - z_t) + log_sum
@@ -535,14 +548,14 @@ def cross_entropy_split_stats_kernel(
     mask = cols < end
     z = _logits(x_row + cols * x_strides[2], mask, head, HEAD, "")
     part_max = tl.max(z, axis=0)
-    part_sum = tl.sum(exp(z - safe_max(part_max)), axis=0)
+    part_sum = tl.sum(exp(z - lse_shift(part_max)), axis=0)
     part_t = tl.sum(tl.where((cols == local_t) & mask, z, 0.0), axis=0)
     smooth_acc = tl.where(mask, z * _load_w(weight_ptr, vocab_start + cols, mask), 0.0)
     for tile in range(start + BLOCK_N, end, BLOCK_N):
         c = tile + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = c < end
         z = _logits(x_row + c * x_strides[2], mask, head, HEAD, "")
-        part_max, part_sum = online_update(part_max, part_sum, z, 0)
+        part_max, part_sum = online_update_lse(part_max, part_sum, z, 0)
         part_t += tl.sum(tl.where((c == local_t) & mask, z, 0.0), axis=0)
         if HAS_SMOOTHING:
             smooth_acc += tl.where(mask, z * _load_w(weight_ptr, vocab_start + c, mask), 0.0)
@@ -582,7 +595,7 @@ def cross_entropy_combine_kernel(
     part_sum = tl.load(base + 1, mask=mask, other=0.0)
     z_t = tl.sum(tl.load(base + 2, mask=mask, other=0.0), axis=1)
     smooth_sum = tl.sum(tl.load(base + 3, mask=mask, other=0.0), axis=1)
-    shift = safe_max(tl.max(part_max, axis=1))
+    shift = lse_shift(tl.max(part_max, axis=1))
     row_sum = tl.sum(part_sum * exp(part_max - shift[:, None]), axis=1)
     log_sum = tl.log(row_sum)
     lse = shift + log_sum

@@ -20,8 +20,10 @@ new tile moves the max from ``m`` to ``m'``; with ``α = exp(m − m')`` and ``d
 
 each guarded where a prefix, a tile or a lane is all −inf: ``d`` is taken as 0 where ``m = −inf``
 (then ``s = τ = 0``), a lane whose ``z = −inf`` adds 0 to τ (``exp = 0``, and ``0 · −inf`` would
-be NaN), and ``m' = −inf`` shifts by 0 (``safe_max``). An all −inf row ends with ``s = 0``:
-lse = −inf, logp and H NaN (torch's log_softmax of such a row is NaN too).
+be NaN), and ``m' = ±inf`` shifts by 0 (``lse_shift``). An all −inf row ends with ``s = 0``:
+lse = −inf, logp and H NaN (torch's log_softmax of such a row is NaN too); a row with a +inf
+logit ends with ``s = +inf``: lse = +inf as torch.logsumexp (NaN if the row also holds a NaN),
+logp, H and the gradient NaN as log_softmax's.
 
 Every exponential here is ``exp_precise`` (``kernels/_online.py``): the entropy of a row one
 logit dominates is made of ``p ~ e^−80``, where ``exp2(x · log2 e)`` alone is 5e-6 off.
@@ -40,7 +42,8 @@ would put an error of ulp(1e4)/2 in every p.
 Rows whose target is ``ignore_index``: logp = 0, H = 0, gradient 0 (lse and argmax are still
 reported). A target outside ``[0, n_classes)`` that is not ignored gives logp NaN and a NaN
 gradient row (never an out-of-bounds read). Argmax is the first index of the max of ``z`` (as
-``torch.argmax``; a negative ``logit_scale`` flips it).
+``torch.argmax``; a negative ``logit_scale`` flips it), or of its first NaN (torch.argmax takes
+NaN as the max; ``tl.max`` skips it, so NaN columns are tracked apart, ``_nan_arg``).
 
 Kernels (host side: ``probact_gpu.ops.token_log_probs``):
 
@@ -64,9 +67,23 @@ import triton
 import triton.language as tl
 
 from ._head import head_chain, head_factors, head_transform, head_transform_slope
-from ._online import exp_precise, row_offset, safe_max, upcast
+from ._online import exp_precise, lse_shift, row_offset, upcast
 
 _NO_INDEX: tl.constexpr = tl.constexpr(2**62)  # larger than any column: the argmin's identity
+
+
+@triton.jit
+def _nan_arg(z, cols, axis: tl.constexpr):
+    """The first NaN's column among ``cols``, encoded as ``col − 2^62`` (negative, so it wins
+    every argmin against a plain column, and an earlier NaN against a later one); ``_NO_INDEX``
+    where there is none. torch.argmax takes a NaN as the max; ``tl.max`` skips NaN."""
+    return tl.min(tl.where(z != z, cols - _NO_INDEX, _NO_INDEX), axis=axis)
+
+
+@triton.jit
+def _decode_arg(arg):
+    """A column from an argmax that may hold a NaN's encoded column (``_nan_arg``)."""
+    return tl.where(arg < 0, arg + _NO_INDEX, arg)
 
 
 @triton.jit
@@ -107,16 +124,17 @@ def _fold(z, cols, row_max, row_sum, tau, arg, COMPUTE_ENTROPY: tl.constexpr,
     """Fold tile ``z`` (1-D, columns ``cols``) into the row's online (max, s, τ, argmax)."""
     tile_max = tl.max(z, axis=0)
     new_max = tl.maximum(row_max, tile_max)
-    shift = safe_max(new_max)
+    shift = lse_shift(new_max)
     alpha = exp_precise(row_max - shift)
     e = exp_precise(z - shift)
     if COMPUTE_ENTROPY:
         d = tl.where(row_max == float("-inf"), 0.0, row_max - shift)
         tau = alpha * (tau + d * row_sum) + tl.sum(e * _excess(z, shift), axis=0)
     row_sum = row_sum * alpha + tl.sum(e, axis=0)
-    if COMPUTE_ARGMAX:
+    if COMPUTE_ARGMAX:  # a NaN found (arg < 0) is kept: only an earlier NaN is smaller
         tile_arg = tl.min(tl.where(z == tile_max, cols, _NO_INDEX), axis=0)
-        arg = tl.where(tile_max > row_max, tile_arg, arg)
+        arg = tl.where((tile_max > row_max) & (arg >= 0), tile_arg, arg)
+        arg = tl.minimum(arg, _nan_arg(z, cols, 0))
     return new_max, row_sum, tau, arg
 
 
@@ -129,7 +147,7 @@ def _sweep(x_row, n_cols, col_stride, head, BLOCK_N: tl.constexpr, HEAD: tl.cons
     mask = cols < n_cols
     z = _load_z(x_row + cols * col_stride, mask, head, HEAD)
     row_max = tl.max(z, axis=0)
-    shift = safe_max(row_max)
+    shift = lse_shift(row_max)
     e = exp_precise(z - shift)
     row_sum = tl.sum(e, axis=0)
     if COMPUTE_ENTROPY:
@@ -138,6 +156,7 @@ def _sweep(x_row, n_cols, col_stride, head, BLOCK_N: tl.constexpr, HEAD: tl.cons
         tau = row_sum * 0.0
     if COMPUTE_ARGMAX:
         arg = tl.min(tl.where(mask & (z == row_max), cols, _NO_INDEX), axis=0)
+        arg = tl.minimum(arg, _nan_arg(z, cols, 0))
     else:
         arg = tl.min(cols, axis=0)
     for start in range(BLOCK_N, n_cols, BLOCK_N):
@@ -152,21 +171,26 @@ def _sweep(x_row, n_cols, col_stride, head, BLOCK_N: tl.constexpr, HEAD: tl.cons
 def _finish(rows, row_mask, shift, row_sum, tau, z_t, valid, in_range, arg, logp_ptr,
             entropy_ptr, lse_ptr, argmax_ptr, stats_ptr, COMPUTE_ENTROPY: tl.constexpr,
             COMPUTE_ARGMAX: tl.constexpr, SAVE_STATS: tl.constexpr):
-    """Store the outputs of row(s) ``rows`` from their (shift, s, τ) and target logit."""
+    """Store the outputs of row(s) ``rows`` from their (shift, s, τ) and target logit (argmax
+    possibly NaN-encoded, ``_nan_arg``). A row with a +inf logit (``s = +inf`` around shift 0,
+    ``lse_shift``) has lse +inf and logp, entropy and (its saved log s) gradient NaN, as torch's
+    logsumexp and log_softmax give."""
     log_sum = tl.log(row_sum)
-    logp = (z_t - shift) - log_sum
+    blown = row_sum == float("inf")
+    logp = tl.where(blown, float("nan"), (z_t - shift) - log_sum)
     logp = tl.where(valid, tl.where(in_range, logp, float("nan")), 0.0)
     tl.store(logp_ptr + rows, logp, mask=row_mask)
     tl.store(lse_ptr + rows, shift + log_sum, mask=row_mask)
     mu_rel = tau / row_sum
     if COMPUTE_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(valid, log_sum - mu_rel, 0.0), mask=row_mask)
+        entropy = tl.where(blown, float("nan"), log_sum - mu_rel)
+        tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_mask)
     if COMPUTE_ARGMAX:
-        tl.store(argmax_ptr + rows, arg, mask=row_mask)
+        tl.store(argmax_ptr + rows, _decode_arg(arg), mask=row_mask)
     if SAVE_STATS:
         out = stats_ptr + rows.to(tl.int64) * 3
         tl.store(out, shift, mask=row_mask)
-        tl.store(out + 1, log_sum, mask=row_mask)
+        tl.store(out + 1, tl.where(blown, float("nan"), log_sum), mask=row_mask)
         tl.store(out + 2, mu_rel, mask=row_mask)
 
 
@@ -196,7 +220,7 @@ def token_log_probs_fwd_kernel(
     z = _load_z(x_ptr + row_offs[:, None] + cols[None, :] * x_col_stride, mask, head,
                 HEAD)
     row_max = tl.max(z, axis=1)
-    shift = safe_max(row_max)
+    shift = lse_shift(row_max)
     e = exp_precise(z - shift[:, None])
     row_sum = tl.sum(e, axis=1)
     if COMPUTE_ENTROPY:
@@ -205,6 +229,7 @@ def token_log_probs_fwd_kernel(
         tau = row_sum * 0.0
     if COMPUTE_ARGMAX:
         arg = tl.min(tl.where(mask & (z == row_max[:, None]), cols[None, :], _NO_INDEX), axis=1)
+        arg = tl.minimum(arg, _nan_arg(z, cols[None, :], 1))
     else:
         arg = 0
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -239,7 +264,7 @@ def token_log_probs_fwd_loop_kernel(
     tgt = tl.load(target_ptr + row).to(tl.int64)
     valid, in_range = _target_info(tgt, n_cols, ignore_index)
     z_t = _target_logit(x_row, tgt, n_cols, x_col_stride, valid, head, HEAD)
-    _finish(row, row >= 0, safe_max(row_max), row_sum, tau, z_t, valid, in_range, arg, logp_ptr,
+    _finish(row, row >= 0, lse_shift(row_max), row_sum, tau, z_t, valid, in_range, arg, logp_ptr,
             entropy_ptr, lse_ptr, argmax_ptr, stats_ptr, COMPUTE_ENTROPY, COMPUTE_ARGMAX,
             SAVE_STATS)
 
@@ -261,7 +286,8 @@ def token_log_probs_partial_kernel(
 ):
     """Writes ``stats[row, split] = (max z, s, τ, z_t if t is in this chunk else 0)`` over the
     chunk (τ = 0 without ``COMPUTE_ENTROPY``) and ``argmax[row, split]`` = the global index of
-    the chunk's first max (2^62 for an empty chunk). Reads chunk·e bytes."""
+    the chunk's first max (2^62 for an empty chunk; a NaN's, encoded negative by ``_nan_arg``,
+    for a chunk holding one). Reads chunk·e bytes."""
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)

@@ -1400,3 +1400,36 @@ def test_cross_entropy_none_backward_of_a_one_tile_row_uses_its_own_statistics(d
     assert rows and not any(r.worse_than_torch for r in rows), rows
     assert any(rec.kernel == "cross_entropy_bwd_kernel" and rec.meta["ROW_STATS"]
                for rec in launches)
+
+
+@pytest.mark.parametrize("path", list(PATH_CONFIGS))
+def test_cross_entropy_rows_with_a_plus_inf_logit_match_torch(device, path):
+    """lse of a row with a +inf logit is +inf, as torch.logsumexp (it was NaN): NaN only if the
+    row also holds a NaN; its loss and gradient stay NaN, as torch's log_softmax gives them, and
+    an ignored row keeps loss 0 and gradient 0. Every forward path (fused gradient), and the
+    backward from lse (reduction="none")."""
+    inf = float("inf")
+    x = torch.randn(6, 100, generator=torch.Generator().manual_seed(3)).to(device)
+    x[0, 70] = inf
+    x[1, 3], x[1, 90] = inf, inf
+    x[2, 5], x[2, 60] = inf, float("nan")
+    x[3], x[3, 40] = -inf, inf
+    x[5, 20] = inf
+    t = torch.tensor([1, 3, 5, 40, 7, IGNORE], device=device)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    with record_launches() as log:
+        rows, lse, dx = ce.cross_entropy_fwd(x, t, reduction="sum", compute_grad=True,
+                                             config=PATH_CONFIGS[path], **opts)
+    assert FWD_KERNELS[path] in [launch.kernel for launch in log]
+    torch.testing.assert_close(lse, torch.logsumexp(x.double(), 1).float(), equal_nan=True)
+    ref_rows = torch.nn.functional.cross_entropy(x.double(), t, reduction="none",
+                                                 label_smoothing=0.1)
+    assert torch.equal(torch.isnan(rows), torch.isnan(ref_rows))
+    assert rows[5] == 0 and torch.isfinite(rows[4])
+    grad_rows = [dx, ce.cross_entropy_grad(x, t, lse, torch.ones(6, device=device),
+                                           config=PATH_CONFIGS[path], **opts)]
+    for g in grad_rows:
+        assert torch.isnan(g[:4]).all() and torch.isfinite(g[4]).all()
+        assert (g[5] == 0).all()
+    loss, lse2 = probact_gpu.cross_entropy(x, t, return_lse=True)
+    assert torch.isnan(loss) and torch.equal(torch.isinf(lse2), torch.isinf(lse))

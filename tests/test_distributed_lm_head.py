@@ -377,3 +377,21 @@ def test_vocab_parallel_token_log_probs_rejects_bad_arguments(change, error, mat
     with pytest.raises(error, match=match):
         vocab_parallel_token_log_probs(args.pop("input"), args.pop("target"), **args)
 
+
+
+def test_vocab_parallel_token_log_probs_nan_argmax_and_inf_lse(world_of_one, device):
+    """Through the collectives (the Function over a group of one, two chunks a row): argmax is
+    the first NaN's index (the all_reduce(MIN) of candidates takes it) and lse +inf on a row
+    with a +inf logit, as torch.argmax and torch.logsumexp."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.randn(5, 23, generator=torch.Generator().manual_seed(5)).to(device)
+    x[0, 20], x[0, 2] = nan, 40.0
+    x[1, 4], x[1, 15] = nan, nan
+    x[2, 9] = inf
+    x[3], x[3, 17] = -inf, inf
+    t = torch.tensor([0, 1, 2, 17, 3], device=device)
+    cfg = RowConfig("split", 16, 4, n_splits=2)
+    _, _, lse, arg = VocabParallelTokenLogProbsFunction.apply(
+        x, t, None, 0, 23, IGNORE, HeadTransform(), False, True, cfg, False)
+    torch.testing.assert_close(arg, torch.argmax(x, -1), rtol=0, atol=0)
+    torch.testing.assert_close(lse, torch.logsumexp(x.double(), -1).float(), equal_nan=True)

@@ -510,3 +510,48 @@ def test_head_kernel_mode_and_factors(kw, mode, factors, device):
     with record_launches() as launches:
         token_log_probs(x, torch.zeros(2, dtype=torch.int64, device=device), **kw)
     assert {rec.meta["HEAD"] for rec in launches} == {mode}
+
+
+# --------------------------------------------------------------------------- NaN and +inf rows
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _special_rows(v: int = 40) -> torch.Tensor:
+    """Rows whose argmax / lse torch defines through a NaN or +inf: a NaN before the max (in an
+    earlier tile), after it (in a later tile, past a larger value), two NaNs, all NaN, a NaN
+    among −inf, +inf alone, +inf twice, +inf with a NaN, +inf among −inf, and a plain row."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(10, v, generator=g)
+    x[0, 1], x[0, 30] = NAN, 50.0
+    x[1, 35], x[1, 2] = NAN, 50.0
+    x[2, 3], x[2, 20] = NAN, NAN
+    x[3] = NAN
+    x[4], x[4, 17] = -INF, NAN
+    x[5, 21] = INF
+    x[6, 5], x[6, 33] = INF, INF
+    x[7, 2], x[7, 36] = INF, NAN
+    x[8], x[8, 25] = -INF, INF
+    return x
+
+
+SPECIAL_PATHS = [(None, "single"), (RowConfig("multi", 16, 4), "multi"),
+                 (RowConfig("split", 16, 4, n_splits=3), "split")]
+
+
+@pytest.mark.parametrize("config,path", SPECIAL_PATHS, ids=["single", "multi", "split"])
+def test_token_log_probs_argmax_and_lse_of_nan_and_inf_rows_are_torchs(config, path, device):
+    """argmax is torch.argmax's (a NaN is the max: the first NaN's index; it was the largest
+    non-NaN's) and lse is torch.logsumexp's (+inf for a +inf logit without a NaN; it was NaN),
+    on every path; logp and entropy are NaN on those rows, as log_softmax gives."""
+    x = _special_rows().to(device)
+    t = torch.tensor([0, 1, 2, 3, 4, 5, 5, 2, 25, 9], device=device)
+    with record_launches() as log:
+        logp, entropy, lse, arg, _ = token_log_probs_fwd(x, t, compute_entropy=True,
+                                                         compute_argmax=True, config=config)
+    assert {launch.path for launch in log} == {path}
+    torch.testing.assert_close(arg, torch.argmax(x, dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(lse, torch.logsumexp(x.double(), -1).float(), equal_nan=True)
+    want_logp = torch.log_softmax(x.double(), -1).gather(1, t[:, None])[:, 0]
+    assert torch.equal(torch.isnan(logp), torch.isnan(want_logp))
+    assert torch.isnan(entropy[:8]).all() and not torch.isnan(entropy[9])

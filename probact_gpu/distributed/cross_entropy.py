@@ -102,7 +102,8 @@ def _local_row_stats(stats: torch.Tensor) -> torch.Tensor:
     """Merge the (N, S, 4) split partials of each row (max, Σexp, z_t, Σz) into (N, 4), the
     Σexp rescaled to the row's local max (an all −inf row keeps max −inf and Σexp 0)."""
     row_max = stats[..., 0].amax(dim=1)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # all −inf: exp(−inf) = 0
+    # all −inf: exp(−inf) = 0; a +inf: Σ exp = +inf, lse +inf (the kernels' lse_shift)
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
     return torch.stack(
         [row_max, (stats[..., 1] * torch.exp(stats[..., 0] - shift[:, None])).sum(dim=1),
          stats[..., 2].sum(dim=1), stats[..., 3].sum(dim=1)], dim=1)
@@ -117,7 +118,7 @@ def _global_row_stats(local: torch.Tensor, group) -> torch.Tensor:
 
     row_max = local[:, 0].clone()
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
     sums = local[:, 1:].clone()
     sums[:, 0] *= torch.exp(local[:, 0] - shift)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)

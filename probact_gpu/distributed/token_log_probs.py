@@ -66,6 +66,7 @@ from ..ops.linear_token_log_probs import linear_token_log_probs, linear_token_lo
 from ..ops.token_log_probs import (
     NO_INDEX,
     check_target,
+    decode_argmax,
     finish_rows,
     merge_partials,
     pack_outputs,
@@ -107,7 +108,7 @@ def _local_stats(logits, target, vocab_start, transform, compute_entropy, comput
     partials, arg = token_log_probs_partial(
         logits, target, vocab_start=vocab_start, transform=transform,
         compute_entropy=compute_entropy, compute_argmax=compute_argmax, config=config)
-    return merge_partials(partials, arg)
+    return merge_partials(partials, arg, decode=False)
 
 
 def _global_stats(local: torch.Tensor, arg: torch.Tensor | None, group
@@ -120,7 +121,7 @@ def _global_stats(local: torch.Tensor, arg: torch.Tensor | None, group
     part_max = local[:, 0]
     row_max = part_max.clone()
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)  # the kernels' lse_shift
     alpha = torch.exp(part_max - shift)
     d = torch.where(part_max == float("-inf"), 0.0, part_max - shift)
     part_sum = local[:, 1]
@@ -129,8 +130,10 @@ def _global_stats(local: torch.Tensor, arg: torch.Tensor | None, group
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     best = None
     if arg is not None:
-        best = torch.where(part_max == row_max, arg, NO_INDEX)
+        # a NaN's column is encoded negative (decode_argmax): the MIN takes the first NaN
+        best = torch.where((part_max == row_max) | (arg < 0), arg, NO_INDEX)
         dist.all_reduce(best, op=dist.ReduceOp.MIN, group=group)
+        best = decode_argmax(best)
     return torch.cat([row_max[:, None], sums], dim=1), best
 
 

@@ -61,6 +61,7 @@ from ._common import no_second_derivative
 __all__ = [
     "TokenLogProbs",
     "absent_as_empty",
+    "decode_argmax",
     "fake_outputs",
     "finish_rows",
     "merge_partials",
@@ -137,15 +138,23 @@ def token_log_probs_partial(
     return stats, arg
 
 
-def merge_partials(stats: torch.Tensor, arg: torch.Tensor | None
+def decode_argmax(arg: torch.Tensor) -> torch.Tensor:
+    """Columns from argmax candidates in which a NaN's column ``c`` is encoded as ``c − 2^62``
+    (the partial kernel's, ``kernels/token_log_probs._nan_arg``): negative, so the smallest
+    candidate of a row is its first NaN when it has one, as torch.argmax."""
+    return torch.where(arg < 0, arg + NO_INDEX, arg)
+
+
+def merge_partials(stats: torch.Tensor, arg: torch.Tensor | None, *, decode: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge (N, K, 4) partials ``(m, s, τ, z_t)`` (and (N, K) argmax) over K into (N, 4) (and
     (N,)), in torch ops on the device: ``M = max m``, ``s = Σ α s``, ``τ = Σ α (τ + d s)``
-    with ``α = exp(m − M)``, ``d = m − M`` (0 where m = −inf), ``z_t = Σ z_t``; the argmax is
-    the smallest index among the partials whose max is M."""
+    with ``α = exp(m − M)``, ``d = m − M`` (0 where m = −inf), ``z_t = Σ z_t`` (M shifts by 0
+    where ±inf, as the kernels' ``lse_shift``); the argmax is the smallest index among the
+    partials whose max is M, or the first NaN's (still encoded unless ``decode``)."""
     part_max = stats[..., 0]
     row_max = part_max.amax(dim=1)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)[:, None]
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)[:, None]
     alpha = torch.exp(part_max - shift)
     d = torch.where(part_max == float("-inf"), 0.0, part_max - shift)
     part_sum = stats[..., 1]
@@ -154,25 +163,30 @@ def merge_partials(stats: torch.Tensor, arg: torch.Tensor | None
                           stats[..., 3].sum(dim=1)], dim=1)
     if arg is None:
         return merged, None
-    best = torch.where(part_max == row_max[:, None], arg, NO_INDEX).amin(dim=1)
-    return merged, best
+    best = torch.where((part_max == row_max[:, None]) | (arg < 0), arg, NO_INDEX).amin(dim=1)
+    return merged, decode_argmax(best) if decode else best
 
 
 def finish_rows(merged: torch.Tensor, target: torch.Tensor, n_classes: int, ignore_index: int,
                 compute_entropy: bool) -> tuple[torch.Tensor, ...]:
     """(logp, entropy | None, lse, stats (N, 3)) of rows from their merged (N, 4) statistics
-    ``(max, s, τ, z_t)`` around the row max (torch ops on the device; the kernels' formulas)."""
+    ``(max, s, τ, z_t)`` around the row max (torch ops on the device; the kernels' formulas,
+    a +inf row's included: lse +inf, logp, entropy and saved log s NaN)."""
     row_max, row_sum, tau, z_t = merged.unbind(dim=1)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
     log_sum = torch.log(row_sum)
+    blown = row_sum == float("inf")
     valid = target != ignore_index
     in_range = (target >= 0) & (target < n_classes)
-    logp = (z_t - shift) - log_sum
+    logp = torch.where(blown, float("nan"), (z_t - shift) - log_sum)
     logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
     mu_rel = tau / row_sum
-    entropy = torch.where(valid, log_sum - mu_rel, 0.0) if compute_entropy else None
-    stats = torch.stack([shift, log_sum, mu_rel], dim=1)
-    return logp, entropy, shift + log_sum, stats
+    entropy = None
+    if compute_entropy:
+        entropy = torch.where(valid, torch.where(blown, float("nan"), log_sum - mu_rel), 0.0)
+    lse = shift + log_sum
+    stats = torch.stack([shift, torch.where(blown, float("nan"), log_sum), mu_rel], dim=1)
+    return logp, entropy, lse, stats
 
 
 def token_log_probs_fwd(
