@@ -85,7 +85,10 @@ def as_real(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
+    # Comparisons, not math.isnan / math.isinf: under torch.compile(dynamic=True) a number
+    # that comes with a source (a default, a module attribute) is symbolic, and Dynamo traces
+    # a comparison of it (a guard) where math.isnan would break the graph.
+    if value != value or (finite and abs(value) == math.inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
