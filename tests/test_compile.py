@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -313,3 +314,131 @@ def test_softmax_and_linear_ce_compile_inductor_gpu(device):
 def test_public_function_compiles_inductor_gpu(device, name):
     torch._dynamo.reset()
     _compare(PUBLIC[name], "inductor", device)
+
+
+# --------------------------------------------------------------------------- in place, compiled
+
+
+def _peak_bytes(fn):
+    """(peak bytes live during ``fn()`` above what was live before, its result): the CPU
+    allocator's events under the profiler, which sees every allocation, a compiled graph's
+    included (a dispatch mode would make Dynamo recompile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak, out
+
+
+def _inductor_memory_backend(donated):
+    """AOTAutograd with inductor's own mutation decisions and nothing else (its C++ codegen
+    costs minutes on a cold CPU): the forward graph after inductor's reinplace pass (which
+    decides whether a functionalized mutation runs in the buffer itself or on a copy) and its
+    decomposition of the functionalized op, run as FX; for the backward, the inputs AOTAutograd
+    donates (saved tensors inductor may overwrite) are recorded in ``donated``."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.fx_passes.post_grad import decompose_auto_functionalized
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+    from torch._inductor.fx_utils import FakeTensorUpdater
+    from torch._inductor.utils import get_donated_idxs
+
+    def forward(gm, example_inputs):
+        reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+        decompose_auto_functionalized(gm.graph)
+        gm.recompile()
+        return gm
+
+    def backward(gm, example_inputs):
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        donated.extend(placeholders[i] for i in get_donated_idxs() or ())
+        return gm
+
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward)
+
+
+def test_cross_entropy_inplace_stays_in_place_under_compile(device):
+    """torch.compile + inplace_backward=True writes the gradient into the logits: the compiled
+    forward's peak is eager in-place's (one logits-sized buffer), where the out-of-place op it
+    once traced instead held two; the backward's grad_output multiply reads that buffer as a
+    donated input, its last use, which inductor overwrites (the gpu tier measures the whole
+    step with inductor). reduction="none" cannot stay in place there: it warns, once."""
+    if device.type != "cpu":
+        pytest.skip("the gpu tier measures the compiled step with inductor")
+    n, v = 64, 512
+    logits_bytes = n * v * 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g).requires_grad_()
+    w = torch.randn(v, 16, generator=g).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+
+    def step(x, w, t, inplace=True):
+        return pg.cross_entropy(x @ w.T, t, inplace_backward=inplace)
+
+    torch._dynamo.reset()
+    donated = []
+    compiled = torch.compile(step, fullgraph=True, backend=_inductor_memory_backend(donated))
+    out_of_place = torch.compile(functools.partial(step, inplace=False), fullgraph=True,
+                                 backend=_inductor_memory_backend([]))
+    out_of_place(x, w, t).backward()  # compile both
+    x.grad = w.grad = None
+    compiled(x, w, t).backward()
+    expected = (x.grad.clone(), w.grad.clone())
+    peaks = {}
+    for name, fn in (("eager", step), ("compiled", compiled), ("out of place", out_of_place)):
+        x.grad = w.grad = None
+        peaks[name], loss = _peak_bytes(lambda fn=fn: fn(x, w, t))
+        loss.backward()
+        torch.testing.assert_close((x.grad, w.grad), expected)
+    assert abs(peaks["compiled"] - peaks["eager"]) < 0.05 * logits_bytes, peaks
+    assert peaks["out of place"] >= peaks["eager"] + 0.9 * logits_bytes, peaks
+    saved = [p for p in donated if p.meta["val"].numel() == n * v]
+    assert saved and all([u.target for u in p.users] == [torch.ops.aten.mul.Tensor]
+                         for p in saved), donated
+    compiled_none = torch.compile(
+        lambda x, w, t: pg.cross_entropy(x @ w.T, t, reduction="none",
+                                         inplace_backward=True).sum(),
+        fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="out of place") as record:
+        for _ in range(2):  # warned while tracing: once
+            compiled_none(x, w, t).backward()
+    assert len([r for r in record if "out of place" in str(r.message)]) == 1
+
+
+@pytest.mark.gpu
+def test_cross_entropy_inplace_compiled_step_memory_gpu():
+    """With inductor on CUDA the whole compiled step, forward and backward, peaks as eager's
+    in-place step does (its grad_output multiply overwrites the donated gradient buffer), a
+    logits-sized buffer below the out-of-place form."""
+    dev = torch.device("cuda")
+    n, v = 1024, 32768
+    x = torch.randn(n, 64, device=dev, requires_grad=True)
+    w = torch.randn(v, 64, device=dev, requires_grad=True)
+    t = torch.randint(0, v, (n,), device=dev)
+
+    def step(x, w, t, inplace=True):
+        return pg.cross_entropy(x @ w.T, t, inplace_backward=inplace)
+
+    def peak(fn):
+        fn(x, w, t).backward()  # warm-up (compiles)
+        x.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(x, w, t).backward()
+        torch.cuda.synchronize()
+        x.grad = w.grad = None
+        return torch.cuda.max_memory_allocated() - base
+
+    torch._dynamo.reset()
+    logits = n * v * 4
+    eager = peak(step)
+    compiled = peak(torch.compile(step, fullgraph=True))
+    out_of_place = peak(torch.compile(functools.partial(step, inplace=False), fullgraph=True))
+    assert compiled <= eager + 0.1 * logits, (compiled, eager)
+    assert out_of_place >= compiled + 0.9 * logits, (out_of_place, compiled)

@@ -1189,7 +1189,7 @@ def test_cross_entropy_inplace_reads_after_the_call(device, rng):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cross_entropy_inplace_compiles_fullgraph(device, rng, reduction):
-    """torch.compile traces the in-place call (as the out-of-place op) with fullgraph=True."""
+    """torch.compile traces the in-place call (the mutating op) with fullgraph=True."""
     x, _ = make_input((6, 12), torch.float32, rng, device=device)
     t = _targets(rng, 6, 12, device=device)
 

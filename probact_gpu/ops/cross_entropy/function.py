@@ -10,7 +10,12 @@ import torch
 from ..._runtime import autocast_fp32, check_float, check_same_device
 from ...options import CrossEntropyOptions
 from .custom_ops import _ce_op
-from .inplace import CrossEntropyInplaceFunction, _inplace_carrier
+from .inplace import (
+    CompiledCrossEntropyInplaceFunction,
+    CrossEntropyInplaceFunction,
+    _inplace_carrier,
+    warn_none_not_in_place_under_compile,
+)
 from .launch import _INT_DTYPES
 from .soft_targets import _soft_target_ce
 
@@ -101,8 +106,10 @@ def cross_entropy(
       then raises if an op that saved the logits earlier runs its backward, or if a
       differentiable use of the logits after the call needs a gradient; a non-differentiable
       read (``logits.argmax(1)``, printing, a copy under no_grad) raises nothing and silently
-      reads the gradient — read the logits before the call. Under ``torch.compile`` the
-      out-of-place op is traced instead (same values, one logits-sized buffer).
+      reads the gradient — read the logits before the call. Under ``torch.compile`` (sum /
+      mean) the mutating op is traced, which the compiler keeps in place when nothing reads
+      the old logits afterwards (``docs/cross_entropy.md``); ``reduction="none"`` is computed
+      out of place there (one logits-sized buffer), with a warning.
 
     A class index outside ``[0, C)`` that is not ``ignore_index`` gives NaN for its row (never an
     out-of-bounds read); all targets ignored with ``"mean"`` gives NaN, as torch. With
@@ -136,11 +143,21 @@ def cross_entropy(
     x = input.unsqueeze(0) if squeeze else input
     t = target.reshape(1) if squeeze else target
     needs_grad = input.requires_grad and torch.is_grad_enabled()
-    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
+    in_place = inplace_backward and needs_grad
+    if in_place and torch.compiler.is_compiling():
+        if input.is_leaf:
+            _inplace_carrier(input, opts.reduction)  # raises: a leaf is never written
+        if opts.reduction == "none":
+            warn_none_not_in_place_under_compile()
+            in_place = False
+        else:
+            loss, lse = CompiledCrossEntropyInplaceFunction.apply(x, t, loss_dtype,
+                                                                  *opts.schema_args())
+    elif in_place:
         carrier, geometry = _inplace_carrier(input, opts.reduction)
         loss, lse, _ = CrossEntropyInplaceFunction.apply(carrier, t, geometry, loss_dtype,
                                                          *opts.schema_args())
-    else:  # (in place without a backward to feed would only destroy the logits)
+    if not in_place:  # (in place without a backward to feed would only destroy the logits)
         loss, lse, _ = _ce_op(x, t, *opts.schema_args(),
                               needs_grad and opts.reduction != "none", loss_dtype)
     if squeeze:

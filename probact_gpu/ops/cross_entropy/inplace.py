@@ -1,8 +1,11 @@
 """Softmax cross-entropy with ``inplace_backward=True``: the checks that decide, before anything
-is written, whether autograd lets the logits be overwritten with their gradient, and the
-``autograd.Function`` that carries the gradient in the logits' storage."""
+is written, whether autograd lets the logits be overwritten with their gradient, the
+``autograd.Function`` that carries the gradient in the logits' storage, and its form for
+``torch.compile``."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -110,3 +113,44 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
             _ce_bwd_inplace_op(input, target, lse, grad_loss, weight, *s[:8], None, s[8])
             return (input, *none)
         return (_scale_saved_grad(ctx, _saved_grad(ctx), grad_loss), *none)
+
+
+class CompiledCrossEntropyInplaceFunction(torch.autograd.Function):
+    """``inplace_backward=True`` (sum/mean) while torch.compile traces. The forward calls the
+    mutating op ``probact_gpu::cross_entropy_inplace`` (registered with ``mutates_args``) on the
+    logits and keeps them for the backward, which returns them times ``grad_output``. The
+    compiler sees a real mutation: AOTAutograd functionalizes it, and inductor's reinplace pass
+    writes into the logits' own buffer whenever nothing reads their old values afterwards (the
+    LM head's logits, used by the loss alone) — no logits-sized buffer, as eager. The backward's
+    multiply is one pointwise op on a saved tensor that dies there (a donated buffer, which
+    inductor writes in place). Where the old logits are still needed (an op that saved them
+    earlier), the compiler keeps a copy instead: correct, not free (eager raises there).
+
+    Not used eagerly: the eager Function marks the logits dirty, which Dynamo does not trace."""
+
+    @staticmethod
+    def forward(ctx, logits, target, loss_dtype, *schema):
+        loss, lse = _ce_inplace_op(logits, target, *schema, loss_dtype)
+        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss, *(None,) * (2 + CrossEntropyOptions.N_SCHEMA_ARGS))
+
+
+_NONE_UNDER_COMPILE = (
+    "cross_entropy(..., reduction='none', inplace_backward=True) under torch.compile computes "
+    "the gradient out of place (one logits-sized buffer): its backward writes into logits "
+    "saved by the forward, which the compiler copies rather than mutates. Use reduction='sum' "
+    "or 'mean' (weight the rows with a normalizer) to keep the gradient in the logits.")
+
+
+@torch.compiler.assume_constant_result
+def warn_none_not_in_place_under_compile() -> bool:
+    """Warn (at trace time, through Dynamo: this runs once per compilation, outside the
+    graph) that ``reduction="none"`` cannot keep its in-place gradient under torch.compile."""
+    warnings.warn(_NONE_UNDER_COMPILE, RuntimeWarning, stacklevel=3)
+    return True
