@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import probact_gpu as pg
 from probact_gpu import reference, tiling
 from probact_gpu.distributed import (
     VocabParallelCrossEntropyFunction,
@@ -162,7 +163,63 @@ def run_rank(rank: int, world: int) -> dict:
             "fwd": _trace(log[:n_fwd]), "bwd": _trace(log[n_fwd:]),
         }
     results[_LINEAR] = _run_linear_cases(rank, world)
+    if world == 2:
+        results[_DTENSOR] = _run_dtensor_cases(world)
     return results
+
+
+# --------------------------------------------------------------------------- DTensor inputs
+
+_DTENSOR = "__dtensor__"  # the key of the DTensor calls in a rank's results
+
+
+def _dtensor_inputs():
+    """Logits (6, 37), targets, class weights, hidden states (6, 8), head (37, 8) and bias:
+    the same in every process."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(N_ROWS, 37, generator=g) * 2.0
+    target = torch.randint(0, 37, (N_ROWS,), generator=g)
+    target[1] = -100
+    weight = torch.rand(37, generator=g) + 0.5
+    h = torch.randn(N_ROWS, 8, generator=g)
+    head = torch.randn(37, 8, generator=g)
+    bias = torch.randn(37, generator=g)
+    return logits, target, weight, h, head, bias
+
+
+def _run_dtensor_cases(world: int) -> dict:
+    """The CE forms with DTensors sharded on the class dim (torch.chunk's layout: 19 + 18 of 37
+    classes): logits Shard(-1); the linear heads' weight and bias Shard(0), the input plain."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from probact_gpu.distributed import (
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_linear_token_log_probs,
+    )
+
+    logits, target, weight, h, head, bias = _dtensor_inputs()
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    x = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_()
+    loss = vocab_parallel_cross_entropy(x, target, weight=weight, reduction="sum",
+                                        label_smoothing=0.1)
+    loss.backward()
+    out["ce"] = {"loss": loss.detach(), "grad": x.grad.to_local(),
+                 "placement": str(x.grad.placements)}
+    hr = h.clone().requires_grad_()
+    w = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hr, w, target, linear_bias=b, z_loss=1e-3)
+    loss.backward()
+    out["linear_ce"] = {"loss": loss.detach(), "dh": hr.grad, "dw": w.grad.to_local(),
+                        "db": b.grad.to_local()}
+    hr = h.clone().requires_grad_()
+    w = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+    logp = vocab_parallel_linear_token_log_probs(hr, w, target.clamp(min=0), temperature=0.7)
+    logp.sum().backward()
+    out["linear_tlp"] = {"logp": logp.detach(), "dh": hr.grad, "dw": w.grad.to_local()}
+    return out
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -938,3 +995,40 @@ def test_vocab_parallel_linear_nccl_world_size_one_large(world_of_one, device):
         torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2 * scale, rtol=2e-2,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
+
+
+@pytest.mark.slow
+def test_vocab_parallel_cross_entropy_forms_take_dtensors(world_results):
+    """vocab_parallel_cross_entropy with DTensor logits (Shard(-1)) and the linear forms with a
+    DTensor head (Shard(0), bias too) give every rank the single-process op's loss, and the
+    gradients come back as DTensors whose shards, gathered, are the single-process gradients
+    (the CE forms once failed with "invalid python storage")."""
+    world, results = world_results
+    if world != 2:
+        pytest.skip("run once, over 2 ranks")
+    logits, target, weight, h, head, bias = _dtensor_inputs()
+    x = logits.clone().requires_grad_()
+    ref = pg.cross_entropy(x, target, weight, reduction="sum", label_smoothing=0.1)
+    ref.backward()
+    ce = [r[_DTENSOR]["ce"] for r in results]
+    for r in ce:
+        torch.testing.assert_close(r["loss"], ref.detach())
+        assert "Shard(dim=1)" in r["placement"] or "Shard(dim=-1)" in r["placement"]
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ce], 1), x.grad)
+    hr, w, b = (t.clone().requires_grad_() for t in (h, head, bias))
+    ref = pg.linear_cross_entropy(hr, w, target, linear_bias=b, z_loss=1e-3)
+    ref.backward()
+    lin = [r[_DTENSOR]["linear_ce"] for r in results]
+    for r in lin:
+        torch.testing.assert_close(r["loss"], ref.detach())
+        torch.testing.assert_close(r["dh"], hr.grad)
+    torch.testing.assert_close(torch.cat([r["dw"] for r in lin]), w.grad)
+    torch.testing.assert_close(torch.cat([r["db"] for r in lin]), b.grad)
+    hr, w = h.clone().requires_grad_(), head.clone().requires_grad_()
+    logp = pg.linear_token_log_probs(hr, w, target.clamp(min=0), temperature=0.7)
+    logp.sum().backward()
+    tlp = [r[_DTENSOR]["linear_tlp"] for r in results]
+    for r in tlp:
+        torch.testing.assert_close(r["logp"], logp.detach())
+        torch.testing.assert_close(r["dh"], hr.grad)
+    torch.testing.assert_close(torch.cat([r["dw"] for r in tlp]), w.grad)

@@ -124,35 +124,88 @@ def _group_layout(n_rows, v_local, dtype, device, group, vocab_start_index, voca
     return world, start, total
 
 
+def _is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (False where torch.distributed is not
+    built in)."""
+    if _dist() is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _class_shard(t, class_dim: int, name: str):
+    """(local shard, mesh, vocab_start, vocab_size) of DTensor ``t`` sharded on ``class_dim``
+    over a 1-D mesh, in torch.chunk's layout (DTensor's ``Shard``); the local tensor comes from
+    ``to_local()``, so the gradient flows back as a DTensor of the same placement."""
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"{name} is a DTensor on a {mesh.ndim}-D device mesh: only a 1-D mesh "
+                         "(the tensor-parallel group) is supported")
+    (placement,) = t.placements
+    if not (isinstance(placement, Shard) and placement.dim % t.ndim == class_dim):
+        raise ValueError(f"{name} is a DTensor with placement {placement}: it must be sharded "
+                         f"on its class dim (Shard({class_dim if class_dim == 0 else -1}))")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    vocab = t.shape[class_dim]
+    chunk = -(-vocab // world)  # torch.chunk's layout
+    start = min(rank * chunk, vocab)
+    local = t.to_local()
+    if local.shape[class_dim] != min(chunk, vocab - start):
+        raise ValueError(f"{name}'s local shard has {local.shape[class_dim]} classes but "
+                         f"Shard of {vocab} over {world} ranks gives rank {rank} "
+                         f"{min(chunk, vocab - start)}")
+    return local, mesh, start, vocab
+
+
+def _replicated_local(t, name: str, mesh=None):
+    """A replicated DTensor's local tensor (``to_local()``: the gradient flows back as a
+    replicated DTensor); anything else as it is."""
+    if not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    if any(not isinstance(p, Replicate) for p in t.placements):
+        raise ValueError(f"{name} is a DTensor with placements {t.placements}: it must be "
+                         "replicated")
+    if mesh is not None and t.device_mesh != mesh:
+        raise ValueError(f"{name} is a DTensor on another device mesh than the sharded head")
+    return t.to_local()
+
+
+def _check_no_layout_args(group, vocab_start_index, vocab_size) -> None:
+    if group is not None or vocab_start_index is not None or vocab_size is not None:
+        raise ValueError("group, vocab_start_index and vocab_size come from a DTensor's mesh "
+                         "and shape: leave them None")
+
+
 def _unwrap_dtensor(input, target, group, vocab_start_index, vocab_size):
     """(local logits, local target, group, vocab_start, vocab_size) of a DTensor input sharded
     on its class dim over a 1-D mesh (module docstring)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    mesh = input.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(f"input is a DTensor on a {mesh.ndim}-D device mesh: only a 1-D mesh "
-                         "(the tensor-parallel group) is supported")
-    (placement,) = input.placements
-    class_dim = input.ndim - 1
-    if not (isinstance(placement, Shard) and placement.dim % input.ndim == class_dim):
-        raise ValueError(f"input is a DTensor with placement {placement}: it must be sharded "
-                         f"on its class dim (Shard(-1))")
-    if group is not None or vocab_start_index is not None or vocab_size is not None:
-        raise ValueError("group, vocab_start_index and vocab_size come from a DTensor input's "
-                         "mesh and shape: leave them None")
-    if isinstance(target, DTensor):
-        if any(not isinstance(p, Replicate) for p in target.placements):
-            raise ValueError(f"target is a DTensor with placements {target.placements}: it must "
-                             "be replicated")
-        target = target.to_local()
-    world, rank = mesh.size(), mesh.get_local_rank()
-    vocab = input.shape[-1]
-    chunk = -(-vocab // world)  # torch.chunk's layout
-    start = min(rank * chunk, vocab)
-    local = input.to_local()
-    if local.shape[-1] != min(chunk, vocab - start):
-        raise ValueError(f"input's local shard has {local.shape[-1]} classes but Shard(-1) of "
-                         f"{vocab} over {world} ranks gives rank {rank} "
-                         f"{min(chunk, vocab - start)}")
+    local, mesh, start, vocab = _class_shard(input, input.ndim - 1, "input")
+    _check_no_layout_args(group, vocab_start_index, vocab_size)
+    target = _replicated_local(target, "target", mesh)
     return local, target, mesh.get_group(), start, vocab
+
+
+def _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group, vocab_start_index,
+                         vocab_size):
+    """(local input, local head rows, local bias, local target, group, vocab_start, vocab_size)
+    of an LM head whose ``linear_weight`` (V, H) is a DTensor sharded on its class dim
+    (``Shard(0)``) over a 1-D mesh; ``linear_bias`` a DTensor sharded the same way (or None),
+    ``input`` and ``target`` plain tensors or replicated DTensors on that mesh."""
+    local_w, mesh, start, vocab = _class_shard(linear_weight, 0, "linear_weight")
+    _check_no_layout_args(group, vocab_start_index, vocab_size)
+    local_b = None
+    if linear_bias is not None:
+        if not _is_dtensor(linear_bias):
+            raise ValueError("linear_weight is a DTensor, so linear_bias must be one too "
+                             "(sharded on its class dim, Shard(0))")
+        local_b, bias_mesh, bias_start, bias_vocab = _class_shard(linear_bias, 0, "linear_bias")
+        if bias_mesh != mesh or (bias_start, bias_vocab) != (start, vocab):
+            raise ValueError("linear_bias must be sharded as linear_weight (same mesh, "
+                             "Shard(0) of the same classes)")
+    return (_replicated_local(input, "input", mesh), local_w, local_b,
+            _replicated_local(target, "target", mesh), mesh.get_group(), start, vocab)

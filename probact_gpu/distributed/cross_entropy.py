@@ -89,7 +89,14 @@ from ..ops.cross_entropy import (
 from ..ops.linear_cross_entropy import linear_cross_entropy, vocab_walk_bwd
 from ..options import CrossEntropyOptions
 from ..tiling import RowConfig
-from ._layout import _check_layout_args, _group_layout
+from ._layout import (
+    _check_layout_args,
+    _group_layout,
+    _is_dtensor,
+    _replicated_local,
+    _unwrap_dtensor,
+    _unwrap_head_dtensor,
+)
 
 __all__ = [
     "VocabParallelCrossEntropyFunction",
@@ -259,7 +266,19 @@ def vocab_parallel_cross_entropy(
 
     Without an initialized process group, or with a group of one rank, this is the local op
     ``probact_gpu.cross_entropy(input, target, ...)`` (vocab_start_index must then be 0 or None).
+
+    ``input`` may also be a DTensor on a 1-D device mesh sharded on its class dim
+    (``Shard(-1)``, torch.chunk's layout), as ``vocab_parallel_token_log_probs`` takes: it is
+    unwrapped to the local shard (``to_local()``: the gradient comes back as a DTensor of that
+    placement), the group is the mesh's and the layout comes from the mesh and the global shape
+    (no layout collective; leave ``group``, ``vocab_start_index`` and ``vocab_size`` None). The
+    target and ``weight`` may be replicated DTensors or plain tensors; the loss is a plain
+    tensor, the same on every rank.
     """
+    if _is_dtensor(input):
+        input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
+            input, target, group, vocab_start_index, vocab_size)
+        weight = _replicated_local(weight, "weight")
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
@@ -405,7 +424,19 @@ def vocab_parallel_linear_cross_entropy(
     Without an initialized process group, or with a group of one rank, this is the local
     ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns
     the loss in ``input``'s dtype (per token, shaped like ``target``, for ``"none"``).
+
+    ``linear_weight`` may also be a DTensor on a 1-D device mesh sharded on its class dim
+    (``Shard(0)``, torch.chunk's layout; ``linear_bias`` then sharded the same way): it is
+    unwrapped to this rank's rows (the gradients come back as DTensors of that placement), the
+    group and layout come from the mesh and the global shape (leave ``group``,
+    ``vocab_start_index`` and ``vocab_size`` None); ``input``, ``target`` and ``weight`` may be
+    replicated DTensors or plain tensors.
     """
+    if _is_dtensor(linear_weight):
+        (input, linear_weight, linear_bias, target, group, vocab_start_index,
+         vocab_size) = _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group,
+                                            vocab_start_index, vocab_size)
+        weight = _replicated_local(weight, "weight")
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,

@@ -76,7 +76,13 @@ from ..ops.token_log_probs import (
 )
 from ..options import CrossEntropyOptions, HeadTransform, as_index
 from ..tiling import RowConfig
-from ._layout import _check_layout_args, _group_layout, _unwrap_dtensor
+from ._layout import (
+    _check_layout_args,
+    _group_layout,
+    _is_dtensor,
+    _unwrap_dtensor,
+    _unwrap_head_dtensor,
+)
 
 __all__ = [
     "VocabParallelLinearTokenLogProbsFunction",
@@ -225,9 +231,7 @@ def vocab_parallel_token_log_probs(
     backward communicates nothing and returns the gradient of this rank's shard only. Without
     an initialized process group, or with one rank, this is the local ``token_log_probs``.
     """
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(input, DTensor):
+    if _is_dtensor(input):
         input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
             input, target, group, vocab_start_index, vocab_size)
     check_float("input", input)
@@ -352,7 +356,14 @@ def vocab_parallel_linear_token_log_probs(
     (3 GEMMs), then one ``all_reduce(SUM)`` of dh (N·H elements in the input's dtype). dW and
     db are local (this shard's). Without a process group, or with one rank, this is the local
     ``linear_token_log_probs``.
+
+    ``linear_weight`` may also be a DTensor sharded on its class dim (``Shard(0)``; the bias
+    sharded the same way), as :func:`vocab_parallel_linear_cross_entropy` takes it.
     """
+    if _is_dtensor(linear_weight):
+        (input, linear_weight, linear_bias, target, group, vocab_start_index,
+         vocab_size) = _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group,
+                                            vocab_start_index, vocab_size)
     options = CrossEntropyOptions.from_kwargs(
         ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
         softcap=softcap, temperature=temperature)
