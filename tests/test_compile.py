@@ -257,10 +257,6 @@ PUBLIC = {
     "linear_distillation_loss_none": lambda x, w, t: pg.linear_distillation_loss(
         x, w, x.detach() * 2.0, w.detach(), t, divergence="kl", reduction="none",
         chunk_size=4).sum(),
-    # A module's options reach the function as attributes: numbers with a source, which
-    # dynamic=True makes symbolic (as a function's defaults).
-    "cross_entropy_module": lambda x, w, t: pg.CrossEntropyLoss(
-        reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=5.0)(x @ w.T, t),
 }
 
 
@@ -365,9 +361,10 @@ def _inductor_memory_backend(donated):
 def test_cross_entropy_inplace_stays_in_place_under_compile(device):
     """torch.compile + inplace_backward=True writes the gradient into the logits: the compiled
     forward's peak is eager in-place's (one logits-sized buffer), where the out-of-place op it
-    once traced instead held two; the backward's grad_output multiply reads that buffer as a
-    donated input, its last use, which inductor overwrites (the gpu tier measures the whole
-    step with inductor). reduction="none" cannot stay in place there: it warns, once."""
+    once traced instead held two (as eager out of place does); the backward's grad_output
+    multiply reads that buffer as a donated input, its last use, which inductor overwrites (the
+    gpu tier measures the whole step with inductor). reduction="none" cannot stay in place
+    there: it warns, once."""
     if device.type != "cpu":
         pytest.skip("the gpu tier measures the compiled step with inductor")
     n, v = 64, 512
@@ -383,14 +380,11 @@ def test_cross_entropy_inplace_stays_in_place_under_compile(device):
     torch._dynamo.reset()
     donated = []
     compiled = torch.compile(step, fullgraph=True, backend=_inductor_memory_backend(donated))
-    out_of_place = torch.compile(functools.partial(step, inplace=False), fullgraph=True,
-                                 backend=_inductor_memory_backend([]))
-    out_of_place(x, w, t).backward()  # compile both
-    x.grad = w.grad = None
-    compiled(x, w, t).backward()
+    compiled(x, w, t).backward()  # compile
     expected = (x.grad.clone(), w.grad.clone())
     peaks = {}
-    for name, fn in (("eager", step), ("compiled", compiled), ("out of place", out_of_place)):
+    for name, fn in (("eager", step), ("compiled", compiled),
+                     ("out of place", functools.partial(step, inplace=False))):
         x.grad = w.grad = None
         peaks[name], loss = _peak_bytes(lambda fn=fn: fn(x, w, t))
         loss.backward()
