@@ -90,7 +90,23 @@ def _cases():
         "linear_token_log_probs (2, 0, 4)": (
             lambda x: pg.linear_token_log_probs(x, w, _index_target(x.shape, x.ndim - 1)),
             lambda x: _tlp_ref(_lin(x, w), _index_target(x.shape, x.ndim - 1)), (2, 0, 4)),
+        "distillation kl none (2, 0, 5)": (
+            lambda x: pg.distillation_loss(x, x.detach().flip(-1), reduction="none"),
+            lambda x: _kl_ref(x, x.detach().flip(-1)), (2, 0, 5)),
+        "distillation jsd mean (0, 5)": (  # no token kept: 0, as TRL (documented)
+            lambda x: pg.distillation_loss(x, x.detach() * 2, divergence="jsd"),
+            lambda x: _kl_ref(x, x.detach() * 2).sum() * 0.0, (0, 5)),
+        "linear distillation sum (0, 4)": (
+            lambda x: pg.linear_distillation_loss(x, w, x.detach(), w.flip(0),
+                                                  reduction="sum"),
+            lambda x: _kl_ref(_lin(x, w), _lin(x.detach(), w.flip(0))).sum(), (0, 4)),
     }
+
+
+def _kl_ref(student, teacher):
+    """KL(teacher || student) per token, the distillation default (P is the teacher)."""
+    q, p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    return (p.exp() * (p - q)).sum(-1)
 
 
 EMPTY = _cases()
@@ -172,6 +188,16 @@ def _meta_cases():
         "token_log_probs entropy": one(lambda a, d: pg.token_log_probs(
             a, t(d, 3), return_entropy=True).entropy, 3, 5),
         "linear_token_log_probs": lambda d: head(d, pg.linear_token_log_probs),
+        "distillation jsd mean": one(lambda a, d: pg.distillation_loss(
+            a, x(d, 3, 5).detach(), t(d, 3), divergence="jsd"), 3, 5, dtype=torch.bfloat16),
+        "distillation top-k none": one(lambda a, d: pg.distillation_loss(
+            a, pg.TopKTeacher(t(d, 6).view(3, 2), torch.full((3, 2), -0.7, device=d)),
+            reduction="none"), 3, 5),
+        "linear distillation mean": lambda d: (lambda h, w: (pg.linear_distillation_loss(
+            h, w, h.detach(), w.detach().flip(0), t(d, 3)), [h, w]))(x(d, 3, 4), x(d, 5, 4)),
+        "linear distillation none": lambda d: (lambda h, w: (pg.linear_distillation_loss(
+            h, w, h.detach(), w.detach().flip(0), divergence="tvd", reduction="none"),
+            [h, w]))(x(d, 3, 4), x(d, 5, 4)),
     }
 
 
@@ -204,7 +230,8 @@ def test_meta_tensors_infer_what_the_op_computes(name):
 _ATEN = {"softmax": ("aten::softmax.int",), "log_softmax": ("aten::log_softmax.int",),
          "sigmoid": ("aten::sigmoid",), "logsigmoid": ("aten::log_sigmoid",),
          "binary_cross_entropy_with_logits": ("aten::binary_cross_entropy_with_logits",),
-         "cross_entropy": ("aten::cross_entropy_loss", "aten::nll_loss")}
+         "cross_entropy": ("aten::cross_entropy_loss", "aten::nll_loss"),
+         "distillation_loss": ("aten::kl_div",)}
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
@@ -273,6 +300,18 @@ def _autocast_cases():
             lambda h, w: pg.linear_token_log_probs(h, w, t(3)),
             lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(
                 -1, t(3)[:, None])[:, 0], [(3, 8, f32), (5, 8, f32)]),
+        "distillation kl": (
+            lambda s: pg.distillation_loss(s, s.detach().flip(-1), reduction="sum"),
+            lambda s: F.kl_div(torch.log_softmax(s.float(), -1),
+                               torch.log_softmax(s.detach().flip(-1).float(), -1),
+                               reduction="sum", log_target=True), [(3, 5, bf16)]),
+        "linear distillation kl": (
+            lambda h, w: pg.linear_distillation_loss(h, w, h.detach(), w.detach().flip(0),
+                                                     reduction="sum"),
+            lambda h, w: F.kl_div(torch.log_softmax(F.linear(h, w).float(), -1),
+                                  torch.log_softmax(F.linear(h, w.flip(0)).detach().float(), -1),
+                                  reduction="sum", log_target=True),
+            [(3, 8, f32), (5, 8, f32)]),
     }
 
 
@@ -300,6 +339,7 @@ def test_autocast_follows_torch(name, device, monkeypatch):
 
     monkeypatch.setattr(_common, "chunk_logits", spy)
     monkeypatch.setattr("probact_gpu.ops.linear_cross_entropy.chunk_logits", spy)
+    monkeypatch.setattr("probact_gpu.ops.linear_distillation.chunk_logits", spy)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         ours, ref = ours_fn(*inputs), ref_fn(*refs)
     assert ours.dtype == ref.dtype, (ours.dtype, ref.dtype)

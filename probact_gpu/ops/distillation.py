@@ -45,6 +45,7 @@ import torch
 from .. import tiling
 from .._runtime import (
     accum_dtype,
+    autocast_fp32,
     check_float,
     check_runnable,
     check_same_device,
@@ -671,7 +672,8 @@ def _check_topk(teacher: TopKTeacher, student: torch.Tensor,
     if options.shared_vocab is not None:
         raise ValueError("shared_vocab does not apply to a TopKTeacher: its indices address "
                          "the student's classes")
-    if options.teacher != type(options.teacher)():
+    t = options.teacher
+    if t.logit_scale != 1.0 or t.logit_divisor != 1.0 or t.softcap is not None:
         raise ValueError("teacher_logit_scale / teacher_logit_divisor / teacher_softcap do not "
                          "apply to a TopKTeacher (its log-probs are final)")
     if lp.dtype == torch.float64 and student.dtype != torch.float64:
@@ -765,5 +767,10 @@ def distillation_loss(
         check_teacher_no_grad(teacher_logits=teacher_logits)
         rows, _ = _distill_op(student_logits, teacher_logits, target, *options.schema_args(),
                               needs_grad)
+    teacher = teacher_logits.log_probs if isinstance(teacher_logits, TopKTeacher) else (
+        teacher_logits)
+    # under autocast the loss is float32 for 16-bit logits, as kl_div's (nothing is copied)
+    dtype = (torch.float32 if autocast_fp32("distillation_loss", student_logits, teacher)
+             else student_logits.dtype)
     return reduce_loss_rows(rows, None if target is None else target.reshape(-1), options,
-                            batch, student_logits.dtype)
+                            batch, dtype)

@@ -45,7 +45,14 @@ from __future__ import annotations
 import torch
 
 from .. import tiling
-from .._runtime import accum_dtype, check_runnable, check_same_device, empty
+from .._runtime import (
+    accum_dtype,
+    autocast_fp32,
+    autocast_linear,
+    check_runnable,
+    check_same_device,
+    empty,
+)
 from ..options import DistillationOptions
 from ._common import (
     LinearGrads,
@@ -374,7 +381,7 @@ def linear_distillation_loss(
     Gradients flow to the student's input, weight and bias; a teacher tensor that requires
     grad while gradients are enabled raises. With ``reduction="mean"``/``"sum"`` the gradients
     are computed in the forward (4 GEMMs per chunk) and the loss can be backpropagated once;
-    ``"none"`` recomputes in the backward. Returns the loss in the student input's dtype.
+    ``"none"`` recomputes in the backward. Returns the loss in the student input's dtype (float32 under autocast, as kl_div).
     """
     options = DistillationOptions.from_kwargs(
         divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
@@ -403,9 +410,17 @@ def linear_distillation_loss(
                       normalizer=norm)
     check_teacher_no_grad(teacher_input=teacher_input, teacher_weight=teacher_weight,
                           teacher_bias=teacher_bias)
+    # Under autocast the heads follow F.linear (operands cast to the autocast dtype) and the
+    # loss kl_div (float32 for 16-bit operands), as the unfused composition would.
+    loss_dtype = (torch.float32 if autocast_fp32("distillation_loss", student_input,
+                                                 student_weight) else student_input.dtype)
+    student_input, student_weight, student_bias = autocast_linear(student_input, student_weight,
+                                                                  student_bias)
+    teacher_input, teacher_weight, teacher_bias = autocast_linear(teacher_input, teacher_weight,
+                                                                  teacher_bias)
     h_s, _ = flatten_head_input(student_input, student_weight.shape[1])
     h_t, _ = flatten_head_input(teacher_input, teacher_weight.shape[1])
-    if h_s.shape[0] > 0:
+    if h_s.shape[0] > 0 and not h_s.is_meta:  # meta: the fake implementations infer the outputs
         check_runnable(h_s, "student_input")
     per_token = n_cols * (h_s.element_size() + h_t.element_size())
     chunk = chunk_size or tiling.choose_distillation_token_chunk(h_s.shape[0], per_token,
@@ -420,4 +435,4 @@ def linear_distillation_loss(
                       None if isinstance(n, torch.Tensor) else n, chunk, need)
     if options.reduction == "none":
         loss = loss.reshape(batch)
-    return loss.to(student_input.dtype)
+    return loss.to(loss_dtype)
