@@ -125,8 +125,9 @@ def sm_count(device: torch.device) -> int:
 # --------------------------------------------------------------------------- autocast
 
 # The ops torch's autocast runs in float32, per device type (its autocast op reference: the
-# float32 lists of CUDA and CPU; the distillation losses are kl_div there); tests/test_edges.py checks this table against the policies
-# torch's dispatcher registers. Everything else keeps its dtypes, except F.linear (the fused
+# float32 lists of CUDA and CPU; the distillation losses are kl_div there);
+# tests/test_edges.py checks this table against the policies torch's dispatcher registers.
+# Everything else keeps its dtypes, except F.linear (the fused
 # heads' GEMMs), which autocast casts down to the autocast dtype on both.
 AUTOCAST_FP32_OPS: dict[str, frozenset[str]] = {
     "cuda": frozenset({"softmax", "log_softmax", "cross_entropy",

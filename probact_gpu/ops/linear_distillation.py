@@ -381,7 +381,8 @@ def linear_distillation_loss(
     Gradients flow to the student's input, weight and bias; a teacher tensor that requires
     grad while gradients are enabled raises. With ``reduction="mean"``/``"sum"`` the gradients
     are computed in the forward (4 GEMMs per chunk) and the loss can be backpropagated once;
-    ``"none"`` recomputes in the backward. Returns the loss in the student input's dtype (float32 under autocast, as kl_div).
+    ``"none"`` recomputes in the backward. Returns the loss in the student input's dtype
+    (float32 under autocast, as kl_div).
     """
     options = DistillationOptions.from_kwargs(
         divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
