@@ -276,6 +276,17 @@ class CrossEntropyOptions:
             raise ValueError(f"weight is on {w.device} but the logits are on {device}: all "
                              "tensors must be on one device")
 
+    def refuse_weight_grad(self) -> None:
+        """Raise, as torch's ``cross_entropy`` does, when the per-class ``weight`` requires grad
+        (grad mode on) for a loss of class-index targets, which is not differentiable w.r.t. it
+        (with class probabilities it is: those paths give the weights their gradient)."""
+        w = self.weight
+        if w is not None and w.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "weight (per-class weights) requires grad, but with class-index targets the loss "
+                "is not differentiable with respect to argument 'weight' (torch's cross_entropy "
+                "refuses it too): pass weight.detach(), or class-probability targets")
+
     # ------------------------------------------------------------------ the op boundary
 
     def schema_args(self) -> tuple:

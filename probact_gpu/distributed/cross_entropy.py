@@ -177,6 +177,7 @@ def _check_inputs(input, target, options) -> None:
                          f"shape={tuple(target.shape)}")
     normalizer = options.normalizer if isinstance(options.normalizer, torch.Tensor) else None
     check_same_device(input=input, target=target, weight=options.weight, normalizer=normalizer)
+    options.refuse_weight_grad()
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -449,6 +450,7 @@ def vocab_parallel_linear_cross_entropy(
     n_weights = None if options.weight is None else (vocab_size or options.weight.shape[0])
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False, n_classes=n_weights)
+    options.refuse_weight_grad()
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     world, vocab_start, n_classes = _group_layout(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,

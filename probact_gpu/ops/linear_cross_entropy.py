@@ -57,7 +57,10 @@ so any ``grad_output`` and any number of backward passes work.
 ``t' = (1 − ε) t + ε / V``; "mean" divides by the number of rows, as torch). Its backward
 recomputes each chunk (``dz = (Σ_c w_c t'_c + 2 z_loss lse) p − w ⊙ t'``, through the
 transform's chain rule), so it supports any ``grad_output`` and repeated backward passes;
-``ignore_index`` does not apply and ``low_memory`` changes nothing.
+``ignore_index`` does not apply and ``low_memory`` changes nothing. Targets and per-class weights
+that require grad get their gradients there too, as torch's (``d row / d t_c = (1 − ε) w_c
+(lse − z_c)``, ``d row / d w_c = ((1 − ε) t_c + ε / V) (lse − z_c)``). With class-index
+targets per-class weights that require grad are refused, as torch refuses them.
 
 Second derivatives are not supported (every path raises in a backward run with
 ``create_graph=True``). No host sync in forward or backward.
@@ -340,10 +343,13 @@ def _transform_grad(transform, z: torch.Tensor, dz: torch.Tensor) -> torch.Tenso
 
 class _SoftTargetLinearCE(torch.autograd.Function):
     """Class-probability targets (module docstring): forward per token chunk in fp32 torch
-    ops, backward recomputing each chunk. ``target`` (N, V) float."""
+    ops, backward recomputing each chunk. ``target`` (N, V) float and the per-class
+    ``class_weight`` (V,) or None are inputs of their own, so they get their gradients (as
+    torch's): with ``s = (1 − ε) t + ε / V`` and ``t' = w ⊙ s``, ``d row / d t_c = (1 − ε) w_c
+    (lse − z_c)`` and ``d row / d w_c = s_c (lse − z_c)``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, options, chunk, loss_dtype):
+    def forward(ctx, h, weight, bias, target, class_weight, options, chunk, loss_dtype):
         n_tokens, n_classes = h.shape[0], weight.shape[0]
         sdt = accum_dtype(h)
         rows = torch.empty(n_tokens, dtype=sdt, device=h.device)
@@ -353,14 +359,14 @@ class _SoftTargetLinearCE(torch.autograd.Function):
             z = options.transform.apply(
                 chunk_logits(h[start:end], weight, bias, buffer[: end - start]).to(sdt))
             row_lse = torch.logsumexp(z, 1)
-            t = _smoothed(target[start:end], options, sdt)
+            t = _smoothed(target[start:end], options, class_weight, sdt)
             row = (t * (row_lse[:, None] - z)).sum(1)
             if options.z_loss:
                 row = row + options.z_loss * row_lse * row_lse
             rows[start:end] = row
             lse[start:end] = row_lse
         divisor = loss_divisor(options, target, n_classes, sdt)
-        ctx.save_for_backward(h, weight, bias, target, lse, divisor)
+        ctx.save_for_backward(h, weight, bias, target, class_weight, lse, divisor)
         ctx.options, ctx.chunk = options, chunk
         ctx.set_materialize_grads(False)
         return reduce_rows(rows, options, divisor).to(loss_dtype)
@@ -369,42 +375,61 @@ class _SoftTargetLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         no_second_derivative("linear_cross_entropy")
         if grad_loss is None:
-            return (None,) * 6
-        h, weight, bias, target, lse, divisor = ctx.saved_tensors
+            return (None,) * 7
+        h, weight, bias, target, class_weight, lse, divisor = ctx.saved_tensors
         options = ctx.options
-        need = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad
+        need_target, need_class_weight = need[3], need[4]
         g = grad_loss.to(lse.dtype)
         if divisor is not None:
             g = g / divisor
         grads = LinearGrads(h, weight, bias, (need[0], need[1], need[2] and bias is not None))
+        d_target = torch.empty_like(target) if need_target else None
+        d_class_weight = (torch.zeros(weight.shape[0], dtype=lse.dtype, device=h.device)
+                          if need_class_weight else None)
+        eps = options.label_smoothing
         for start, end in token_chunks(h.shape[0], ctx.chunk):
             x = chunk_logits(h[start:end], weight, bias,
                              torch.empty((end - start, weight.shape[0]), dtype=h.dtype,
                                          device=h.device))
             z = options.transform.apply(x.to(lse.dtype))
             row_lse = lse[start:end, None]
-            p = torch.exp(z - row_lse)
-            t = _smoothed(target[start:end], options, lse.dtype)
-            coef = t.sum(1, keepdim=True)
-            if options.z_loss:
-                coef = coef + 2.0 * options.z_loss * row_lse
-            dz = coef * p - t
-            dz = dz * (g[start:end, None] if g.ndim == 1 else g)
-            dlogits = _transform_grad(options.transform, z, dz).to(h.dtype)
-            grads.add_chunk(start, end, dlogits, h[start:end], weight)
+            g_rows = g[start:end, None] if g.ndim == 1 else g
+            if any(need[:3]):
+                p = torch.exp(z - row_lse)
+                t = _smoothed(target[start:end], options, class_weight, lse.dtype)
+                coef = t.sum(1, keepdim=True)
+                if options.z_loss:
+                    coef = coef + 2.0 * options.z_loss * row_lse
+                dz = (coef * p - t) * g_rows
+                dlogits = _transform_grad(options.transform, z, dz).to(h.dtype)
+                grads.add_chunk(start, end, dlogits, h[start:end], weight)
+            if need_target or need_class_weight:
+                nll = (row_lse - z) * g_rows  # g · (lse − z_c): d row / d t'_c
+                if need_target:
+                    dt = nll * (1.0 - eps)
+                    if class_weight is not None:
+                        dt = dt * class_weight.to(lse.dtype)
+                    d_target[start:end] = dt
+                if need_class_weight:
+                    s = _smoothed(target[start:end], options, None, lse.dtype)
+                    d_class_weight += (s * nll).sum(0)
         dh, dw, db = grads.results(h, weight, bias)
         return (dh if need[0] else None, dw if need[1] else None,
-                db if need[2] and bias is not None else None, None, None, None, None)
+                db if need[2] and bias is not None else None, d_target,
+                None if d_class_weight is None else d_class_weight.to(class_weight.dtype),
+                None, None, None)
 
 
-def _smoothed(target: torch.Tensor, options: CrossEntropyOptions, dtype) -> torch.Tensor:
-    """``w ⊙ ((1 − ε) t + ε / V)`` in ``dtype``."""
+def _smoothed(target: torch.Tensor, options: CrossEntropyOptions, class_weight, dtype
+              ) -> torch.Tensor:
+    """``w ⊙ ((1 − ε) t + ε / V)`` in ``dtype`` (without ``w`` when ``class_weight`` is None)."""
     t = target.to(dtype)
     eps = options.label_smoothing
     if eps > 0.0:
         t = t * (1.0 - eps) + eps / t.shape[1]
-    if options.weight is not None:
-        t = t * options.weight.to(dtype)
+    if class_weight is not None:
+        t = t * class_weight.to(dtype)
     return t
 
 
@@ -471,13 +496,15 @@ def linear_cross_entropy(
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     if h.shape[0] > 0 and not h.is_meta:  # meta: the fake implementations infer the outputs
         check_runnable(h)
+    if not soft:
+        options.refuse_weight_grad()
     if soft:
         n_classes = linear_weight.shape[0]
         chunk = chunk_size or token_chunk(h.shape[0], n_classes, 4 * accum_dtype(h).itemsize,
                                           None, memory_budget)
         loss = _SoftTargetLinearCE.apply(h, linear_weight, linear_bias,
-                                         target.reshape(h.shape[0], n_classes), options, chunk,
-                                         loss_dtype)
+                                         target.reshape(h.shape[0], n_classes), options.weight,
+                                         options, chunk, loss_dtype)
         return loss.reshape(batch_shape) if reduction == "none" else loss
     grad_on = torch.is_grad_enabled()
     need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,

@@ -137,6 +137,7 @@ def cross_entropy(
                              f"class probabilities (dtype={target.dtype})")
         loss, lse = _soft_target_ce(input, target, opts, loss_dtype)
         return (loss, lse) if return_lse else loss
+    opts.refuse_weight_grad()
     squeeze = input.ndim == 1
     if inplace_backward and squeeze:
         raise ValueError("inplace_backward=True needs input with a batch dim (N, C, ...)")
