@@ -141,13 +141,24 @@ def _grad_scale(divisor_ptr, denom, like):
 
 
 @triton.jit
+def _zeta(z_loss, z_scale_ptr, like):
+    """The z-loss coefficient in the math dtype of ``like``: ``z_loss``, times the device
+    scalar at ``z_scale_ptr`` when given — ``Σ w_t / (non-ignored rows)`` for a weighted mean,
+    so that the z term divided by the mean's divisor Σ w_t is averaged over the tokens."""
+    zeta = tl.full((), z_loss, like.dtype)
+    if z_scale_ptr is not None:
+        zeta = zeta * upcast(tl.load(z_scale_ptr))
+    return zeta
+
+
+@triton.jit
 def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing, z_loss,
-              HAS_SMOOTHING: tl.constexpr):
+              z_scale_ptr, HAS_SMOOTHING: tl.constexpr):
     """The loss of row(s) from lse, ``nll = lse − z_t`` and ``smooth = W·lse − Σ w·z``, each
     formed by the caller around a shift close to the logits (no cancellation at |x| ~ 1e4). A
     row with a +inf logit (lse = +inf, ``lse_shift``) has a NaN loss, as torch's log_softmax
     gives it (inf − inf), unless ignored."""
-    zeta = tl.full((), z_loss, lse.dtype)
+    zeta = _zeta(z_loss, z_scale_ptr, lse)
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, lse.dtype)
         loss = (1.0 - eps) * w_t * nll + zeta * lse * lse + (eps / n_classes) * smooth
@@ -159,7 +170,7 @@ def _row_loss(lse, nll, smooth, w_t, valid, in_range, n_classes, label_smoothing
 
 
 @triton.jit
-def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss,
+def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss, z_scale_ptr,
                 HAS_SMOOTHING: tl.constexpr):
     """(true_coef, smooth_coef, z_coef) of ``dz = true_coef·(p − [c = t]) + smooth_coef·(p·W −
     w_c) + z_coef·p`` (``_dx``; smooth_coef unused without smoothing); true_coef is NaN for a
@@ -173,7 +184,7 @@ def _grad_coefs(g, lse, w_t, in_range, n_classes, label_smoothing, z_loss,
         true_coef = tl.where(in_range, g * w_t, float("nan"))
         smooth_coef = tl.zeros_like(lse)
     true_coef = tl.where(lse == float("inf"), float("nan"), true_coef)
-    z_coef = g * (2.0 * tl.full((), z_loss, lse.dtype)) * lse
+    z_coef = g * (2.0 * _zeta(z_loss, z_scale_ptr, lse)) * lse
     return true_coef, smooth_coef, z_coef
 
 
@@ -272,9 +283,10 @@ def _edge_offsets(body_ptr, n_body):
 
 @triton.jit
 def cross_entropy_fwd_kernel(
-    # data: logits, targets (int32/int64), class weights, device divisor, per-row loss (fp32, or
-    # the loss dtype for reduction "none"), lse (fp32; fp64 for fp64 input), dlogits
-    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    # data: logits, targets (int32/int64), class weights, device divisor, the z term's scale
+    # (None: 1), per-row loss (fp32, or the loss dtype for reduction "none"), lse (fp32; fp64
+    # for fp64 input), dlogits
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr, loss_ptr, lse_ptr, dx_ptr,
     # sizes
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
@@ -317,14 +329,15 @@ def cross_entropy_fwd_kernel(
         W = 0.0
         smooth = 0.0
     loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
-                     HAS_SMOOTHING)
+                     z_scale_ptr, HAS_SMOOTHING)
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
     if COMPUTE_GRAD:
         g = _grad_scale(divisor_ptr, denom, lse)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
-                                                     label_smoothing, z_loss, HAS_SMOOTHING)
+                                                     label_smoothing, z_loss, z_scale_ptr,
+                                                     HAS_SMOOTHING)
         if HEAD == HEAD_SOFTCAP:  # sech² from the raw logits: read again (an L1/L2 hit)
             slope = head_slope(_load_x(x_ptr + x_offs, mask, ""), head, HEAD)
         else:
@@ -340,7 +353,7 @@ def cross_entropy_fwd_kernel(
 
 @triton.jit
 def _sweep_row(
-    row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    row, x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr, loss_ptr, lse_ptr, dx_ptr,
     n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing, z_loss, head, denom,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, PEEL_EDGES: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -421,14 +434,15 @@ def _sweep_row(
         W = 0.0
         smooth = 0.0
     loss = _row_loss(lse, nll, smooth, w_t, valid, in_range, n_cols, label_smoothing, z_loss,
-                     HAS_SMOOTHING)
+                     z_scale_ptr, HAS_SMOOTHING)
     tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse)
 
     if COMPUTE_GRAD:
         g = _grad_scale(divisor_ptr, denom, lse)
         true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_cols,
-                                                     label_smoothing, z_loss, HAS_SMOOTHING)
+                                                     label_smoothing, z_loss, z_scale_ptr,
+                                                     HAS_SMOOTHING)
         inv_sum = 1.0 / row_sum
         # Sweep 2 in reverse: the edges (read last), then the last tile first (those are the
         # tiles most likely still in L2).
@@ -449,7 +463,7 @@ def _sweep_row(
 @triton.jit
 def cross_entropy_fwd_sweep_kernel(
     # data: as cross_entropy_fwd_kernel
-    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr, loss_ptr, lse_ptr, dx_ptr,
     # sizes
     n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
@@ -463,16 +477,16 @@ def cross_entropy_fwd_sweep_kernel(
     """Program p owns row p (``_sweep_row``; ``NUM_STAGES`` > 1 software-pipelines both
     sweeps' tile loops, 1: not pipelined)."""
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
-    _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr,
-               dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
-               z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, COMPUTE_GRAD,
+    _sweep_row(tl.program_id(0), x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr,
+               loss_ptr, lse_ptr, dx_ptr, n_cols, n_inner, ignore_index, x_strides, dx_strides,
+               label_smoothing, z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, COMPUTE_GRAD,
                PEEL_EDGES, NUM_STAGES)
 
 
 @triton.jit
 def cross_entropy_fwd_persistent_kernel(
     # data: as cross_entropy_fwd_kernel
-    x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+    x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr, loss_ptr, lse_ptr, dx_ptr,
     # sizes
     n_rows, n_cols, n_inner, ignore_index,
     # strides (elements): (outer, inner, col) of x and of dx
@@ -488,7 +502,8 @@ def cross_entropy_fwd_persistent_kernel(
     in L2 (``tiling.choose_cross_entropy_config`` picks P from the L2 model)."""
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, loss_ptr, lse_ptr, dx_ptr,
+        _sweep_row(row, x_ptr, target_ptr, weight_ptr, divisor_ptr, z_scale_ptr, loss_ptr,
+                   lse_ptr, dx_ptr,
                    n_cols, n_inner, ignore_index, x_strides, dx_strides, label_smoothing,
                    z_loss, head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, COMPUTE_GRAD,
                    PEEL_EDGES, NUM_STAGES)
@@ -573,8 +588,8 @@ def cross_entropy_split_stats_kernel(
 @triton.jit
 def cross_entropy_combine_kernel(
     # data: workspace (n_rows, n_splits, 4), targets, class weights, Σ w (device scalar; None
-    # without weights or smoothing), per-row loss and lse
-    stats_ptr, target_ptr, weight_ptr, w_sum_ptr, loss_ptr, lse_ptr,
+    # without weights or smoothing), the z term's scale (None: 1), per-row loss and lse
+    stats_ptr, target_ptr, weight_ptr, w_sum_ptr, z_scale_ptr, loss_ptr, lse_ptr,
     # sizes
     n_rows, n_splits, n_classes, ignore_index,
     # scalars (fp64 arguments, in the math dtype of lse below)
@@ -606,7 +621,7 @@ def cross_entropy_combine_kernel(
     else:
         W = n_classes.to(lse.dtype)
     loss = _row_loss(lse, (shift - z_t) + log_sum, W * lse - smooth_sum, w_t, valid, in_range,
-                     n_classes, label_smoothing, z_loss, HAS_SMOOTHING)
+                     n_classes, label_smoothing, z_loss, z_scale_ptr, HAS_SMOOTHING)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
@@ -617,9 +632,10 @@ def cross_entropy_combine_kernel(
 @triton.jit
 def cross_entropy_bwd_kernel(
     # data: logits, targets, class weights (global), Σ w (device scalar; None without weights or
-    # smoothing), per-row lse, grad_output (a scalar or one per row), device divisor, dlogits
-    # (may alias the logits)
-    x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr, grad_ptr, divisor_ptr, dx_ptr,
+    # smoothing), per-row lse, grad_output (a scalar or one per row), device divisor, the z
+    # term's scale (None: 1), dlogits (may alias the logits)
+    x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr, grad_ptr, divisor_ptr, z_scale_ptr,
+    dx_ptr,
     # sizes: program (row, split) owns local columns [split·chunk, (split+1)·chunk) = global
     # classes vocab_start + c of n_classes
     n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, grad_row_stride,
@@ -630,6 +646,7 @@ def cross_entropy_bwd_kernel(
     head_u_scale: tl.float64, head_cap_scale: tl.float64, denom: tl.float64,
     BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HEAD: tl.constexpr,
     PEEL_EDGES: tl.constexpr, ROW_STATS: tl.constexpr = False,
+    UNLESS_ONE: tl.constexpr = False,
 ):
     """dx over one chunk of one row from the row's lse, with g = grad[row · grad_row_stride]
     / (denom · divisor). Reads chunk·e, writes chunk·e; each element is read before it is
@@ -638,11 +655,37 @@ def cross_entropy_bwd_kernel(
     docstring). ``ROW_STATS`` (the whole row is this program's one tile, not peeled, no vocab
     offset): p comes from the tile's own max and Σ exp, as in the fused forward, not from lse:
     lse rounded to fp32 puts up to ulp(lse)/2 of relative error in every p (3.6 ulps of the
-    largest dx at 9 × 7 against torch's 1.6). Same bytes; one more exp an element."""
+    largest dx at 9 × 7 against torch's 1.6). Same bytes; one more exp an element.
+
+    ``UNLESS_ONE`` (a 0-d grad_output; dx holds the forward's fused gradient, the gradient for
+    grad_output 1): every program returns at once, touching nothing, when grad_output is
+    exactly 1; otherwise dx is recomputed for it, rounded once — the backward of a reduced loss,
+    whose 16-bit gradient rescaled in place would be rounded twice."""
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
     row = tl.program_id(0)
     split = tl.program_id(1)
     g = upcast(tl.load(grad_ptr + row.to(tl.int64) * grad_row_stride))
+    if UNLESS_ONE:
+        if g != 1.0:
+            _bwd_chunk(row, split, g, x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr,
+                       divisor_ptr, z_scale_ptr, dx_ptr, n_cols, n_inner, chunk, vocab_start,
+                       n_classes, ignore_index, x_strides, dx_strides, label_smoothing, z_loss,
+                       head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, PEEL_EDGES, ROW_STATS)
+    else:
+        _bwd_chunk(row, split, g, x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr,
+                   divisor_ptr, z_scale_ptr, dx_ptr, n_cols, n_inner, chunk, vocab_start,
+                   n_classes, ignore_index, x_strides, dx_strides, label_smoothing, z_loss,
+                   head, denom, BLOCK_N, HAS_SMOOTHING, HEAD, PEEL_EDGES, ROW_STATS)
+
+
+@triton.jit
+def _bwd_chunk(
+    row, split, g, x_ptr, target_ptr, weight_ptr, w_sum_ptr, lse_ptr, divisor_ptr, z_scale_ptr,
+    dx_ptr, n_cols, n_inner, chunk, vocab_start, n_classes, ignore_index, x_strides, dx_strides,
+    label_smoothing, z_loss, head, denom, BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HEAD: tl.constexpr, PEEL_EDGES: tl.constexpr, ROW_STATS: tl.constexpr,
+):
+    """The body of ``cross_entropy_bwd_kernel`` for program (row, split), grad_output ``g``."""
     lse = tl.load(lse_ptr + row)
     g = g * _grad_scale(divisor_ptr, denom, lse)
     tgt = tl.load(target_ptr + row).to(tl.int64)
@@ -652,7 +695,8 @@ def cross_entropy_bwd_kernel(
     else:
         W = n_classes.to(lse.dtype)
     true_coef, smooth_coef, z_coef = _grad_coefs(g, lse, w_t, in_range, n_classes,
-                                                 label_smoothing, z_loss, HAS_SMOOTHING)
+                                                 label_smoothing, z_loss, z_scale_ptr,
+                                                 HAS_SMOOTHING)
     x_row = x_ptr + row_offset(row, n_inner, x_strides[0], x_strides[1])
     dx_row = dx_ptr + row_offset(row, n_inner, dx_strides[0], dx_strides[1])
     # Offsets, local_t and w_off count from the first column of the row's body.
@@ -736,8 +780,9 @@ def cross_entropy_scale_grad_kernel(
 
 @triton.jit
 def cross_entropy_total_weight_kernel(
-    # data: targets, class weights (None: a count), the output scalar
-    target_ptr, weight_ptr, out_ptr,
+    # data: targets, class weights (None: a count), the output scalar, and (None unless
+    # wanted) the z term's scale
+    target_ptr, weight_ptr, out_ptr, z_scale_ptr,
     # sizes
     n_rows, n_classes, ignore_index,
     BLOCK: tl.constexpr,
@@ -745,12 +790,20 @@ def cross_entropy_total_weight_kernel(
     """One program: ``out = Σ_rows w_t`` over targets that are not ``ignore_index`` (a count
     without weights; an out-of-range target adds 0 with weights — its loss is NaN anyway),
     accumulated in the output's dtype (fp64 for fp64 logits, whatever the weights' dtype).
-    Per-lane partial sums merged once at the end: a fixed order, deterministic."""
+    Per-lane partial sums merged once at the end: a fixed order, deterministic. With
+    ``z_scale_ptr``, also ``Σ w_t / (non-ignored rows)``: the factor that makes the z term of a
+    weighted mean, divided by Σ w_t with the rest of the loss, an average over the tokens."""
     offs = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    count = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
     for start in range(0, n_rows, BLOCK):
         r = start + offs
         tgt = tl.load(target_ptr + r, mask=r < n_rows, other=ignore_index).to(tl.int64)
         valid, in_range, w_t = _target_info(tgt, weight_ptr, n_classes, ignore_index)
         acc += w_t.to(acc.dtype)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
+        if z_scale_ptr is not None:
+            count += tl.where(valid, 1.0, 0.0).to(count.dtype)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr, total)
+    if z_scale_ptr is not None:
+        tl.store(z_scale_ptr, total / tl.sum(count, axis=0))

@@ -190,7 +190,8 @@ class CrossEntropyOptions:
 
     ``weight``: per-class weights (C,) or None (torch's ``weight``); ``ignore_index``: an int64
     target value whose rows add nothing; ``reduction``: ``"none" | "sum" | "mean"``;
-    ``label_smoothing`` in [0, 1]; ``z_loss`` ≥ 0 (adds ``z_loss · lse²`` per non-ignored row);
+    ``label_smoothing`` in [0, 1]; ``z_loss`` ≥ 0 (adds ``z_loss · lse²`` per non-ignored row;
+    ``"mean"`` averages it over those rows, whatever the class weights);
     ``transform``: the :class:`HeadTransform`; ``normalizer``: with ``reduction="sum"`` only, a
     number or a 0-d device tensor the summed loss is divided by (e.g. Hugging Face's
     ``num_items_in_batch``), so any trainer's counting rule is reproduced without a host sync.
@@ -261,6 +262,13 @@ class CrossEntropyOptions:
     def replace(self, **changes: Any) -> CrossEntropyOptions:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+    @property
+    def scales_z_term(self) -> bool:
+        """True when the kernels scale ``z_loss`` by the device scalar ``Σ w_t / (non-ignored
+        rows)``: a mean over class-index targets with class weights and a z-loss, whose z term
+        is averaged over the tokens, not divided by Σ w_t (``docs/cross_entropy.md``)."""
+        return self.reduction == "mean" and self.weight is not None and self.z_loss > 0.0
 
     # ------------------------------------------------------------------ checks against input
 

@@ -141,7 +141,8 @@ def cross_entropy(
 ):
     """Class-index cross-entropy of rows ``x`` (N, C) against ``target`` (N,), torch's semantics
     (label smoothing as torch: (1 − ε)·w_t·nll + (ε/C)·Σ_c w_c·(−log p_c); mean divides by
-    Σ w_t over non-ignored rows) plus z_loss·lse² per non-ignored row, softcap and logit_scale.
+    Σ w_t over non-ignored rows) plus z_loss·lse² per non-ignored row (averaged over the
+    non-ignored rows by mean, whatever the class weights), softcap and logit_scale.
     Returns (loss, lse, dL/dx for upstream ``dy``: a scalar, or one per row for "none"). A target
     out of [0, C) that is not ignored gives a NaN row."""
     n, c = x.shape
@@ -160,8 +161,16 @@ def cross_entropy(
     with np.errstate(invalid="ignore"):
         nll = -logp[rows, t]
         smooth = -(logp * w[None, :]).sum(axis=1) if label_smoothing > 0 else 0.0
-        loss_rows = (1 - label_smoothing) * w_t * nll + label_smoothing / c * smooth \
-            + z_loss * lse**2
+        z_rows = z_loss * lse**2
+        loss_rows = (1 - label_smoothing) * w_t * nll + label_smoothing / c * smooth
+    if reduction == "mean" and weight is not None:
+        # The z term is averaged over the tokens: in rows divided by Σ w_t, scaled by Σ w_t / n.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z_scale = _exact_sum(w_t) / float(valid.sum())
+    else:
+        z_scale = 1.0
+    with np.errstate(invalid="ignore"):
+        loss_rows = loss_rows + z_scale * z_rows
     loss_rows = np.where(valid, loss_rows, 0.0)
     loss_rows = np.where(valid & ~in_range, np.nan, loss_rows)
     onehot = np.zeros_like(x)
@@ -171,7 +180,7 @@ def cross_entropy(
         # gradient (one class: p = 1) comes out exactly zero rather than as float64 noise.
         dz = (1 - label_smoothing) * w_t[:, None] * (p - onehot) \
             + label_smoothing / c * (p * w.sum() - w[None, :]) \
-            + 2 * z_loss * lse[:, None] * p
+            + 2 * z_loss * z_scale * lse[:, None] * p
     dz = np.where((valid & ~in_range)[:, None], np.nan, dz)
     dz = np.where(valid[:, None], dz, 0.0)
     if reduction == "none":

@@ -122,3 +122,338 @@ def test_linear_ce_probability_targets_requiring_grad_get_their_gradient(device,
     probact_gpu.linear_cross_entropy(hidden, head, p_ours, linear_bias=bias,
                                      reduction=reduction).backward(dy)
     torch.testing.assert_close(p_ours.grad, p_torch.grad, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- z-loss, weights
+
+
+def test_z_loss_under_class_weights_is_averaged_over_tokens(device, rng, world_of_one):
+    """reduction="mean" with class weights: the z term is ``z_loss · Σ lse² / (non-ignored
+    tokens)``, as the peers define it, so it does not scale with the weights' overall scale —
+    doubling every weight left the CE term alone but halved the z term (Σ lse² was divided by
+    Σ w_t). The same in cross_entropy (each path), linear_cross_entropy and the vocab-parallel
+    forms (their world-size-1 Functions, on a group of this process); gradients too."""
+    from probact_gpu.distributed import cross_entropy as vp
+    from probact_gpu.ops.cross_entropy import cross_entropy_fwd
+    from probact_gpu.options import CrossEntropyOptions
+    from probact_gpu.tiling import RowConfig
+
+    n, c, h, zeta = 6, 40, 8, 0.25
+    hidden, _ = make_input((n, h), torch.float64, rng, device=device)
+    head, _ = make_input((c, h), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    w = torch.rand(c, dtype=torch.float64, device=device) + 0.5
+    logits = hidden @ head.T
+    valid = t != IGNORE
+    lse = torch.logsumexp(logits, 1)
+    ce = torch.nn.functional.cross_entropy(logits, t, w)
+    expected = ce + zeta * (lse[valid] ** 2).sum() / valid.sum()
+
+    def grads_and_loss(f, *args):
+        args = [a.clone().requires_grad_() for a in args]
+        loss = f(*args)
+        loss.backward(torch.tensor(0.75, dtype=torch.float64, device=device))
+        return [loss.detach()] + [a.grad for a in args]
+
+    def reference(scale):
+        return grads_and_loss(lambda x: torch.nn.functional.cross_entropy(x, t, w * scale)
+                              + zeta * (torch.logsumexp(x, 1)[valid] ** 2).mean(), logits)
+
+    opts = dict(weight=w, z_loss=zeta)
+    group = torch.distributed.group.WORLD
+    calls = {
+        "cross_entropy": (lambda x, s: probact_gpu.cross_entropy(x, t, w * s, z_loss=zeta),
+                          [logits]),
+        "cross_entropy split": (lambda x, s: _ce_split(x, t, w * s, zeta), [logits]),
+        "linear_cross_entropy": (lambda a, b, s: probact_gpu.linear_cross_entropy(
+            a, b, t, weight=w * s, z_loss=zeta, chunk_size=4), [hidden, head]),
+        "linear_cross_entropy low_memory": (lambda a, b, s: probact_gpu.linear_cross_entropy(
+            a, b, t, weight=w * s, z_loss=zeta, low_memory=True), [hidden, head]),
+        "vocab_parallel_cross_entropy": (lambda x, s: vp.VocabParallelCrossEntropyFunction.apply(
+            x, t, group, 0, c, CrossEntropyOptions.from_kwargs(weight=w * s, z_loss=zeta), None),
+            [logits]),
+        "vocab_parallel_linear_cross_entropy": (
+            lambda a, b, s: vp.VocabParallelLinearCrossEntropyFunction.apply(
+                a, b, None, t, group, 0, c, CrossEntropyOptions.from_kwargs(
+                    weight=w * s, z_loss=zeta), (None, None, None)), [hidden, head]),
+    }
+    for name, (f, args) in calls.items():  # weights doubled: the loss expected of w itself
+        ours = grads_and_loss(lambda *a, f=f: f(*a, 2.0), *args)
+        torch.testing.assert_close(ours[0], expected, rtol=1e-9, atol=0, msg=name)
+        if len(args) == 1:
+            torch.testing.assert_close(ours[1], reference(2.0)[1], rtol=1e-9, atol=1e-15,
+                                       msg=name)
+    # The launcher's fused gradient with its own divisor, as linear + CE calls it.
+    out = cross_entropy_fwd(logits, t, options=CrossEntropyOptions.from_kwargs(**opts),
+                            compute_grad=True, config=RowConfig("multi", 16, 1))
+    torch.testing.assert_close(out[2] * 0.75, reference(1.0)[1], rtol=1e-9, atol=1e-15)
+
+
+def _ce_split(x, t, w, zeta):
+    from probact_gpu.ops.cross_entropy import cross_entropy_fwd
+    from probact_gpu.tiling import RowConfig
+
+    class _Split(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            rows, _, grad = cross_entropy_fwd(x, t, weight=w, z_loss=zeta, compute_grad=True,
+                                              config=RowConfig("split", 16, 1, n_splits=3))
+            ctx.save_for_backward(grad)
+            valid = t != IGNORE
+            return rows.sum() / w[t[valid]].sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return ctx.saved_tensors[0] * g
+
+    return _Split.apply(x)
+
+
+# ----------------------------------------------------------------------------- 16-bit gradients
+
+
+def _rounding_misses(grad, ref64, dtype):
+    """(fraction of elements that are not the correctly rounded float64 value, the largest
+    miss in ulps of the dtype at that element)."""
+    correct = torch.from_numpy(ref64).to(dtype)
+    miss = grad.cpu() != correct
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(
+        correct.double().abs().clamp_min(torch.finfo(dtype).tiny))))
+    ulps = ((grad.cpu().double() - correct.double()).abs() / spacing).max().item()
+    return miss.double().mean().item(), ulps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cross_entropy_16bit_gradient_correctly_rounded_for_any_grad_output(device, rng, dtype):
+    """The fused gradient of a reduced loss was stored in 16 bits for grad_output 1 and
+    rescaled: for grad_output 0.37 (a loss scale, an accumulation divisor) about a quarter of the
+    elements missed the correctly rounded value by an ulp. The out-of-place path now recomputes
+    it from the logits when grad_output is not 1 (decided on the device). A few near-ties may
+    still round the other way on the fp32 math (far below 1 %), never by more than one ulp."""
+    from probact_gpu import reference
+    from probact_gpu.testing import to_numpy64
+
+    n, c = 8, 300
+    x, x64 = make_input((n, c), dtype, rng, scale=2.0, device=device)
+    t = _targets(rng, n, c, device)
+    w = torch.rand(c, device=device) + 0.5
+    g = torch.tensor(0.37, dtype=dtype, device=device)  # the loss's dtype, as autograd's
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1, z_loss=1e-3, reduction="sum")):
+        xr = x.clone().requires_grad_()
+        probact_gpu.cross_entropy(xr, t, **kw).backward(g)
+        ref_kw = {k: v for k, v in kw.items() if k != "weight"}
+        _, _, ref = reference.cross_entropy(x64, t.cpu().numpy(), None if "weight" not in kw
+                                            else to_numpy64(w), IGNORE, dy=g.item(), **ref_kw)
+        frac, ulps = _rounding_misses(xr.grad, ref, dtype)
+        assert frac < 0.005 and ulps <= 1.0, (kw, frac, ulps)
+
+
+def test_bce_16bit_gradient_correctly_rounded_for_any_grad_output(device, rng):
+    """BCE-with-logits had the same double rounding (its fused gradient rescaled in place); it
+    is now recomputed for a grad_output other than 1, on the device."""
+    from probact_gpu import reference
+    from probact_gpu.testing import make_bce_inputs, to_numpy64
+
+    x, t, _, _ = make_bce_inputs((16, 100), torch.bfloat16, rng, device)
+    g = torch.tensor(0.37, dtype=torch.bfloat16, device=device)
+    for reduction in ("mean", "sum"):
+        xr = x.clone().requires_grad_()
+        probact_gpu.binary_cross_entropy_with_logits(xr, t, reduction=reduction).backward(g)
+        ref = reference.bce_with_logits_grad(to_numpy64(x), to_numpy64(t), g.item(),
+                                             reduction=reduction)
+        frac, ulps = _rounding_misses(xr.grad, ref, torch.bfloat16)
+        assert frac < 0.005 and ulps <= 1.0, (reduction, frac, ulps)
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+# Each op next to the same function in torch ops (float64, tiny shapes): (ours, torch's, the
+# shapes of the differentiable arguments). Targets, options and weights are fixed inside.
+
+
+def _torch_tlp(z, t, entropy):
+    logp = torch.log_softmax(z, -1)
+    keep = t != IGNORE
+    out = logp.gather(-1, t.clamp(min=0)[:, None])[:, 0] * keep
+    if entropy:
+        out = out + 0.5 * (-(logp.exp() * logp).sum(-1)) * keep
+    return out
+
+
+def _op_pairs(device):
+    f64 = dict(dtype=torch.float64, device=device)
+    t = torch.tensor([1, IGNORE, 4, 0], device=device)
+    w = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.75], **f64)
+    p = torch.softmax(torch.arange(20, **f64).reshape(4, 5).sin(), 1)
+    bce_t = torch.rand(4, 5, **f64)
+    head_b = torch.linspace(-1, 1, 5, **f64)
+    F = torch.nn.functional
+    ce_kw = dict(weight=w, label_smoothing=0.1, z_loss=0.05)
+
+    def ce_ref(z, reduction="mean"):
+        valid = t != IGNORE
+        lse = torch.logsumexp(z, 1)
+        ce = F.cross_entropy(z, t, w, label_smoothing=0.1, reduction=reduction)
+        if reduction == "none":
+            return ce + 0.05 * lse**2 * valid
+        return ce + 0.05 * (lse[valid] ** 2).mean()
+
+    def tlp(x):
+        out = probact_gpu.token_log_probs(x, t, temperature=0.7, return_entropy=True)
+        return out.logprobs + 0.5 * out.entropy
+
+    def ltlp(h, W, b):
+        out = probact_gpu.linear_token_log_probs(h, W, t, linear_bias=b, softcap=3.0,
+                                                 return_entropy=True, chunk_size=3)
+        return out.logprobs + 0.5 * out.entropy
+
+    return {
+        "softmax": (lambda x: probact_gpu.softmax(x, -1), lambda x: torch.softmax(x, -1),
+                    [(4, 5)]),
+        "log_softmax": (lambda x: probact_gpu.log_softmax(x, 0),
+                        lambda x: torch.log_softmax(x, 0), [(4, 5)]),
+        "sigmoid": (probact_gpu.sigmoid, torch.sigmoid, [(4, 5)]),
+        "logsigmoid": (probact_gpu.logsigmoid, F.logsigmoid, [(4, 5)]),
+        "bce": (lambda x: probact_gpu.binary_cross_entropy_with_logits(x, bce_t, pos_weight=w),
+                lambda x: F.binary_cross_entropy_with_logits(x, bce_t, pos_weight=w),
+                [(4, 5)]),
+        "cross_entropy": (lambda x: probact_gpu.cross_entropy(x, t, **ce_kw), ce_ref, [(4, 5)]),
+        "cross_entropy none": (lambda x: probact_gpu.cross_entropy(x, t, reduction="none",
+                                                                   **ce_kw),
+                               lambda x: ce_ref(x, "none"), [(4, 5)]),
+        "cross_entropy soft": (lambda x: probact_gpu.cross_entropy(x, p, w),
+                               lambda x: F.cross_entropy(x, p, w), [(4, 5)]),
+        "token_log_probs": (tlp, lambda x: _torch_tlp(x / 0.7, t, True), [(4, 5)]),
+        "linear_cross_entropy": (
+            lambda h, W, b: probact_gpu.linear_cross_entropy(h, W, t, linear_bias=b,
+                                                             chunk_size=3, **ce_kw),
+            lambda h, W, b: ce_ref(h @ W.T + b), [(4, 3), (5, 3), (5,)]),
+        "linear_token_log_probs": (
+            ltlp, lambda h, W, b: _torch_tlp(3.0 * torch.tanh((h @ W.T + b) / 3.0), t, True),
+            [(4, 3), (5, 3), (5,)]),
+        "linear_cross_entropy soft": (
+            lambda h, W: probact_gpu.linear_cross_entropy(h, W, p, linear_bias=head_b),
+            lambda h, W: F.cross_entropy(h @ W.T + head_b, p), [(4, 3), (5, 3)]),
+    }
+
+
+OPS = list(_op_pairs("cpu"))
+
+
+def _args(rng, shapes, device):
+    return tuple(torch.from_numpy(rng.standard_normal(s)).to(device) for s in shapes)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_forward_mode_ad_gives_each_ops_tangent(device, rng, name):
+    """torch.autograd.forward_ad and torch.func.jvp through every op give the tangent of the
+    same function in torch ops (a torch.library op without a forward rule gave none: zero from
+    torch.func.jvp, None from forward_ad). jacfwd too, on the ops' first argument."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, theirs, shapes = _op_pairs(device)[name]
+    primals, tangents = _args(rng, shapes, device), _args(rng, shapes, device)
+    _, expected = torch.func.jvp(theirs, primals, tangents)
+    with fwAD.dual_level():
+        out = ours(*(fwAD.make_dual(a, d) for a, d in zip(primals, tangents, strict=True)))
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, expected, rtol=1e-9, atol=1e-12)
+    first = lambda a: ours(a, *primals[1:])  # noqa: E731  (jacfwd: vmap of torch.func.jvp)
+    torch.testing.assert_close(torch.func.jacfwd(first)(primals[0]),
+                               torch.func.jacrev(lambda a: theirs(a, *primals[1:]))(primals[0]),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_torch_func_reverse_transforms_every_op(device, rng, name):
+    """torch.func.grad, jacrev and vmap(grad) through every op (they failed inside torch with
+    "must override the setup_context staticmethod")."""
+    ours, theirs, shapes = _op_pairs(device)[name]
+    primals = _args(rng, shapes, device)
+    weights = torch.from_numpy(rng.standard_normal(theirs(*primals).shape)).to(device)
+    argnums = tuple(range(len(primals)))
+    grads = torch.func.grad(lambda *a: (ours(*a) * weights).sum(), argnums)(*primals)
+    expected = torch.func.grad(lambda *a: (theirs(*a) * weights).sum(), argnums)(*primals)
+    torch.testing.assert_close(grads, expected, rtol=1e-9, atol=1e-12)
+    if not name.startswith("linear"):  # (the same backward as grad's, vmapped over outputs)
+        torch.testing.assert_close(torch.func.jacrev(ours)(*primals),
+                                   torch.func.jacrev(theirs)(*primals), rtol=1e-9, atol=1e-12)
+    batch = torch.stack([primals[0], primals[0] * 0.5 + 1.0])
+    per_sample = torch.vmap(torch.func.grad(lambda a: (ours(a, *primals[1:]) * weights).sum()))
+    per_sample_ref = torch.vmap(torch.func.grad(
+        lambda a: (theirs(a, *primals[1:]) * weights).sum()))
+    torch.testing.assert_close(per_sample(batch), per_sample_ref(batch), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "sigmoid", "logsigmoid", "bce",
+                                  "cross_entropy", "token_log_probs", "linear_cross_entropy"])
+def test_second_order_transforms_work_or_raise(device, rng, name):
+    """torch.func.hessian: exact for the ops whose backward is differentiable (softmax,
+    sigmoid, BCE); a clear error, never a silent zero, for those whose gradients come from
+    kernels (the cross-entropy family)."""
+    ours, theirs, shapes = _op_pairs(device)[name]
+    x = _args(rng, shapes[:1], device)[0]
+    rest = _args(rng, shapes[1:], device)
+    weights = torch.from_numpy(rng.standard_normal(theirs(x, *rest).shape)).to(device)
+
+    def scalar(f):
+        return lambda a: (f(a, *rest) * weights).sum()
+
+    if name in ("softmax", "log_softmax", "sigmoid", "logsigmoid", "bce"):
+        torch.testing.assert_close(torch.func.hessian(scalar(ours))(x),
+                                   torch.func.hessian(scalar(theirs))(x), rtol=1e-9,
+                                   atol=1e-12)
+        return
+    with pytest.raises(RuntimeError, match="does not support second derivatives"):
+        torch.func.hessian(scalar(ours))(x)
+
+
+def test_forward_mode_ad_vocab_parallel_and_refusals(device, rng, world_of_one):
+    """The vocab-parallel Functions (on a group of this process alone: their collectives run)
+    give forward-mode tangents — each rank's share, all_reduced — and refuse torch.func with a
+    message naming it; an in-place cross-entropy on logits that also require grad and a BCE
+    target with a tangent are refused naming forward-mode AD / the argument."""
+    import torch.autograd.forward_ad as fwAD
+
+    from probact_gpu.distributed import cross_entropy as vp_ce
+    from probact_gpu.distributed import token_log_probs as vp_tlp
+    from probact_gpu.options import CrossEntropyOptions, HeadTransform
+
+    group = torch.distributed.group.WORLD
+    x, x_dot = _args(rng, [(4, 5), (4, 5)], device)
+    h, W, h_dot, W_dot = _args(rng, [(4, 3), (5, 3), (4, 3), (5, 3)], device)
+    t = _targets(rng, 4, 5, device)
+    opts = CrossEntropyOptions.from_kwargs(label_smoothing=0.1, z_loss=0.05, reduction="none")
+    transform = HeadTransform(temperature=0.7)
+    calls = [
+        (lambda a: vp_ce.VocabParallelCrossEntropyFunction.apply(a, t, group, 0, 5, opts, None),
+         lambda a: probact_gpu.cross_entropy(a, t, **opts.as_kwargs()), (x,), (x_dot,)),
+        (lambda a, b: vp_ce.VocabParallelLinearCrossEntropyFunction.apply(
+            a, b, None, t, group, 0, 5, opts, (2, None, None)),
+         lambda a, b: probact_gpu.cross_entropy(a @ b.T, t, **opts.as_kwargs()), (h, W),
+         (h_dot, W_dot)),
+        (lambda a: vp_tlp.VocabParallelTokenLogProbsFunction.apply(
+            a, t, group, 0, 5, IGNORE, transform, True, False, None, False)[1],
+         lambda a: probact_gpu.token_log_probs(a, t, temperature=0.7,
+                                               return_entropy=True).entropy, (x,), (x_dot,)),
+        (lambda a, b: vp_tlp.VocabParallelLinearTokenLogProbsFunction.apply(
+            a, b, None, t, group, 0, 5, IGNORE, transform, False, False, 2, None, False)[0],
+         lambda a, b: probact_gpu.token_log_probs(a @ b.T, t, temperature=0.7), (h, W),
+         (h_dot, W_dot)),
+    ]
+    for ours, local, primals, tangents in calls:
+        _, expected = torch.func.jvp(local, primals, tangents)
+        with fwAD.dual_level():
+            out = ours(*(fwAD.make_dual(a, d) for a, d in zip(primals, tangents, strict=True)))
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=1e-9,
+                                       atol=1e-12)
+    with pytest.raises(RuntimeError, match="vocab_parallel_cross_entropy does not support "
+                                           "torch.func transforms"):
+        torch.func.grad(lambda a: probact_gpu.distributed.vocab_parallel_cross_entropy(
+            a, t, vocab_start_index=0, vocab_size=5))(x)
+    with fwAD.dual_level():
+        logits = fwAD.make_dual(x.clone().requires_grad_(), x_dot) * 1.0
+        with pytest.raises(RuntimeError, match="does not support forward-mode AD"):
+            probact_gpu.cross_entropy(logits, t, inplace_backward=True)
+        with pytest.raises(NotImplementedError, match="target has a forward-mode tangent"):
+            probact_gpu.binary_cross_entropy_with_logits(x, fwAD.make_dual(x.sigmoid(), x_dot))

@@ -13,7 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import probact_gpu as pg
 from probact_gpu import reference
 from probact_gpu._runtime import sm_count
-from probact_gpu.ops.bce import bce_bwd, bce_fwd, bce_scale_grad_, broadcast_terms
+from probact_gpu.ops.bce import (
+    bce_bwd,
+    bce_fwd,
+    bce_regrad_,
+    bce_scale_grad_,
+    broadcast_terms,
+)
 from probact_gpu.testing import (
     assert_close_to_reference,
     errors,
@@ -80,30 +86,33 @@ def test_bce_matches_reference(shape, options, why, dtype, reduction, device, rn
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bce_in_forward_gradient_path(reduction, device, rng):
     """sum / mean with an input that needs a gradient: the forward kernel writes dx, backward
-    only scales it by grad_output (read on the device) — no recompute kernel runs."""
+    keeps it for grad_output 1 and recomputes it for any other (read on the device), on a grid
+    of about one program per SM."""
     x, t, w, pw = make_bce_inputs((9, 37), torch.float32, rng, device, options="wps")
     config = ElementwiseConfig(64, 2)
-    for scale in (1.0, 2.5):  # 1.0: the plain loss.backward(); 2.5: the kernel must scale
+    for scale in (1.0, 2.5):  # 1.0: the plain loss.backward(); 2.5: the kernel must recompute
         xr = x.clone().requires_grad_()
         with record_launches() as launches:
             loss, dx = bce_fwd(xr.detach(), t, w, pw, reduction=reduction, compute_grad=True,
                                config=config)
-            bce_scale_grad_(dx, torch.tensor(scale, device=device), config=config)
+            bce_regrad_(dx, torch.tensor(scale, device=device), x, t, w, pw,
+                        reduction=reduction, config=config)
         assert [(lc.kernel, lc.path) for lc in launches] == [
             ("bce_fwd_kernel", "fused_grad"), ("bce_finish_kernel", "fused_grad"),
-            ("bce_scale_grad_kernel", "fused_grad")]
+            ("bce_bwd_kernel", "fused_grad")]
         assert launches[0].grid == (-(-9 * 37 // 64),)
-        # The rescale: one program per SM, no more than the 6 blocks of 64 (4 SMs on CPU: loops).
+        # The regrad: one program per SM, no more than the 6 blocks of 64 (4 SMs on CPU: loops).
         assert launches[2].grid == (min(sm_count(device), 6),)
+        assert launches[2].meta["UNLESS_ONE"]
         dy = torch.tensor(scale, dtype=torch.float32, device=device)
         _check(x, t, w, pw, reduction, dy, loss, dx, torch.float32)
-    # Through the public API and autograd: the same kernels, and never bce_bwd_kernel.
+    # Through the public API and autograd: the same kernels.
     xr = x.clone().requires_grad_()
     with record_launches() as launches:
         loss = pg.binary_cross_entropy_with_logits(xr, t, w, reduction=reduction, pos_weight=pw)
         (loss * 3.0).backward()
     kernels = [lc.kernel for lc in launches]
-    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_scale_grad_kernel"]
+    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_bwd_kernel"]
     _check(x, t, w, pw, reduction, torch.tensor(3.0, device=device), loss.detach(), xr.grad,
            torch.float32)
 
@@ -136,10 +145,8 @@ def test_bce_recompute_gradient_path(reduction, device, rng):
     assert [lc.kernel for lc in again] == ["bce_bwd_kernel"]
     assert again[0].path == "recompute"
     torch.testing.assert_close(xr.grad, first, rtol=1e-6, atol=1e-7)
-    if reduction == "none":
-        assert [lc.kernel for lc in launches] == ["bce_bwd_kernel"]
-    else:
-        assert [lc.kernel for lc in launches] == ["bce_scale_grad_kernel"]
+    assert [lc.kernel for lc in launches] == ["bce_bwd_kernel"]
+    assert launches[0].meta.get("UNLESS_ONE", False) == (reduction != "none")
 
 
 def test_bce_bwd_launcher_scalar_and_per_element_grad(device, rng):
@@ -197,8 +204,9 @@ _NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.detach", "aten.view", "a
 def test_bce_fwd_bwd_launches_three_kernels_and_no_zero_fill(reduction, device, rng,
                                                              monkeypatch):
     """The whole forward + backward of a reduced loss: bce_fwd_kernel, bce_finish_kernel,
-    bce_scale_grad_kernel and no torch kernel -- in particular no input-sized zeros for the
-    non-differentiable fused-gradient output (ctx.set_materialize_grads(False))."""
+    bce_bwd_kernel (returning at once for grad_output 1) and no torch kernel -- in particular no
+    input-sized zeros for the non-differentiable fused-gradient output
+    (ctx.set_materialize_grads(False))."""
     from probact_gpu import _runtime
 
     monkeypatch.setattr(_runtime, "_poison", [])  # plain torch.empty, as outside the tests
@@ -210,7 +218,7 @@ def test_bce_fwd_bwd_launches_three_kernels_and_no_zero_fill(reduction, device, 
     with record_launches() as bwd_launches, _AtenLog() as bwd_log:
         loss.backward(g)
     kernels = [lc.kernel for lc in launches + bwd_launches]
-    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_scale_grad_kernel"]
+    assert kernels == ["bce_fwd_kernel", "bce_finish_kernel", "bce_bwd_kernel"]
     torch_ops = [(op, n) for op, n in fwd_log.ops + bwd_log.ops
                  if not op.startswith("probact_gpu.") and op not in _NO_KERNEL]
     assert torch_ops == [], torch_ops

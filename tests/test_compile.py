@@ -119,7 +119,8 @@ CASES = {
                         ALL_CHECKS),
     "bce_bwd": lambda: ((_x(4, 7, grad=False, seed=3), _x(4, 7, grad=False), torch.rand(4, 7),
                          None, torch.rand(7), "none"), ALL_CHECKS),
-    "bce_scale_grad_": lambda: ((_x(4, 7, grad=False), torch.tensor(0.5)), ALL_CHECKS),
+    "bce_regrad_": lambda: ((_x(4, 7, grad=False), torch.tensor(0.5), _x(4, 7, grad=False),
+                             torch.rand(4, 7), None, None, "mean"), ALL_CHECKS),
     "cross_entropy": lambda: ((_x(4, 7), _t(4, 7), *_ce(
         weight=torch.rand(7), reduction="sum", label_smoothing=0.25, z_loss=0.01, softcap=2.0,
         logit_scale=1.5, logit_divisor=2.0, temperature=0.5, normalizer=3.0), False),
@@ -140,6 +141,17 @@ CASES = {
                                           [True, True, False]), ALL_CHECKS),
     "scale_grads": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False), _x(9, grad=False),
                              torch.tensor(2.0)), ALL_CHECKS),
+    # The forward-mode rules of the fused heads (tangents of every input, 6 tokens in chunks
+    # of 4, a weighted mean with a z-loss).
+    "linear_cross_entropy_jvp": lambda: ((_x(6, 5, grad=False), _x(9, 5, grad=False, seed=4),
+                                          _t(6, 9), _x(9, grad=False, seed=5),
+                                          torch.randn(6) + 3.0, _x(6, 5, grad=False, seed=6),
+                                          _x(9, 5, grad=False, seed=7), _x(9, grad=False, seed=8),
+                                          *_ce(weight=torch.rand(9), z_loss=0.01, softcap=3.0),
+                                          4), ALL_CHECKS),
+    "linear_token_log_probs_jvp": lambda: ((*_ltlp_saved(), _x(6, 5, grad=False, seed=6),
+                                            None, _x(9, grad=False, seed=8), -100, 1.0, 2.0,
+                                            3.0, 0.8, 4, True), ALL_CHECKS),
     # save_stats=False although the logits require grad (test_aot_dispatch_dynamic runs a
     # backward): the backward recomputes the statistics. It once read the empty stats tensor
     # out of bounds instead, which crashed the interpreter (eager too, no AOT or symbolic

@@ -290,8 +290,8 @@ def test_vocab_parallel_loss_identical_on_every_rank(world_results):
 
 @pytest.mark.slow
 def test_vocab_parallel_launches_split_path_and_local_backward(world_results):
-    """Forward: our statistics kernel on the shard (none for an empty one) and the combine;
-    backward: one gradient kernel over the shard only (its grid covers the local rows x chunks)."""
+    """Forward: our statistics kernel on the shard (none for an empty one), the mean's divisors
+    (the combine scales the z term by one of them) and the combine; backward: one gradient kernel over the shard only (its grid covers the local rows x chunks)."""
     world, results = world_results
     for case in _valid_cases(world):
         for rank in range(world):
@@ -299,8 +299,8 @@ def test_vocab_parallel_launches_split_path_and_local_backward(world_results):
             fwd = [name for name, _ in res["fwd"]]
             empty = case.layout[rank][1] == 0
             expected = ([] if empty else ["cross_entropy_split_stats_kernel"]) \
-                + ["cross_entropy_combine_kernel"] \
-                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else [])
+                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else []) \
+                + ["cross_entropy_combine_kernel"]
             assert fwd == expected, (case.name, rank, res["fwd"])
             if case.config is not None:
                 assert res["fwd"][0][1] == (N_ROWS, case.config.n_splits), res["fwd"]
@@ -733,8 +733,9 @@ def test_vocab_parallel_linear_collectives_launches_and_needed_grads(world_resul
             res = results[rank][_LINEAR][case.name]
             empty = case.layout[rank][1] == 0
             stats = [] if empty else ["cross_entropy_split_stats_kernel"] * case.n_chunks
-            expected = stats + ["cross_entropy_combine_kernel"] \
-                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else [])
+            expected = stats \
+                + (["cross_entropy_total_weight_kernel"] if case.reduction == "mean" else []) \
+                + ["cross_entropy_combine_kernel"]
             assert [k for k, _ in res["fwd"]] == expected, (case.name, rank, res["fwd"])
             if case.config is not None:
                 assert res["fwd"][0][1] == (case.chunk_size, case.config.n_splits), res["fwd"]

@@ -43,6 +43,8 @@ OPTIONS = [
     ("smoothing", dict(label_smoothing=0.1)),
     ("weight+smoothing+ignore", dict(weight=True, label_smoothing=0.1, ignore=True)),
     ("z_loss", dict(z_loss=1e-4)),
+    # grad_output ≠ 1 (a loss scale, an accumulation divisor): the gradient recomputed for it
+    ("mean grad_output=0.37", dict(grad_output=0.37)),
     ("softcap+scale", dict(softcap=30.0, logit_scale=0.5)),
     ("all", dict(weight=True, ignore=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                  logit_scale=0.5)),
@@ -62,7 +64,7 @@ def _run(shape, scale, name, opts, dtype, device, rng) -> list[Row]:
     if opts.pop("weight", False):
         opts["weight"] = torch.from_numpy(rng.uniform(0.5, 2.0, c)).to(dtype).to(device)
     red = opts.get("reduction", "mean")
-    dy = torch.ones((), dtype=dtype, device=device)
+    dy = torch.full((), opts.pop("grad_output", 1.0), dtype=dtype, device=device)
     if red == "none":
         dy, _ = make_input((n,), dtype, rng, device=device)
     w64 = None if "weight" not in opts else to_numpy64(opts["weight"])

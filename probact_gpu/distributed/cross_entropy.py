@@ -69,13 +69,14 @@ from .._runtime import (
     check_runnable,
     check_same_device,
 )
+from ..ops._autograd import forward_ad_possible, refuse_functorch
 from ..ops._common import (
     ce_launch_options,
     check_chunking,
     check_head_inputs,
     flatten_head_input,
     logits_chunks,
-    loss_divisor,
+    loss_divisors,
     no_second_derivative,
     reduce_rows,
     token_chunk,
@@ -86,7 +87,11 @@ from ..ops.cross_entropy import (
     cross_entropy_grad,
     cross_entropy_partial_stats,
 )
-from ..ops.linear_cross_entropy import linear_cross_entropy, vocab_walk_bwd
+from ..ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_jvp,
+    vocab_walk_bwd,
+)
 from ..options import CrossEntropyOptions
 from ..tiling import RowConfig
 from ._layout import (
@@ -104,6 +109,13 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]
+
+# Why the vocab-parallel ops refuse torch.func (forward-mode AD through torch.autograd's
+# forward_ad works: their jvp all_reduces the shards' tangents).
+_COLLECTIVES = ("its forward and backward run collectives on this rank's tensors, which "
+                "torch.func's wrapped tensors cannot take part in; use torch.autograd (backward "
+                "or forward_ad)")
+
 
 def _local_row_stats(stats: torch.Tensor) -> torch.Tensor:
     """Merge the (N, S, 4) split partials of each row (max, Σexp, z_t, Σz) into (N, 4), the
@@ -154,11 +166,13 @@ def _local_kwargs(options: CrossEntropyOptions) -> dict:
 
 
 def _global_loss(merged, target, vocab_size, options, sdt):
-    """(loss rows reduced as the options say, lse, divisor) from the (N, 1, 4) global stats."""
-    rows, lse = cross_entropy_combine(merged, target, vocab_size, **_combine_options(options))
-    # The targets are replicated: every rank computes the same divisor, no collective.
-    divisor = loss_divisor(options, target, vocab_size, sdt)
-    return reduce_rows(rows, options, divisor), lse, divisor
+    """(loss rows reduced as the options say, lse, divisor, z_scale) from the (N, 1, 4) global
+    stats."""
+    # The targets are replicated: every rank computes the same divisors, no collective.
+    divisor, z_scale = loss_divisors(options, target, vocab_size, sdt)
+    rows, lse = cross_entropy_combine(merged, target, vocab_size, z_scale=z_scale,
+                                      **_combine_options(options))
+    return reduce_rows(rows, options, divisor), lse, divisor, z_scale
 
 
 def _check_inputs(input, target, options) -> None:
@@ -178,6 +192,7 @@ def _check_inputs(input, target, options) -> None:
     normalizer = options.normalizer if isinstance(options.normalizer, torch.Tensor) else None
     check_same_device(input=input, target=target, weight=options.weight, normalizer=normalizer)
     options.refuse_weight_grad()
+    refuse_functorch("vocab_parallel_cross_entropy", _COLLECTIVES)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -201,12 +216,36 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         # 2. Global max, then the sums rescaled to it: two all_reduces of N and 3·N floats.
         merged = _global_row_stats(_local_row_stats(stats), group)
         # 3. Loss and lse from the global statistics (one "split" per row), same on every rank.
-        loss, lse, divisor = _global_loss(merged, target, vocab_size, options, sdt)
+        loss, lse, divisor, z_scale = _global_loss(merged, target, vocab_size, options, sdt)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input, target, lse, divisor)
+        ctx.save_for_backward(input, target, lse, divisor, z_scale)
+        if forward_ad_possible():
+            ctx.save_for_forward(input, target, lse, divisor, z_scale)
         ctx.vocab_start, ctx.vocab_size, ctx.options, ctx.config = (vocab_start, vocab_size,
                                                                     options, config)
+        ctx.group = group
         return loss.to(loss_dtype or input.dtype)
+
+    @staticmethod
+    def jvp(ctx, input_dot, *_):
+        """Forward-mode rule: this shard's ``Σ_c (∂loss/∂x_c) · ẋ_c`` (the gradient kernel for
+        grad_output 1, in the math dtype), summed over the ranks by one all_reduce of N floats
+        (``none``) or one."""
+        import torch.distributed as dist
+
+        input, target, lse, divisor, z_scale = ctx.saved_tensors
+        math = lse.dtype
+        none = ctx.options.reduction == "none"
+        g = torch.ones(target.shape if none else (), dtype=math, device=input.device)
+        slope = cross_entropy_grad(
+            input, target, lse, g, vocab_start=ctx.vocab_start, n_classes=ctx.vocab_size,
+            divisor=divisor, z_scale=z_scale, config=ctx.config,
+            out=torch.empty(input.shape, dtype=math, device=input.device),
+            **ce_launch_options(ctx.options))
+        terms = slope * input_dot.to(math)
+        tangent = terms.sum(1) if none else terms.sum()
+        dist.all_reduce(tangent, op=dist.ReduceOp.SUM, group=ctx.group)
+        return tangent.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -214,10 +253,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 7
         if grad_loss is None:
             return (None,) + none
-        input, target, lse, divisor = ctx.saved_tensors
+        input, target, lse, divisor, z_scale = ctx.saved_tensors
         dx = cross_entropy_grad(input, target, lse, grad_loss, vocab_start=ctx.vocab_start,
-                                n_classes=ctx.vocab_size, divisor=divisor, config=ctx.config,
-                                **ce_launch_options(ctx.options))
+                                n_classes=ctx.vocab_size, divisor=divisor, z_scale=z_scale,
+                                config=ctx.config, **ce_launch_options(ctx.options))
         return (dx,) + none
 
 
@@ -337,12 +376,27 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 local[start:end] = _local_row_stats(stats)
         # 2. The two all_reduces (N and 3·N floats) over every token at once; 3. the combine.
         merged = _global_row_stats(local, group)
-        loss, lse, divisor = _global_loss(merged, target, vocab_size, options, sdt)
+        loss, lse, divisor, z_scale = _global_loss(merged, target, vocab_size, options, sdt)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h, linear_weight, linear_bias, target, lse, divisor)
+        ctx.save_for_backward(h, linear_weight, linear_bias, target, lse, divisor, z_scale)
+        if forward_ad_possible():
+            ctx.save_for_forward(h, linear_weight, linear_bias, target, lse)
         ctx.group, ctx.vocab_start, ctx.vocab_size = group, vocab_start, vocab_size
         ctx.options, ctx.chunk, ctx.config = options, chunk, config
         return loss.to(loss_dtype or h.dtype)
+
+    @staticmethod
+    def jvp(ctx, h_dot, w_dot, b_dot, *_):
+        """Forward-mode rule: this shard's share of the tangent (``linear_cross_entropy_jvp``
+        over its classes), summed over the ranks by one all_reduce (N floats, or one)."""
+        import torch.distributed as dist
+
+        h, weight, bias, target, lse = ctx.saved_tensors
+        tangent = linear_cross_entropy_jvp(
+            h, weight, target, bias, lse, h_dot, w_dot, b_dot, options=ctx.options,
+            chunk=ctx.chunk, vocab_start=ctx.vocab_start, n_classes=ctx.vocab_size)
+        dist.all_reduce(tangent, op=dist.ReduceOp.SUM, group=ctx.group)
+        return tangent.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -352,7 +406,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 7
         if grad_loss is None:
             return (None,) * 3 + none
-        h, weight, bias, target, lse, divisor = ctx.saved_tensors
+        h, weight, bias, target, lse, divisor, z_scale = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])  # (dh, dW, db); db implies a bias
         n_tokens, v_local = h.shape[0], weight.shape[0]
         elem = h.element_size()
@@ -360,7 +414,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         # empty shard walks no block (dh_r is then zeros) and launches nothing.
         vocab_chunk = tiling.choose_vocab_chunk(n_tokens, v_local, elem,
                                                 max(1, ctx.chunk * v_local * elem))
-        ce = dict(ce_launch_options(ctx.options), divisor=divisor, config=ctx.config)
+        ce = dict(ce_launch_options(ctx.options), divisor=divisor, z_scale=z_scale,
+                  config=ctx.config)
         dh, dw, db = vocab_walk_bwd(h, weight, target, bias, lse, grad_loss.to(lse.dtype), ce,
                                     vocab_chunk, need, vocab_start=ctx.vocab_start,
                                     n_classes=ctx.vocab_size)
@@ -451,6 +506,7 @@ def vocab_parallel_linear_cross_entropy(
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False, n_classes=n_weights)
     options.refuse_weight_grad()
+    refuse_functorch("vocab_parallel_linear_cross_entropy", _COLLECTIVES)
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     world, vocab_start, n_classes = _group_layout(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,

@@ -54,6 +54,7 @@ from .._runtime import (
     check_runnable,
     check_same_device,
 )
+from ..ops._autograd import forward_ad_possible, refuse_functorch
 from ..ops._common import (
     check_chunking,
     check_head_inputs,
@@ -62,7 +63,11 @@ from ..ops._common import (
     no_second_derivative,
     token_chunk,
 )
-from ..ops.linear_token_log_probs import linear_token_log_probs, linear_token_log_probs_bwd
+from ..ops.linear_token_log_probs import (
+    linear_token_log_probs,
+    linear_token_log_probs_bwd,
+    linear_token_log_probs_jvp,
+)
 from ..ops.token_log_probs import (
     NO_INDEX,
     check_target,
@@ -83,6 +88,12 @@ from ._layout import (
     _unwrap_dtensor,
     _unwrap_head_dtensor,
 )
+
+# Why these ops refuse torch.func (forward-mode AD through torch.autograd's forward_ad works:
+# their jvp all_reduces the shards' tangents).
+_COLLECTIVES = ("its forward and backward run collectives on this rank's tensors, which "
+                "torch.func's wrapped tensors cannot take part in; use torch.autograd (backward "
+                "or forward_ad)")
 
 __all__ = [
     "VocabParallelLinearTokenLogProbsFunction",
@@ -157,8 +168,21 @@ def _finish_forward(ctx, local, arg, target, group, saved, needs_grad, *, comput
     ctx.mark_non_differentiable(*(t for t in (lse, arg) if t is not None))
     if needs_grad:
         ctx.save_for_backward(*saved, target, stats)
+    if forward_ad_possible():
+        ctx.save_for_forward(*saved, target, stats)
     ctx.opts = opts
+    ctx.group, ctx.entropy = group, compute_entropy
     return logp, entropy, lse, arg
+
+
+def _all_reduced(group, *tangents):
+    """The shards' tangents summed over the ranks, one all_reduce each."""
+    import torch.distributed as dist
+
+    for t in tangents:
+        if t is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return tangents
 
 
 def _contiguous(*grads):
@@ -183,6 +207,24 @@ class VocabParallelTokenLogProbsFunction(torch.autograd.Function):
                                vocab_start=vocab_start, n_classes=vocab_size,
                                ignore_index=ignore_index, transform=transform, config=config,
                                compute_entropy=compute_entropy)
+
+    @staticmethod
+    def jvp(ctx, x_dot, *_):
+        """Forward-mode rule: this shard's ``Σ_c (∂out/∂x_c) · ẋ_c`` for logp and the entropy
+        (the backward kernel for an upstream 1, in the math dtype), all_reduced over the
+        ranks."""
+        x, target, stats = ctx.saved_tensors
+        math = stats.dtype
+        ones = torch.ones(target.shape, dtype=math, device=x.device)
+        tangents = []
+        for wanted, grads in ((True, (ones, None)), (ctx.entropy, (None, ones))):
+            if not wanted:
+                tangents.append(None)
+                continue
+            slope = token_log_probs_bwd(x, target, stats, *grads, **ctx.opts,
+                                        out=torch.empty(x.shape, dtype=math, device=x.device))
+            tangents.append((slope * x_dot.to(math)).sum(1))
+        return (*_all_reduced(ctx.group, *tangents), None, None)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
@@ -235,6 +277,7 @@ def vocab_parallel_token_log_probs(
         input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
             input, target, group, vocab_start_index, vocab_size)
     check_float("input", input)
+    refuse_functorch("vocab_parallel_token_log_probs", _COLLECTIVES)
     if input.ndim != 2:
         raise ValueError(f"input must be this rank's (N, V_local) logits, got shape "
                          f"{tuple(input.shape)}")
@@ -294,6 +337,16 @@ class VocabParallelLinearTokenLogProbsFunction(torch.autograd.Function):
                                vocab_start=vocab_start, n_classes=vocab_size,
                                ignore_index=ignore_index, transform=transform, config=config,
                                compute_entropy=compute_entropy)
+
+    @staticmethod
+    def jvp(ctx, h_dot, w_dot, b_dot, *_):
+        """Forward-mode rule: this shard's share (``linear_token_log_probs_jvp`` over its
+        classes) of logp's and the entropy's tangents, all_reduced over the ranks."""
+        h, weight, bias, target, stats = ctx.saved_tensors
+        logp, entropy = linear_token_log_probs_jvp(
+            h, weight, bias, target, stats, h_dot, w_dot, b_dot, chunk=ctx.chunk,
+            compute_entropy=ctx.entropy, **ctx.opts)
+        return (*_all_reduced(ctx.group, logp, entropy), None, None)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg):
@@ -370,6 +423,7 @@ def vocab_parallel_linear_token_log_probs(
     input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
+    refuse_functorch("vocab_parallel_linear_token_log_probs", _COLLECTIVES)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     _check_layout_args(vocab_start_index, vocab_size)
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,

@@ -34,9 +34,10 @@ allow_probabilities=True, n_classes=None) -> bool``
     The keywords of the cross-entropy launchers ``cross_entropy_fwd`` and
     ``cross_entropy_grad`` from a ``CrossEntropyOptions`` (the split launchers take a subset:
     ``probact_gpu.distributed`` filters them).
-``loss_divisor(options, target, n_classes, dtype) -> Tensor | None``
+``loss_divisors(options, target, n_classes, dtype) -> (Tensor | None, Tensor | None)``
     The 0-d device tensor the summed loss and its gradient are divided by: the mean's Σ w_t,
-    the ``normalizer`` with ``reduction="sum"``, else None.
+    the ``normalizer`` with ``reduction="sum"``, else None; and the z term's scale of a
+    weighted mean with a z-loss (``cross_entropy_mean_divisors``), else None.
 ``reduce_rows(rows, options, divisor)``
     ``rows`` (N,) reduced as ``options.reduction`` says, divided by ``divisor`` when given.
 ``no_second_derivative(name)``
@@ -66,7 +67,7 @@ __all__ = [
     "fake_linear_grads",
     "flatten_head_input",
     "logits_chunks",
-    "loss_divisor",
+    "loss_divisors",
     "no_second_derivative",
     "reduce_rows",
     "token_chunk",
@@ -284,7 +285,7 @@ def fake_linear_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def ce_launch_options(options: CrossEntropyOptions) -> dict:
     """The cross-entropy launchers' keywords for ``options`` (per-class ``weight``,
     ``ignore_index``, ``label_smoothing``, ``z_loss`` and the logit transform); ``reduction``
-    and ``normalizer`` are the caller's (see :func:`loss_divisor`)."""
+    and ``normalizer`` are the caller's (see :func:`loss_divisors`)."""
     t = options.transform
     kw = dict(weight=options.weight, ignore_index=options.ignore_index,
               label_smoothing=options.label_smoothing, z_loss=options.z_loss,
@@ -297,26 +298,26 @@ def ce_launch_options(options: CrossEntropyOptions) -> dict:
     return kw
 
 
-def loss_divisor(options: CrossEntropyOptions, target: torch.Tensor, n_classes: int,
-                 dtype: torch.dtype) -> torch.Tensor | None:
+def loss_divisors(options: CrossEntropyOptions, target: torch.Tensor, n_classes: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What the summed loss (and so every gradient) is divided by, as a 0-d ``dtype`` tensor on
     the targets' device, with no host sync: Σ w_t over non-ignored class-index targets for
     ``"mean"`` (the row count for class-probability targets, as torch), the ``normalizer`` for
-    ``"sum"`` when one is given, else None."""
+    ``"sum"`` when one is given, else None; and the z term's scale (``z_scale=`` of the CE
+    launchers) for a weighted mean of class-index targets with a z-loss, else None."""
     if options.reduction == "mean":
         if target.dtype.is_floating_point:
             return torch.full((), target.numel() // max(n_classes, 1), dtype=dtype,
-                              device=target.device)
-        from .cross_entropy import cross_entropy_total_weight
+                              device=target.device), None
+        from .cross_entropy import cross_entropy_mean_divisors
 
-        return cross_entropy_total_weight(target, n_classes, weight=options.weight,
-                                          ignore_index=options.ignore_index, dtype=dtype)
+        return cross_entropy_mean_divisors(target, n_classes, options, dtype)
     n = options.normalizer
     if n is None:
-        return None
+        return None, None
     if isinstance(n, torch.Tensor):
-        return n.to(device=target.device, dtype=dtype)
-    return torch.full((), n, dtype=dtype, device=target.device)
+        return n.to(device=target.device, dtype=dtype), None
+    return torch.full((), n, dtype=dtype, device=target.device), None
 
 
 def reduce_rows(rows: torch.Tensor, options: CrossEntropyOptions,

@@ -1,22 +1,24 @@
 """binary_cross_entropy_with_logits: launchers, the registered custom ops, autograd, the public
 function.
 
-Read top-down: ``bce_fwd`` / ``bce_bwd`` / ``bce_scale_grad_`` launch the kernels of
-``probact_gpu.kernels.bce``; ``probact_gpu::bce_fwd`` / ``::bce_bwd`` / ``::bce_scale_grad_``
-wrap them as torch.library ops with fake implementations; autograd is registered on the forward
-op and on ``::bce_bwd``; ``binary_cross_entropy_with_logits`` is the public function (torch's
-names; arguments after ``weight`` keyword-only).
+Read top-down: ``bce_fwd`` / ``bce_bwd`` / ``bce_regrad_`` / ``bce_scale_grad_`` launch the
+kernels of ``probact_gpu.kernels.bce``; ``probact_gpu::bce_fwd`` / ``::bce_bwd`` /
+``::bce_regrad_`` wrap them as torch.library ops with fake implementations; autograd is
+registered on the forward op and on ``::bce_bwd``; ``binary_cross_entropy_with_logits`` is the
+public function (torch's names; arguments after ``weight`` keyword-only).
 
 Two gradient paths:
 
 - **in-forward** (``reduction`` ``sum`` / ``mean`` and the input needs a gradient): the forward
   kernel writes ``dx`` (already divided by ``numel`` for mean) beside the loss partials; backward
-  multiplies it in place by ``grad_output``, read on the device — when it is exactly 1 (a plain
-  ``loss.backward()``) the launch returns at once. Forward+backward moves 3 bytes-per-element
-  passes (read x, read target, write dx) in three launches: ``bce_fwd_kernel``,
-  ``bce_finish_kernel`` (one program), ``bce_scale_grad_kernel`` (about one program per SM), and
-  no torch kernel: the fused-gradient output is non-differentiable and
-  ``set_materialize_grads(False)`` keeps autograd from filling zeros for it. Should backward run
+  keeps it when ``grad_output``, read on the device, is exactly 1 (a plain ``loss.backward()``:
+  the launch returns at once) and otherwise recomputes it for ``grad_output`` from x and target,
+  rounded once (``bce_regrad_``; rescaling the stored gradient would round a 16-bit one twice).
+  Forward+backward moves 3 bytes-per-element passes (read x, read target, write dx) in three
+  launches: ``bce_fwd_kernel``, ``bce_finish_kernel`` (one program), ``bce_bwd_kernel`` with
+  ``UNLESS_ONE`` (about one program per SM), and no torch kernel: the fused-gradient output is
+  non-differentiable and ``set_materialize_grads(False)`` keeps autograd from filling zeros for
+  it. Should backward run
   a second time on the same graph (``retain_graph=True``), the buffer has been handed out, so it
   recomputes: mutating a gradient autograd returned never reaches a later backward.
 - **recompute** (``reduction="none"``, the input did not need a gradient at forward time, or a
@@ -57,6 +59,7 @@ from ..kernels.bce import (
     bce_scale_grad_kernel,
 )
 from ..tiling import ElementwiseConfig
+from ._autograd import differentiable_op, functorch_active, register_vmap_loop
 
 REDUCTIONS = ("none", "mean", "sum")
 MAX_TERMS = 2  # index terms the kernels take per broadcast operand
@@ -235,6 +238,49 @@ def bce_bwd(
     return dx
 
 
+def bce_regrad_(
+    dx: torch.Tensor,
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    config: ElementwiseConfig | None = None,
+) -> None:
+    """The backward of a reduced loss whose gradient the forward fused: ``dx`` (contiguous,
+    holding ``d loss / dx`` for grad_output 1) becomes the gradient for the 0-d
+    ``grad_output``, read on the device — untouched when it is exactly 1 (one launch of about
+    one program per SM, each returning at once: no bytes move), else recomputed from ``x`` and
+    ``target`` (``bce_bwd_kernel``) and rounded once. ``dx *= grad_output`` would round a
+    16-bit gradient twice."""
+    _check(x, target, weight, pos_weight, reduction)
+    check_float("grad_output", grad_output)
+    if reduction == "none" or grad_output.numel() != 1:
+        raise ValueError(f"bce_regrad_ rescales a reduced loss's gradient: got reduction="
+                         f"{reduction!r}, grad_output shape {tuple(grad_output.shape)}")
+    check_same_device(input=x, dx=dx, grad_output=grad_output)
+    if not dx.is_contiguous() or dx.shape != x.shape:
+        raise ValueError("dx must be the contiguous gradient buffer the forward wrote")
+    numel = x.numel()
+    if numel == 0:
+        return
+    check_runnable(x)
+    x, target = x.contiguous(), target.contiguous()
+    w, w_terms = _operand(weight, x.shape)
+    pw, pw_terms = _operand(pos_weight, x.shape)
+    cfg = _config(x, config, w_terms, pw_terms)
+    grid = (tiling.grid_stride_programs(numel, cfg.block, sm_count(x.device)),)
+    launch(
+        bce_bwd_kernel, grid,
+        (x, target, x if w is None else w, x if pw is None else pw, grad_output.reshape(()),
+         dx, numel, _divisor(reduction, numel), w_terms[1], pw_terms[1]),
+        path="fused_grad", num_warps=cfg.num_warps, BLOCK=cfg.block, W_TERMS=w_terms[0],
+        PW_TERMS=pw_terms[0], G_SCALAR=True, UNLESS_ONE=True,
+    )
+
+
 def bce_scale_grad_(
     dx: torch.Tensor, grad_output: torch.Tensor, *, config: ElementwiseConfig | None = None
 ) -> None:
@@ -297,13 +343,21 @@ def _(grad_output, x, target, weight, pos_weight, reduction):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("probact_gpu::bce_scale_grad_", mutates_args=("dx",))
-def _bce_scale_grad_op(dx: torch.Tensor, grad_output: torch.Tensor) -> None:
-    bce_scale_grad_(dx, grad_output)
+@torch.library.custom_op("probact_gpu::bce_regrad_", mutates_args=("dx",))
+def _bce_regrad_op(
+    dx: torch.Tensor,
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: str,
+) -> None:
+    bce_regrad_(dx, grad_output, x, target, weight, pos_weight, reduction=reduction)
 
 
-@_bce_scale_grad_op.register_fake
-def _(dx, grad_output):
+@_bce_regrad_op.register_fake
+def _(dx, grad_output, x, target, weight, pos_weight, reduction):
     return None
 
 
@@ -325,19 +379,51 @@ def _backward(ctx, grad_loss, _grad_dx):
     if grad_loss is None:  # the loss itself got no gradient
         return None, None, None, None, None, None
     x, target, weight, pos_weight = ctx.saved_tensors
-    if ctx.dx is not None and not torch.is_grad_enabled():
+    if ctx.dx is not None and not torch.is_grad_enabled() and not functorch_active():
         # The buffer is handed out once: a second backward through a retained graph recomputes,
         # so whatever the caller does to the gradient it was given cannot reach a later one.
         dx, ctx.dx = ctx.dx, None
-        _bce_scale_grad_op(dx, grad_loss)
+        _bce_regrad_op(dx, grad_loss, x, target, weight, pos_weight, ctx.reduction)
     else:
         # Recompute; under create_graph=True (grad mode on in backward) this op is
         # differentiable (_bwd_backward), so second derivatives are exact, never a constant.
-        dx = _bce_bwd_op(grad_loss, x, target, weight, pos_weight, ctx.reduction)
+        dx = _bce_bwd(grad_loss, x, target, weight, pos_weight, ctx.reduction)
     return dx, None, None, None, None, None
 
 
-torch.library.register_autograd("probact_gpu::bce_fwd", _backward, setup_context=_setup_context)
+def _refuse_operand_tangents(*tangents) -> None:
+    for name, t in zip(("target", "weight", "pos_weight"), tangents, strict=True):
+        if t is not None:
+            raise NotImplementedError(
+                f"{name} has a forward-mode tangent: probact_gpu differentiates this loss "
+                "w.r.t. input only")
+
+
+def _slope(x, target, weight, pos_weight, math):
+    """d loss_i / d x_i = w·(σ(x)·(1 + (pw − 1)·t) − pw·t), in ``math`` (torch ops)."""
+    xm, tm = x.to(math), target.to(math)
+    w = 1.0 if weight is None else weight.to(math)
+    pw = 1.0 if pos_weight is None else pos_weight.to(math)
+    return w * (torch.sigmoid(xm) * (1.0 + (pw - 1.0) * tm) - pw * tm)
+
+
+def _jvp(ctx, x_dot, target_dot, weight_dot, pos_weight_dot, *_):
+    """The loss's tangent ``Σ (d loss_i / d x_i)·ẋ_i`` (per element for ``none``; divided by
+    numel for ``mean``), in the math dtype, rounded to the loss's (the target's) dtype."""
+    _refuse_operand_tangents(target_dot, weight_dot, pos_weight_dot)
+    x, target, weight, pos_weight = ctx.saved_tensors
+    if x_dot is None:
+        return None, None
+    math = accum_dtype(x, target, weight, pos_weight)
+    terms = _slope(x, target, weight, pos_weight, math) * x_dot.to(math)
+    if ctx.reduction == "none":
+        return terms.to(target.dtype), None
+    return (terms.sum() / _divisor(ctx.reduction, x.numel())).to(target.dtype), None
+
+
+_bce = differentiable_op(_bce_fwd_op, _setup_context, _backward, _jvp,
+                         lambda inputs, output: inputs[:4])
+register_vmap_loop(_bce_fwd_op)
 
 
 def _bwd_setup_context(ctx, inputs, output):
@@ -369,8 +455,27 @@ def _bwd_backward(ctx, grad_dx):
     return grad_g, grad_x, None, None, None, None
 
 
-torch.library.register_autograd("probact_gpu::bce_bwd", _bwd_backward,
-                                setup_context=_bwd_setup_context)
+def _bwd_jvp(ctx, g_dot, x_dot, target_dot, weight_dot, pos_weight_dot, _):
+    """Tangent of ``dx = slope(x)·g / divisor`` (forward-over-reverse): ``(w·lw·σ(x)·σ(−x)·g·ẋ
+    + slope(x)·ġ) / divisor``."""
+    _refuse_operand_tangents(target_dot, weight_dot, pos_weight_dot)
+    g, x, target, weight, pos_weight = ctx.saved_tensors
+    math = accum_dtype(x, target, weight, pos_weight)
+    out = torch.zeros(x.shape, dtype=math, device=x.device)
+    if x_dot is not None:
+        xm, tm = x.to(math), target.to(math)
+        w = 1.0 if weight is None else weight.to(math)
+        pw = 1.0 if pos_weight is None else pos_weight.to(math)
+        curve = w * (1.0 + (pw - 1.0) * tm) * torch.sigmoid(xm) * torch.sigmoid(-xm)
+        out = out + curve * g.to(math) * x_dot.to(math)
+    if g_dot is not None:
+        out = out + _slope(x, target, weight, pos_weight, math) * g_dot.to(math)
+    return (out / _divisor(ctx.reduction, x.numel())).to(x.dtype)
+
+
+_bce_bwd = differentiable_op(_bce_bwd_op, _bwd_setup_context, _bwd_backward, _bwd_jvp,
+                             lambda inputs, output: inputs[:5])
+register_vmap_loop(_bce_bwd_op)
 
 
 # --------------------------------------------------------------------------- public function
@@ -403,5 +508,5 @@ def binary_cross_entropy_with_logits(
     compute_grad = grad_on and input.requires_grad and reduction != "none"
     if autocast_fp32("binary_cross_entropy_with_logits", input, target):
         target = target.float()  # as autocast: the loss is float32 (the math is anyway)
-    loss, _ = _bce_fwd_op(input, target, weight, pos_weight, reduction, compute_grad)
+    loss, _ = _bce(input, target, weight, pos_weight, reduction, compute_grad)
     return loss

@@ -63,7 +63,12 @@ that require grad get their gradients there too, as torch's (``d row / d t_c = (
 targets per-class weights that require grad are refused, as torch refuses them.
 
 Second derivatives are not supported (every path raises in a backward run with
-``create_graph=True``). No host sync in forward or backward.
+``create_graph=True``, and under nested ``torch.func`` transforms). Forward-mode AD gets the
+loss's tangent from ``linear_cross_entropy_jvp`` (token chunks: the logits' gradient for
+grad_output 1 against ``ḣ Wᵀ + h Ẇᵀ + ḃ``, never the (N, V) logits); under ``torch.func`` the
+backward recomputes (as ``low_memory``). Class-probability targets under forward-mode AD or
+``torch.func`` run through the materialised logits (``cross_entropy``'s differentiable ops).
+No host sync in forward or backward.
 """
 
 from __future__ import annotations
@@ -73,6 +78,14 @@ import torch
 from .. import tiling
 from .._runtime import accum_dtype, autocast_fp32, autocast_linear, check_runnable, empty
 from ..options import CrossEntropyOptions
+from ._autograd import (
+    differentiable_op,
+    forward_ad_possible,
+    functorch_active,
+    kernel_backward,
+    register_vmap_loop,
+    terminal_op,
+)
 from ._common import (
     LinearGrads,
     accumulate_fp32,
@@ -83,7 +96,7 @@ from ._common import (
     fake_linear_grads,
     flatten_head_input,
     logits_chunks,
-    loss_divisor,
+    loss_divisors,
     no_second_derivative,
     reduce_rows,
     token_chunk,
@@ -122,13 +135,13 @@ def linear_cross_entropy_fwd(
     stats_dtype = accum_dtype(h)
     loss_rows = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
     lse = torch.empty(n_tokens, dtype=stats_dtype, device=h.device)
-    divisor = loss_divisor(options, target, n_classes, stats_dtype)
-    ce = ce_launch_options(options)
+    divisor, z_scale = loss_divisors(options, target, n_classes, stats_dtype)
+    mean = options.reduction == "mean"
     for start, end, logits in logits_chunks(h, linear_weight, linear_bias, chunk):
         rows, row_lse, dlogits = cross_entropy_fwd(
-            logits, target[start:end], reduction="sum" if divisor is None else "mean",
-            compute_grad=grads_now, grad_out=logits if grads_now else None,
-            total_weight=divisor, **ce)
+            logits, target[start:end], options=options, compute_grad=grads_now,
+            grad_out=logits if grads_now else None, total_weight=divisor if mean else None,
+            z_scale=z_scale)
         loss_rows[start:end] = rows
         lse[start:end] = row_lse
         if grads_now:
@@ -162,8 +175,8 @@ def linear_cross_entropy_bwd(
     empty where not needed."""
     options = options or CrossEntropyOptions()
     n_tokens, n_classes = h.shape[0], linear_weight.shape[0]
-    divisor = loss_divisor(options, target, n_classes, lse.dtype)
-    ce = dict(ce_launch_options(options), divisor=divisor)
+    divisor, z_scale = loss_divisors(options, target, n_classes, lse.dtype)
+    ce = dict(ce_launch_options(options), divisor=divisor, z_scale=z_scale)
     elem = h.element_size()
     if low_memory:
         vocab_chunk = chunk_size or tiling.choose_vocab_chunk(n_tokens, n_classes, elem,
@@ -204,6 +217,40 @@ def vocab_walk_bwd(h, weight, target, bias, lse, grad_output, ce, chunk, need_gr
             accumulate_fp32(dh_acc, dlogits, weight[v0:v1])
     dh = h.new_empty(0) if dh_acc is None else dh_acc.to(h.dtype)
     return dh, dw, db
+
+
+def linear_cross_entropy_jvp(h, weight, target, bias, lse, h_dot, w_dot, b_dot, *, options,
+                             chunk, vocab_start=0, n_classes=None):
+    """The loss's forward-mode tangent for tangents ``ḣ``, ``Ẇ``, ``ḃ`` (each may be None):
+    per token chunk, the logits ``x = h Wᵀ + b`` as the forward forms them, their gradient
+    ``G`` for grad_output 1 in the math dtype (the CE gradient kernel, with the loss's own
+    divisors), ``ẋ = ḣ Wᵀ + h Ẇᵀ + ḃ`` accumulated in the math dtype, and ``Σ_c G ⊙ ẋ`` per
+    token (``none``) or in all (sum / mean). One (C, V) buffer of each; (N,) or 0-d result.
+    ``vocab_start`` / ``n_classes``: the head's rows are global classes ``[vocab_start,
+    vocab_start + V)`` of ``n_classes`` (one rank's share of a vocab-parallel tangent)."""
+    n_tokens = h.shape[0]
+    n_classes = weight.shape[0] if n_classes is None else n_classes
+    math = accum_dtype(h)
+    divisor, z_scale = loss_divisors(options, target, n_classes, math)
+    none = options.reduction == "none"
+    ce = dict(ce_launch_options(options), divisor=divisor, z_scale=z_scale,
+              vocab_start=vocab_start, n_classes=n_classes)
+    rows = torch.zeros(n_tokens, dtype=math, device=h.device)
+    one = torch.ones((), dtype=math, device=h.device)
+    for start, end, logits in logits_chunks(h, weight, bias, chunk):
+        g = one.expand(end - start) if none else one
+        slope = cross_entropy_grad(logits, target[start:end], lse[start:end], g,
+                                   out=torch.empty(logits.shape, dtype=math, device=h.device),
+                                   **ce)
+        x_dot = torch.zeros(logits.shape, dtype=math, device=h.device)
+        if h_dot is not None:
+            accumulate_fp32(x_dot, h_dot[start:end], weight.t())
+        if w_dot is not None:
+            accumulate_fp32(x_dot, h[start:end], w_dot.t())
+        if b_dot is not None:
+            x_dot += b_dot.to(math)
+        rows[start:end] = (slope * x_dot).sum(1)
+    return rows if none else rows.sum()
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -276,6 +323,29 @@ def _(dh, dw, db, grad_output):
     return None
 
 
+@torch.library.custom_op("probact_gpu::linear_cross_entropy_jvp", mutates_args=())
+def _lce_jvp_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, lse: torch.Tensor, h_dot: torch.Tensor | None,
+    w_dot: torch.Tensor | None, b_dot: torch.Tensor | None, weight: torch.Tensor | None,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    logit_scale: float, logit_divisor: float, softcap: float | None, temperature: float,
+    normalizer: torch.Tensor | None, normalizer_value: float | None, chunk: int,
+) -> torch.Tensor:
+    """The loss's tangent (``linear_cross_entropy_jvp``), in the math dtype."""
+    options = CrossEntropyOptions.from_schema(
+        weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, logit_divisor,
+        softcap, temperature, normalizer, normalizer_value)
+    return linear_cross_entropy_jvp(h, linear_weight, target, linear_bias, lse, h_dot, w_dot,
+                                    b_dot, options=options, chunk=chunk)
+
+
+@_lce_jvp_op.register_fake
+def _(h, linear_weight, target, linear_bias, lse, h_dot, w_dot, b_dot, weight, ignore_index,
+      reduction, *args):
+    return h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=accum_dtype(h))
+
+
 _N_OPTIONS = CrossEntropyOptions.N_SCHEMA_ARGS
 _N_CHUNKING = 4  # chunk_size, memory_budget, low_memory, need_grads
 
@@ -297,16 +367,16 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(dh, dw, db)
 
 
+@kernel_backward("probact_gpu.linear_cross_entropy")
 def _backward(ctx, grad_loss, _grad_lse, _gdh, _gdw, _gdb):
-    no_second_derivative("linear_cross_entropy")
     need = ctx.chunking[-1]
     none = (None,) * (_N_OPTIONS + _N_CHUNKING)
     if grad_loss is None:
         return (None,) * 4 + none
     if ctx.recompute:
         h, weight, target, bias, lse = ctx.saved_tensors
-        dh, dw, db = _lce_bwd_op(h, weight, target, bias, lse, grad_loss.to(lse.dtype),
-                                 *ctx.schema, *ctx.chunking)
+        dh, dw, db = _lce_bwd(h, weight, target, bias, lse, grad_loss.to(lse.dtype),
+                              *ctx.schema, *ctx.chunking)
     else:
         # The saved gradients are for grad_output 1; they are scaled in place (no new dW-sized
         # buffer) and handed to autograd, which can then keep them as .grad without a copy. The
@@ -325,8 +395,33 @@ def _backward(ctx, grad_loss, _grad_lse, _gdh, _gdw, _gdb):
             db if need[2] and ctx.has_bias else None) + none
 
 
-torch.library.register_autograd(
-    "probact_gpu::linear_cross_entropy", _backward, setup_context=_setup_context)
+def _jvp(ctx, h_dot, w_dot, target_dot, b_dot, weight_dot, *rest):
+    """Forward-mode rule: the loss's tangent from ``linear_cross_entropy_jvp``; lse and the
+    gradients handed out are not differentiable. Class weights and a normalizer with tangents
+    are refused, as in the backward."""
+    if weight_dot is not None:
+        raise RuntimeError("weight (per-class weights) has a forward-mode tangent, but with "
+                           "class-index targets the loss is not differentiable with respect "
+                           "to it (as torch's cross_entropy)")
+    if rest[8] is not None:
+        raise RuntimeError("normalizer has a forward-mode tangent: the loss is not "
+                           "differentiated with respect to its normalizer (a count)")
+    if h_dot is None and w_dot is None and b_dot is None:
+        return (None,) * 5
+    h, weight, target, bias, lse = ctx.saved_tensors
+    chunk_size, memory_budget = ctx.chunking[:2]
+    chunk = token_chunk(h.shape[0], weight.shape[0], h.element_size(), chunk_size,
+                        memory_budget)
+    tangent = _lce_jvp(h, weight, target, bias, lse, h_dot, w_dot, b_dot, *ctx.schema, chunk)
+    return tangent, None, None, None, None
+
+
+_lce = differentiable_op(_lce_op, _setup_context, _backward, _jvp,
+                         lambda inputs, output: (*inputs[:4], output[1]))
+_lce_bwd = terminal_op(_lce_bwd_op, "probact_gpu.linear_cross_entropy")
+_lce_jvp = terminal_op(_lce_jvp_op, "probact_gpu.linear_cross_entropy")
+for _op in (_lce_op, _lce_bwd_op, _lce_jvp_op):
+    register_vmap_loop(_op)
 
 
 # --------------------------------------------------------------------------- soft targets
@@ -365,7 +460,7 @@ class _SoftTargetLinearCE(torch.autograd.Function):
                 row = row + options.z_loss * row_lse * row_lse
             rows[start:end] = row
             lse[start:end] = row_lse
-        divisor = loss_divisor(options, target, n_classes, sdt)
+        divisor, _ = loss_divisors(options, target, n_classes, sdt)
         ctx.save_for_backward(h, weight, bias, target, class_weight, lse, divisor)
         ctx.options, ctx.chunk = options, chunk
         ctx.set_materialize_grads(False)
@@ -498,6 +593,14 @@ def linear_cross_entropy(
         check_runnable(h)
     if not soft:
         options.refuse_weight_grad()
+    if soft and forward_ad_possible():
+        # Forward-mode AD and torch.func: through the logits (materialised), whose class-
+        # probability cross-entropy is made of differentiable ops (the same values).
+        from .cross_entropy import cross_entropy
+
+        logits = torch.nn.functional.linear(h, linear_weight, linear_bias)
+        loss = cross_entropy(logits, target.reshape(logits.shape), **options.as_kwargs())
+        return loss.reshape(batch_shape) if reduction == "none" else loss
     if soft:
         n_classes = linear_weight.shape[0]
         chunk = chunk_size or token_chunk(h.shape[0], n_classes, 4 * accum_dtype(h).itemsize,
@@ -509,8 +612,10 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
             grad_on and linear_bias is not None and linear_bias.requires_grad]
-    loss, *_ = _lce_op(h, linear_weight, target.reshape(-1), linear_bias,
-                       *options.schema_args(), chunk_size, memory_budget, low_memory, need)
+    # torch.func's tensors cannot be scaled in place: there the backward recomputes.
+    low_memory = low_memory or functorch_active()
+    loss, *_ = _lce(h, linear_weight, target.reshape(-1), linear_bias,
+                    *options.schema_args(), chunk_size, memory_budget, low_memory, need)
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)
     return loss.to(loss_dtype)

@@ -45,14 +45,15 @@ import torch
 
 from .._runtime import accum_dtype, autocast_linear, check_runnable, empty
 from ..options import CrossEntropyOptions, HeadTransform
+from ._autograd import differentiable_op, kernel_backward, register_vmap_loop, terminal_op
 from ._common import (
     LinearGrads,
+    accumulate_fp32,
     check_chunking,
     check_head_inputs,
     fake_linear_grads,
     flatten_head_input,
     logits_chunks,
-    no_second_derivative,
     token_chunk,
 )
 from .token_log_probs import (
@@ -106,6 +107,39 @@ def linear_token_log_probs_bwd(h, weight, bias, target, stats, grad_logp, grad_e
                 transform=transform, out=logits, config=config)
             grads.add_chunk(start, end, dz, h[start:end], weight)
     return grads.results(h, weight, bias)
+
+
+def linear_token_log_probs_jvp(h, weight, bias, target, stats, h_dot, w_dot, b_dot, *,
+                               ignore_index, transform, chunk, compute_entropy, vocab_start=0,
+                               n_classes=None, config=None):
+    """The forward-mode tangents of logp and (``compute_entropy``) the entropy for tangents
+    ``ḣ``, ``Ẇ``, ``ḃ`` (each may be None): per token chunk, the logits as the forward forms
+    them, each output's gradient for an upstream 1 in the math dtype (the backward kernel),
+    ``ẋ = ḣ Wᵀ + h Ẇᵀ + ḃ`` accumulated in the math dtype, and ``Σ_c G ⊙ ẋ`` per token.
+    Returns ((N,), (N,) or None). ``vocab_start`` / ``n_classes``: as
+    ``linear_token_log_probs_bwd`` (one rank's share of a vocab-parallel tangent)."""
+    n_tokens = h.shape[0]
+    math = accum_dtype(h)
+    outs = [torch.zeros(n_tokens, dtype=math, device=h.device)]
+    if compute_entropy:
+        outs.append(torch.zeros(n_tokens, dtype=math, device=h.device))
+    for start, end, logits in logits_chunks(h, weight, bias, chunk):
+        x_dot = torch.zeros(logits.shape, dtype=math, device=h.device)
+        if h_dot is not None:
+            accumulate_fp32(x_dot, h_dot[start:end], weight.t())
+        if w_dot is not None:
+            accumulate_fp32(x_dot, h[start:end], w_dot.t())
+        if b_dot is not None:
+            x_dot += b_dot.to(math)
+        ones = torch.ones(end - start, dtype=math, device=h.device)
+        for i, grads in enumerate(((ones, None), (None, ones))[:len(outs)]):
+            slope = token_log_probs_bwd(
+                logits, target[start:end], stats[start:end], *grads,
+                vocab_start=vocab_start, n_classes=n_classes, ignore_index=ignore_index,
+                transform=transform, out=torch.empty(logits.shape, dtype=math, device=h.device),
+                config=config)
+            outs[i][start:end] = (slope * x_dot).sum(1)
+    return outs[0], outs[1] if compute_entropy else None
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -163,34 +197,84 @@ def _(h, linear_weight, target, linear_bias, stats, grad_logp, grad_entropy, *ar
     return fake_linear_grads(h, linear_weight, linear_bias, args[-1])
 
 
+@torch.library.custom_op("probact_gpu::linear_token_log_probs_jvp", mutates_args=())
+def _ltlp_jvp_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, stats: torch.Tensor, h_dot: torch.Tensor | None,
+    w_dot: torch.Tensor | None, b_dot: torch.Tensor | None, ignore_index: int,
+    logit_scale: float, logit_divisor: float, softcap: float | None, temperature: float,
+    chunk: int, compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp's tangent, the entropy's — an empty tensor without compute_entropy), (N,) each
+    in the math dtype (``linear_token_log_probs_jvp``)."""
+    logp, entropy = linear_token_log_probs_jvp(
+        h, linear_weight, linear_bias, target, stats, h_dot, w_dot, b_dot,
+        ignore_index=ignore_index,
+        transform=HeadTransform(logit_scale, logit_divisor, softcap, temperature), chunk=chunk,
+        compute_entropy=compute_entropy)
+    return logp, logp.new_empty(0) if entropy is None else entropy
+
+
+@_ltlp_jvp_op.register_fake
+def _(h, linear_weight, target, linear_bias, stats, h_dot, w_dot, b_dot, ignore_index,
+      logit_scale, logit_divisor, softcap, temperature, chunk, compute_entropy):
+    sdt = accum_dtype(h)
+    return (h.new_empty(h.shape[:1], dtype=sdt),
+            h.new_empty(h.shape[:1] if compute_entropy else (0,), dtype=sdt))
+
+
 def _setup_context(ctx, inputs, output):
     h, weight, target, bias = inputs[:4]
-    _, _, lse, arg, stats = output
-    ctx.mark_non_differentiable(lse, arg, stats)
+    _, entropy, lse, arg, stats = output
+    compute_entropy = inputs[9]
+    # (the entropy too when not asked for: an empty placeholder; forward-mode AD trips on a
+    # differentiable output left without a tangent)
+    ctx.mark_non_differentiable(lse, arg, stats, *(() if compute_entropy else (entropy,)))
+    ctx.entropy = compute_entropy
     ctx.set_materialize_grads(False)  # lse and argmax never get a zero-filled gradient
     ctx.save_for_backward(h, weight, bias, target, stats)
     ctx.opts = inputs[4:9] + inputs[12:13]  # the transform's options, then the chunk
 
 
+@kernel_backward("probact_gpu.linear_token_log_probs")
 def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
-    no_second_derivative("linear_token_log_probs")
     none = (None,) * 9
     if grad_logp is None and grad_entropy is None:
         return (None,) * 4 + none
     h, weight, bias, target, stats = ctx.saved_tensors
     if stats.ndim == 1:  # the op was called with save_stats=False: recompute the statistics
-        stats = _ltlp_op(h, weight, target, bias, *ctx.opts[:5], grad_entropy is not None,
-                         False, True, ctx.opts[5])[-1]
+        stats = _ltlp_stats(h, weight, target, bias, *ctx.opts[:5], grad_entropy is not None,
+                            False, True, ctx.opts[5])[-1]
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[3]]
-    dh, dw, db = _ltlp_bwd_op(h, weight, target, bias, stats, grad_logp, grad_entropy,
-                              *ctx.opts, need)
+    dh, dw, db = _ltlp_bwd(h, weight, target, bias, stats, grad_logp, grad_entropy,
+                           *ctx.opts, need)
     return (dh if need[0] else None, dw if need[1] else None, None,
             db if need[2] else None) + none
 
 
-torch.library.register_autograd("probact_gpu::linear_token_log_probs", _backward,
-                                setup_context=_setup_context)
+def _jvp(ctx, h_dot, w_dot, target_dot, b_dot, *_):
+    """Forward-mode rule: logp's and the entropy's tangents from
+    ``linear_token_log_probs_jvp``; lse, argmax and the statistics are not differentiable."""
+    if h_dot is None and w_dot is None and b_dot is None:
+        return (None,) * 5
+    h, weight, bias, target, stats = ctx.saved_tensors
+    if stats.ndim == 1:
+        stats = _ltlp_stats(h, weight, target, bias, *ctx.opts[:5], ctx.entropy, False, True,
+                            ctx.opts[5])[-1]
+    logp, entropy = _ltlp_jvp(h, weight, target, bias, stats, h_dot, w_dot, b_dot,
+                              *ctx.opts, ctx.entropy)
+    return logp, entropy if ctx.entropy else None, None, None, None
+
+
+_ltlp = differentiable_op(_ltlp_op, _setup_context, _backward, _jvp,
+                          lambda inputs, output: (inputs[0], inputs[1], inputs[3], inputs[2],
+                                                  output[4]))
+_ltlp_stats = terminal_op(_ltlp_op, "probact_gpu.linear_token_log_probs")
+_ltlp_bwd = terminal_op(_ltlp_bwd_op, "probact_gpu.linear_token_log_probs")
+_ltlp_jvp = terminal_op(_ltlp_jvp_op, "probact_gpu.linear_token_log_probs")
+for _op in (_ltlp_op, _ltlp_bwd_op, _ltlp_jvp_op):
+    register_vmap_loop(_op)
 
 
 # --------------------------------------------------------------------------- public function
@@ -226,9 +310,10 @@ def linear_token_log_probs(
       chunk; default ``tiling.LINEAR_CE_LOGITS_BUDGET``).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias`` through logp and entropy;
-    under ``torch.no_grad`` nothing is saved. Double backward is not supported. Under
-    ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would (the outputs
-    stay fp32).
+    under ``torch.no_grad`` nothing is saved. Forward-mode AD (tangents from
+    ``linear_token_log_probs_jvp``, chunk by chunk) and first-order ``torch.func`` transforms
+    work; double backward and nested transforms raise. Under ``torch.autocast`` the head runs in
+    the autocast dtype, as ``F.linear`` would (the outputs stay fp32).
     """
     options = CrossEntropyOptions.from_kwargs(
         ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
@@ -247,7 +332,7 @@ def linear_token_log_probs(
                         memory_budget)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    logp, entropy, lse, arg, _ = _ltlp_op(
+    logp, entropy, lse, arg, _ = _ltlp(
         h, linear_weight, flat_target.contiguous(), linear_bias, options.ignore_index,
         transform.logit_scale, transform.logit_divisor, transform.softcap,
         transform.temperature, bool(return_entropy), bool(return_argmax), needs_grad, chunk)

@@ -10,7 +10,9 @@ Layout: the kernels walk a flat contiguous buffer. A non-contiguous input (a tra
 is first copied to a contiguous one (``Tensor.contiguous``, two extra passes over it); the output
 always has the input's shape and is contiguous. Backward saves ``y`` for sigmoid (``dx =
 dy·y·(1 − y)``) and the input ``x`` for logsigmoid (``dx = dy·σ(−x)``). The backward op has its
-own autograd formula (torch ops), so ``create_graph=True`` gives exact second derivatives.
+own autograd formula (torch ops), so ``create_graph=True`` gives exact second derivatives; both
+ops have forward-mode rules and batching rules (``ops/_autograd.py``), so forward-mode AD and
+``torch.func`` work to any order.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .._runtime import (
 )
 from ..kernels.sigmoid import sigmoid_bwd_kernel, sigmoid_fwd_kernel
 from ..tiling import ElementwiseConfig
+from ._autograd import differentiable_op, move_batch_dim, register_vmap_by_rows
 
 
 def _config(t: torch.Tensor, config: ElementwiseConfig | None) -> ElementwiseConfig:
@@ -114,10 +117,35 @@ def _backward(ctx, dy):
     if dy is None:
         return None, None
     (saved,) = ctx.saved_tensors
-    return _sigmoid_bwd_op(saved, dy, ctx.log), None
+    return _sigmoid_bwd(saved, dy, ctx.log), None
 
 
-torch.library.register_autograd("probact_gpu::sigmoid_fwd", _backward, setup_context=_setup_context)
+def _jvp(ctx, x_dot, _):
+    """sigmoid: ẏ = y·(1 − y)·ẋ; logsigmoid: ẏ = σ(−x)·ẋ (math dtype, rounded to y's)."""
+    (saved,) = ctx.saved_tensors
+    if x_dot is None:
+        return None
+    math = accum_dtype(saved)
+    sm, xd = saved.to(math), x_dot.to(math)
+    out = torch.sigmoid(-sm) * xd if ctx.log else sm * (1.0 - sm) * xd
+    return out.to(saved.dtype)
+
+
+def _elementwise_vmap(op):
+    """Elementwise ops: the batched tensors, batch dim first (a tensor without one expanded),
+    as one bigger problem."""
+    def rule(info, in_dims, *args):
+        n = sum(isinstance(a, torch.Tensor) for a in args)
+        tensors = [move_batch_dim(a, d, info.batch_size) for a, d in zip(args[:n], in_dims[:n],
+                                                                          strict=True)]
+        return op(*tensors, *args[n:]), 0
+
+    return rule
+
+
+_sigmoid = differentiable_op(_sigmoid_fwd_op, _setup_context, _backward, _jvp,
+                             lambda inputs, output: (inputs[0] if inputs[1] else output,))
+register_vmap_by_rows(_sigmoid_fwd_op, _elementwise_vmap(_sigmoid_fwd_op))
 
 
 def _bwd_setup_context(ctx, inputs, output):
@@ -147,8 +175,31 @@ def _bwd_backward(ctx, g):
     return grad_saved.to(saved.dtype), grad_dy.to(dy.dtype), None
 
 
-torch.library.register_autograd("probact_gpu::sigmoid_bwd", _bwd_backward,
-                                setup_context=_bwd_setup_context)
+def _bwd_jvp(ctx, saved_dot, dy_dot, _):
+    """Tangent of dx (forward-over-reverse):
+    sigmoid     dx = dy·y·(1 − y):  ẋ = ḋy·y·(1 − y) + dy·(1 − 2y)·ẏ
+    logsigmoid  dx = dy·σ(−x):      ẋ = ḋy·σ(−x) − dy·σ(x)·σ(−x)·ẋ_x"""
+    saved, dy = ctx.saved_tensors
+    math = accum_dtype(saved, dy)
+    sm, dym = saved.to(math), dy.to(math)
+    out = torch.zeros(torch.broadcast_shapes(sm.shape, dym.shape), dtype=math, device=sm.device)
+    if ctx.log:
+        neg = torch.sigmoid(-sm)
+        if dy_dot is not None:
+            out = out + dy_dot.to(math) * neg
+        if saved_dot is not None:
+            out = out - dym * torch.sigmoid(sm) * neg * saved_dot.to(math)
+    else:
+        if dy_dot is not None:
+            out = out + dy_dot.to(math) * sm * (1.0 - sm)
+        if saved_dot is not None:
+            out = out + dym * (1.0 - 2.0 * sm) * saved_dot.to(math)
+    return out.to(saved.dtype)
+
+
+_sigmoid_bwd = differentiable_op(_sigmoid_bwd_op, _bwd_setup_context, _bwd_backward, _bwd_jvp,
+                                 lambda inputs, output: inputs[:2])
+register_vmap_by_rows(_sigmoid_bwd_op, _elementwise_vmap(_sigmoid_bwd_op))
 
 
 # --------------------------------------------------------------------------- public functions
@@ -159,11 +210,11 @@ def sigmoid(input: torch.Tensor) -> torch.Tensor:
     input) without overflow: ``sigmoid(±1000)`` is exactly 1 / 0. Integer input raises
     TypeError (torch would promote it; pass a float tensor)."""
     check_float("input", input)
-    return _sigmoid_fwd_op(input, False)
+    return _sigmoid(input, False)
 
 
 def logsigmoid(input: torch.Tensor) -> torch.Tensor:
     """``log σ(x) = min(x, 0) − log1p(exp(−|x|))`` elementwise, as
     ``torch.nn.functional.logsigmoid``: finite for any finite x (``logsigmoid(−1000) = −1000``)."""
     check_float("input", input)
-    return _sigmoid_fwd_op(input, True)
+    return _sigmoid(input, True)

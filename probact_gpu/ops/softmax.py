@@ -4,8 +4,9 @@ Read top-down: ``softmax_fwd`` / ``softmax_bwd`` launch the kernels of
 ``probact_gpu.kernels.softmax`` on any strided tensor (taking a ``config`` override so tests
 reach every path); ``probact_gpu::softmax_fwd`` / ``::softmax_bwd`` wrap them as torch.library
 ops with fake implementations, so ``torch.compile(fullgraph=True)`` traces them; autograd is
-registered on the forward op and on the backward op (second derivatives, in torch ops);
-``softmax`` / ``log_softmax`` are the public functions.
+registered on the forward op and on the backward op (second derivatives, in torch ops), each
+with its forward-mode rule and batching rule (``ops/_autograd.py``: forward-mode AD and
+``torch.func`` to any order); ``softmax`` / ``log_softmax`` are the public functions.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..kernels.softmax import (
     softmax_split_stats_kernel,
 )
 from ..tiling import RowConfig
+from ._autograd import differentiable_op, move_batch_dim, register_vmap_by_rows
 
 
 def _config(
@@ -180,17 +182,41 @@ def _backward(ctx, dy):
     if dy is None:
         return None, None, None, None
     (y,) = ctx.saved_tensors
-    return _softmax_bwd_op(y, dy, ctx.dim, ctx.log, ctx.in_dtype), None, None, None
+    return _softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.in_dtype), None, None, None
 
 
-torch.library.register_autograd("probact_gpu::softmax_fwd", _backward, setup_context=_setup_context)
+def _jvp(ctx, x_dot, *_):
+    """softmax: ẏ = y ⊙ (ẋ − Σ y ⊙ ẋ); log_softmax: ẏ = ẋ − Σ softmax ⊙ ẋ (in the math dtype,
+    rounded to the output's)."""
+    (y,) = ctx.saved_tensors
+    if x_dot is None:
+        return None
+    math = accum_dtype(y)
+    ym, xd = y.to(math), x_dot.to(math)
+    if ctx.log:
+        p = ym.exp()
+        out = xd - (p * xd).sum(ctx.dim, keepdim=True)
+    else:
+        out = ym * (xd - (ym * xd).sum(ctx.dim, keepdim=True))
+    return out.to(y.dtype)
+
+
+def _fwd_vmap(info, in_dims, x, dim, log, dtype):
+    """A batched input's batch dim becomes one more dim of rows."""
+    x = x.movedim(in_dims[0], 0)
+    return _softmax_fwd_op(x, normalize_dim(dim, x.ndim - 1) + 1, log, dtype), 0
+
+
+_softmax = differentiable_op(_softmax_fwd_op, _setup_context, _backward, _jvp,
+                             lambda inputs, output: (output,))
+register_vmap_by_rows(_softmax_fwd_op, _fwd_vmap)
 
 
 def _bwd_setup_context(ctx, inputs, output):
-    y, dy, dim, log, _ = inputs
+    y, dy, dim, log, dtype = inputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, dy)
-    ctx.dim, ctx.log = dim, log
+    ctx.dim, ctx.log, ctx.out_dtype = dim, log, dtype
 
 
 def _bwd_backward(ctx, g):
@@ -220,8 +246,37 @@ def _bwd_backward(ctx, g):
     return grad_y.to(y.dtype), grad_dy.to(dy.dtype), None, None, None
 
 
-torch.library.register_autograd("probact_gpu::softmax_bwd", _bwd_backward,
-                                setup_context=_bwd_setup_context)
+def _bwd_jvp(ctx, y_dot, dy_dot, *_):
+    """Tangent of dx (forward-over-reverse, e.g. ``torch.func.hessian``), in torch ops:
+    softmax      dx = y⊙(dy − s), s = Σ dy⊙y:   ẋ = ẏ⊙(dy − s) + y⊙(ḋy − ṡ),
+                 ṡ = Σ (ḋy⊙y + dy⊙ẏ)
+    log_softmax  dx = dy − exp(y)·Σ dy:          ẋ = ḋy − exp(y)⊙(ẏ·Σ dy + Σ ḋy)"""
+    y, dy = ctx.saved_tensors
+    math = accum_dtype(y, dy)
+    ym, dym = y.to(math), dy.to(math)
+    yd = torch.zeros_like(ym) if y_dot is None else y_dot.to(math)
+    dyd = torch.zeros_like(dym) if dy_dot is None else dy_dot.to(math)
+
+    def row_sum(t):
+        return t.sum(ctx.dim, keepdim=True)
+
+    if ctx.log:
+        out = dyd - ym.exp() * (yd * row_sum(dym) + row_sum(dyd))
+    else:
+        s = row_sum(dym * ym)
+        out = yd * (dym - s) + ym * (dyd - row_sum(dyd * ym + dym * yd))
+    return out.to(ctx.out_dtype)
+
+
+def _bwd_vmap(info, in_dims, y, dy, dim, log, dtype):
+    y = move_batch_dim(y, in_dims[0], info.batch_size)
+    dy = move_batch_dim(dy, in_dims[1], info.batch_size)
+    return _softmax_bwd_op(y, dy, normalize_dim(dim, y.ndim - 1) + 1, log, dtype), 0
+
+
+_softmax_bwd = differentiable_op(_softmax_bwd_op, _bwd_setup_context, _bwd_backward, _bwd_jvp,
+                                 lambda inputs, output: inputs[:2])
+register_vmap_by_rows(_softmax_bwd_op, _bwd_vmap)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -254,7 +309,7 @@ def softmax(
     Under ``torch.autocast`` on CUDA (where autocast runs softmax in float32) 16-bit input gives
     a float32 result, as torch."""
     input, dim, dtype = _prepare(input, dim, dtype, "softmax")
-    return _softmax_fwd_op(input, dim, False, dtype)
+    return _softmax(input, dim, False, dtype)
 
 
 def log_softmax(
@@ -263,4 +318,4 @@ def log_softmax(
     """``(x − max) − log Σ exp(x − max)`` along ``dim``, as ``torch.log_softmax`` (``dim=None``
     as in ``softmax``; autocast as ``softmax``)."""
     input, dim, dtype = _prepare(input, dim, dtype, "log_softmax")
-    return _softmax_fwd_op(input, dim, True, dtype)
+    return _softmax(input, dim, True, dtype)

@@ -56,7 +56,7 @@ from ..kernels.token_log_probs import (
 )
 from ..options import HeadTransform, as_index
 from ..tiling import RowConfig
-from ._common import no_second_derivative
+from ._autograd import differentiable_op, kernel_backward, register_vmap_loop, terminal_op
 
 __all__ = [
     "TokenLogProbs",
@@ -377,27 +377,56 @@ def _(logits, target, stats, grad_logp, grad_entropy, ignore_index, logit_scale,
 def _setup_context(ctx, inputs, output):
     (logits, target, ignore_index, logit_scale, logit_divisor, softcap, temperature,
      compute_entropy, compute_argmax, save_stats) = inputs
-    _, _, lse, arg, stats = output
-    ctx.mark_non_differentiable(lse, arg, stats)
+    _, entropy, lse, arg, stats = output
+    # (the entropy too when not asked for: an empty placeholder; forward-mode AD trips on a
+    # differentiable output left without a tangent)
+    ctx.mark_non_differentiable(lse, arg, stats, *(() if compute_entropy else (entropy,)))
     ctx.set_materialize_grads(False)  # lse and argmax never get a zero-filled gradient
     ctx.save_for_backward(logits, target, stats)
     ctx.opts = (ignore_index, logit_scale, logit_divisor, softcap, temperature)
+    ctx.entropy = compute_entropy
 
 
+@kernel_backward("probact_gpu.token_log_probs")
 def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
     none = (None,) * 9
-    no_second_derivative("token_log_probs")
     if grad_logp is None and grad_entropy is None:
         return (None,) + none
     logits, target, stats = ctx.saved_tensors
     if stats.ndim == 1:  # the op was called with save_stats=False: recompute the statistics
-        stats = _tlp_op(logits, target, *ctx.opts, grad_entropy is not None, False, True)[-1]
-    dx = _tlp_bwd_op(logits, target, stats, grad_logp, grad_entropy, *ctx.opts)
+        stats = _tlp_stats(logits, target, *ctx.opts, grad_entropy is not None, False, True)[-1]
+    dx = _tlp_bwd(logits, target, stats, grad_logp, grad_entropy, *ctx.opts)
     return (dx,) + none
 
 
-torch.library.register_autograd("probact_gpu::token_log_probs", _backward,
-                                setup_context=_setup_context)
+def _jvp(ctx, logits_dot, *_):
+    """Forward-mode rule: the tangents of logp and entropy are ``Σ_c (∂out/∂x_c) · ẋ_c`` per
+    row, with ∂out/∂x from the backward kernel (upstream gradient 1 for that output alone) on
+    an upcast copy of the logits; lse, argmax and the statistics are not differentiable."""
+    if logits_dot is None:
+        return (None,) * 5
+    logits, target, stats = ctx.saved_tensors
+    math = accum_dtype(logits)
+    if stats.ndim == 1:
+        stats = _tlp_stats(logits, target, *ctx.opts, ctx.entropy, False, True)[-1]
+    x, x_dot = logits.to(math), logits_dot.to(math)
+    ones = torch.ones(target.shape, dtype=math, device=logits.device)
+    tangents = []
+    for wanted, grads in ((True, (ones, None)), (ctx.entropy, (None, ones))):
+        if wanted:
+            slope = _tlp_bwd(x, target, stats, *grads, *ctx.opts)
+            tangents.append((slope * x_dot).sum(-1))
+        else:
+            tangents.append(None)
+    return (*tangents, None, None, None)
+
+
+_tlp = differentiable_op(_tlp_op, _setup_context, _backward, _jvp,
+                         lambda inputs, output: (inputs[0], inputs[1], output[4]))
+_tlp_stats = terminal_op(_tlp_op, "probact_gpu.token_log_probs")
+_tlp_bwd = terminal_op(_tlp_bwd_op, "probact_gpu.token_log_probs")
+register_vmap_loop(_tlp_op)
+register_vmap_loop(_tlp_bwd_op)
 
 
 # --------------------------------------------------------------------------- public function
@@ -455,7 +484,8 @@ def token_log_probs(
     flag is set, else a :class:`TokenLogProbs` ``(logprobs, entropy, lse, argmax)`` with None
     for the fields not asked for. One read of the logits in the forward (plus the backward's
     one read and one write of dlogits when a gradient is needed); under ``torch.no_grad`` (or
-    logits not requiring grad) nothing is saved. Double backward is not supported.
+    logits not requiring grad) nothing is saved. Forward-mode AD and first-order ``torch.func``
+    transforms work; double backward and nested transforms raise.
     """
     _check_logits(logits)
     check_target(logits, target)
@@ -464,7 +494,7 @@ def token_log_probs(
     transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
                               softcap=softcap, temperature=temperature)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    logp, entropy, lse, arg, _ = _tlp_op(
+    logp, entropy, lse, arg, _ = _tlp(
         logits, target, ignore_index, transform.logit_scale, transform.logit_divisor,
         transform.softcap, transform.temperature, bool(return_entropy), bool(return_argmax),
         needs_grad)

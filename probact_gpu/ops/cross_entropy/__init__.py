@@ -30,6 +30,10 @@ total_weight=None, config=None) -> (loss_rows, lse, dlogits | None)``
 ``cross_entropy_total_weight(target, n_classes, *, weight=None, ignore_index=-100, dtype)``
     The mean's divisor, Σ w_t over non-ignored targets, as a 0-d device tensor.
 
+``cross_entropy_mean_divisors(target, n_classes, options, dtype) -> (total_weight, z_scale)``
+    The same divisor, and (class weights and a z-loss) the z term's scale ``Σ w_t / (non-ignored
+    rows)``, else None; the launchers take it as ``z_scale=`` and multiply ``z_loss`` by it.
+
 Split row, with a column offset so a rank holding classes ``[vocab_start, vocab_start + V_local)``
 of ``n_classes`` calls them on its shard (``weight`` is always the *global* (n_classes,) vector):
 
@@ -45,7 +49,14 @@ divisor=None, out=None, config=None) -> dlogits``
 ``cross_entropy_finish(rows, *, divisor=None, denom=1.0, dtype=None)``: the reduced loss,
 ``Σ rows / (denom · divisor)``, cast to ``dtype``, in one deterministic kernel.
 
-``cross_entropy_scale_grad(dx, grad_output)``: ``dx *= grad_output`` on the device.
+``cross_entropy_regrad_(dx, logits, target, lse, grad_output, *, options, divisor=None,
+z_scale=None)``: the fused gradient ``dx`` (for grad_output 1) made the gradient for the 0-d
+``grad_output``, on the device: untouched when it is exactly 1, else recomputed from the logits
+and rounded once (the out-of-place backward of a reduced loss).
+
+``cross_entropy_scale_grad(dx, grad_output)``: ``dx *= grad_output`` on the device (the in-place
+path's backward, which has no logits left to recompute from: two roundings when grad_output is
+not 1).
 
 A tensor a kernel writes (``grad_out``, ``out``, ``dx``) is never a hidden copy: one whose
 memory overlaps itself (an expanded tensor) is refused before anything is written; one whose
@@ -66,7 +77,9 @@ record's meta says which ran.
 Semantics not fixed by torch: a target outside ``[0, C)`` that is not ``ignore_index`` gives a
 NaN loss for its row (and a NaN gradient row) instead of an error; all targets ignored with
 ``reduction="mean"`` gives NaN (0 / 0), as torch; the z-loss term ``z_loss · lse²`` is added per
-non-ignored row and, for ``"mean"``, divided by the same divisor as the rest of the loss.
+non-ignored row and, for ``"mean"``, averaged over the non-ignored rows: with class weights the
+rows carry it scaled by ``Σ w_t / (non-ignored rows)`` (``z_scale``), so that dividing every
+row by Σ w_t gives ``z_loss · Σ lse² / (non-ignored rows)`` whatever the weights' overall scale.
 
 Precision: float options (``label_smoothing``, ``z_loss``, the transform's factors
 ``logit_scale / logit_divisor``, ``softcap`` and ``1 / temperature``, a numeric normalizer)
@@ -89,7 +102,9 @@ from .launch import (
     cross_entropy_finish,
     cross_entropy_fwd,
     cross_entropy_grad,
+    cross_entropy_mean_divisors,
     cross_entropy_partial_stats,
+    cross_entropy_regrad_,
     cross_entropy_scale_grad,
     cross_entropy_total_weight,
 )
@@ -101,7 +116,9 @@ __all__ = [
     "cross_entropy_finish",
     "cross_entropy_fwd",
     "cross_entropy_grad",
+    "cross_entropy_mean_divisors",
     "cross_entropy_partial_stats",
+    "cross_entropy_regrad_",
     "cross_entropy_scale_grad",
     "cross_entropy_total_weight",
 ]

@@ -1,14 +1,23 @@
 """Softmax cross-entropy, autograd of the ``probact_gpu::cross_entropy`` op: sum/mean hand out
-the gradient the forward fused (scaled by grad_output), ``none`` runs the backward op from the
-saved lse. Shared with the in-place Function (``inplace.py``)."""
+the gradient the forward fused — as it is for grad_output 1, else recomputed for grad_output
+from the saved logits and rounded once (decided on the device) — and ``none`` runs the backward
+op from the saved lse. The in-place Function (``inplace.py``) shares the double-backward refusal
+and the in-place rescale of its gradient (``_scale_saved_grad``: it has no logits left)."""
 
 from __future__ import annotations
 
 import torch
 
 from ...options import CrossEntropyOptions
-from .custom_ops import _ce_bwd_op
-from .launch import cross_entropy_scale_grad
+from .._autograd import (
+    differentiable_op,
+    kernel_backward,
+    plain_eager,
+    register_vmap_loop,
+    terminal_op,
+)
+from .custom_ops import _ce_bwd_op, _ce_op
+from .launch import cross_entropy_regrad_, cross_entropy_scale_grad
 
 
 def _refuse_double_backward() -> None:
@@ -68,31 +77,77 @@ _N_OP_INPUTS = 2 + CrossEntropyOptions.N_SCHEMA_ARGS + 2  # + compute_grad, loss
 
 def _setup_context(ctx, inputs, output):
     input, target, *schema, compute_grad, _loss_dtype = inputs
-    _, lse, grad = output
+    _, lse, grad, divisors = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, grad)
+    ctx.mark_non_differentiable(lse, grad, divisors)
     ctx.fused = compute_grad
-    ctx.handed_out = None
     weight, normalizer = schema[0], schema[9]
     ctx.scalars = (*schema[1:9], schema[10])
-    if compute_grad:
-        ctx.save_for_backward(grad)
-    else:
-        ctx.save_for_backward(input, target, lse, weight, normalizer)
+    # The fused gradient is held outside save_for_backward: the first backward hands the buffer
+    # itself to autograd (dropping this reference), so what the caller does to it afterwards
+    # never reaches a later backward, which recomputes from the saved logits.
+    ctx.grad = grad if compute_grad else None
+    ctx.save_for_backward(input, target, lse, weight, normalizer, divisors)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_grad):
+@kernel_backward("probact_gpu.cross_entropy")
+def _backward(ctx, grad_loss, grad_lse, grad_grad, grad_divisors):
     none = (None,) * (_N_OP_INPUTS - 1)
     if grad_loss is None:
         return (None, *none)
-    _refuse_double_backward()
-    if ctx.fused:
-        return (_scale_saved_grad(ctx, _saved_grad(ctx), grad_loss), *none)
-    input, target, lse, weight, normalizer = ctx.saved_tensors
+    input, target, lse, weight, normalizer, divisors = ctx.saved_tensors
     scalars = ctx.scalars
-    dx = _ce_bwd_op(input, target, lse, grad_loss, weight, *scalars[:8], normalizer, scalars[8])
+    if ctx.grad is not None and plain_eager():
+        # First eager backward of a reduced loss: the forward's gradient (for grad_output 1) is
+        # kept as it is when grad_output is exactly 1, else recomputed from the logits for it
+        # and rounded once — decided on the device by the launch itself.
+        grad, ctx.grad = ctx.grad, None
+        opts = CrossEntropyOptions.from_schema(weight, *scalars[:8], normalizer, scalars[8])
+        mean = opts.reduction == "mean"
+        cross_entropy_regrad_(grad, input, target, lse, grad_loss, options=opts,
+                              divisor=divisors[0] if mean else None,
+                              z_scale=divisors[1] if mean else None)
+        return (grad, *none)
+    # reduction "none", a repeated backward (retain_graph), torch.compile (which cannot
+    # partition a backward that mutates a saved forward output) or a torch.func transform (whose
+    # tensors may have no storage of their own): out of place, from lse.
+    dx = _ce_bwd(input, target, lse, grad_loss, weight, *scalars[:8], normalizer, scalars[8])
     return (dx, *none)
 
 
-torch.library.register_autograd("probact_gpu::cross_entropy", _backward,
-                                setup_context=_setup_context)
+def _jvp(ctx, input_dot, target_dot, weight_dot, *rest):
+    """Forward-mode rule: the loss's tangent is ``Σ_c (∂loss/∂x_c) · ẋ_c`` per row (``none``) or
+    over the whole input (sum / mean), with ∂loss/∂x from the backward op for grad_output 1
+    (per row for ``none``), in the math dtype on an upcast copy of the logits; lse is not
+    differentiable. Class weights and a normalizer are not differentiated (refused)."""
+    if weight_dot is not None:
+        raise RuntimeError("weight (per-class weights) has a forward-mode tangent, but with "
+                           "class-index targets the loss is not differentiable with respect "
+                           "to it (as torch's cross_entropy)")
+    if rest[8] is not None:
+        raise RuntimeError("normalizer has a forward-mode tangent: the loss is not "
+                           "differentiated with respect to its normalizer (a count)")
+    if input_dot is None:
+        return None, None, None, None
+    input, target, lse, weight, normalizer, loss = ctx.saved_tensors
+    scalars = ctx.scalars
+    math = lse.dtype
+    none = scalars[1] == "none"
+    ones = (torch.ones(target.shape, dtype=math, device=lse.device) if none
+            else torch.ones((), dtype=math, device=lse.device))
+    slope = _ce_bwd(input.to(math), target, lse, ones, weight, *scalars[:8], normalizer,
+                    scalars[8])
+    terms = slope * input_dot.to(math)
+    tangent = terms.sum(1) if none else terms.sum()
+    return tangent.to(loss.dtype), None, None, None
+
+
+def _jvp_saved(inputs, output):
+    input, target, weight, normalizer = inputs[0], inputs[1], inputs[2], inputs[11]
+    return input, target, output[1], weight, normalizer, output[0]
+
+
+_ce_bwd = terminal_op(_ce_bwd_op, "probact_gpu.cross_entropy")
+_cross_entropy = differentiable_op(_ce_op, _setup_context, _backward, _jvp, _jvp_saved)
+register_vmap_loop(_ce_op)
+register_vmap_loop(_ce_bwd_op)

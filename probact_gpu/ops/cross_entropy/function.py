@@ -9,7 +9,8 @@ import torch
 
 from ..._runtime import autocast_fp32, check_float, check_same_device
 from ...options import CrossEntropyOptions
-from .custom_ops import _ce_op
+from .._autograd import functorch_active
+from .autograd import _cross_entropy
 from .inplace import (
     CompiledCrossEntropyInplaceFunction,
     CrossEntropyInplaceFunction,
@@ -87,7 +88,8 @@ def cross_entropy(
     computed in fp32 (fp64 for fp64 input) and returned in the input's dtype (float32 under
     ``torch.autocast`` for 16-bit input, as torch: the logits are still read as they are), plus:
 
-    - ``z_loss``: adds ``z_loss · lse²`` per non-ignored row (PaLM).
+    - ``z_loss``: adds ``z_loss · lse²`` per non-ignored row (PaLM); ``"mean"`` averages it
+      over the non-ignored rows, whatever the class weights (docs/cross_entropy.md).
     - the logit transform, in this order, inside the kernels: ``logit_scale`` (multiplies),
       ``logit_divisor`` (divides), ``softcap`` (``softcap · tanh(z / softcap)``, Gemma 2),
       ``temperature`` (divides); loss and lse are those of the transformed logits.
@@ -109,13 +111,19 @@ def cross_entropy(
       reads the gradient — read the logits before the call. Under ``torch.compile`` (sum /
       mean) the mutating op is traced, which the compiler keeps in place when nothing reads
       the old logits afterwards (``docs/cross_entropy.md``); ``reduction="none"`` is computed
-      out of place there (one logits-sized buffer), with a warning.
+      out of place there (one logits-sized buffer), with a warning. Under ``torch.func``
+      transforms the out-of-place op runs instead (same values, one logits-sized buffer).
 
     A class index outside ``[0, C)`` that is not ``ignore_index`` gives NaN for its row (never an
     out-of-bounds read); all targets ignored with ``"mean"`` gives NaN, as torch. With
     ``reduction`` sum or mean and ``input.requires_grad``, the gradient is computed in the forward
-    (one read of the logits when a row fits on-chip); backward only scales it by grad_output (a
-    no-op when that is 1). Double backward (``create_graph=True``) raises.
+    (one read of the logits when a row fits on-chip); backward keeps it when grad_output is 1 (no
+    work) and otherwise recomputes it for grad_output from the logits, rounded once (decided on
+    the device; the logits are therefore kept until backward). Under ``torch.compile`` the
+    backward computes the gradient from lse instead. Forward-mode AD (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``) and first-order ``torch.func`` transforms
+    (``grad``, ``vjp``, ``jacrev``, ``vmap``) work; double backward (``create_graph=True``) and
+    nested transforms (``hessian``) raise.
     """
     opts = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=ignore_index, reduction=reduction,
@@ -128,6 +136,10 @@ def cross_entropy(
     check_same_device(input=input, target=target)
     if isinstance(opts.normalizer, torch.Tensor):
         check_same_device(input=input, normalizer=opts.normalizer)
+        if opts.normalizer.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("normalizer requires grad, but the loss is not differentiated "
+                               "with respect to its normalizer (a count such as "
+                               "num_items_in_batch): pass normalizer.detach()")
     # autocast runs cross-entropy in float32: the loss is float32 (the kernels' math is anyway,
     # so the logits are read as they are, never copied)
     loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input, target) else None
@@ -144,7 +156,7 @@ def cross_entropy(
     x = input.unsqueeze(0) if squeeze else input
     t = target.reshape(1) if squeeze else target
     needs_grad = input.requires_grad and torch.is_grad_enabled()
-    in_place = inplace_backward and needs_grad
+    in_place = inplace_backward and needs_grad and not functorch_active()
     if in_place and torch.compiler.is_compiling():
         if input.is_leaf:
             _inplace_carrier(input, opts.reduction)  # raises: a leaf is never written
@@ -159,8 +171,11 @@ def cross_entropy(
         loss, lse, _ = CrossEntropyInplaceFunction.apply(carrier, t, geometry, loss_dtype,
                                                          *opts.schema_args())
     if not in_place:  # (in place without a backward to feed would only destroy the logits)
-        loss, lse, _ = _ce_op(x, t, *opts.schema_args(),
-                              needs_grad and opts.reduction != "none", loss_dtype)
+        # The gradient is fused into the forward in eager mode only: a compiled backward cannot
+        # keep it in place, and recomputing it there from lse (one read, one write) moves less
+        # than rescaling a stored one would.
+        fuse = needs_grad and opts.reduction != "none" and not torch.compiler.is_compiling()
+        loss, lse, _, _ = _cross_entropy(x, t, *opts.schema_args(), fuse, loss_dtype)
     if squeeze:
         lse = lse.reshape(())
         if opts.reduction == "none":

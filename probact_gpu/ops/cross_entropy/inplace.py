@@ -80,7 +80,7 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
         ctx.handed_out = None
         ctx.schema_scalars = (*schema[1:9], schema[10])
         if opts.reduction == "none":
-            loss, lse, _ = _ce_op(carrier, target, *schema, False, loss_dtype)
+            loss, lse, _, _ = _ce_op(carrier, target, *schema, False, loss_dtype)
             ctx.save_for_backward(carrier, target, lse, schema[0])
             ctx.mark_non_differentiable(lse)
             return loss, lse, None
@@ -90,6 +90,13 @@ class CrossEntropyInplaceFunction(torch.autograd.Function):
         ctx.save_for_backward(carrier)
         ctx.mark_non_differentiable(lse)
         return loss, lse, carrier
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            "cross_entropy(..., inplace_backward=True) does not support forward-mode AD "
+            "(torch.autograd.forward_ad, torch.func.jvp, jacfwd) on logits that also require "
+            "grad: they are overwritten with their gradient; use inplace_backward=False")
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_input_out):

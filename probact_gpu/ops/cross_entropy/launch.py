@@ -154,16 +154,41 @@ def cross_entropy_total_weight(
     """Σ w_t over targets that are not ``ignore_index`` (a count without ``weight``): the divisor
     of ``reduction="mean"``, as a 0-d ``dtype`` tensor on the targets' device (no host sync),
     summed in ``dtype`` whatever the weights' dtype."""
+    return _total_weight(target, n_classes, weight, ignore_index, dtype, False)[0]
+
+
+def cross_entropy_mean_divisors(
+    target: torch.Tensor,
+    n_classes: int,
+    options: CrossEntropyOptions,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reduction="mean"``'s device divisors, from one launch: Σ w_t over non-ignored targets
+    (``cross_entropy_total_weight``), and — when ``options.scales_z_term`` (class weights and a
+    z-loss) — the z term's scale ``Σ w_t / (non-ignored rows)``, else None. The kernels multiply
+    ``z_loss`` by that scale, so the z term divided by Σ w_t with the rest of the loss is
+    ``z_loss · Σ lse² / (non-ignored rows)``: an average over the tokens that does not depend
+    on the weights' overall scale."""
+    return _total_weight(target, n_classes, options.weight, options.ignore_index, dtype,
+                         options.scales_z_term)
+
+
+def _total_weight(target, n_classes, weight, ignore_index, dtype, z_scale: bool, out=None):
+    """(Σ w_t, Σ w_t / n or None), written into ``out`` (2,) when given (both always)."""
     target = target.reshape(-1)
-    out = torch.empty((), dtype=dtype, device=target.device)
+    if out is not None:
+        out, scale = out[0], out[1]
+    else:
+        out = torch.empty((), dtype=dtype, device=target.device)
+        scale = torch.empty((), dtype=dtype, device=target.device) if z_scale else None
     if target.numel() == 0:
-        return out.zero_()
+        return out.zero_(), None if scale is None else scale.fill_(float("nan"))
     check_runnable(target, "target")
     weight = None if weight is None else weight.contiguous()
     launch(cross_entropy_total_weight_kernel, (1,),
-           (target, weight, out, target.numel(), n_classes, ignore_index),
+           (target, weight, out, scale, target.numel(), n_classes, ignore_index),
            path="prepass", num_warps=4, BLOCK=tiling.CE_TOTAL_WEIGHT_BLOCK)
-    return out
+    return out, scale
 
 
 def cross_entropy_finish(
@@ -234,10 +259,12 @@ def cross_entropy_combine(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     options: CrossEntropyOptions | None = None,
+    z_scale: torch.Tensor | None = None,
     _loss_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split step 2: merge the (N, S, 4) partials of each row into (loss_rows, lse), both (N,)
-    in the stats' dtype."""
+    in the stats' dtype. ``z_scale``: a 0-d device scalar multiplying ``z_loss`` (the weighted
+    mean's, ``cross_entropy_mean_divisors``), or None."""
     opts = _options(options, weight=weight, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss)
     n_rows, n_splits, _ = stats.shape
@@ -250,7 +277,7 @@ def cross_entropy_combine(
     block_s = tiling.next_power_of_2(n_splits)
     block_m = max(1, min(tiling.next_power_of_2(n_rows), 1024 // block_s))
     launch(cross_entropy_combine_kernel, (tiling.cdiv(n_rows, block_m),),
-           (stats, target, weight, _weight_sum(opts, weight, stats), loss, lse,
+           (stats, target, weight, _weight_sum(opts, weight, stats), z_scale, loss, lse,
             n_rows, n_splits, n_classes, opts.ignore_index, opts.label_smoothing, opts.z_loss),
            path="split", num_warps=4, BLOCK_M=block_m, BLOCK_S=block_s,
            HAS_SMOOTHING=_smoothing(opts))
@@ -276,13 +303,16 @@ def cross_entropy_grad(
     normalizer: float | torch.Tensor | None = None,
     options: CrossEntropyOptions | None = None,
     divisor: torch.Tensor | None = None,
+    z_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: RowConfig | None = None,
 ) -> torch.Tensor:
     """dlogits from the rows' ``lse``: ``grad`` (0-d, or one per row) times d loss_row / d x,
     divided by ``divisor`` (0-d) when given and by the options' ``normalizer`` (which needs
-    ``reduction="sum"`` in the options). One read of ``logits``, one write of ``out`` (a new
-    tensor like ``logits`` when None; may be ``logits`` itself)."""
+    ``reduction="sum"`` in the options); ``z_scale`` (0-d, or None) multiplies ``z_loss`` (the
+    weighted mean's, with ``divisor``: ``cross_entropy_mean_divisors``). One read of
+    ``logits``, one write of ``out`` (a new tensor like ``logits`` when None; may be
+    ``logits`` itself)."""
     opts = _options(options, weight=weight, ignore_index=ignore_index,
                     reduction="sum" if normalizer is not None else "mean",
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -299,14 +329,16 @@ def cross_entropy_grad(
         divisor = norm
     _grad_rows(xv, dxv, target, lse, grad, opts, vocab_start=vocab_start,
                n_classes=xv.n_cols if n_classes is None else n_classes, divisor=divisor,
-               denom=denom, config=config)
+               z_scale=z_scale, denom=denom, config=config)
     _copy_back(out, temp)
     return out
 
 
 def _grad_rows(xv: RowView, dxv: RowView, target, lse, grad, opts: CrossEntropyOptions, *,
-               vocab_start: int, n_classes: int, divisor, denom: float, config) -> None:
-    """cross_entropy_grad on RowViews, g = grad / (denom · divisor)."""
+               vocab_start: int, n_classes: int, divisor, denom: float, config,
+               z_scale=None, unless_one: bool = False) -> None:
+    """cross_entropy_grad on RowViews, g = grad / (denom · divisor); ``unless_one``: the
+    kernel's ``UNLESS_ONE`` (a 0-d grad that is exactly 1 writes nothing)."""
     if xv.n_rows == 0 or xv.n_cols == 0:
         return
     cfg = _config(xv.n_rows, xv.n_cols, xv.tensor, config)
@@ -325,19 +357,22 @@ def _grad_rows(xv: RowView, dxv: RowView, target, lse, grad, opts: CrossEntropyO
     weight = _weight(opts)
     launch(cross_entropy_bwd_kernel, (xv.n_rows, n_splits),
            (xv.tensor, target, weight, _weight_sum(opts, weight, xv.tensor), lse, grad, divisor,
-            dxv.tensor, xv.n_cols, xv.n_inner, chunk, vocab_start, n_classes, opts.ignore_index,
+            z_scale, dxv.tensor, xv.n_cols, xv.n_inner, chunk, vocab_start, n_classes,
+            opts.ignore_index,
             0 if grad.ndim == 0 else grad.stride(0), xv.strides, dxv.strides,
             opts.label_smoothing, opts.z_loss, *opts.transform.kernel_factors, denom),
            path=cfg.path, num_warps=cfg.num_warps, BLOCK_N=block_n,
            HAS_SMOOTHING=_smoothing(opts), HEAD=opts.transform.kernel_mode,
-           PEEL_EDGES=peel, ROW_STATS=row_stats)
+           PEEL_EDGES=peel, ROW_STATS=row_stats, UNLESS_ONE=unless_one)
 
 
 def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
-              dxv: RowView | None, divisor, denom: float, config, loss_dtype=None):
+              dxv: RowView | None, divisor, denom: float, config, loss_dtype=None,
+              z_scale=None):
     """The forward on a RowView ``xv`` (rows along the class dim) and flat targets: returns
     (loss_rows, lse); with ``dxv`` the fused gradient of the reduced loss (g = 1 / (denom ·
-    divisor)) is written there."""
+    divisor)) is written there. ``z_scale`` (0-d or None) multiplies ``z_loss``, in the rows
+    and the gradient."""
     x = xv.tensor
     n_rows, n_cols = xv.n_rows, xv.n_cols
     sdt = accum_dtype(x)
@@ -347,18 +382,18 @@ def _fwd_rows(xv: RowView, target: torch.Tensor, opts: CrossEntropyOptions, *,
     cfg = _config(n_rows, n_cols, x, config, fused_grad=dxv is not None)
     if cfg.path == "split":
         stats = cross_entropy_partial_stats(x, target, options=opts, config=cfg, _view=xv)
-        loss, lse = cross_entropy_combine(stats, target, n_cols, options=opts,
+        loss, lse = cross_entropy_combine(stats, target, n_cols, options=opts, z_scale=z_scale,
                                           _loss_dtype=loss_dtype)
         if dxv is not None:
             one = torch.ones((), dtype=sdt, device=x.device)
             _grad_rows(xv, dxv, target, lse, one, opts, vocab_start=0, n_classes=n_cols,
-                       divisor=divisor, denom=denom, config=cfg)
+                       divisor=divisor, z_scale=z_scale, denom=denom, config=cfg)
         return loss, lse
     loss = empty((n_rows,), loss_dtype, x.device)
     lse = empty((n_rows,), sdt, x.device)
     compute_grad = dxv is not None
     dx_view = dxv if compute_grad else xv
-    data = (x, target, _weight(opts), divisor, loss, lse, dx_view.tensor)
+    data = (x, target, _weight(opts), divisor, z_scale, loss, lse, dx_view.tensor)
     scalars = (xv.strides, dx_view.strides, opts.label_smoothing, opts.z_loss,
                *opts.transform.kernel_factors, denom)
     flags = dict(HAS_SMOOTHING=_smoothing(opts), HEAD=opts.transform.kernel_mode,
@@ -398,11 +433,14 @@ def cross_entropy_fwd(
     compute_grad: bool = False,
     grad_out: torch.Tensor | None = None,
     total_weight: torch.Tensor | None = None,
+    z_scale: torch.Tensor | None = None,
     config: RowConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row loss and lse of 2-D ``logits`` (N, C) against class indices ``target`` (N,), and,
     with ``compute_grad``, the gradient of the reduced loss written to ``grad_out`` (default: a
-    new tensor; ``logits`` itself for in place). See the module docstring."""
+    new tensor; ``logits`` itself for in place). ``total_weight`` and ``z_scale``: the mean's
+    divisors (``cross_entropy_mean_divisors``), computed from these targets when None. See the
+    module docstring."""
     opts = _options(options, weight=weight, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                     logit_scale=logit_scale, logit_divisor=logit_divisor,
@@ -416,10 +454,14 @@ def cross_entropy_fwd(
     target = target.contiguous()
     sdt = accum_dtype(logits)
     divisor, denom = None, 1.0
-    if compute_grad and opts.reduction == "mean":
-        divisor = total_weight if total_weight is not None else cross_entropy_total_weight(
-            target, logits.shape[1], weight=opts.weight, ignore_index=opts.ignore_index,
-            dtype=sdt)
+    if opts.reduction == "mean" and (compute_grad or opts.scales_z_term):
+        if total_weight is None:
+            divisor, z_scale = cross_entropy_mean_divisors(target, logits.shape[1], opts, sdt)
+        else:
+            divisor = total_weight
+        if opts.scales_z_term and z_scale is None:
+            raise ValueError("total_weight was given for a weighted mean with a z-loss: pass its "
+                             "z_scale too (cross_entropy_mean_divisors)")
     elif compute_grad and opts.reduction == "sum":
         divisor, denom = _normalizer(opts, logits, sdt)
     dx, dxv, temp = None, None, None
@@ -428,10 +470,45 @@ def cross_entropy_fwd(
                                                          logits.device)
         dxv, temp = _written_view(dx, "grad_out")
     loss, lse = _fwd_rows(row_view(logits, 1), target, opts, dxv=dxv, divisor=divisor,
-                          denom=denom, config=config)
+                          denom=denom, config=config,
+                          z_scale=z_scale if opts.scales_z_term else None)
     if dx is not None:
         _copy_back(dx, temp)
     return loss, lse, dx
+
+
+def cross_entropy_regrad_(
+    dx: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_output: torch.Tensor,
+    *,
+    options: CrossEntropyOptions,
+    divisor: torch.Tensor | None = None,
+    z_scale: torch.Tensor | None = None,
+) -> None:
+    """The backward of a reduced loss whose gradient the forward fused: ``dx`` (the logits'
+    shape, class dim 1, holding the gradient for grad_output 1) becomes the gradient for the 0-d
+    ``grad_output`` — untouched when it is exactly 1 (every program of the launch returns at
+    once: no bytes move), else recomputed from ``logits`` and ``lse`` (one read, one write) and
+    rounded once. Scaling the stored 16-bit gradient instead would round twice (about a quarter
+    of the elements one ulp off). ``divisor`` / ``z_scale``: the forward's mean divisors
+    (``cross_entropy_mean_divisors``); a ``normalizer`` comes from ``options``."""
+    if dx.numel() == 0:
+        return
+    xv = row_view(logits, 1 if logits.ndim >= 2 else 0)
+    dxv, temp = _written_view(dx, "dx")
+    opts = options
+    norm, denom = _normalizer(opts, logits, lse.dtype)
+    if norm is not None:
+        divisor = norm
+    if temp is not None:  # the kernel writes whole rows or nothing: start from dx's values
+        temp.copy_(dx)
+    _grad_rows(xv, dxv, target.reshape(-1).contiguous(), lse.reshape(-1), grad_output, opts,
+               vocab_start=0, n_classes=xv.n_cols, divisor=divisor, denom=denom, config=None,
+               z_scale=z_scale if opts.scales_z_term else None, unless_one=True)
+    _copy_back(dx, temp)
 
 
 def cross_entropy_scale_grad(dx: torch.Tensor, grad_output: torch.Tensor) -> None:
