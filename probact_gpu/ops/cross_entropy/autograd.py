@@ -97,7 +97,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad, grad_divisors):
         return (None, *none)
     input, target, lse, weight, normalizer, divisors = ctx.saved_tensors
     scalars = ctx.scalars
-    if ctx.grad is not None and plain_eager():
+    if ctx.grad is not None and plain_eager() and not input.is_meta:
         # First eager backward of a reduced loss: the forward's gradient (for grad_output 1) is
         # kept as it is when grad_output is exactly 1, else recomputed from the logits for it
         # and rounded once — decided on the device by the launch itself.
@@ -109,8 +109,9 @@ def _backward(ctx, grad_loss, grad_lse, grad_grad, grad_divisors):
                               z_scale=divisors[1] if mean else None)
         return (grad, *none)
     # reduction "none", a repeated backward (retain_graph), torch.compile (which cannot
-    # partition a backward that mutates a saved forward output) or a torch.func transform (whose
-    # tensors may have no storage of their own): out of place, from lse.
+    # partition a backward that mutates a saved forward output), a torch.func transform (whose
+    # tensors may have no storage of their own) or meta tensors (the backward op's fake
+    # implementation infers the shape; nothing is launched): out of place, from lse.
     dx = _ce_bwd(input, target, lse, grad_loss, weight, *scalars[:8], normalizer, scalars[8])
     return (dx, *none)
 
