@@ -33,6 +33,13 @@ whole grid. :func:`install` makes a helper called inside a launch run its rewrit
 directly — the same code under the same patched modules — which makes kernels built from helpers
 (the head transform, the online updates) 2–4× faster to interpret.
 
+``tl.dot`` (``create_dot``) runs NumPy's ``matmul`` on the operands' storage: bf16 operands are
+multiplied as their uint16 bit patterns, and for the float formats OpenBLAS's blocking makes a
+row's result depend on the row's position in the tile (its micro-kernel edges), where the GPU's
+MMA gives every row the same sequence of operations. :func:`install` replaces it, for float
+operands, by :func:`dot_exact`: each output element an fma chain over k in order, every step
+rounded once in the accumulator's dtype — no dependence on the tile's other rows.
+
 The shim is installed the first time a kernel is about to run on the interpreter
 (``_runtime.check_runnable``), never at import, and is valid for triton 3.6 and 3.9, whose
 builders have the same methods. ``docs/interpreter.md`` has a reproducer for each defect.
@@ -136,6 +143,26 @@ def fma_exact(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         return np.where(ok, out, plain)
 
 
+def dot_exact(a: np.ndarray, b: np.ndarray, acc: np.ndarray, *, exact_products: bool = False
+              ) -> np.ndarray:
+    """``acc + a @ b`` as a chain of fmas over k in order, each rounded once in ``acc``'s dtype
+    (:func:`fma_exact`): ``a`` (…, M, K) and ``b`` (…, K, N) already decoded to floats. Every
+    output element sees the same operations whatever the other rows and columns hold.
+    ``exact_products``: the operands are 16-bit values, whose products are exact in fp32, so
+    each fma is the product plus one rounded addition."""
+    out = np.array(acc, copy=True)
+    wide = out.dtype
+    a = np.asarray(a).astype(wide)
+    b = np.asarray(b).astype(wide)
+    with np.errstate(all="ignore"):
+        for k in range(a.shape[-1]):
+            if exact_products:
+                out = out + a[..., :, k : k + 1] * b[..., k : k + 1, :]
+            else:
+                out = fma_exact(a[..., :, k : k + 1], b[..., k : k + 1, :], out)
+    return out
+
+
 # --------------------------------------------------------------------------- the shim
 
 _FLOATS = ("fp16", "bf16", "fp32", "fp64")
@@ -194,6 +221,20 @@ def install() -> None:
     create_fp_to_fp.__wrapped__ = triton_fp_to_fp
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
+
+    triton_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        s_a, s_b, s_d = (_name(t.dtype.scalar) for t in (a, b, d))
+        if s_a is None or s_b is None or s_d not in ("fp32", "fp64"):
+            return triton_dot(self, a, b, d, *args)
+        decoded = [bf16_bits_to_f32(t.data) if s == "bf16" else t.data
+                   for t, s in ((a, s_a), (b, s_b))]
+        narrow = s_a in ("bf16", "fp16") and s_b in ("bf16", "fp16")
+        return handle(dot_exact(*decoded, d.data, exact_products=narrow), d.dtype.scalar)
+
+    create_dot.__wrapped__ = triton_dot
+    builder.create_dot = create_dot
     if not _fma_is_exact(builder, handle):
         triton_fma = builder.create_fma
 

@@ -507,3 +507,105 @@ def choose_distillation_token_chunk(n_tokens: int, bytes_per_token: int,
     (default ``LINEAR_CE_LOGITS_BUDGET``) of *both* heads' logits (``bytes_per_token`` =
     ``V_s·e_s + V_t·e_t``), rounded as ``choose_token_chunk``."""
     return _rows_in_budget(n_tokens, bytes_per_token, 1, budget_bytes)
+
+
+# --------------------------------------------------------------------------- batch-invariant mode
+#
+# ``batch_invariant=True`` (docs/rl.md) reduces every row's vocabulary in fixed tiles of
+# ``INVARIANT_TILE`` classes, each tile's (max, Σexp, τ) formed the same way whatever else the
+# launch holds, then adds the tiles exactly (an integer fixed-point sum, kernels/_invariant.py):
+# so nothing below may depend on the number of rows. Every config here is a function of the
+# dtype alone. A vocab-parallel shard must start on a multiple of INVARIANT_TILE (Megatron pads
+# the vocabulary to a multiple of 128 · TP, which gives that).
+
+INVARIANT_TILE = 128
+# Rows a program of the logits-given tile-statistics kernel holds: 16 × 128 values, 16 fp32 a
+# thread at 4 warps.
+INVARIANT_ROWS = 16
+INVARIANT_WARPS = 4
+# Tiles the exact merge folds per step (one program per row): 256 × (m, s, τ) a step.
+INVARIANT_MERGE_TILES = 256
+# Default bytes of the fused head's buffers: the forward's per-(token, tile) statistics (12 B a
+# token and tile: at 151936 classes 14 KiB a token, so 8192 tokens take 116 MiB, one chunk) and
+# the backward's dz block (tokens × a vocabulary chunk in the input's dtype: 8192 bf16 tokens
+# take 16384 classes a chunk, 10 chunks at 151936).
+FUSED_HEAD_BUDGET = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HeadGemmConfig:
+    """Tiles of the fused head's kernels (kernels/head_gemm.py): ``block_m`` tokens ×
+    ``block_n`` classes (always ``INVARIANT_TILE``) of logits per program, ``block_k`` of the
+    hidden size per ``tl.dot`` step; ``block_h`` hidden columns per program of the dh / dW
+    kernels. Fixed per dtype: a token's logits never depend on how many tokens there are (no
+    split-K, no tile chosen from M)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "block_h"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest "
+                                 f"tile), got {value}")
+        if self.block_n != INVARIANT_TILE:
+            raise ValueError(f"block_n must be INVARIANT_TILE={INVARIANT_TILE} (the tile the "
+                             f"statistics are kept per), got {self.block_n}")
+
+
+# Reasoned for sm_90, then checked by scripts/sm90_report.py (registers, no spills, HMMA/wgmma
+# in the SASS): a 64 × 128 fp32 accumulator is 32 values a thread at 8 warps, leaving room for
+# the epilogue's exponentials on the same tile; 16-bit operands take 64-wide k steps (8 KiB + 16
+# KiB of operands a stage, 3 stages in 72 KiB of shared memory). fp32 operands halve block_k
+# (the same bytes a stage); the 3-pass bf16 split keeps both halves of each operand live, so it
+# takes the fp32 tile too. fp64 halves everything again (DMMA, twice the registers a value).
+_HEAD_GEMM = {
+    2: HeadGemmConfig(64, INVARIANT_TILE, 64, 128, 8, 3),
+    4: HeadGemmConfig(64, INVARIANT_TILE, 32, 64, 8, 3),
+    8: HeadGemmConfig(32, INVARIANT_TILE, 16, 32, 4, 2),
+}
+
+
+# Token tiles per group of the fused head's 1-D grid (kernels/head_gemm.py ``_grouped``): the
+# programs in flight walk the vocabulary tiles together, so each W tile read from HBM serves
+# GROUP_M token tiles from L2. Changes no result (the programs are independent).
+HEAD_GEMM_GROUP_M = 8
+
+
+def head_gemm_config(elem_size: int) -> HeadGemmConfig:
+    """The fused head's tiles for inputs of ``elem_size`` bytes (a function of the dtype only)."""
+    return _HEAD_GEMM[elem_size]
+
+
+def invariant_tiles(n_cols: int) -> int:
+    """Tiles of ``INVARIANT_TILE`` classes covering ``n_cols`` (the last one may be partial)."""
+    return cdiv(n_cols, INVARIANT_TILE)
+
+
+def fused_head_token_chunk(n_tokens: int, n_tiles: int, stat_fields: int, block_m: int,
+                           budget_bytes: int | None = None) -> int:
+    """Tokens per chunk of the fused head's forward: as many as keep the (tokens, tiles,
+    ``stat_fields``) fp32 statistics within ``budget_bytes`` (default ``FUSED_HEAD_BUDGET``),
+    a multiple of ``block_m``, at least ``block_m``, at most what the tokens need. The chunk
+    changes no result (each token's statistics are its own)."""
+    budget = FUSED_HEAD_BUDGET if budget_bytes is None else budget_bytes
+    fit = budget // max(1, n_tiles * stat_fields * 4)
+    fit = max(block_m, fit - fit % block_m)
+    return min(fit, max(block_m, cdiv(n_tokens, block_m) * block_m))
+
+
+def fused_head_vocab_chunk(n_tokens: int, n_classes: int, elem_size: int,
+                           budget_bytes: int | None = None) -> int:
+    """Classes per chunk of the fused head's backward, whose (tokens × chunk) dz block must fit
+    ``budget_bytes`` (default ``FUSED_HEAD_BUDGET``): a multiple of ``INVARIANT_TILE``, at
+    least one tile, at most what the classes need. The chunk changes no result: dh is carried
+    between chunks in fp32 and walks the tiles in one order, dW rows are each one chunk's."""
+    budget = FUSED_HEAD_BUDGET if budget_bytes is None else budget_bytes
+    fit = budget // max(1, n_tokens * elem_size)
+    fit = max(INVARIANT_TILE, fit - fit % INVARIANT_TILE)
+    return min(fit, invariant_tiles(n_classes) * INVARIANT_TILE)
