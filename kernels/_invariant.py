@@ -35,7 +35,7 @@ The argmax is exact too: the smallest ``128·b + arg_b`` among the tiles with ``
 import triton
 import triton.language as tl
 
-from ._head import head_factors, head_transform
+from ._head import head_chain, head_factors, head_transform, head_transform_slope
 from ._online import exp_precise, row_offset, safe_max, upcast
 
 TILE: tl.constexpr = tl.constexpr(128)  # tiling.INVARIANT_TILE
@@ -198,3 +198,81 @@ def _fixed_add(acc, lo, probe, v, EXTRA_LIMB: tl.constexpr):
         lo += (rest * FIXED_ONE).to(tl.int64)
     probe += v * 0.0
     return acc, lo, probe
+
+
+@triton.jit
+def target_logits_kernel(
+    # data: logits, targets (rows, K) global ids (row stride target_row_stride), out: z at each
+    # target (rows, K) in the math dtype (0 where the target is not in [0, n_cols))
+    x_ptr, target_ptr, z_ptr,
+    # shape
+    n_rows, n_cols, n_inner, n_targets, target_row_stride,
+    # strides (elements) of the logits
+    x_outer_stride, x_inner_stride, x_col_stride,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK: tl.constexpr, HEAD: tl.constexpr,
+):
+    """The transformed logit at each of the rows' K targets (the ``(…, K)`` index of
+    ``token_log_probs``): one element read each, elementwise (no reduction)."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_rows * n_targets
+    row = i // n_targets
+    k = i % n_targets
+    tgt = tl.load(target_ptr + row * target_row_stride + k, mask=ok, other=0).to(tl.int64)
+    here = ok & (tgt >= 0) & (tgt < n_cols)
+    offs = row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    x = upcast(tl.load(x_ptr + offs + tl.where(here, tgt, 0) * x_col_stride, mask=here,
+                       other=0.0))
+    z = tl.where(here, head_transform(x, head, HEAD), 0.0)
+    tl.store(z_ptr + i, z, mask=ok)
+
+
+@triton.jit
+def invariant_bwd_kernel(
+    # data: logits, targets (rows, K) global ids, statistics (rows, 3) = (shift, log s, μ),
+    # coefficients (rows, 4) = (A, ·, C, D) and B (rows, K), class weights (n_cols,) (unread
+    # without HAS_CLASS_WEIGHT), dlogits
+    x_ptr, target_ptr, stats_ptr, coef_ptr, coef_b_ptr, class_weight_ptr, dx_ptr,
+    # shape: local column c is global class vocab_start + c
+    n_cols, n_inner, vocab_start, n_targets, target_row_stride, coef_b_row_stride,
+    # strides (elements): logits, then dlogits
+    x_outer_stride, x_inner_stride, x_col_stride,
+    dx_outer_stride, dx_inner_stride, dx_col_stride,
+    # the head transform's factors (fp64 arguments: ``_head.head_factors``)
+    head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
+    BLOCK_N: tl.constexpr, HEAD: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_ENTROPY_TERM: tl.constexpr,
+):
+    """Program (row, block) writes ``dx = chain(A·p − Σ_k B_k·[c = t_k] − C·w_c − D·p·(z −
+    shift − μ))`` over one block of a row, ``p = exp((z − shift) − log s)`` (the fused head's
+    dz, kernels/head_gemm.py, on given logits). Elementwise from the row's statistics: each
+    element's bits are its own, whatever the launch. Reads and writes BLOCK_N·e a program."""
+    head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
+    row = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = q < n_cols
+    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
+    x = upcast(tl.load(x_row + q * x_col_stride, mask=mask, other=0.0))
+    z, slope = head_transform_slope(x, head, HEAD)
+    z = tl.where(mask, z, float("-inf"))
+    shift = tl.load(stats_ptr + row * 3)
+    log_sum = tl.load(stats_ptr + row * 3 + 1)
+    rel = z - shift
+    p = exp_precise(rel - log_sum)
+    dz = tl.load(coef_ptr + row * 4) * p
+    for k in range(0, n_targets):
+        tgt = tl.load(target_ptr + row * target_row_stride + k).to(tl.int64)
+        b_k = tl.load(coef_b_ptr + row * coef_b_row_stride + k)
+        dz -= tl.where(vocab_start + q == tgt, b_k, 0.0)
+    if HAS_CLASS_WEIGHT:
+        w_c = upcast(tl.load(class_weight_ptr + q, mask=mask, other=0.0))
+        dz -= tl.load(coef_ptr + row * 4 + 2) * w_c
+    if HAS_ENTROPY_TERM:
+        mu = tl.load(stats_ptr + row * 3 + 2)
+        dz -= tl.load(coef_ptr + row * 4 + 3) * tl.where(z == float("-inf"), 0.0,
+                                                         p * (rel - mu))
+    dx = head_chain(dz, slope, head, HEAD)
+    dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
+    tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -7,19 +7,21 @@ vocab-parallel forms when ``batch_invariant=True`` (docs/rl.md). No host sync an
 Stable surface:
 
 ``invariant_tile_stats(logits, target, *, vocab_start=0, transform, compute_entropy,
-compute_argmax) -> TileStates``
-    Per (row, tile of ``INVARIANT_TILE`` classes) states of ``logits`` (rows along the last
-    dim, any strides), whose local column 0 is global class ``vocab_start`` (a multiple of
-    the tile).
+compute_argmax, dim=-1) -> TileStates``
+    Per (row, tile of ``INVARIANT_TILE`` classes) states of ``logits`` (rows along ``dim``,
+    any strides), whose local column 0 is global class ``vocab_start`` (a multiple of the
+    tile).
 ``reduce_tile_states(states, *, tile_start, compute_entropy, compute_argmax, group=None)
 -> RowSums``
     The rows' max, exact sums, probe, target logit and argmax over every tile — this shard's,
     then (``group``) every rank's: ``all_reduce(MAX)`` of the max, then ``all_reduce(SUM)`` of
     the integer sums (exact: the same bits in any order) and ``all_reduce(MIN)`` of the argmax.
-``finish_rows(sums, target, *, n_classes, ignore_index, compute_entropy, dtype)
--> (logp, entropy | None, lse, stats)``
-    Each row's outputs, formed in float64 from the exact sums and rounded once to ``dtype``;
-    ``stats`` (N, 3) = (shift, log s, μ) for the backward kernels. ``logp ≤ 0`` always.
+``exact_rows(sums) -> ExactRows``
+    The rows' (shift, log S, T / S, z_t) in float64 from the exact sums.
+``token_rows(rows, target, ...) -> (logp, entropy | None, lse, stats)`` (``finish_rows``: of
+``exact_rows``), ``cross_entropy_rows(rows, target, ...) -> (loss rows, z-loss rows, lse)``
+    Each row's outputs, formed in float64 and rounded once to ``dtype``; ``stats`` (N, 3) =
+    (shift, log s, μ) for the backward kernels. ``logp ≤ 0`` always.
 ``check_invariant_layout(vocab_start, v_local, n_classes)``
     Raise unless a shard starts on a tile boundary and, unless it ends the vocabulary, ends
     on one.
@@ -102,10 +104,11 @@ def empty_states(n_rows: int, n_tiles: int, dtype: torch.dtype, device: torch.de
 
 def invariant_tile_stats(logits: torch.Tensor, target: torch.Tensor, *, vocab_start: int = 0,
                          transform: HeadTransform, compute_entropy: bool,
-                         compute_argmax: bool) -> TileStates:
-    """Tile states of ``logits`` (rows along the last dim; column 0 is global class
-    ``vocab_start``) and the flat int32/int64 global ``target``: one read of the logits."""
-    xv = row_view(logits, logits.ndim - 1)
+                         compute_argmax: bool, dim: int = -1) -> TileStates:
+    """Tile states of ``logits`` (rows along ``dim``, any strides; column 0 is global class
+    ``vocab_start``) and the flat int32/int64 global ``target`` (in the rows' order): one read
+    of the logits."""
+    xv = row_view(logits, dim % logits.ndim)
     n_tiles = tiling.invariant_tiles(xv.n_cols)
     states = empty_states(xv.n_rows, n_tiles, accum_dtype(logits), logits.device,
                           compute_entropy, compute_argmax)
@@ -197,19 +200,30 @@ def permute_rows(sums: RowSums, order: torch.Tensor) -> RowSums:
     return RowSums(*(back(t) for t in sums))
 
 
-def finish_rows(sums: RowSums, target: torch.Tensor, *, n_classes: int, ignore_index: int,
-                compute_entropy: bool, dtype: torch.dtype, computed: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(logp, entropy | None, lse, stats (N, 3)) of the rows, from their exact sums: float64
-    arithmetic, one rounding to ``dtype`` at the end::
+class ExactRows(NamedTuple):
+    """The rows' statistics in float64 from their exact sums: ``shift`` (M, 0 where M = −inf),
+    ``log_sum`` (log S), ``mu`` (T / S), ``z_t`` (the target's logit)."""
 
-        S = Σ v · 2^−44 (+ low limb · 2^−88),  T likewise;  shift = M (0 where M = −inf)
-        lse = shift + log S;   logp = min((z_t − shift) − log S, 0);   H = log S − T / S
+    shift: torch.Tensor
+    log_sum: torch.Tensor
+    mu: torch.Tensor
+    z_t: torch.Tensor
 
-    ``z_t ≤ M`` and ``S ≥ 1`` make ``logp ≤ 0`` already; the ``min`` states it. Rows whose
-    target is ``ignore_index``: logp 0, entropy 0; a target outside ``[0, n_classes)``: NaN.
-    ``computed`` (bool, N): rows whose statistics were formed (the fused head skips ignored
-    tokens): the others get lse NaN and stats 0."""
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.shift + self.log_sum
+
+    def stats(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, 3) = (shift, log s, μ) in ``dtype``: what the backward kernels read."""
+        return torch.stack([self.shift, self.log_sum, self.mu], dim=1).to(dtype)
+
+
+def exact_rows(sums: RowSums) -> ExactRows:
+    """float64 statistics of the rows from ``sums``::
+
+        S = Σ v · 2^−44 (+ low limb · 2^−88) + probe,  T likewise;  shift = M (0 if M = −inf)
+
+    ``S ≥ 1`` (the max tile adds ``s_b ≥ 1``) unless a share was NaN (then NaN)."""
     f64 = torch.float64
     m, raw, probe, z_t, _ = sums
     scale = 2.0**-FIXED_BITS
@@ -221,16 +235,63 @@ def finish_rows(sums: RowSums, target: torch.Tensor, *, n_classes: int, ignore_i
     probe = probe.to(f64)
     s, tau = s + probe, tau + probe
     shift = torch.where(m == float("-inf"), 0.0, m).to(f64)
-    log_sum = torch.log(s)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < n_classes)
-    logp = torch.clamp((z_t.to(f64) - shift) - log_sum, max=0.0)
+    return ExactRows(shift, torch.log(s), tau / s, z_t.to(f64))
+
+
+def target_checks(target: torch.Tensor, n_classes: int, ignore_index: int):
+    """(valid, in_range) of flat global targets."""
+    return target != ignore_index, (target >= 0) & (target < n_classes)
+
+
+def token_rows(rows: ExactRows, target: torch.Tensor, *, n_classes: int, ignore_index: int,
+               compute_entropy: bool, dtype: torch.dtype, computed: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(logp, entropy | None, lse, stats (N, 3)) of the rows, formed in float64 and rounded
+    once to ``dtype``::
+
+        lse = shift + log S;   logp = min((z_t − shift) − log S, 0);   H = log S − T / S
+
+    ``z_t ≤ M`` and ``S ≥ 1`` make ``logp ≤ 0`` already; the ``min`` states it. Rows whose
+    target is ``ignore_index``: logp 0, entropy 0; a target outside ``[0, n_classes)``: NaN.
+    ``computed`` (bool, N): rows whose statistics were formed (the fused head skips ignored
+    tokens): the others get lse NaN and stats 0."""
+    valid, in_range = target_checks(target, n_classes, ignore_index)
+    logp = torch.clamp((rows.z_t - rows.shift) - rows.log_sum, max=0.0)
     logp = torch.where(valid, torch.where(in_range, logp, float("nan")), 0.0)
-    mu = tau / s
-    entropy = torch.where(valid, log_sum - mu, 0.0).to(dtype) if compute_entropy else None
-    lse = shift + log_sum
-    stats = torch.stack([shift, log_sum, mu], dim=1)
+    entropy = None
+    if compute_entropy:
+        entropy = torch.where(valid, rows.log_sum - rows.mu, 0.0).to(dtype)
+    lse, stats = rows.lse, rows.stats(dtype)
     if computed is not None:
         lse = torch.where(computed, lse, float("nan"))
         stats = torch.where(computed[:, None], stats, 0.0)
-    return logp.to(dtype), entropy, lse.to(dtype), stats.to(dtype)
+    return logp.to(dtype), entropy, lse.to(dtype), stats
+
+
+def finish_rows(sums: RowSums, target: torch.Tensor, *, n_classes: int, ignore_index: int,
+                compute_entropy: bool, dtype: torch.dtype, computed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`token_rows` of :func:`exact_rows`."""
+    return token_rows(exact_rows(sums), target, n_classes=n_classes, ignore_index=ignore_index,
+                      compute_entropy=compute_entropy, dtype=dtype, computed=computed)
+
+
+def cross_entropy_rows(rows: ExactRows, target: torch.Tensor, *, n_classes: int,
+                       ignore_index: int, weight: torch.Tensor | None, z_loss: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss rows, z-loss rows, lse) of class-index cross-entropy, float64 then rounded once::
+
+        loss_row = w_t · ((shift − z_t) + log S) + λ · lse²     (0 on ignored rows)
+
+    (the z-loss term ``λ · lse²`` also apart, for logging); NaN for a target outside
+    ``[0, n_classes)``. ``weight`` is the global (n_classes,) class weights or None."""
+    valid, in_range = target_checks(target, n_classes, ignore_index)
+    nll = torch.clamp((rows.shift - rows.z_t) + rows.log_sum, min=0.0)
+    if weight is not None:
+        safe = torch.where(in_range, target, 0)
+        nll = nll * weight.to(torch.float64)[safe]
+    lse = rows.lse
+    zl = z_loss * lse * lse if z_loss else torch.zeros_like(lse)
+    loss = torch.where(valid, torch.where(in_range, nll + zl, float("nan")), 0.0)
+    zl = torch.where(valid, zl, 0.0)
+    return loss.to(dtype), zl.to(dtype), lse.to(dtype)
