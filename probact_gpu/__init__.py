@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     # result and option types
     "TokenLogProbs": "ops.token_log_probs",
     "TopKTeacher": "ops.distillation",
+    "CrossEntropyOutput": "ops._common",
     "CrossEntropyOptions": "options",
     "DistillationOptions": "options",
     "HeadTransform": "options",
@@ -53,6 +54,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "CrossEntropyOptions",
+    "CrossEntropyOutput",
     "DistillationLoss",
     "DistillationOptions",
     "HeadTransform",

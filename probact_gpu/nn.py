@@ -251,11 +251,14 @@ class CrossEntropyLoss(_CrossEntropyOptionsModule):
     """As ``torch.nn.CrossEntropyLoss`` (``weight``: per-class weights, a buffer;
     ``ignore_index``, ``reduction``, ``label_smoothing``: attributes), plus probact's
     keyword-only options (``z_loss``, the logit transform ``logit_scale`` → ``logit_divisor`` →
-    ``softcap`` → ``temperature``, ``normalizer``, ``return_lse``, ``inplace_backward``; see
-    ``probact_gpu.cross_entropy``), attributes too. Every option is validated here, and again
-    on each assignment."""
+    ``softcap`` → ``temperature``, ``normalizer``, ``return_lse``, ``inplace_backward``,
+    ``batch_invariant``, ``return_z_loss``, ``return_token_accuracy``,
+    ``return_predicted_tokens``; see ``probact_gpu.cross_entropy``), attributes too. Every
+    option is validated here, and again on each assignment."""
 
-    _EXTRA = dict(return_lse=False, inplace_backward=False)
+    _EXTRA = dict(return_lse=False, inplace_backward=False, batch_invariant=False,
+                  return_z_loss=False, return_token_accuracy=False,
+                  return_predicted_tokens=False)
 
     def __init__(
         self,
@@ -272,10 +275,19 @@ class CrossEntropyLoss(_CrossEntropyOptionsModule):
         normalizer: float | torch.Tensor | None = None,
         return_lse: bool = False,
         inplace_backward: bool = False,
+        batch_invariant: bool = False,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
     ) -> None:
         super().__init__()
-        self._check_extra(return_lse=return_lse, inplace_backward=inplace_backward)
-        self.return_lse, self.inplace_backward = return_lse, inplace_backward
+        flags = dict(return_lse=return_lse, inplace_backward=inplace_backward,
+                     batch_invariant=batch_invariant, return_z_loss=return_z_loss,
+                     return_token_accuracy=return_token_accuracy,
+                     return_predicted_tokens=return_predicted_tokens)
+        self._check_extra(**flags)
+        for name, value in flags.items():
+            setattr(self, name, value)
         self._init_options(weight, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                            logit_scale=logit_scale, logit_divisor=logit_divisor,
@@ -287,8 +299,7 @@ class CrossEntropyLoss(_CrossEntropyOptionsModule):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return functional.cross_entropy(input, target, **self._kwargs(),
-                                        return_lse=self.return_lse,
-                                        inplace_backward=self.inplace_backward)
+                                        **{name: getattr(self, name) for name in self._EXTRA})
 
 
 class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
@@ -297,10 +308,14 @@ class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
     ``weight`` are per-class weights, a buffer; the head's ``linear_weight`` is passed in, so it
     stays owned by the model). ``ignore_index`` defaults to None, as torch's (-100 for class
     indices; class probabilities refuse an explicit one). Every option, ``chunk_size``,
-    ``memory_budget`` and ``low_memory`` included, is validated here and again on each
-    assignment."""
+    ``memory_budget``, ``low_memory``, ``batch_invariant``, ``fp32_precision`` and the
+    ``return_*`` flags included, is validated here and again on each assignment."""
 
-    _EXTRA = dict(chunk_size=None, memory_budget=None, low_memory=False)
+    _EXTRA = dict(chunk_size=None, memory_budget=None, low_memory=False, batch_invariant=False,
+                  fp32_precision="ieee", return_z_loss=False, return_token_accuracy=False,
+                  return_predicted_tokens=False)
+    _FLAGS = ("low_memory", "batch_invariant", "return_z_loss", "return_token_accuracy",
+              "return_predicted_tokens")
 
     def __init__(
         self,
@@ -318,12 +333,20 @@ class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         low_memory: bool = False,
+        batch_invariant: bool = False,
+        fp32_precision: str = "ieee",
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
     ) -> None:
         super().__init__()
-        self._check_extra(chunk_size=chunk_size, memory_budget=memory_budget,
-                          low_memory=low_memory)
-        self.chunk_size, self.memory_budget = chunk_size, memory_budget
-        self.low_memory = low_memory
+        extra = dict(chunk_size=chunk_size, memory_budget=memory_budget, low_memory=low_memory,
+                     batch_invariant=batch_invariant, fp32_precision=fp32_precision,
+                     return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                     return_predicted_tokens=return_predicted_tokens)
+        self._check_extra(**extra)
+        for name, value in extra.items():
+            setattr(self, name, value)
         self._init_options(weight, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                            logit_scale=logit_scale, logit_divisor=logit_divisor,
@@ -331,11 +354,15 @@ class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
 
     def _check_extra(self, **values: Any) -> None:
         from .ops._common import check_chunking
+        from .ops.fused_head import check_fp32_precision
 
         current = {name: self.__dict__.get(name, default)
                    for name, default in self._EXTRA.items()}
         current.update(values)
+        for name in self._FLAGS:
+            _check_flag(name, current[name])
         check_chunking(current["chunk_size"], current["memory_budget"], current["low_memory"])
+        check_fp32_precision(current["fp32_precision"], current["batch_invariant"])
 
     def _kwargs(self) -> dict:
         kwargs = super()._kwargs()
@@ -354,8 +381,7 @@ class LinearCrossEntropyLoss(_CrossEntropyOptionsModule):
     ) -> torch.Tensor:
         return functional.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, **self._kwargs(),
-            chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-            low_memory=self.low_memory,
+            **{name: getattr(self, name) for name in self._EXTRA},
         )
 
 

@@ -32,7 +32,10 @@ def _head(rng, dtype, device, *, n=N, hidden=HIDDEN, vocab=VOCAB, logit_std=3.0,
     return h, h64, w, w64, b, b64
 
 
-def _fused(h, w, t, b=None, *, transform=HeadTransform(), entropy=True, argmax=False,
+IDENTITY = HeadTransform()
+
+
+def _fused(h, w, t, b=None, *, transform=IDENTITY, entropy=True, argmax=False,
            all_rows=False, needs_grad=False, fp32_precision="ieee", chunk_size=None,
            budget=None):
     return fused_token_log_probs(h, w, t, b, ignore_index=IGNORE, transform=transform,

@@ -34,19 +34,25 @@ def _group_world(group) -> tuple[int, int]:
 
 
 def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_index, vocab_size,
-            n_hidden=None) -> tuple[int, int]:
+            n_hidden=None, invariant=False) -> tuple[int, int]:
     """(vocab_start, vocab_size) of this rank's shard of ``v_local`` classes. Exchanges
     (V_local, N, start, dtype) — and the hidden size H when ``n_hidden`` is given (the linear
     variant, whose backward all-reduces (N, H)) — with one all_gather of 4 (5) int64 per rank
     and checks them, identically on every rank (so every rank raises the same error, and none
-    is left waiting in a later collective)."""
+    is left waiting in a later collective). ``invariant`` (``batch_invariant=True``) also checks
+    that every shard starts and ends on the invariant tile (``ops._invariant``); a given layout
+    checks this rank's shard only."""
     import torch.distributed as dist
+
+    from ..ops._invariant import check_invariant_layout
 
     if vocab_start_index is not None and vocab_size is not None:
         if not 0 <= vocab_start_index <= vocab_size - v_local:
             raise ValueError(
                 f"vocab_start_index={vocab_start_index} with {v_local} local classes does not "
                 f"fit in vocab_size={vocab_size}")
+        if invariant:
+            check_invariant_layout(vocab_start_index, v_local, vocab_size)
         return vocab_start_index, vocab_size
     start = -1 if vocab_start_index is None else vocab_start_index
     fields = [v_local, n_rows, start, _DTYPE_CODES[dtype]]
@@ -74,8 +80,8 @@ def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_inde
                          f"({sizes} per rank)")
     starts = [m[2] for m in meta]
     if all(s == -1 for s in starts):
-        return sum(sizes[:rank]), total
-    if any(s == -1 for s in starts):
+        starts = [sum(sizes[:r]) for r in range(world)]
+    elif any(s == -1 for s in starts):
         raise ValueError("vocab_start_index must be given on every rank or on none, got "
                          f"{[None if s == -1 else s for s in starts]}")
     covered = 0
@@ -84,6 +90,9 @@ def _layout(n_rows, v_local, dtype, device, group, rank, world, vocab_start_inde
             raise ValueError(f"the shards must tile [0, {total}) exactly: got (start, size) per "
                              f"rank {list(zip(starts, sizes, strict=True))}")
         covered += v
+    if invariant:
+        for s, v in zip(starts, sizes, strict=True):
+            check_invariant_layout(s, v, total)
     return starts[rank], total
 
 
@@ -109,18 +118,20 @@ def _check_backend(dist, group, device: torch.device) -> None:
 
 
 def _group_layout(n_rows, v_local, dtype, device, group, vocab_start_index, vocab_size, *,
-                  n_hidden=None) -> tuple[int, int, int]:
+                  n_hidden=None, invariant=False) -> tuple[int, int, int]:
     """(world size, vocab_start, vocab_size) of this rank's shard of ``v_local`` classes, for
     every vocab-parallel function: with one rank (or no process group) the shard must be the
     whole vocabulary; with more the backend must suit ``device`` and the layout is learnt or
-    checked by :func:`_layout` (``n_hidden``: the linear forms' H, checked too)."""
+    checked by :func:`_layout` (``n_hidden``: the linear forms' H, checked too; ``invariant``:
+    the shards' tile alignment)."""
     rank, world = _group_world(group)
     if world == 1:
         _check_whole_vocabulary(v_local, vocab_start_index, vocab_size)
         return world, 0, v_local
     _check_backend(_dist(), group, device)
     start, total = _layout(n_rows, v_local, dtype, device, group, rank, world,
-                           vocab_start_index, vocab_size, n_hidden=n_hidden)
+                           vocab_start_index, vocab_size, n_hidden=n_hidden,
+                           invariant=invariant)
     return world, start, total
 
 

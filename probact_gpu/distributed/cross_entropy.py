@@ -278,6 +278,7 @@ def vocab_parallel_cross_entropy(
     temperature: float = 1.0,
     normalizer: float | torch.Tensor | None = None,
     config: RowConfig | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of logits split along the vocabulary over the ranks of ``group`` (default:
     the world). Every rank calls it with its shard and gets the same loss: the value of
@@ -298,6 +299,10 @@ def vocab_parallel_cross_entropy(
       layout exchange also checks that every rank has the same N and dtype and that the shards
       tile ``[0, V)``, raising the same ValueError on every rank.
     - ``config``: a launch override for the statistics and gradient kernels (tests, tuning).
+    - ``batch_invariant``: the loss rows and lse are the bits ``cross_entropy(...,
+      batch_invariant=True)`` gives on one device, at any group size, for shards that start
+      and end on multiples of 128 classes (``distributed.batch_invariant``, docs/rl.md; no
+      label smoothing; ``config`` unused).
 
     Communication per call: two all_reduces of N and 3·N floats (fp32, fp64 for fp64 logits):
     O(N) per rank, independent of V. The backward communicates nothing: it returns the gradient
@@ -328,16 +333,25 @@ def vocab_parallel_cross_entropy(
     _check_layout_args(vocab_start_index, vocab_size)
     if vocab_size is not None:
         options.check_weight(vocab_size, input.device)
+    if batch_invariant and options.label_smoothing > 0.0:
+        raise ValueError("label_smoothing is not supported with batch_invariant=True")
     world, vocab_start, n_classes = _group_layout(
         input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
-        vocab_size)
+        vocab_size, invariant=bool(batch_invariant))
     if world == 1:
-        return cross_entropy(input, target, **_local_kwargs(options))
+        return cross_entropy(input, target, **_local_kwargs(options),
+                             batch_invariant=bool(batch_invariant))
     if input.numel() > 0:
         check_runnable(input)
     options.check_weight(n_classes, input.device)
     # autocast runs cross-entropy in float32: a float32 loss (the kernels' math is anyway)
     loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input) else input.dtype
+    if batch_invariant:
+        from .batch_invariant import InvariantVocabParallelCrossEntropyFunction
+
+        loss = InvariantVocabParallelCrossEntropyFunction.apply(
+            input, target, group, vocab_start, n_classes, options, False)[0]
+        return loss.to(loss_dtype)
     return VocabParallelCrossEntropyFunction.apply(
         input, target, group, vocab_start, n_classes, options, config, loss_dtype)
 
@@ -446,6 +460,8 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     config: RowConfig | None = None,
+    batch_invariant: bool = False,
+    fp32_precision: str = "ieee",
 ) -> torch.Tensor:
     """``probact_gpu.linear_cross_entropy(input, W, target, linear_bias=b, ...)`` for an LM head
     ``W`` (V, H) split along the vocabulary over the ranks of ``group`` (default: the world),
@@ -467,6 +483,10 @@ def vocab_parallel_linear_cross_entropy(
     - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of (C, V_local) logits per chunk):
       the token chunk, as ``linear_cross_entropy``; ``config``: a launch override for the
       statistics and gradient kernels (tests, tuning).
+    - ``batch_invariant`` / ``fp32_precision``: the fused head on this rank's rows; the loss
+      rows are the bits ``linear_cross_entropy(..., batch_invariant=True)`` gives on one device
+      (shards on multiples of 128 classes; ``distributed.batch_invariant``, docs/rl.md); dW and
+      db are this shard's rows of one device's; dh is the ranks' partials' sum.
 
     Communication per call: forward, two all_reduces of N and 3·N floats (fp32; fp64 for fp64
     input); backward, one all_reduce(SUM) of the (N, H) input gradient in the input's dtype
@@ -508,16 +528,30 @@ def vocab_parallel_linear_cross_entropy(
     options.refuse_weight_grad()
     refuse_functorch("vocab_parallel_linear_cross_entropy", _COLLECTIVES)
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
+    from ..ops.fused_head import check_fp32_precision
+
+    check_fp32_precision(fp32_precision, batch_invariant)
+    if batch_invariant and options.label_smoothing > 0.0:
+        raise ValueError("label_smoothing is not supported with batch_invariant=True")
     world, vocab_start, n_classes = _group_layout(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
-        vocab_size, n_hidden=h.shape[1])
+        vocab_size, n_hidden=h.shape[1], invariant=bool(batch_invariant))
     if world == 1:
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     **_local_kwargs(options), chunk_size=chunk_size,
-                                    memory_budget=memory_budget)
+                                    memory_budget=memory_budget,
+                                    batch_invariant=bool(batch_invariant),
+                                    fp32_precision=fp32_precision)
     if h.shape[0] > 0:
         check_runnable(h)
     options.check_weight(n_classes, h.device)
+    if batch_invariant:
+        from .batch_invariant import InvariantVocabParallelLinearCrossEntropyFunction
+
+        loss = InvariantVocabParallelLinearCrossEntropyFunction.apply(
+            h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
+            options, False, fp32_precision, chunk_size, memory_budget)[0].to(input.dtype)
+        return loss.reshape(batch_shape) if options.reduction == "none" else loss
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
         options, (chunk_size, memory_budget, config),

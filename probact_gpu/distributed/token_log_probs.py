@@ -254,6 +254,7 @@ def vocab_parallel_token_log_probs(
     return_lse: bool = False,
     return_argmax: bool = False,
     config: RowConfig | None = None,
+    batch_invariant: bool = False,
 ):
     """:func:`probact_gpu.token_log_probs` of logits split along the vocabulary over the ranks
     of ``group`` (default: the world). Every rank calls it with its shard and gets the same
@@ -268,6 +269,10 @@ def vocab_parallel_token_log_probs(
       in rank order, learnt with one all_gather of 4 integers per rank, read on the host; both
       given: no layout collective, nothing checked across ranks).
     - ``config``: a launch override for the statistics and gradient kernels (tests, tuning).
+    - ``batch_invariant``: every output is the bits ``token_log_probs(...,
+      batch_invariant=True)`` gives on one device, at any group size, for shards that start
+      and end on multiples of 128 classes (``distributed.batch_invariant``, docs/rl.md;
+      ``config`` unused).
 
     Communication: 4·N floats in two all_reduces (+ N int64 with ``return_argmax``); the
     backward communicates nothing and returns the gradient of this rank's shard only. Without
@@ -291,13 +296,21 @@ def vocab_parallel_token_log_probs(
                  return_argmax=return_argmax)
     world, vocab_start, n_classes = _group_layout(
         input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
-        vocab_size)
+        vocab_size, invariant=bool(batch_invariant))
     if world == 1:
         return token_log_probs(input, target, ignore_index=ignore_index,
                                logit_scale=logit_scale, logit_divisor=logit_divisor,
-                               softcap=softcap, temperature=temperature, **flags)
+                               softcap=softcap, temperature=temperature,
+                               batch_invariant=bool(batch_invariant), **flags)
     if input.numel() > 0:
         check_runnable(input)
+    if batch_invariant:
+        from .batch_invariant import InvariantVocabParallelTokenLogProbsFunction
+
+        outs = InvariantVocabParallelTokenLogProbsFunction.apply(
+            input, target, group, vocab_start, n_classes, ignore_index, transform,
+            bool(return_entropy), bool(return_argmax))
+        return pack_outputs(*outs, **flags)
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     logp, entropy, lse, arg = VocabParallelTokenLogProbsFunction.apply(
         input, target, group, vocab_start, n_classes, ignore_index, transform,
@@ -388,6 +401,8 @@ def vocab_parallel_linear_token_log_probs(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     config: RowConfig | None = None,
+    batch_invariant: bool = False,
+    fp32_precision: str = "ieee",
 ):
     """:func:`probact_gpu.linear_token_log_probs` for an LM head ``W`` (V, H) split along the
     vocabulary over the ranks of ``group``, without gathering ``W`` or holding the logits.
@@ -401,6 +416,11 @@ def vocab_parallel_linear_token_log_probs(
       :func:`vocab_parallel_token_log_probs` (the layout exchange also checks H agrees);
       ``chunk_size`` / ``memory_budget``: tokens per chunk, as ``linear_token_log_probs``
       (bytes of (C, V_local) logits).
+    - ``batch_invariant`` / ``fp32_precision``: the fused head on this rank's rows; every
+      per-token output is the bits ``linear_token_log_probs(..., batch_invariant=True)`` gives
+      on one device (shards on multiples of 128 classes; ``distributed.batch_invariant``,
+      docs/rl.md); dW and db are this shard's rows of one device's; dh is the ranks' partials'
+      sum.
 
     Per token chunk, forward: local logits (1 GEMM), the partial-statistics kernel; after the
     last chunk the collectives of :func:`vocab_parallel_token_log_probs` over all N tokens at
@@ -429,17 +449,29 @@ def vocab_parallel_linear_token_log_probs(
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,
                  return_argmax=return_argmax)
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
+    from ..ops.fused_head import check_fp32_precision
+
+    check_fp32_precision(fp32_precision, batch_invariant)
     world, vocab_start, n_classes = _group_layout(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
-        vocab_size, n_hidden=h.shape[1])
+        vocab_size, n_hidden=h.shape[1], invariant=bool(batch_invariant))
     if world == 1:
         return linear_token_log_probs(
             input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
             logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
             temperature=temperature, chunk_size=chunk_size, memory_budget=memory_budget,
-            **flags)
+            batch_invariant=bool(batch_invariant), fp32_precision=fp32_precision, **flags)
     if h.shape[0] > 0:
         check_runnable(h, "input")
+    if batch_invariant:
+        from .batch_invariant import InvariantVocabParallelLinearTokenLogProbsFunction
+
+        outs = InvariantVocabParallelLinearTokenLogProbsFunction.apply(
+            h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
+            options.ignore_index, options.transform, bool(return_entropy),
+            bool(return_argmax), bool(return_lse or return_argmax), fp32_precision,
+            chunk_size, memory_budget)
+        return pack_outputs(*outs, shape=batch_shape, **flags)
     chunk = token_chunk(h.shape[0], max(1, linear_weight.shape[0]), h.element_size(),
                         chunk_size, memory_budget)
     needs_grad = torch.is_grad_enabled() and any(

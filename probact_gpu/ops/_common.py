@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,9 +58,11 @@ from .._runtime import accum_dtype, check_float, check_same_device, empty
 from ..options import CrossEntropyOptions, as_index
 
 __all__ = [
+    "CrossEntropyOutput",
     "LinearGrads",
     "accumulate_fp32",
     "ce_launch_options",
+    "cross_entropy_output",
     "check_chunking",
     "check_head_inputs",
     "chunk_logits",
@@ -337,3 +339,55 @@ def no_second_derivative(name: str) -> None:
             f"{name} does not support second derivatives: its gradients come from kernels and "
             "are not differentiable; backpropagate without create_graph=True (or differentiate "
             "an eager reference for a Hessian)")
+
+
+# --------------------------------------------------------------------------- CE extra outputs
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What ``cross_entropy`` / ``linear_cross_entropy`` return when ``return_z_loss``,
+    ``return_token_accuracy`` or ``return_predicted_tokens`` is set; a field not asked for is
+    None. ``loss`` is the loss as without them; ``lse`` per row (with ``return_lse``);
+    ``z_loss`` the ``z_loss · lse²`` term reduced as the loss (already inside ``loss``; apart
+    for logging); ``token_accuracy`` per row (1.0 where the argmax is the target, 0.0 else and
+    on ignored rows) for ``reduction="none"``, else the fraction of non-ignored rows whose
+    argmax is the target (NaN with none); ``predicted_tokens`` the argmax of each row (int64).
+    Only ``loss`` is differentiable."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    token_accuracy: torch.Tensor | None
+    predicted_tokens: torch.Tensor | None
+
+
+def cross_entropy_output(loss, lse, target, options: CrossEntropyOptions, n_classes, *,
+                         z_loss_term=None, predicted=None, return_lse=False,
+                         return_z_loss=False, return_token_accuracy=False,
+                         return_predicted_tokens=False) -> CrossEntropyOutput:
+    """The extra outputs from the loss, the rows' ``lse`` and ``predicted`` (argmax; shaped like
+    ``target``), in torch ops on the device: the z-loss term (``z_loss_term`` when the op formed
+    it, else ``λ·lse²`` on non-ignored rows reduced with the loss's divisor) and the accuracy."""
+    flat = target.reshape(-1)
+    valid = flat != options.ignore_index
+    zl = None
+    if return_z_loss:
+        if z_loss_term is None:
+            sdt = lse.dtype
+            rows = torch.where(valid, options.z_loss * lse.reshape(-1) ** 2, 0.0)
+            if not options.z_loss:
+                rows = torch.zeros_like(rows)
+            zl = reduce_rows(rows, options, loss_divisor(options, flat, n_classes, sdt))
+            zl = zl.reshape(target.shape) if options.reduction == "none" else zl
+        else:
+            zl = z_loss_term
+    acc = None
+    if return_token_accuracy:
+        correct = (predicted.reshape(-1) == flat) & valid
+        if options.reduction == "none":
+            acc = correct.to(torch.float32).reshape(target.shape)
+        else:
+            acc = correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
+    return CrossEntropyOutput(loss, lse if return_lse else None, zl, acc,
+                              predicted.reshape(target.shape) if return_predicted_tokens
+                              else None)

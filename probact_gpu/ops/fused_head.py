@@ -75,10 +75,14 @@ __all__ = [
 FP32_PRECISIONS = ("ieee", "bf16x3", "bf16x6")
 
 
-def check_fp32_precision(value) -> str:
-    """``fp32_precision`` validated: one of ``FP32_PRECISIONS``."""
+def check_fp32_precision(value, batch_invariant: bool = True) -> str:
+    """``fp32_precision`` validated: one of ``FP32_PRECISIONS``, a split only with the fused
+    head (``batch_invariant=True``; the default path multiplies with torch's matmul)."""
     if not isinstance(value, str) or value not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {value!r}")
+    if value != "ieee" and not batch_invariant:
+        raise ValueError(f"fp32_precision={value!r} applies to the fused head: pass "
+                         "batch_invariant=True with it")
     return value
 
 
@@ -380,3 +384,138 @@ def fused_token_log_probs(h: torch.Tensor, weight: torch.Tensor, target: torch.T
                     transform.logit_divisor, transform.softcap, transform.temperature,
                     compute_entropy, compute_argmax, all_rows, needs_grad, fp32_precision,
                     chunk_size, budget)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+@torch.library.custom_op("probact_gpu::fused_linear_cross_entropy", mutates_args=())
+def _flce_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, weight: torch.Tensor | None, ignore_index: int,
+    reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float,
+    normalizer: torch.Tensor | None, normalizer_value: float | None, compute_argmax: bool,
+    fp32_precision: str, chunk_size: int | None, budget: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, z-loss term, argmax, stats) of class-index cross-entropy of the fused head:
+    loss and z-loss term reduced as ``reduction`` says, lse (N,) (NaN on ignored tokens unless
+    ``compute_argmax``, which computes every token), argmax (N,) or an empty (0,) tensor,
+    stats (N, 3) for the backward."""
+    from ._common import loss_divisor, reduce_rows
+    from ._invariant import cross_entropy_rows, exact_rows
+
+    opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
+                                           z_loss, logit_scale, logit_divisor, softcap,
+                                           temperature, normalizer, normalizer_value)
+    if h.shape[0] > 0:
+        check_runnable(h, "input")
+    n_classes = linear_weight.shape[0]
+    sdt = accum_dtype(h)
+    sums, computed = fused_head_fwd(
+        h, linear_weight, linear_bias, target, ignore_index=ignore_index,
+        transform=opts.transform, compute_entropy=False, compute_argmax=compute_argmax,
+        all_rows=compute_argmax, fp32_precision=fp32_precision, chunk_size=chunk_size,
+        budget=budget)
+    rows = exact_rows(sums)
+    loss_rows, zl_rows, lse = cross_entropy_rows(
+        rows, target, n_classes=n_classes, ignore_index=ignore_index, weight=weight,
+        z_loss=z_loss, dtype=sdt)
+    divisor = loss_divisor(opts, target, n_classes, sdt)
+    loss, zl = reduce_rows(loss_rows, opts, divisor), reduce_rows(zl_rows, opts, divisor)
+    lse = torch.where(computed, lse, float("nan"))
+    stats = torch.where(computed[:, None], rows.stats(sdt), 0.0)
+    arg = (torch.where(computed, sums.argmax, -1) if compute_argmax
+           else h.new_empty(0, dtype=torch.int64))
+    return loss, lse, zl, arg, stats
+
+
+@_flce_op.register_fake
+def _(h, linear_weight, target, linear_bias, weight, ignore_index, reduction, *args):
+    compute_argmax = args[-4]
+    sdt = accum_dtype(h)
+    n = h.shape[0]
+    loss_shape = (n,) if reduction == "none" else ()
+    return (h.new_empty(loss_shape, dtype=sdt), h.new_empty((n,), dtype=sdt),
+            h.new_empty(loss_shape, dtype=sdt),
+            h.new_empty((n,) if compute_argmax else (0,), dtype=torch.int64),
+            h.new_empty((n, 3), dtype=sdt))
+
+
+@torch.library.custom_op("probact_gpu::fused_linear_cross_entropy_bwd", mutates_args=())
+def _flce_bwd_op(
+    h: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None, lse: torch.Tensor, stats: torch.Tensor,
+    grad_output: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, logit_scale: float, logit_divisor: float,
+    softcap: float | None, temperature: float, normalizer: torch.Tensor | None,
+    normalizer_value: float | None, fp32_precision: str, budget: int | None,
+    need_grads: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) of the loss for ``grad_output`` (0-d, or (N,) for ``reduction="none"``),
+    an empty tensor for each not in ``need_grads``."""
+    from ._common import loss_divisor
+
+    opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
+                                           z_loss, logit_scale, logit_divisor, softcap,
+                                           temperature, normalizer, normalizer_value)
+    sdt = stats.dtype
+    g = grad_output.to(sdt)
+    g = g.reshape(-1) if reduction == "none" else g.expand(target.shape[0])
+    divisor = loss_divisor(opts, target, linear_weight.shape[0], sdt)
+    if divisor is not None:
+        g = g / divisor
+    coef = cross_entropy_coefficients(g, target, lse, opts, linear_weight.shape[0], sdt)
+    return fused_head_bwd(
+        h, linear_weight, linear_bias, target, stats, coef, None, ignore_index=ignore_index,
+        transform=opts.transform, need=tuple(need_grads), has_entropy_term=False,
+        fp32_precision=fp32_precision, budget=budget)
+
+
+@_flce_bwd_op.register_fake
+def _(h, linear_weight, target, linear_bias, *args):
+    return fake_linear_grads(h, linear_weight, linear_bias, args[-1])
+
+
+def _flce_setup_context(ctx, inputs, output):
+    h, weight, target, bias = inputs[:4]
+    _, lse, zl, arg, stats = output
+    ctx.mark_non_differentiable(lse, zl, arg, stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h, weight, target, bias, lse, stats, inputs[4], inputs[13])
+    ctx.fwd_args = inputs[4:]
+
+
+def _flce_backward(ctx, grad_loss, grad_lse, grad_zl, grad_arg, grad_stats):
+    no_second_derivative("linear_cross_entropy")
+    none = (None,) * 15
+    if grad_loss is None:
+        return (None,) * 4 + none
+    h, weight, target, bias, lse, stats, class_weight, normalizer = ctx.saved_tensors
+    (_, ignore_index, reduction, label_smoothing, z_loss, scale, divisor, softcap, temperature,
+     _, normalizer_value, _, fp32_precision, _, budget) = ctx.fwd_args
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[3]]
+    dh, dw, db = _flce_bwd_op(
+        h, weight, target, bias, lse, stats, grad_loss, class_weight, ignore_index, reduction,
+        label_smoothing, z_loss, scale, divisor, softcap, temperature, normalizer,
+        normalizer_value, fp32_precision, budget, need)
+    return (dh if need[0] else None, dw if need[1] else None, None,
+            db if need[2] else None) + none
+
+
+torch.library.register_autograd("probact_gpu::fused_linear_cross_entropy", _flce_backward,
+                                setup_context=_flce_setup_context)
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: torch.Tensor | None, options: CrossEntropyOptions, *,
+                               compute_argmax: bool, fp32_precision: str,
+                               chunk_size: int | None, budget: int | None):
+    """The op for validated 2-D ``h`` and flat contiguous class-index ``target``: (loss, lse,
+    z-loss term, argmax, stats) as ``linear_cross_entropy(batch_invariant=True)`` uses them."""
+    if options.label_smoothing > 0.0:
+        raise ValueError("label_smoothing is not supported with batch_invariant=True (its "
+                         "Σ_c w_c·z_c would need a third exact sum); use label_smoothing=0")
+    return _flce_op(h, weight, target, bias, *options.schema_args(), compute_argmax,
+                    fp32_precision, chunk_size, budget)

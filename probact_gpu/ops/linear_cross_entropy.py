@@ -550,7 +550,12 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     low_memory: bool = False,
-) -> torch.Tensor:
+    batch_invariant: bool = False,
+    fp32_precision: str = "ieee",
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+):
     """``probact_gpu.cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without
     holding the logits; torch 2.13's ``F.linear_cross_entropy`` names and order.
 
@@ -566,6 +571,15 @@ def linear_cross_entropy(
     - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of logits per chunk) trade speed for
       memory; ``low_memory=True`` computes the gradients in the backward over vocabulary chunks
       (4 matmuls instead of 3, any number of backward passes).
+    - ``batch_invariant``: the fused head (``ops.fused_head``, docs/rl.md): a Triton GEMM that
+      never rounds or stores the logits; each token's loss (``reduction="none"``) and lse the
+      same bits whatever the batch, the chunking and the tensor-parallel split; dh, dW, db the
+      same bits for any chunking; ignored tokens cost no GEMM work. 4 GEMMs (the gradients
+      come from the backward). Class indices only, no label smoothing; ``low_memory`` changes
+      nothing. ``fp32_precision``: as ``linear_token_log_probs``.
+    - ``return_z_loss`` / ``return_token_accuracy`` / ``return_predicted_tokens`` (class
+      indices): a ``CrossEntropyOutput`` as ``probact_gpu.cross_entropy`` returns. Without
+      ``batch_invariant`` the argmax costs one more forward GEMM pass.
 
     Returns the loss in ``input``'s dtype (per token, shaped like ``target``'s leading dims, for
     ``reduction="none"``). Under ``torch.autocast`` it follows ``F.linear`` + ``F.cross_entropy``
@@ -609,6 +623,20 @@ def linear_cross_entropy(
                                          target.reshape(h.shape[0], n_classes), options.weight,
                                          options, chunk, loss_dtype)
         return loss.reshape(batch_shape) if reduction == "none" else loss
+    extras = dict(return_z_loss=bool(return_z_loss),
+                  return_token_accuracy=bool(return_token_accuracy),
+                  return_predicted_tokens=bool(return_predicted_tokens))
+    if batch_invariant or any(extras.values()):
+        from .fused_head import check_fp32_precision
+
+        check_fp32_precision(fp32_precision, batch_invariant)
+        return _invariant_or_extras(input, h, linear_weight, target, linear_bias, options,
+                                    batch_shape, batch_invariant, fp32_precision, chunk_size,
+                                    memory_budget, low_memory, extras, loss_dtype)
+    if fp32_precision != "ieee":
+        from .fused_head import check_fp32_precision
+
+        check_fp32_precision(fp32_precision, batch_invariant)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
             grad_on and linear_bias is not None and linear_bias.requires_grad]
@@ -619,3 +647,47 @@ def linear_cross_entropy(
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)
     return loss.to(loss_dtype)
+
+
+def _invariant_or_extras(input, h, linear_weight, target, linear_bias, options, batch_shape,
+                         batch_invariant, fp32_precision, chunk_size, memory_budget,
+                         low_memory, extras, loss_dtype):
+    """``batch_invariant`` (the fused head) and the extra outputs (``CrossEntropyOutput``)."""
+    from ._common import cross_entropy_output
+    from .fused_head import fused_linear_cross_entropy
+    from .linear_token_log_probs import linear_token_log_probs
+
+    flat = target.reshape(-1)
+    want_arg = extras["return_token_accuracy"] or extras["return_predicted_tokens"]
+    zl = arg = None
+    if batch_invariant:
+        loss, lse, zl, arg, _ = fused_linear_cross_entropy(
+            h, linear_weight, flat.contiguous(), linear_bias, options, compute_argmax=want_arg,
+            fp32_precision=fp32_precision, chunk_size=chunk_size, budget=memory_budget)
+    else:
+        grad_on = torch.is_grad_enabled()
+        need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
+                grad_on and linear_bias is not None and linear_bias.requires_grad]
+        loss, lse, *_ = _lce(h, linear_weight, flat, linear_bias, *options.schema_args(),
+                                chunk_size, memory_budget, low_memory, need)
+        if want_arg:  # one more forward pass of the head for the argmax
+            with torch.no_grad():
+                arg = linear_token_log_probs(
+                    h, linear_weight, flat, linear_bias=linear_bias,
+                    ignore_index=options.ignore_index, return_argmax=True,
+                    chunk_size=chunk_size, memory_budget=memory_budget,
+                    **_transform_kwargs(options)).argmax
+    if options.reduction == "none":
+        loss = loss.reshape(batch_shape)
+        if zl is not None:
+            zl = zl.reshape(batch_shape)
+    return cross_entropy_output(
+        loss.to(loss_dtype), lse.reshape(batch_shape), target, options,
+        linear_weight.shape[0], z_loss_term=zl,
+        predicted=None if arg is None else arg.reshape(batch_shape), **extras)
+
+
+def _transform_kwargs(options: CrossEntropyOptions) -> dict:
+    t = options.transform
+    return dict(logit_scale=t.logit_scale, logit_divisor=t.logit_divisor, softcap=t.softcap,
+                temperature=t.temperature)

@@ -296,6 +296,8 @@ def linear_token_log_probs(
     return_argmax: bool = False,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    batch_invariant: bool = False,
+    fp32_precision: str = "ieee",
 ):
     """``token_log_probs(input @ linear_weight.T + linear_bias, target, ...)`` without holding
     the (tokens × V) logits (module docstring: chunks, 4 GEMMs with a gradient, memory).
@@ -308,6 +310,16 @@ def linear_token_log_probs(
       :class:`TokenLogProbs` when a ``return_*`` flag is set.
     - ``chunk_size`` (tokens per chunk) or ``memory_budget`` (bytes of (C, V) logits per
       chunk; default ``tiling.LINEAR_CE_LOGITS_BUDGET``).
+    - ``batch_invariant``: the fused head (``ops.fused_head``, docs/rl.md): a Triton GEMM that
+      never rounds or stores the logits; every per-token output the same bits whatever the
+      batch, the chunking and the tensor-parallel split, dh/dW/db the same bits for any
+      chunking; ignored tokens cost no GEMM work (their lse and argmax are computed only when
+      ``return_lse`` / ``return_argmax`` ask). ``chunk_size`` then counts the forward's tokens
+      per chunk and ``memory_budget`` the bytes of its buffers (``tiling.FUSED_HEAD_BUDGET``);
+      neither changes a bit of the result.
+    - ``fp32_precision`` (fp32 input with ``batch_invariant``): ``"ieee"`` fp32 products,
+      ``"bf16x3"`` / ``"bf16x6"`` the bf16 splits on the tensor cores (fp32 master weights at
+      bf16 speed; their error against float64 in docs/rl.md).
 
     Gradients flow to ``input``, ``linear_weight`` and ``linear_bias`` through logp and entropy;
     under ``torch.no_grad`` nothing is saved. Forward-mode AD (tangents from
@@ -328,6 +340,24 @@ def linear_token_log_probs(
     h, batch_shape = flatten_head_input(input, linear_weight.shape[1])
     flat_target = target.reshape(-1)
     transform: HeadTransform = options.transform
+    from .fused_head import check_fp32_precision
+
+    check_fp32_precision(fp32_precision, batch_invariant)
+    if batch_invariant:
+        from .fused_head import fused_token_log_probs
+
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+        logp, entropy, lse, arg, _ = fused_token_log_probs(
+            h, linear_weight, flat_target.contiguous(), linear_bias,
+            ignore_index=options.ignore_index, transform=transform,
+            compute_entropy=bool(return_entropy), compute_argmax=bool(return_argmax),
+            all_rows=bool(return_lse or return_argmax), needs_grad=needs_grad,
+            fp32_precision=fp32_precision, chunk_size=chunk_size,
+            budget=memory_budget)
+        return pack_outputs(logp, entropy, lse, arg, return_entropy=return_entropy,
+                            return_lse=return_lse, return_argmax=return_argmax,
+                            shape=batch_shape)
     chunk = token_chunk(h.shape[0], linear_weight.shape[0], h.element_size(), chunk_size,
                         memory_budget)
     needs_grad = torch.is_grad_enabled() and any(

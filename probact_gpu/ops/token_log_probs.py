@@ -432,17 +432,24 @@ register_vmap_loop(_tlp_bwd_op)
 # --------------------------------------------------------------------------- public function
 
 
-def check_target(logits: torch.Tensor, target: torch.Tensor, what: str = "logits") -> None:
-    """``target`` an int32/int64 tensor shaped like ``logits`` without its last dim."""
+def check_target(logits: torch.Tensor, target: torch.Tensor, what: str = "logits", *,
+                 allow_index: bool = False) -> bool:
+    """``target`` an int32/int64 tensor shaped like ``logits`` without its last dim or, with
+    ``allow_index``, with K in its place (``(…, K)``: returns True)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in _INT_DTYPES:
         raise TypeError(f"target must hold class indices as int32 or int64, got "
                         f"dtype={target.dtype}")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} ({what} "
+    lead = tuple(logits.shape[:-1])
+    if allow_index and target.ndim == logits.ndim and tuple(target.shape[:-1]) == lead:
+        return True
+    if tuple(target.shape) != lead:
+        also = f" or {lead + ('K',)}" if allow_index else ""
+        raise ValueError(f"target must have shape {lead}{also} ({what} "
                          f"{tuple(logits.shape)} without the class dim), got "
                          f"{tuple(target.shape)}")
+    return False
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -464,12 +471,15 @@ def token_log_probs(
     return_entropy: bool = False,
     return_lse: bool = False,
     return_argmax: bool = False,
+    batch_invariant: bool = False,
 ):
     """Log-probability of each chosen token under ``softmax(z)`` (``logp = z_t − lse``),
     without materialising a (tokens × V) fp32 copy of the logits.
 
     - ``logits``: (…, V), any float dtype, any strides; ``target``: (…) int32/int64 class
-      indices (the leading shape of ``logits``).
+      indices (the leading shape of ``logits``), or (…, K): the log-probs of K tokens per row
+      (``ignore_index`` per entry; logp then (…, K), entropy, lse and argmax per row;
+      ``ops.token_log_probs_index``).
     - ``z`` is the transformed logits, applied inside the kernels in fp32 (fp64 for fp64
       logits), in this order: ``· logit_scale``, ``/ logit_divisor``, ``softcap ·
       tanh(· / softcap)`` (when not None), ``/ temperature``.
@@ -479,6 +489,9 @@ def token_log_probs(
     - ``return_entropy``: ``H = lse − Σ p·z`` per row, differentiable (together with logp or
       alone). ``return_lse``: lse of z per row, not differentiable. ``return_argmax``: the first
       index of the max of z (int64), not differentiable.
+    - ``batch_invariant``: every output is the same bits whatever the other rows, their number
+      and the launch (docs/rl.md: fixed 128-class tiles added exactly; ``logp ≤ 0``), at the
+      cost of writing and reading 12 B a row and tile of statistics.
 
     Returns the fp32 (fp64 for fp64 logits) logp shaped like ``target`` when no ``return_*``
     flag is set, else a :class:`TokenLogProbs` ``(logprobs, entropy, lse, argmax)`` with None
@@ -488,12 +501,29 @@ def token_log_probs(
     transforms work; double backward and nested transforms raise.
     """
     _check_logits(logits)
-    check_target(logits, target)
+    indexed = check_target(logits, target, allow_index=True)
     check_same_device(logits=logits, target=target)
     ignore_index = as_index("ignore_index", ignore_index)
     transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
                               softcap=softcap, temperature=temperature)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if indexed or batch_invariant:
+        if indexed:
+            from .token_log_probs_index import token_log_probs_index
+
+            logp, entropy, lse, arg, _ = token_log_probs_index(
+                logits, target, ignore_index=ignore_index, transform=transform,
+                compute_entropy=bool(return_entropy), compute_argmax=bool(return_argmax),
+                batch_invariant=bool(batch_invariant))
+        else:
+            from .batch_invariant import invariant_token_log_probs
+
+            logp, entropy, lse, arg, _ = invariant_token_log_probs(
+                logits, target, ignore_index=ignore_index, transform=transform,
+                compute_entropy=bool(return_entropy), compute_argmax=bool(return_argmax),
+                needs_grad=needs_grad)
+        return pack_outputs(logp, entropy, lse, arg, return_entropy=return_entropy,
+                            return_lse=return_lse, return_argmax=return_argmax)
     logp, entropy, lse, arg, _ = _tlp(
         logits, target, ignore_index, transform.logit_scale, transform.logit_divisor,
         transform.softcap, transform.temperature, bool(return_entropy), bool(return_argmax),

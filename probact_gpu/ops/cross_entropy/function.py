@@ -81,6 +81,10 @@ def cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    batch_invariant: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
 ):
     """Softmax cross-entropy as ``torch.nn.functional.cross_entropy`` (input (C), (N, C) or
     (N, C, d1, ...), class dim 1; targets as class indices or class probabilities; ``weight``,
@@ -113,6 +117,15 @@ def cross_entropy(
       the old logits afterwards (``docs/cross_entropy.md``); ``reduction="none"`` is computed
       out of place there (one logits-sized buffer), with a warning. Under ``torch.func``
       transforms the out-of-place op runs instead (same values, one logits-sized buffer).
+    - ``batch_invariant``: each row's loss (``reduction="none"``), lse and argmax are the same
+      bits whatever the other rows, their number and the launch (docs/rl.md: fixed 128-class
+      tiles added exactly), the gradient is elementwise from them; class indices only, no
+      label smoothing, no ``inplace_backward``. The gradient is then computed in the backward.
+    - ``return_z_loss`` / ``return_token_accuracy`` / ``return_predicted_tokens`` (class
+      indices): return a ``CrossEntropyOutput(loss, lse, z_loss, token_accuracy,
+      predicted_tokens)`` (``ops._common``; lse only with ``return_lse``) — the z-loss term
+      reduced as the loss (for logging), the accuracy of the argmax, the argmax of each row.
+      Without ``batch_invariant`` the argmax costs one more read of the logits.
 
     A class index outside ``[0, C)`` that is not ``ignore_index`` gives NaN for its row (never an
     out-of-bounds read); all targets ignored with ``"mean"`` gives NaN, as torch. With
@@ -143,13 +156,22 @@ def cross_entropy(
     # autocast runs cross-entropy in float32: the loss is float32 (the kernels' math is anyway,
     # so the logits are read as they are, never copied)
     loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input, target) else None
+    extras = bool(return_z_loss or return_token_accuracy or return_predicted_tokens)
     if soft:
         if inplace_backward:
             raise ValueError("inplace_backward=True supports class-index targets only, got "
                              f"class probabilities (dtype={target.dtype})")
+        if batch_invariant or extras:
+            raise ValueError("batch_invariant, return_z_loss, return_token_accuracy and "
+                             "return_predicted_tokens need class-index targets, got class "
+                             f"probabilities (dtype={target.dtype})")
         loss, lse = _soft_target_ce(input, target, opts, loss_dtype)
         return (loss, lse) if return_lse else loss
     opts.refuse_weight_grad()
+    if batch_invariant or extras:
+        return _invariant_or_extras(input, target, opts, batch_invariant, inplace_backward,
+                                    return_lse, return_z_loss, return_token_accuracy,
+                                    return_predicted_tokens, loss_dtype)
     squeeze = input.ndim == 1
     if inplace_backward and squeeze:
         raise ValueError("inplace_backward=True needs input with a batch dim (N, C, ...)")
@@ -181,3 +203,49 @@ def cross_entropy(
         if opts.reduction == "none":
             loss = loss.reshape(())
     return (loss, lse) if return_lse else loss
+
+
+def _invariant_or_extras(input, target, opts, batch_invariant, inplace_backward, return_lse,
+                         return_z_loss, return_token_accuracy, return_predicted_tokens,
+                         loss_dtype=None):
+    """``batch_invariant`` (ops.batch_invariant) and the extra outputs (ops._common's
+    ``cross_entropy_output``) for class-index targets."""
+    from .._common import cross_entropy_output
+    from ..batch_invariant import invariant_cross_entropy
+    from ..token_log_probs import _tlp_op
+
+    squeeze = input.ndim == 1
+    x = input.unsqueeze(0) if squeeze else input
+    t = target.reshape(1) if squeeze else target
+    want_arg = bool(return_token_accuracy or return_predicted_tokens)
+    zl = arg = None
+    if batch_invariant:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not available with batch_invariant=True "
+                             "(its gradient is formed in the backward, from the exact rows)")
+        loss, lse, zl, arg, _ = invariant_cross_entropy(x, t, opts, compute_argmax=want_arg)
+        loss = loss.to(loss_dtype or input.dtype)
+    elif inplace_backward:
+        raise ValueError("return_z_loss, return_token_accuracy and return_predicted_tokens are "
+                         "not available with inplace_backward=True")
+    else:
+        needs_grad = input.requires_grad and torch.is_grad_enabled()
+        fuse = needs_grad and opts.reduction != "none" and not torch.compiler.is_compiling()
+        loss, lse, _, _ = _cross_entropy(x, t, *opts.schema_args(), fuse, loss_dtype)
+    if want_arg and arg is None:  # the token log-probs forward's argmax: one more read
+        tr = opts.transform
+        arg = _tlp_op(x.detach().movedim(1, -1), t, opts.ignore_index, tr.logit_scale,
+                      tr.logit_divisor, tr.softcap, tr.temperature, False, True, False)[3]
+    if squeeze:
+        lse = lse.reshape(())
+        if opts.reduction == "none":
+            loss = loss.reshape(())
+    out = cross_entropy_output(
+        loss, lse, t, opts, x.shape[1], z_loss_term=zl,
+        predicted=None if arg is None else arg.reshape(t.shape), return_lse=return_lse,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        return_predicted_tokens=return_predicted_tokens)
+    if squeeze:
+        out = out._replace(**{k: v.reshape(()) for k, v in out._asdict().items()
+                              if k != "loss" and v is not None and v.ndim})
+    return out
