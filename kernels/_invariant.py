@@ -140,49 +140,53 @@ def invariant_merge_kernel(
     # and the argmax candidates (rows,) int64 (NO_INDEX when no tile here holds the max)
     stats_ptr, arg_ptr, row_max_ptr, sums_ptr, probe_ptr, best_ptr,
     # shape: this launch's tiles are global tiles [tile_start, tile_start + n_tiles)
-    n_tiles, tile_start,
-    BLOCK_T: tl.constexpr, N_STATS: tl.constexpr, N_SUMS: tl.constexpr,
+    n_rows, n_tiles, tile_start,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr, N_SUMS: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, COMPUTE_ARGMAX: tl.constexpr, EXTRA_LIMB: tl.constexpr,
 ):
-    """One program per row: the module docstring's exact merge of the row's tiles against its
-    max M. Reads 8–13 B a tile, writes 8–32 B a row."""
-    row = tl.program_id(0).to(tl.int64)
-    big_m = tl.load(row_max_ptr + row)
-    shift = safe_max(big_m)
-    zero = tl.zeros((BLOCK_T,), tl.int64)
+    """Program p merges rows ``[p·ROWS, (p+1)·ROWS)``: the module docstring's exact merge of
+    each row's tiles against its max M, ``BLOCK_T`` tiles a step (integer sums: any grouping
+    gives the same bits). Reads 8–13 B a tile, writes 8–32 B a row."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    big_m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    shift = safe_max(big_m)[:, None]
+    zero = tl.zeros((ROWS, BLOCK_T), tl.int64)
     acc_s = zero
     acc_t = zero
     lo_s = zero
     lo_t = zero
-    probe = tl.zeros((BLOCK_T,), big_m.dtype)
+    probe = tl.zeros((ROWS, BLOCK_T), big_m.dtype)
     best = zero + NO_INDEX
-    states = stats_ptr + row * n_tiles * N_STATS
+    states = stats_ptr + (rows * n_tiles * N_STATS)[:, None]
     for t0 in range(0, n_tiles, BLOCK_T):
         b = t0 + tl.arange(0, BLOCK_T)
-        ok = b < n_tiles
-        m_b = tl.load(states + b * N_STATS, mask=ok, other=float("-inf"))
-        s_b = tl.load(states + b * N_STATS + 1, mask=ok, other=0.0)
+        ok = row_ok[:, None] & (b < n_tiles)[None, :]
+        at = states + (b * N_STATS)[None, :]
+        m_b = tl.load(at, mask=ok, other=float("-inf"))
+        s_b = tl.load(at + 1, mask=ok, other=0.0)
         alpha = exp_precise(m_b - shift)
         v = s_b * alpha
         acc_s, lo_s, probe = _fixed_add(acc_s, lo_s, probe, v, EXTRA_LIMB)
         if COMPUTE_ENTROPY:
-            tau_b = tl.load(states + b * N_STATS + 2, mask=ok, other=0.0)
+            tau_b = tl.load(at + 2, mask=ok, other=0.0)
             d = tl.where(m_b == float("-inf"), 0.0, m_b - shift)
             w = alpha * (tau_b + d * s_b)
             acc_t, lo_t, probe = _fixed_add(acc_t, lo_t, probe, w, EXTRA_LIMB)
         if COMPUTE_ARGMAX:
-            arg_b = tl.load(arg_ptr + row * n_tiles + b, mask=ok, other=0).to(tl.int64)
-            cand = (tile_start + b).to(tl.int64) * TILE + arg_b
-            best = tl.minimum(best, tl.where(ok & (m_b == big_m), cand, NO_INDEX))
-    out = sums_ptr + row * N_SUMS
-    tl.store(out, tl.sum(acc_s, axis=0))
-    tl.store(out + 1, tl.sum(acc_t, axis=0))
+            arg_b = tl.load(arg_ptr + (rows * n_tiles)[:, None] + b[None, :], mask=ok,
+                            other=0).to(tl.int64)
+            cand = (tile_start + b).to(tl.int64)[None, :] * TILE + arg_b
+            best = tl.minimum(best, tl.where(ok & (m_b == big_m[:, None]), cand, NO_INDEX))
+    out = sums_ptr + rows * N_SUMS
+    tl.store(out, tl.sum(acc_s, axis=1), mask=row_ok)
+    tl.store(out + 1, tl.sum(acc_t, axis=1), mask=row_ok)
     if EXTRA_LIMB:
-        tl.store(out + 2, tl.sum(lo_s, axis=0))
-        tl.store(out + 3, tl.sum(lo_t, axis=0))
-    tl.store(probe_ptr + row, tl.sum(probe, axis=0))
+        tl.store(out + 2, tl.sum(lo_s, axis=1), mask=row_ok)
+        tl.store(out + 3, tl.sum(lo_t, axis=1), mask=row_ok)
+    tl.store(probe_ptr + rows, tl.sum(probe, axis=1), mask=row_ok)
     if COMPUTE_ARGMAX:
-        tl.store(best_ptr + row, tl.min(best, axis=0))
+        tl.store(best_ptr + rows, tl.min(best, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -236,43 +240,50 @@ def invariant_bwd_kernel(
     # without HAS_CLASS_WEIGHT), dlogits
     x_ptr, target_ptr, stats_ptr, coef_ptr, coef_b_ptr, class_weight_ptr, dx_ptr,
     # shape: local column c is global class vocab_start + c
-    n_cols, n_inner, vocab_start, n_targets, target_row_stride, coef_b_row_stride,
+    n_rows, n_cols, n_inner, vocab_start, n_targets, target_row_stride, coef_b_row_stride,
     # strides (elements): logits, then dlogits
     x_outer_stride, x_inner_stride, x_col_stride,
     dx_outer_stride, dx_inner_stride, dx_col_stride,
     # the head transform's factors (fp64 arguments: ``_head.head_factors``)
     head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
-    BLOCK_N: tl.constexpr, HEAD: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
-    HAS_ENTROPY_TERM: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr, HAS_ENTROPY_TERM: tl.constexpr,
 ):
-    """Program (row, block) writes ``dx = chain(A·p − Σ_k B_k·[c = t_k] − C·w_c − D·p·(z −
-    shift − μ))`` over one block of a row, ``p = exp((z − shift) − log s)`` (the fused head's
-    dz, kernels/head_gemm.py, on given logits). Elementwise from the row's statistics: each
-    element's bits are its own, whatever the launch. Reads and writes BLOCK_N·e a program."""
+    """Program (p, block) writes ``dx = chain(A·p − Σ_k B_k·[c = t_k] − C·w_c − D·p·(z −
+    shift − μ))`` over one block of columns of rows ``[p·ROWS, (p+1)·ROWS)``, ``p = exp((z −
+    shift) − log s)`` (the fused head's dz, kernels/head_gemm.py, on given logits). Elementwise
+    from the rows' statistics: each element's bits are its own, whatever the launch. Reads and
+    writes ROWS·BLOCK_N·e a program."""
     head = head_factors(head_scale, head_u_scale, head_cap_scale, x_ptr)
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
     q = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = q < n_cols
-    x_row = x_ptr + row_offset(row, n_inner, x_outer_stride, x_inner_stride)
-    x = upcast(tl.load(x_row + q * x_col_stride, mask=mask, other=0.0))
+    mask = row_ok[:, None] & (q < n_cols)[None, :]
+    x_rows = row_offset(rows, n_inner, x_outer_stride, x_inner_stride)
+    x = upcast(tl.load(x_ptr + x_rows[:, None] + q[None, :] * x_col_stride, mask=mask,
+                       other=0.0))
     z, slope = head_transform_slope(x, head, HEAD)
     z = tl.where(mask, z, float("-inf"))
-    shift = tl.load(stats_ptr + row * 3)
-    log_sum = tl.load(stats_ptr + row * 3 + 1)
+    stats = stats_ptr + rows * 3
+    shift = tl.load(stats, mask=row_ok, other=0.0)[:, None]
+    log_sum = tl.load(stats + 1, mask=row_ok, other=0.0)[:, None]
     rel = z - shift
     p = exp_precise(rel - log_sum)
-    dz = tl.load(coef_ptr + row * 4) * p
+    coef = coef_ptr + rows * 4
+    dz = tl.load(coef, mask=row_ok, other=0.0)[:, None] * p
     for k in range(0, n_targets):
-        tgt = tl.load(target_ptr + row * target_row_stride + k).to(tl.int64)
-        b_k = tl.load(coef_b_ptr + row * coef_b_row_stride + k)
-        dz -= tl.where(vocab_start + q == tgt, b_k, 0.0)
+        tgt = tl.load(target_ptr + rows * target_row_stride + k, mask=row_ok,
+                      other=-1).to(tl.int64)
+        b_k = tl.load(coef_b_ptr + rows * coef_b_row_stride + k, mask=row_ok, other=0.0)
+        dz -= tl.where(vocab_start + q[None, :] == tgt[:, None], b_k[:, None], 0.0)
     if HAS_CLASS_WEIGHT:
-        w_c = upcast(tl.load(class_weight_ptr + q, mask=mask, other=0.0))
-        dz -= tl.load(coef_ptr + row * 4 + 2) * w_c
+        w_c = upcast(tl.load(class_weight_ptr + q, mask=q < n_cols, other=0.0))
+        dz -= tl.load(coef + 2, mask=row_ok, other=0.0)[:, None] * w_c[None, :]
     if HAS_ENTROPY_TERM:
-        mu = tl.load(stats_ptr + row * 3 + 2)
-        dz -= tl.load(coef_ptr + row * 4 + 3) * tl.where(z == float("-inf"), 0.0,
-                                                         p * (rel - mu))
+        mu = tl.load(stats + 2, mask=row_ok, other=0.0)[:, None]
+        d = tl.load(coef + 3, mask=row_ok, other=0.0)[:, None]
+        dz -= d * tl.where(z == float("-inf"), 0.0, p * (rel - mu))
     dx = head_chain(dz, slope, head, HEAD)
-    dx_row = dx_ptr + row_offset(row, n_inner, dx_outer_stride, dx_inner_stride)
-    tl.store(dx_row + q * dx_col_stride, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dx_rows = row_offset(rows, n_inner, dx_outer_stride, dx_inner_stride)
+    tl.store(dx_ptr + dx_rows[:, None] + q[None, :] * dx_col_stride,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -523,8 +523,10 @@ INVARIANT_TILE = 128
 # thread at 4 warps.
 INVARIANT_ROWS = 16
 INVARIANT_WARPS = 4
-# Tiles the exact merge folds per step (one program per row): 256 × (m, s, τ) a step.
-INVARIANT_MERGE_TILES = 256
+# The exact merge: rows a program and tiles a step (16 × 64 states a step, 8 a thread at 4
+# warps; the integer sums make any split of the tiles give the same bits).
+INVARIANT_MERGE_ROWS = 16
+INVARIANT_MERGE_TILES = 64
 # Default bytes of the fused head's buffers: the forward's per-(token, tile) statistics (12 B a
 # token and tile: at 151936 classes 14 KiB a token, so 8192 tokens take 116 MiB, one chunk) and
 # the backward's dz block (tokens × a vocabulary chunk in the input's dtype: 8192 bf16 tokens

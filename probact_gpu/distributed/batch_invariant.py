@@ -49,6 +49,14 @@ __all__ = [
 ]
 
 
+def _collective_group(group):
+    """The process group the collectives run on: ``group``, or the world when None (the
+    launchers below read None as "one device, no collective")."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if group is None else group
+
+
 def _tile_start(vocab_start: int) -> int:
     return vocab_start // tiling.INVARIANT_TILE
 
@@ -61,7 +69,7 @@ def _logits_rows(x, target, group, vocab_start, transform, compute_entropy, comp
                                   compute_argmax=compute_argmax, dim=dim)
     sums = reduce_tile_states(states, tile_start=_tile_start(vocab_start),
                               compute_entropy=compute_entropy, compute_argmax=compute_argmax,
-                              group=group)
+                              group=_collective_group(group))
     return exact_rows(sums), sums.argmax
 
 
@@ -123,7 +131,7 @@ class InvariantVocabParallelLinearTokenLogProbsFunction(torch.autograd.Function)
             h, weight, bias, target, ignore_index=ignore_index, transform=transform,
             compute_entropy=compute_entropy, compute_argmax=compute_argmax, all_rows=all_rows,
             vocab_start=vocab_start, fp32_precision=fp32_precision, chunk_size=chunk_size,
-            budget=budget, group=group, n_classes_global=n_classes)
+            budget=budget, group=_collective_group(group), n_classes_global=n_classes)
         logp, entropy, lse, stats = token_rows(
             exact_rows(sums), target.to(torch.int64), n_classes=n_classes,
             ignore_index=ignore_index, compute_entropy=compute_entropy,
@@ -228,7 +236,8 @@ class InvariantVocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             h, weight, bias, target, ignore_index=options.ignore_index,
             transform=options.transform, compute_entropy=False, compute_argmax=compute_argmax,
             all_rows=compute_argmax, vocab_start=vocab_start, fp32_precision=fp32_precision,
-            chunk_size=chunk_size, budget=budget, group=group, n_classes_global=n_classes)
+            chunk_size=chunk_size, budget=budget, group=_collective_group(group),
+            n_classes_global=n_classes)
         t64 = target.to(torch.int64)
         loss, lse, zl, stats = _ce_forward(ctx, exact_rows(sums), t64, options, n_classes,
                                            accum_dtype(h), lse_mask=computed)

@@ -144,10 +144,11 @@ def _merge(states: TileStates, row_max: torch.Tensor, tile_start: int, compute_e
         if best is not None:
             best.fill_(NO_INDEX)
         return sums, probe, best
-    launch(invariant_merge_kernel, (n_rows,),
+    rows = tiling.INVARIANT_MERGE_ROWS
+    launch(invariant_merge_kernel, (tiling.cdiv(n_rows, rows),),
            (states.stats, states.stats if states.arg is None else states.arg, row_max, sums,
-            probe, sums if best is None else best, n_tiles, tile_start),
-           path="invariant", num_warps=4, BLOCK_T=tiling.INVARIANT_MERGE_TILES,
+            probe, sums if best is None else best, n_rows, n_tiles, tile_start),
+           path="invariant", num_warps=4, ROWS=rows, BLOCK_T=tiling.INVARIANT_MERGE_TILES,
            N_STATS=states.stats.shape[2], N_SUMS=n_sums, COMPUTE_ENTROPY=compute_entropy,
            COMPUTE_ARGMAX=compute_argmax, EXTRA_LIMB=wide)
     return sums, probe, best

@@ -31,8 +31,8 @@ from ._invariant import (
 
 __all__ = ["coef_bwd", "target_logits"]
 
-# Columns a program of the elementwise backward writes (any width gives the same bits).
-_BWD_BLOCK = 1024
+# Rows × columns a program of the elementwise backward writes (any tile gives the same bits).
+_BWD_ROWS, _BWD_BLOCK = 8, 512
 
 
 # --------------------------------------------------------------------------- launchers
@@ -67,12 +67,14 @@ def coef_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
     xv, dxv = row_view(logits, dim), row_view(out, dim)
     if xv.n_rows == 0 or xv.n_cols == 0:
         return out
-    launch(invariant_bwd_kernel, (xv.n_rows, tiling.cdiv(xv.n_cols, _BWD_BLOCK)),
+    grid = (tiling.cdiv(xv.n_rows, _BWD_ROWS), tiling.cdiv(xv.n_cols, _BWD_BLOCK))
+    launch(invariant_bwd_kernel, grid,
            (xv.tensor, target, stats, coef, coef_b,
-            coef if class_weight is None else class_weight, dxv.tensor, xv.n_cols, xv.n_inner,
-            vocab_start, target.shape[1], target.stride(0), coef_b.stride(0), *xv.strides,
-            *dxv.strides, *transform.kernel_factors),
-           path="invariant", num_warps=4, BLOCK_N=_BWD_BLOCK, HEAD=transform.kernel_mode,
+            coef if class_weight is None else class_weight, dxv.tensor, xv.n_rows, xv.n_cols,
+            xv.n_inner, vocab_start, target.shape[1], target.stride(0), coef_b.stride(0),
+            *xv.strides, *dxv.strides, *transform.kernel_factors),
+           path="invariant", num_warps=8, ROWS=_BWD_ROWS, BLOCK_N=_BWD_BLOCK,
+           HEAD=transform.kernel_mode,
            HAS_CLASS_WEIGHT=class_weight is not None, HAS_ENTROPY_TERM=has_entropy_term)
     return out
 

@@ -664,6 +664,7 @@ def _invariant_or_extras(input, h, linear_weight, target, linear_bias, options, 
         loss, lse, zl, arg, _ = fused_linear_cross_entropy(
             h, linear_weight, flat.contiguous(), linear_bias, options, compute_argmax=want_arg,
             fp32_precision=fp32_precision, chunk_size=chunk_size, budget=memory_budget)
+        arg = arg if want_arg else None
     else:
         grad_on = torch.is_grad_enabled()
         need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
@@ -681,6 +682,8 @@ def _invariant_or_extras(input, h, linear_weight, target, linear_bias, options, 
         loss = loss.reshape(batch_shape)
         if zl is not None:
             zl = zl.reshape(batch_shape)
+    if not any(extras.values()):
+        return loss.to(input.dtype)
     return cross_entropy_output(
         loss.to(loss_dtype), lse.reshape(batch_shape), target, options,
         linear_weight.shape[0], z_loss_term=zl,

@@ -224,7 +224,7 @@ def _invariant_or_extras(input, target, opts, batch_invariant, inplace_backward,
             raise ValueError("inplace_backward=True is not available with batch_invariant=True "
                              "(its gradient is formed in the backward, from the exact rows)")
         loss, lse, zl, arg, _ = invariant_cross_entropy(x, t, opts, compute_argmax=want_arg)
-        loss = loss.to(loss_dtype or input.dtype)
+        loss, arg = loss.to(loss_dtype or input.dtype), arg if want_arg else None
     elif inplace_backward:
         raise ValueError("return_z_loss, return_token_accuracy and return_predicted_tokens are "
                          "not available with inplace_backward=True")
@@ -240,6 +240,8 @@ def _invariant_or_extras(input, target, opts, batch_invariant, inplace_backward,
         lse = lse.reshape(())
         if opts.reduction == "none":
             loss = loss.reshape(())
+    if not (return_z_loss or want_arg):
+        return (loss, lse) if return_lse else loss
     out = cross_entropy_output(
         loss, lse, t, opts, x.shape[1], z_loss_term=zl,
         predicted=None if arg is None else arg.reshape(t.shape), return_lse=return_lse,
