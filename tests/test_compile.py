@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter
 
 OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "linear_cross_entropy",
                "token_log_probs", "linear_token_log_probs", "distillation",
-               "linear_distillation")
+               "linear_distillation", "batch_invariant", "fused_head", "token_log_probs_index")
 # opcheck's checks: schema, autograd registration and fake tensors run the op and its fake
 # implementation; test_aot_dispatch_dynamic traces it with AOTAutograd and dynamic shapes.
 ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -105,6 +105,34 @@ def _ld_args(reduction):
     return (_x(6, 5), _x(9, 5, seed=4), _x(9, seed=5), _x(6, 7, grad=False, seed=7),
             _x(9, 7, grad=False, seed=8), None, _t(6, 9), *_ds("tvd", 0.0), reduction, None,
             None, 4, [True, True, True])
+
+
+def _fused_saved(op, *args):
+    """(h, W, t, b) and a forward's outputs of a fused head op (the backward ops' inputs)."""
+    h, w, t, b = _x(6, 5, grad=False), _x(9, 5, grad=False, seed=4), _t(6, 9), _x(9, seed=5,
+                                                                               grad=False)
+    return (h, w, t, b), getattr(torch.ops.probact_gpu, op)(h, w, t, b, *args)
+
+
+def _fused_tlp_bwd_args():
+    (h, w, t, b), out = _fused_saved("fused_token_log_probs", -100, 1.0, 2.0, 3.0, 0.8, True,
+                                     False, False, True, "ieee", None, None)
+    return (h, w, t, b, out[-1], torch.rand(6), torch.rand(6), -100, 1.0, 2.0, 3.0, 0.8,
+            "ieee", None, [True, True, True])
+
+
+def _fused_lce_bwd_args():
+    schema = _ce(weight=torch.rand(9), reduction="none", z_loss=1e-3)
+    (h, w, t, b), out = _fused_saved("fused_linear_cross_entropy", *schema, False, "ieee",
+                                     None, None)
+    return (h, w, t, b, out[1], out[-1], torch.rand(6), *schema, "ieee", None,
+            [True, True, True])
+
+
+def _coef_bwd_args():
+    logits, t, stats = _tlp_stats()
+    return (logits, t.clamp(min=0)[:, None], stats, torch.rand(5, 4), torch.rand(5, 1), None,
+            1.0, 1.0, 4.0, 0.7, True, -1)
 
 
 # One case per registered op: (args, checks).
@@ -188,6 +216,30 @@ CASES = {
                                              *_ld_args("none"))[1].detach(), torch.rand(6),
                                          *_ds("tvd", 0.0), 4, [True, True, False]),
                                         ALL_CHECKS),
+
+
+    # batch_invariant=True: the exact tile reduction on given logits, its elementwise backward,
+    # the (…, K) index, the fused head (one 64 × 128 tile) for token log-probs and CE.
+    "invariant_token_log_probs": lambda: ((_x(5, 9), _t(5, 9), -100, 1.0, 1.0, 4.0, 0.7, True,
+                                           True, False), ALL_CHECKS),
+    "invariant_cross_entropy": lambda: ((_x(4, 7), _t(4, 7), *_ce(
+        weight=torch.rand(7), reduction="mean", z_loss=0.01, softcap=2.0), True), ALL_CHECKS),
+    "invariant_cross_entropy_bwd": lambda: ((_x(4, 7, grad=False), _t(4, 7), torch.randn(4),
+                                             torch.rand(4, 3), torch.rand(4),
+                                             *_ce(reduction="none", z_loss=0.01)), ALL_CHECKS),
+    "coef_bwd": lambda: (_coef_bwd_args(), ALL_CHECKS),
+    "token_log_probs_index": lambda: ((_x(5, 9), torch.randint(0, 9, (5, 3)), -100, 1.0, 1.0,
+                                       None, 0.7, True, True, False), ALL_CHECKS),
+    # every row computed (all_rows): a skipped row's lse is NaN, which opcheck's comparison
+    # of two runs does not take as equal
+    "fused_token_log_probs": lambda: ((_x(6, 5), _x(9, 5, seed=4), _t(6, 9), _x(9, seed=5),
+                                       -100, 1.0, 2.0, 3.0, 0.8, True, True, True, False,
+                                       "ieee", None, None), ALL_CHECKS),
+    "fused_token_log_probs_bwd": lambda: (_fused_tlp_bwd_args(), ALL_CHECKS),
+    "fused_linear_cross_entropy": lambda: ((_x(6, 5), _x(9, 5, seed=4), _t(6, 9),
+                                            _x(9, seed=5), *_ce(reduction="sum", z_loss=1e-3),
+                                            True, "ieee", None, None), ALL_CHECKS),
+    "fused_linear_cross_entropy_bwd": lambda: (_fused_lce_bwd_args(), ALL_CHECKS),
 }
 
 
@@ -269,6 +321,16 @@ PUBLIC = {
     "linear_distillation_loss_none": lambda x, w, t: pg.linear_distillation_loss(
         x, w, x.detach() * 2.0, w.detach(), t, divergence="kl", reduction="none",
         chunk_size=4).sum(),
+
+
+    "token_log_probs_invariant_index": lambda x, w, t: pg.token_log_probs(
+        x @ w.T, torch.stack([_inputs(x, w, t)[2]] * 2, -1), batch_invariant=True).sum(),
+    "cross_entropy_invariant": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, t, z_loss=1e-3, batch_invariant=True),
+    "linear_token_log_probs_invariant": lambda x, w, t: sum(pg.linear_token_log_probs(
+        x, w, t, batch_invariant=True, return_entropy=True)[:2]).sum(),
+    "linear_cross_entropy_invariant": lambda x, w, t: pg.linear_cross_entropy(
+        x, w, t, batch_invariant=True, return_z_loss=True).loss,
 }
 
 

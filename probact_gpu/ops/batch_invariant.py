@@ -255,6 +255,39 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, l
             input.new_empty((n, 3), dtype=sdt))
 
 
+@torch.library.custom_op("probact_gpu::invariant_cross_entropy_bwd", mutates_args=())
+def _ice_bwd_op(
+    input: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, stats: torch.Tensor,
+    grad_output: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+    reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
+    logit_divisor: float, softcap: float | None, temperature: float,
+    normalizer: torch.Tensor | None, normalizer_value: float | None,
+) -> torch.Tensor:
+    """dinput of the loss for ``grad_output`` (0-d, or the rows' shape for ``"none"``): the
+    per-row coefficients (the mean's divisor or the normalizer applied), then the elementwise
+    kernel."""
+    from .fused_head import cross_entropy_coefficients
+
+    opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
+                                           z_loss, logit_scale, logit_divisor, softcap,
+                                           temperature, normalizer, normalizer_value)
+    flat = _flat(target)
+    sdt = stats.dtype
+    g = grad_output.to(sdt)
+    g = g.reshape(-1) if reduction == "none" else g.expand(flat.shape[0])
+    divisor = loss_divisor(opts, flat, input.shape[1], sdt)
+    if divisor is not None:
+        g = g / divisor
+    coef = cross_entropy_coefficients(g, flat, _flat(lse), opts, input.shape[1], sdt)
+    return coef_bwd(input, flat[:, None], stats, coef, coef[:, 1:2], None,
+                    transform=opts.transform, has_entropy_term=False, dim=1)
+
+
+@_ice_bwd_op.register_fake
+def _(input, target, lse, stats, grad_output, *schema):
+    return input.new_empty(input.shape)
+
+
 def _ice_setup_context(ctx, inputs, output):
     input, target = inputs[:2]
     _, lse, zl, arg, stats = output
@@ -270,23 +303,9 @@ def _ice_backward(ctx, grad_loss, grad_lse, grad_zl, grad_arg, grad_stats):
         return (None,) + none
     no_second_derivative("cross_entropy")
     input, target, lse, stats, weight, normalizer = ctx.saved_tensors
-    (_, ignore_index, reduction, label_smoothing, z_loss, scale, divisor_, softcap,
-     temperature, _, normalizer_value, _) = ctx.fwd_args
-    opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
-                                           z_loss, scale, divisor_, softcap, temperature,
-                                           normalizer, normalizer_value)
-    flat = _flat(target)
-    sdt = stats.dtype
-    g = grad_loss.to(sdt)
-    g = g.reshape(-1) if reduction == "none" else g.expand(flat.shape[0])
-    divisor = loss_divisor(opts, flat, input.shape[1], sdt)
-    if divisor is not None:
-        g = g / divisor
-    from .fused_head import cross_entropy_coefficients
-
-    coef = cross_entropy_coefficients(g, flat, _flat(lse), opts, input.shape[1], sdt)
-    dx = _coef_bwd_op(input, flat[:, None], stats, coef, coef[:, 1:2], None, scale, divisor_,
-                      softcap, temperature, False, 1)
+    scalars = ctx.fwd_args[1:9]
+    dx = _ice_bwd_op(input, target, lse, stats, grad_loss, weight, *scalars, normalizer,
+                     ctx.fwd_args[10])
     return (dx,) + none
 
 
