@@ -100,6 +100,7 @@ if TYPE_CHECKING:
         Sigmoid,
         Softmax,
     )
+    from .ops._common import CrossEntropyOutput
     from .ops.distillation import TopKTeacher, distillation_loss
     from .ops.linear_distillation import linear_distillation_loss
     from .ops.linear_token_log_probs import linear_token_log_probs

@@ -96,8 +96,13 @@ def _traffic(args: argparse.Namespace) -> int:
                        progress=lambda what: print(f"counting {what}", file=sys.stderr))
     print(report.format_traffic_header(env))
     print(report.format_traffic_table(rows))
+    appendix = ""
+    if "linear_token_log_probs" in ops:  # the fused head at its full shape: counted by a model
+        appendix = traffic.format_fused_head_model(traffic.fused_head_model(
+            *traffic.FUSED_HEAD_SHAPE, 2))
+        print(appendix)
     if args.out:
-        for path in report.write_traffic(args.out, env, rows):
+        for path in report.write_traffic(args.out, env, rows, appendix=appendix):
             print(f"wrote {path}")
     return 0 if any(r.status == "ok" for r in rows) else 1
 

@@ -285,6 +285,50 @@ def test_fma_in_a_kernel_rounds_once(dtype, rng, device):
     assert_same_floats(out, torch.tensor(expected, dtype=dtype))
 
 
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """c = a @ b (fp32 accumulator) over whole (M, K) and (K, N) tiles."""
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+    acc = tl.zeros((M, N), tl.float32)
+    if PRECISION:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _runtime.check_runnable(a)
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
+    _dot_kernel[(1,)](a, b, c, M=a.shape[0], N=b.shape[1], K=a.shape[1],
+                      PRECISION=a.dtype == torch.float32)
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dot_is_exact_products_and_per_row(dtype, rng, device):
+    """``tl.dot`` (the fused head's GEMM tiles): bf16 operands are multiplied as values, not as
+    their bit patterns (2·I @ ones gave 266338304 for 2); a row's result is the same bits
+    wherever it sits in the tile and whatever the other rows hold (OpenBLAS's matmul, which the
+    interpreter called, changed them with the row's place; the GPU's MMA does not); and it is
+    float64's to fp32 rounding."""
+    eye = (2.0 * torch.eye(32)).to(dtype).to(device)
+    ones = torch.ones(32, 32, dtype=dtype, device=device)
+    assert bool((_dot(eye, ones) == 2.0).all())
+    a, a64 = make_input((64, 64), dtype, rng, device=device)
+    b, b64 = make_input((64, 32), dtype, rng, device=device)
+    full = _dot(a, b)
+    perm = torch.from_numpy(rng.permutation(64)).to(device)
+    assert torch.equal(_dot(a[perm], b), full[perm])
+    lone = torch.zeros_like(a)
+    lone[17] = a[3]
+    assert torch.equal(_dot(lone, b)[17], full[3])
+    assert_close_to_reference(full, a64 @ b64, torch.float32, "a @ b")
+
+
 _FRESH = """
 import os
 os.environ["TRITON_INTERPRET"] = "1"

@@ -241,3 +241,36 @@ def test_traffic_command_writes_a_valid_document(tmp_path, capsys):
     bad = dict(doc, rows=[dict(row, status="done")])
     with pytest.raises(ValueError, match="status"):
         report.validate_traffic(bad)
+
+
+def test_fused_head_model_is_the_interpreters_count():
+    """The fused head's traffic model (stated at 8192 × 4096 × 151936 in docs/rl.md and by
+    ``bench --traffic``) is, kernel by kernel, what the interpreter counts at a small shape:
+    a partial token tile (70 of 128), a partial vocabulary tile (300 classes), the hidden size
+    not a multiple of the k step (40), three vocabulary chunks in the backward (the dh carry)."""
+    import collections
+
+    from probact_gpu.ops.linear_token_log_probs import linear_token_log_probs
+
+    n, hidden, vocab = 70, 40, 300
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hidden, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.5).bfloat16().requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=g)
+    budget = n * 128 * 2
+    with traffic.counting() as counts:
+        out = linear_token_log_probs(h, w, t, return_entropy=True, batch_invariant=True,
+                                     memory_budget=budget)
+        counts.phase = "bwd"
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    counted = collections.defaultdict(lambda: [0, 0])
+    for k in counts.kernels:
+        counted[k.name.removesuffix("_kernel")][0] += k.loaded
+        counted[k.name.removesuffix("_kernel")][1] += k.stored
+    model = traffic.fused_head_model(n, hidden, vocab, 2, entropy=True, budget=budget)
+    assert model.vocab_chunks == 3
+    assert {name: tuple(v) for name, v in counted.items()} == model.kernels
+    assert not counts.syncs
+    full = traffic.fused_head_model(*traffic.FUSED_HEAD_SHAPE, 2)
+    assert max(b for _, b in full.buffers) < 300 * 2**20  # no logits-sized buffer (2.3 GiB)
+    assert "GFLOP a token" in traffic.format_fused_head_model(full)

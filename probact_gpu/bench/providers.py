@@ -5,7 +5,9 @@
   row that says so). ``probact_inplace`` (cross-entropy only): the same with
   ``inplace_backward=True``, the gradient written into the logits' storage (no logits-sized
   buffer). ``probact_low_memory`` (linear + cross-entropy only): ``low_memory=True``, gradients
-  recomputed over vocabulary blocks in the backward.
+  recomputed over vocabulary blocks in the backward. ``probact_invariant`` (cross-entropy, the
+  LM-head log-probs and their linear forms): ``batch_invariant=True`` (docs/rl.md), the fused
+  Triton head for the linear forms — the cost of invariance is its row beside ``probact``'s.
 - ``torch``: torch eager (``torch.softmax``, ``F.cross_entropy``, ...); for the LM-head outputs
   (``token_log_probs``: per-token log-prob and entropy) the unfused path: ``log_softmax`` in fp32,
   ``gather``, entropy from the same (tokens × V) fp32 tensor.
@@ -46,10 +48,13 @@ from .shapes import CE_IGNORED_FRACTION
 PROVIDERS = ("probact", "torch", "compile", "liger")
 # Providers measured beside those for some ops only (when probact is): probact's variants, and
 # the peers that exist for one op family. Speed-ups compare probact's rows with every other.
-VARIANTS = {"cross_entropy": ("probact_inplace",),
-            "linear_cross_entropy": ("probact_low_memory", "cce"),
-            "token_log_probs": ("torch_chunked",),
-            "linear_token_log_probs": ("torch_chunked",)}
+VARIANTS = {"cross_entropy": ("probact_inplace", "probact_invariant"),
+            "linear_cross_entropy": ("probact_low_memory", "probact_invariant", "cce"),
+            "token_log_probs": ("probact_invariant", "torch_chunked"),
+            "linear_token_log_probs": ("probact_invariant", "torch_chunked")}
+# Liger-Kernel's per-token log-prob + entropy from hidden states, looked up by these names in
+# liger_kernel.transformers.functional (a version without one is a skipped row saying so).
+LIGER_LM_HEAD_NAMES = ("liger_fused_linear_logprobs", "liger_fused_linear_token_logprobs")
 IGNORE_INDEX = -100
 # Tokens per chunk of the torch_chunked LM-head path (8 chunks of 4096 tokens, 16 of 8192).
 CHUNK_TOKENS = 512
@@ -222,17 +227,17 @@ def probact_fn(op: str, module: str = "probact_gpu") -> Callable:
     return fn
 
 
-def _lm_head(op: str, fn: Callable) -> Callable:
+def _lm_head(op: str, fn: Callable, **options) -> Callable:
     """probact's LM-head function returning (logp, entropy) like the torch paths."""
     if op == "token_log_probs":
         def probact_token_log_probs(logits, target):
-            out = fn(logits, target, return_entropy=True)
+            out = fn(logits, target, return_entropy=True, **options)
             return out.logprobs, out.entropy
 
         return probact_token_log_probs
 
     def probact_linear_token_log_probs(x, weight, target):
-        out = fn(x, weight, target, return_entropy=True)
+        out = fn(x, weight, target, return_entropy=True, **options)
         return out.logprobs, out.entropy
 
     return probact_linear_token_log_probs
@@ -308,6 +313,19 @@ def liger_fn(op: str) -> Callable:
         return liger_linear_cross_entropy
     if op in DISTILLATION_OPS:
         return _liger_distillation(op)
+
+
+    if op == "linear_token_log_probs":
+        functional = _import("liger_kernel.transformers.functional")
+        for name in LIGER_LM_HEAD_NAMES:
+            fn = getattr(functional, name, None)
+            if fn is not None:
+                def liger_linear_token_log_probs(x, weight, target, fn=fn):
+                    return fn(x, weight, target, ignore_index=IGNORE_INDEX)
+
+                return liger_linear_token_log_probs
+        raise Skip(f"this liger-kernel has no log-prob + entropy head (none of "
+                   f"{', '.join(LIGER_LM_HEAD_NAMES)})")
     raise Skip(f"liger-kernel has no {op}")
 
 
@@ -354,6 +372,15 @@ def resolve(provider: str, op: str, *, device: torch.device, smoke: bool = False
             return ce(logits, target, inplace_backward=True)
 
         return probact_cross_entropy_inplace
+    if provider == "probact_invariant" and op in VARIANTS and "probact_invariant" in VARIANTS[op]:
+        fn = probact_fn(op)
+        if op in LM_HEAD_OPS:
+            return _lm_head(op, fn, batch_invariant=True)
+
+        def probact_invariant(*args):
+            return fn(*args, batch_invariant=True)
+
+        return probact_invariant
     if provider == "probact_low_memory" and op == "linear_cross_entropy":
         lce = probact_fn(op)
 

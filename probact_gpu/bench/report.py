@@ -486,15 +486,17 @@ def traffic_document(env: dict, rows) -> dict:
     return doc
 
 
-def write_traffic(out: str | os.PathLike, env: dict, rows) -> list[Path]:
+def write_traffic(out: str | os.PathLike, env: dict, rows, appendix: str = "") -> list[Path]:
     """``out`` ending in ``.md``: that file and its ``.json`` beside it; else
-    ``<out>/traffic/<date>.{md,json}``. Returns the paths written."""
+    ``<out>/traffic/<date>.{md,json}`` (``appendix``: markdown after the table). Returns the
+    paths written."""
     out = Path(out)
     md_path = out if out.suffix == ".md" else out / "traffic" / f"{env['date']}.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     json_path = md_path.with_suffix(".json")
     json_path.write_text(json.dumps(traffic_document(env, rows), indent=1) + "\n")
-    md_path.write_text(format_traffic_header(env) + "\n" + format_traffic_table(rows))
+    md_path.write_text(format_traffic_header(env) + "\n" + format_traffic_table(rows)
+                       + ("\n" + appendix if appendix else ""))
     return [json_path, md_path]
 
 

@@ -697,3 +697,159 @@ def run(ops, dtypes, passes=None, *, providers=("probact",),
 
 def fmt_ratio(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+# --------------------------------------------------------------------------- the fused head
+#
+# The fused LM head (``batch_invariant=True`` on the linear ops: kernels/head_gemm.py) is a GEMM:
+# counting it through the interpreter at the full shape (1187 vocabulary tiles × 64 tokens a
+# program) takes hours, so ``bench --traffic`` counts it at a small shape like the other rows
+# and states it at the full shape by this model, whose every term is one kernel's loads or
+# stores (tests/test_traffic.py pins the model to the interpreter's counts at a small shape, so
+# the full-shape figures are the same arithmetic at a bigger N, H and V).
+
+# The shape docs/rl.md states the fused head at (tokens, hidden, vocabulary: Qwen's 151936).
+FUSED_HEAD_SHAPE = (8192, 4096, 151936)
+
+
+@dataclass
+class FusedHeadModel:
+    """What the fused head moves and allocates at (``tokens`` × ``hidden`` × ``vocab``), every
+    token active: per kernel launch family ``(loaded, stored)`` bytes over the whole call, the
+    buffers it allocates beyond inputs, outputs and gradients (name, bytes), and the GEMM FLOPs
+    (a multiply-add is 2)."""
+
+    shape: tuple[int, int, int]
+    dtype_bytes: int
+    kernels: dict[str, tuple[int, int]]
+    buffers: list[tuple[str, int]]
+    gemm_flops_fwd: int
+    gemm_flops_bwd: int
+    vocab_chunks: int
+
+    @property
+    def loaded(self) -> int:
+        return sum(v[0] for v in self.kernels.values())
+
+    @property
+    def stored(self) -> int:
+        return sum(v[1] for v in self.kernels.values())
+
+
+def fused_head_model(tokens: int, hidden: int, vocab: int, elem: int, *, entropy: bool = True,
+                     bias: bool = False, backward: bool = True, budget: int | None = None,
+                     target_bytes: int = 8) -> FusedHeadModel:
+    """The fused token log-probs head (logp and entropy; a backward through both when
+    ``backward``) at full tiles of ``tiling.head_gemm_config``: the sums of the per-program
+    terms of each kernel of kernels/head_gemm.py and kernels/_invariant.py's merge."""
+    cfg = tiling.head_gemm_config(elem)
+    tile = tiling.INVARIANT_TILE
+    n_tiles = tiling.cdiv(vocab, tile)
+    m_tiles = tiling.cdiv(tokens, cfg.block_m)
+    fields = 3 if entropy else 2
+    stat_bytes = 8 if elem == 8 else 4
+    k: dict[str, tuple[int, int]] = {}
+    # forward: every program loads the active count; the live ones their rows' order and
+    # targets, the h and W tiles over the hidden size (and the bias); they store the tile
+    # states and the target logit of the token whose target is in the tile
+    k["head_gemm_fwd"] = (
+        m_tiles * n_tiles * 8 + n_tiles * tokens * (8 + target_bytes)
+        + n_tiles * tokens * hidden * elem + m_tiles * vocab * hidden * elem
+        + (m_tiles * vocab * elem if bias else 0),
+        n_tiles * tokens * fields * stat_bytes + tokens * stat_bytes)
+    k["invariant_merge"] = (
+        tokens * stat_bytes + tokens * n_tiles * fields * stat_bytes,
+        tokens * (16 if elem != 8 else 32) + tokens * stat_bytes)
+    buffers = [("tile states (tokens, tiles, fields)", tokens * n_tiles * fields * stat_bytes)]
+    flops_fwd = 2 * tokens * hidden * vocab
+    chunks = 0
+    if backward:
+        chunk = tiling.fused_head_vocab_chunk(tokens, vocab, elem, budget)
+        chunks = tiling.cdiv(vocab, chunk)
+        h_blocks = tiling.cdiv(hidden, cfg.block_h)
+        dz_loads = dh_loads = dw_loads = 0
+        dz_stores = dh_stores = dw_stores = 0
+        for c0 in range(0, vocab, chunk):
+            cols = min(chunk, vocab - c0)
+            tiles = tiling.cdiv(cols, tile)
+            # dz: the forward's loads again, the row statistics (shift, log s, μ) and the
+            # coefficients (A, B, D), the dz block's store
+            per_row = 8 + target_bytes + stat_bytes * (3 if entropy else 2) + \
+                stat_bytes * (3 if entropy else 2)
+            dz_loads += (m_tiles * tiles * 8 + tiles * tokens * per_row
+                         + tiles * tokens * hidden * elem + m_tiles * cols * hidden * elem
+                         + (m_tiles * cols * elem if bias else 0))
+            dz_stores += tokens * cols * elem
+            first, last = c0 == 0, c0 + cols == vocab
+            # dh: the carry (all but the first chunk), dz over the chunk and W's rows a hidden
+            # block at a time; the last chunk writes dh, the others the carry
+            dh_loads += (m_tiles * h_blocks * 8 + (0 if first else tokens * hidden * stat_bytes)
+                         + h_blocks * tokens * cols * elem + m_tiles * cols * hidden * elem
+                         + (tokens * 8 * h_blocks if last else 0))
+            dh_stores += tokens * hidden * (elem if last else stat_bytes)
+            # dW: dz over every token a tile and hidden block, h's rows, their order; dW written
+            dw_loads += (tiles * h_blocks * 8 + h_blocks * tokens * cols * elem
+                         + tiles * h_blocks * tokens * 8 + tiles * tokens * hidden * elem)
+            dw_stores += cols * hidden * elem
+        k["head_gemm_bwd_dz"] = (dz_loads, dz_stores)
+        k["head_gemm_bwd_dh"] = (dh_loads, dh_stores)
+        k["head_gemm_bwd_dw"] = (dw_loads, dw_stores)
+        buffers.append(("dz block (tokens, vocabulary chunk)", tokens * min(chunk, vocab) * elem))
+        if chunks > 1:
+            buffers.append(("dh carry (tokens, hidden) fp32", tokens * hidden * stat_bytes))
+    return FusedHeadModel((tokens, hidden, vocab), elem, k, buffers, flops_fwd,
+                          3 * flops_fwd if backward else 0, chunks)
+
+
+def atomic_head_model(tokens: int, hidden: int, vocab: int, elem: int) -> dict[str, int]:
+    """What the non-deterministic design adds instead (one backward kernel that recomputes a
+    tile and adds ``dz @ W`` into dh and ``dz.T @ h`` into dW with fp32 atomics): the fp32
+    accumulators it allocates and the bytes of its atomic read-modify-writes (8 a float: the
+    L2 reads and writes one)."""
+    cfg = tiling.head_gemm_config(elem)
+    m_tiles = tiling.cdiv(tokens, cfg.block_m)
+    n_tiles = tiling.cdiv(vocab, tiling.INVARIANT_TILE)
+    return {"dW fp32 accumulator": vocab * hidden * 4,
+            "dh fp32 accumulator": tokens * hidden * 4,
+            "dh atomics": n_tiles * tokens * hidden * 8,
+            "dW atomics": m_tiles * vocab * hidden * 8}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def format_fused_head_model(model: FusedHeadModel) -> str:
+    """The model as markdown: bytes a kernel family, buffers, GEMM FLOPs, beside the atomic
+    design's extra accumulators and traffic."""
+    n, h, v = model.shape
+    kind = {2: "16-bit", 4: "fp32", 8: "fp64"}[model.dtype_bytes]
+    passes = "forward + backward" if model.gemm_flops_bwd else "forward"
+    lines = [f"### the fused head at {n} × {h} × {v} (model; {kind} inputs, logp + entropy, "
+             f"{passes})", "",
+             "Bytes issued by each kernel's loads and stores (a GEMM re-reads its operand "
+             "tiles: from L2 when neighbouring programs share them, else HBM); no logits are "
+             "ever stored.", "",
+             "| kernel | loaded | stored |", "|---|---|---|"]
+    for name, (ld, st) in model.kernels.items():
+        lines.append(f"| {name} | {_gb(ld)} | {_gb(st)} |")
+    lines.append(f"| total | {_gb(model.loaded)} | {_gb(model.stored)} |")
+    lines += ["", "| buffer beyond inputs, outputs, gradients | bytes |", "|---|---|"]
+    for name, nbytes in model.buffers:
+        lines.append(f"| {name} | {nbytes / 2**20:,.0f} MiB |")
+    lines.append(f"| logits (never allocated; for scale) | {n * v * model.dtype_bytes / 2**20:,.0f}"
+                 " MiB |")
+    flops = model.gemm_flops_fwd + model.gemm_flops_bwd
+    if model.gemm_flops_bwd:
+        lines += ["", f"GEMMs: 1 forward + 3 backward (recompute, dh, dW), "
+                  f"{flops / 1e12:,.1f} TFLOP in all, {flops / n / 1e9:,.2f} GFLOP a token "
+                  f"({model.gemm_flops_fwd / n / 1e9:,.2f} forward); "
+                  f"{model.vocab_chunks} vocabulary chunks in the backward."]
+        atomic = atomic_head_model(n, h, v, model.dtype_bytes)
+        lines += ["", "The atomic design instead (no dz block, no dh carry): " + ", ".join(
+            f"{k} {v / 2**20:,.0f} MiB" if "accumulator" in k else f"{k} {_gb(v)}"
+            for k, v in atomic.items()) + " of read-modify-write."]
+    else:
+        lines += ["", f"GEMM: 1, {flops / 1e12:,.1f} TFLOP, {flops / n / 1e9:,.2f} GFLOP a "
+                  "token."]
+    return "\n".join(lines) + "\n"
