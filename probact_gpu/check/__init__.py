@@ -76,11 +76,14 @@ class Row:
     scale: float = 0.0  # the largest finite |reference| of this output
     draws: int = 1  # > 1: ours / torch_err hold the mean max abs errors over that many draws
     first: Row | None = None  # the first draw's row, when re-drawn
+    # False: a row shown beside another for comparison (a path that rounds its logits, as
+    # torch does), held to the torch promise only, not to the tolerance
+    held_to_tolerance: bool = True
 
     @property
     def passed(self) -> bool:
-        """Within ``TOLERANCES[dtype]`` of the float64 reference."""
-        return self.ours.passed
+        """Within ``TOLERANCES[dtype]`` of the float64 reference (or not held to it)."""
+        return self.ours.passed or not self.held_to_tolerance
 
     @property
     def ulp(self) -> float:
@@ -112,6 +115,8 @@ class Row:
         if not self.passed:
             return "FAIL"
         word = "WORSE" if self.worse_than_torch else "PASS"
+        if not self.held_to_tolerance and not self.ours.passed:
+            word += " (vs torch only)"
         return word if self.draws == 1 else f"{word} (mean of {self.draws} draws)"
 
 
