@@ -58,10 +58,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 H200_SMS = 132
 ARCH = 90
 KERNEL_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy", "token_log_probs",
-                  "distillation")
+                  "distillation", "_invariant", "head_gemm")
 # The modules that launch kernels (their launch-time names are replaced while recording).
 OPS_MODULES = ("softmax", "sigmoid", "bce", "cross_entropy.launch", "cross_entropy.custom_ops",
-               "token_log_probs", "distillation")
+               "token_log_probs", "distillation", "_invariant", "batch_invariant", "fused_head")
 # Names of @jit functions in kernels/ that no launcher calls (compiled directly below).
 UNLAUNCHED = ("probe_kernel",)
 # Int arguments that take part in addresses or masks: their 16-divisibility decides vector width.
@@ -332,6 +332,56 @@ def bce_case(dtype: str, n: int, variant: str) -> Callable[[], None]:
     return run
 
 
+def fused_case(dtype: str, n: int, hidden: int, v: int,
+               precision: str = "ieee") -> Callable[[], None]:
+    """The fused head (``batch_invariant=True`` on the linear ops): the forward of log-probs and
+    entropy (GEMM tiles, tile states, exact merge) and the backward of both (dz, dh, dW with
+    db), at the launchers' fixed tiles; ``precision``: the fp32 split."""
+    def run():
+        import torch
+
+        from probact_gpu.ops import fused_head as fh
+        from probact_gpu.options import HeadTransform
+
+        h, w, b = _meta((n, hidden), dtype), _meta((v, hidden), dtype), _meta((v,), dtype)
+        t = torch.empty(n, dtype=torch.int64, device="meta")
+        sdt = torch.float64 if dtype == "fp64" else torch.float32
+        tr = HeadTransform(temperature=0.7)
+        fh.fused_head_fwd(h, w, b, t, ignore_index=-100, transform=tr, compute_entropy=True,
+                          compute_argmax=False, all_rows=False, fp32_precision=precision)
+        stats = torch.empty((n, 3), dtype=sdt, device="meta")
+        coef = torch.empty((n, 4), dtype=sdt, device="meta")
+        fh.fused_head_bwd(h, w, b, t, stats, coef, None, ignore_index=-100, transform=tr,
+                          need=(True, True, True), has_entropy_term=True,
+                          fp32_precision=precision)
+    return run
+
+
+def invariant_case(dtype: str, m: int, v: int) -> Callable[[], None]:
+    """``batch_invariant=True`` on given logits: the tile statistics (with entropy and
+    argmax), the exact merge, the elementwise backward, and the (…, K) index's logit gather."""
+    def run():
+        import torch
+
+        from probact_gpu.ops import _invariant as inv
+        from probact_gpu.ops import batch_invariant as bi
+        from probact_gpu.options import HeadTransform
+
+        x = _meta((m, v), dtype)
+        t = torch.empty(m, dtype=torch.int64, device="meta")
+        sdt = torch.float64 if dtype == "fp64" else torch.float32
+        tr = HeadTransform(softcap=30.0, temperature=0.7)
+        states = inv.invariant_tile_stats(x, t, transform=tr, compute_entropy=True,
+                                          compute_argmax=True)
+        inv.reduce_tile_states(states, compute_entropy=True, compute_argmax=True)
+        stats = torch.empty((m, 3), dtype=sdt, device="meta")
+        coef = torch.empty((m, 4), dtype=sdt, device="meta")
+        bi.coef_bwd(x, t[:, None], stats, coef, coef[:, 1:2], None, transform=tr,
+                    has_entropy_term=True)
+        bi.target_logits(x, torch.empty((m, 4), dtype=torch.int64, device="meta"), tr)
+    return run
+
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -379,6 +429,12 @@ def full_cases() -> list[Case]:
                           distill_case(dtype, CE_TOKENS, 128256, "topk")))
         cases.append(Case("distill 32x262144 jsd (split)", dtype,
                           distill_case(dtype, 32, 262144, "jsd")))
+
+
+        cases.append(Case(f"invariant {CE_TOKENS}x151936", dtype,
+                          invariant_case(dtype, CE_TOKENS, 151936)))
+        cases.append(Case("fused head 8192x4096x151936", dtype,
+                          fused_case(dtype, 8192, 4096, 151936)))
         cases.append(Case("sigmoid 2^28", dtype, sigmoid_case(dtype, BUDGET)))
         for variant in BCE_VARIANTS:
             cases.append(Case(f"BCE 2^28 {variant}", dtype, bce_case(dtype, BUDGET, variant)))
@@ -396,7 +452,12 @@ def full_cases() -> list[Case]:
         Case("sigmoid 2^28", "fp64", sigmoid_case("fp64", BUDGET)),
         Case("BCE 2^28 perf", "fp64", bce_case("fp64", BUDGET, "perf")),
         Case("BCE 2^28 on", "fp64", bce_case("fp64", BUDGET, "on")),
+        Case("invariant 4096x32000", "fp64", invariant_case("fp64", 4096, 32000)),
+        Case("fused head 8192x4096x32000", "fp64", fused_case("fp64", 8192, 4096, 32000)),
     ]
+    # fp32 master weights on the bf16 tensor cores: the two splits
+    cases += [Case(f"fused head 8192x4096x151936 {p}", "fp32",
+                   fused_case("fp32", 8192, 4096, 151936, p)) for p in ("bf16x3", "bf16x6")]
     return cases
 
 
@@ -424,6 +485,10 @@ def smoke_cases() -> list[Case]:
         Case("distill 4096x128256 jsd", "bf16", distill_case("bf16", 4096, 128256, "jsd")),
         Case("distill 4096x128256 topk", "bf16", distill_case("bf16", 4096, 128256, "topk")),
         Case("distill 32x262144 tvd (split)", "bf16", distill_case("bf16", 32, 262144, "tvd")),
+
+
+        Case("invariant 4096x151936", "bf16", invariant_case("bf16", 4096, 151936)),
+        Case("fused head 8192x4096x151936", "bf16", fused_case("bf16", 8192, 4096, 151936)),
         Case("sigmoid 2^28", "fp32", sigmoid_case("fp32", BUDGET)),
         Case("BCE 2^28 perf", "bf16", bce_case("bf16", BUDGET, "perf")),
         Case("BCE 2^28 on", "bf16", bce_case("bf16", BUDGET, "on")),
@@ -527,6 +592,20 @@ def _sass_ops(sass: str) -> dict[str, int]:
     return counts
 
 
+# Tensor-core instructions: wgmma (HGMMA on sm_90), mma.sync (HMMA; DMMA for fp64).
+_MMA_OPS = ("HGMMA", "HMMA", "DMMA", "IMMA")
+
+
+def _mma_ops(sass: str) -> dict[str, int]:
+    """Tensor-core instructions of the SASS, by opcode (the fused head's GEMM tiles)."""
+    counts: dict[str, int] = {}
+    for line in sass.splitlines():
+        m = re.search(r"\b(" + "|".join(_MMA_OPS) + r")\.", line)
+        if m and "/*" in line:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
 def _res_usage(text: str) -> dict[str, int]:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not m:
@@ -557,6 +636,7 @@ def compile_job(job: Job, cuobjdump: str) -> dict:
         out = _res_usage(res)
         out["shared"] = int(getattr(compiled.metadata, "shared", 0))
         out["ops"] = _sass_ops(sass)
+        out["mma"] = _mma_ops(sass)
         out["error"] = None
     except Exception as exc:  # a compile failure is the finding: keep its message
         lines = [ln for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
@@ -646,6 +726,14 @@ def occupancy(row: Row) -> int:
     return resident_warps(r["reg"], row.job.options.get("num_warps", 4), r["shared"])
 
 
+def _wants_mma(row: Row) -> bool:
+    """A fused-head kernel whose products run on the tensor cores: 16-bit operands, or fp32
+    split into bf16 (``SPLIT`` > 0)."""
+    split = next((v for k, v in row.job.constexprs.items()
+                  if list(row.job.signature)[k[0]] == "SPLIT"), 0)
+    return "bf16" in row.dtype or bool(split)
+
+
 def _scalarised(row: Row) -> bool:
     """An address int without the 16-divisibility hint, and not one 128-bit global load."""
     return bool(row.job.unaligned) and "LDG.128" not in row.result["ops"]
@@ -675,6 +763,11 @@ def findings(rows: list[Row]) -> list[str]:
          [r for r in ok if _scalarised(r)],
          lambda row: f"{ops_text(row.result['ops'], ('LDG',))}; unaligned ints: "
                      f"{', '.join(row.job.unaligned) or '–'}"),
+        ("Fused-head GEMM kernels (bf16, or fp32 with a bf16 split) without tensor-core "
+         "instructions",
+         [r for r in ok if r.job.kernel.startswith("head_gemm") and _wants_mma(r)
+          and not r.result.get("mma")],
+         lambda row: config_text(row.job)),
         ("bf16/fp32: 16 resident warps per SM or fewer (by registers)",
          [r for r in ok if occupancy(r) <= 16 and "fp64" not in r.dtype],
          lambda row: f"{row.result['reg']} registers × {row.job.options.get('num_warps', 4)} "
@@ -710,6 +803,8 @@ def markdown(rows: list[Row], header: dict, smoke: bool) -> str:
         "- Loads/stores: global memory instructions in the SASS by access width per thread "
         "(`.128` = 16 B, `.64` = 8 B, none = 4 B, `.U16` = 2 B). `LDGSTS` = cp.async into shared "
         "memory (software pipelining of loop loads).",
+        "- tensor cores: the MMA instructions in the SASS (`HGMMA` = wgmma, `HMMA` = mma.sync, "
+        "`DMMA` = fp64): the fused head's `tl.dot` tiles must show them.",
         "- warps/SM: resident warps per SM (of 64) that these registers and this shared memory "
         "allow — theoretical occupancy; a memory-bound kernel's bytes in flight scale with it.",
         "- Same kernel source, other ptxas, other registers: the GPU image's triton 3.6 ships "
@@ -721,8 +816,8 @@ def markdown(rows: list[Row], header: dict, smoke: bool) -> str:
         "## Every compiled specialisation",
         "",
         "| kernel | dtype | cases | config | REG | STACK/LOCAL | smem | warps/SM | loads | stores "
-        "| unaligned ints |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tensor cores | unaligned ints |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = row.result
@@ -730,7 +825,7 @@ def markdown(rows: list[Row], header: dict, smoke: bool) -> str:
         if r["error"]:
             err = r["error"].splitlines()[0].replace("|", "\\|")[:160]
             lines.append(f"| `{row.job.kernel}` | {row.dtype} | {cases} | {config_text(row.job)} "
-                         f"| **FAILED** | | | | {err} | | |")
+                         f"| **FAILED** | | | | {err} | | | |")
             continue
         spill = f"{r['stack']}/{r['local']}"
         if spills(r):
@@ -739,9 +834,10 @@ def markdown(rows: list[Row], header: dict, smoke: bool) -> str:
         loads = ops_text(r["ops"], ("LDG", "LDGSTS", "UTMALDG"))
         stores = ops_text(r["ops"], ("STG", "ATOMG", "REDG"))
         unaligned = ", ".join(row.job.unaligned) or "–"
+        mma = ", ".join(f"{k} ×{v}" for k, v in sorted(r.get("mma", {}).items())) or "–"
         lines.append(f"| `{row.job.kernel}` | {row.dtype} | {cases} | {config_text(row.job)} | "
                      f"{r['reg']} | {spill} | {r['shared']} | {occupancy(row)} | {loads} | "
-                     f"{stores} | {unaligned} |")
+                     f"{stores} | {mma} | {unaligned} |")
     failed = [row for row in rows if row.result["error"]]
     if failed:
         lines += ["", "## Compile failures", ""]
