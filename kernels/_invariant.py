@@ -236,9 +236,8 @@ def target_logits_kernel(
 @triton.jit
 def invariant_bwd_kernel(
     # data: logits, targets (rows, K) global ids, statistics (rows, 3) = (shift, log s, μ),
-    # coefficients (rows, 4) = (A, ·, C, D) and B (rows, K), class weights (n_cols,) (unread
-    # without HAS_CLASS_WEIGHT), dlogits
-    x_ptr, target_ptr, stats_ptr, coef_ptr, coef_b_ptr, class_weight_ptr, dx_ptr,
+    # coefficients (rows, 3) = (A, ·, D) and B (rows, K), dlogits
+    x_ptr, target_ptr, stats_ptr, coef_ptr, coef_b_ptr, dx_ptr,
     # shape: local column c is global class vocab_start + c
     n_rows, n_cols, n_inner, vocab_start, n_targets, target_row_stride, coef_b_row_stride,
     # strides (elements): logits, then dlogits
@@ -247,10 +246,10 @@ def invariant_bwd_kernel(
     # the head transform's factors (fp64 arguments: ``_head.head_factors``)
     head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
-    HAS_CLASS_WEIGHT: tl.constexpr, HAS_ENTROPY_TERM: tl.constexpr,
+    HAS_ENTROPY_TERM: tl.constexpr,
 ):
-    """Program (p, block) writes ``dx = chain(A·p − Σ_k B_k·[c = t_k] − C·w_c − D·p·(z −
-    shift − μ))`` over one block of columns of rows ``[p·ROWS, (p+1)·ROWS)``, ``p = exp((z −
+    """Program (p, block) writes ``dx = chain(A·p − Σ_k B_k·[c = t_k] − D·p·(z − shift −
+    μ))`` over one block of columns of rows ``[p·ROWS, (p+1)·ROWS)``, ``p = exp((z −
     shift) − log s)`` (the fused head's dz, kernels/head_gemm.py, on given logits). Elementwise
     from the rows' statistics: each element's bits are its own, whatever the launch. Reads and
     writes ROWS·BLOCK_N·e a program."""
@@ -269,19 +268,16 @@ def invariant_bwd_kernel(
     log_sum = tl.load(stats + 1, mask=row_ok, other=0.0)[:, None]
     rel = z - shift
     p = exp_precise(rel - log_sum)
-    coef = coef_ptr + rows * 4
+    coef = coef_ptr + rows * 3
     dz = tl.load(coef, mask=row_ok, other=0.0)[:, None] * p
     for k in range(0, n_targets):
         tgt = tl.load(target_ptr + rows * target_row_stride + k, mask=row_ok,
                       other=-1).to(tl.int64)
         b_k = tl.load(coef_b_ptr + rows * coef_b_row_stride + k, mask=row_ok, other=0.0)
         dz -= tl.where(vocab_start + q[None, :] == tgt[:, None], b_k[:, None], 0.0)
-    if HAS_CLASS_WEIGHT:
-        w_c = upcast(tl.load(class_weight_ptr + q, mask=q < n_cols, other=0.0))
-        dz -= tl.load(coef + 2, mask=row_ok, other=0.0)[:, None] * w_c[None, :]
     if HAS_ENTROPY_TERM:
         mu = tl.load(stats + 2, mask=row_ok, other=0.0)[:, None]
-        d = tl.load(coef + 3, mask=row_ok, other=0.0)[:, None]
+        d = tl.load(coef + 2, mask=row_ok, other=0.0)[:, None]
         dz -= d * tl.where(z == float("-inf"), 0.0, p * (rel - mu))
     dx = head_chain(dz, slope, head, HEAD)
     dx_rows = row_offset(rows, n_inner, dx_outer_stride, dx_inner_stride)

@@ -21,10 +21,10 @@ Kernels, with ``e`` the input's element size and ``H`` the hidden size:
   target falls in the tile. Reads ``BLOCK_M·H·e + 128·H·e`` a program (h and W tiles, L2-shared
   between neighbours), writes no logits.
 - ``head_gemm_bwd_dz_kernel``: the same tile recomputed (bit for bit the forward's), then
-  ``dz = A·p − B·[c = t] − C·w_c − D·p·(z − shift − μ)`` with per-token coefficients (token
-  log-probs: ``A = B = −g_logp, D = g_H``; cross-entropy: ``A = g·(w_t(1 − ε) + εΣw/V + 2λ·lse),
-  B = g·w_t(1 − ε), C = g·ε/V``), through the transform's chain rule, written in the input's
-  dtype (fp32/fp64 kept for those inputs) into a (tokens × vocabulary chunk) block.
+  ``dz = A·p − B·[c = t] − D·p·(z − shift − μ)`` with per-token coefficients (token
+  log-probs: ``A = B = −g_logp, D = g_H``; cross-entropy: ``A = g·(w_t + 2λ·lse), B =
+  g·w_t``), through the transform's chain rule, written in the input's dtype (fp32/fp64 kept
+  for those inputs) into a (tokens × vocabulary chunk) block.
 - ``head_gemm_bwd_dh_kernel``: ``dh = Σ_tiles dz[:, tile] @ W[tile]`` for its (tokens × hidden
   block), the tiles walked in order and the fp32 sum carried between vocabulary chunks in an
   fp32 buffer — the same order of additions whatever the chunk.
@@ -180,10 +180,9 @@ def head_gemm_fwd_kernel(
 @triton.jit
 def head_gemm_bwd_dz_kernel(
     # data: as the forward (no targets' logits out), the per-token statistics (tokens, 3) =
-    # (shift, log s, μ) and coefficients (tokens, 4) = (A, B, C, D), the class weights (V_local,)
-    # (unread without HAS_CLASS_WEIGHT); out: dz (slots, chunk) in the input's dtype
-    h_ptr, w_ptr, bias_ptr, target_ptr, order_ptr, count_ptr, stats_ptr, coef_ptr,
-    class_weight_ptr, dz_ptr,
+    # (shift, log s, μ) and coefficients (tokens, 3) = (A, B, D); out: dz (slots, chunk) in
+    # the input's dtype
+    h_ptr, w_ptr, bias_ptr, target_ptr, order_ptr, count_ptr, stats_ptr, coef_ptr, dz_ptr,
     # shape: the chunk is local classes [chunk_start, chunk_start + chunk_cols)
     n_slots, n_hidden, n_cols, vocab_start, chunk_start, chunk_cols,
     # strides (elements)
@@ -191,8 +190,7 @@ def head_gemm_bwd_dz_kernel(
     # the head transform's factors (fp64 arguments: ``_head.head_factors``)
     head_scale: tl.float64, head_u_scale: tl.float64, head_cap_scale: tl.float64,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HEAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
-    HAS_ENTROPY_TERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_ENTROPY_TERM: tl.constexpr,
 ):
     """One tile of dz over the chunk: the forward's logits recomputed, dz from the saved
     statistics and the token's coefficients, the transform's chain rule (module docstring)."""
@@ -216,20 +214,16 @@ def head_gemm_bwd_dz_kernel(
         row64 = rows.to(tl.int64)
         shift = tl.load(stats_ptr + row64 * 3, mask=ok, other=0.0)
         log_sum = tl.load(stats_ptr + row64 * 3 + 1, mask=ok, other=0.0)
-        coef_a = tl.load(coef_ptr + row64 * 4, mask=ok, other=0.0)
-        coef_b = tl.load(coef_ptr + row64 * 4 + 1, mask=ok, other=0.0)
+        coef_a = tl.load(coef_ptr + row64 * 3, mask=ok, other=0.0)
+        coef_b = tl.load(coef_ptr + row64 * 3 + 1, mask=ok, other=0.0)
         rel = z - shift[:, None]
         p = exp_precise(rel - log_sum[:, None])
         dz = coef_a[:, None] * p
         tgt = tl.load(target_ptr + rows, mask=ok, other=-1).to(tl.int64)
         hit = (vocab_start + cls)[None, :].to(tl.int64) == tgt[:, None]
         dz -= tl.where(hit, coef_b[:, None], 0.0)
-        if HAS_CLASS_WEIGHT:
-            coef_c = tl.load(coef_ptr + row64 * 4 + 2, mask=ok, other=0.0)
-            w_c = upcast(tl.load(class_weight_ptr + cls, mask=cls_ok, other=0.0))
-            dz -= coef_c[:, None] * w_c[None, :]
         if HAS_ENTROPY_TERM:
-            coef_d = tl.load(coef_ptr + row64 * 4 + 3, mask=ok, other=0.0)
+            coef_d = tl.load(coef_ptr + row64 * 3 + 2, mask=ok, other=0.0)
             mu = tl.load(stats_ptr + row64 * 3 + 2, mask=ok, other=0.0)
             term = tl.where(z == float("-inf"), 0.0, p * (rel - mu[:, None]))
             dz -= coef_d[:, None] * term

@@ -350,8 +350,8 @@ def fused_case(dtype: str, n: int, hidden: int, v: int,
         fh.fused_head_fwd(h, w, b, t, ignore_index=-100, transform=tr, compute_entropy=True,
                           compute_argmax=False, all_rows=False, fp32_precision=precision)
         stats = torch.empty((n, 3), dtype=sdt, device="meta")
-        coef = torch.empty((n, 4), dtype=sdt, device="meta")
-        fh.fused_head_bwd(h, w, b, t, stats, coef, None, ignore_index=-100, transform=tr,
+        coef = torch.empty((n, 3), dtype=sdt, device="meta")
+        fh.fused_head_bwd(h, w, b, t, stats, coef, ignore_index=-100, transform=tr,
                           need=(True, True, True), has_entropy_term=True,
                           fp32_precision=precision)
     return run
@@ -375,8 +375,8 @@ def invariant_case(dtype: str, m: int, v: int) -> Callable[[], None]:
                                           compute_argmax=True)
         inv.reduce_tile_states(states, compute_entropy=True, compute_argmax=True)
         stats = torch.empty((m, 3), dtype=sdt, device="meta")
-        coef = torch.empty((m, 4), dtype=sdt, device="meta")
-        bi.coef_bwd(x, t[:, None], stats, coef, coef[:, 1:2], None, transform=tr,
+        coef = torch.empty((m, 3), dtype=sdt, device="meta")
+        bi.coef_bwd(x, t[:, None], stats, coef, coef[:, 1:2], transform=tr,
                     has_entropy_term=True)
         bi.target_logits(x, torch.empty((m, 4), dtype=torch.int64, device="meta"), tr)
     return run

@@ -131,8 +131,8 @@ def _fused_lce_bwd_args():
 
 def _coef_bwd_args():
     logits, t, stats = _tlp_stats()
-    return (logits, t.clamp(min=0)[:, None], stats, torch.rand(5, 4), torch.rand(5, 1), None,
-            1.0, 1.0, 4.0, 0.7, True, -1)
+    return (logits, t.clamp(min=0)[:, None], stats, torch.rand(5, 3), torch.rand(5, 1), 1.0,
+            1.0, 4.0, 0.7, True, -1)
 
 
 # One case per registered op: (args, checks).

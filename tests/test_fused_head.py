@@ -16,6 +16,7 @@ import torch
 from probact_gpu import reference_lm_head as ref
 from probact_gpu.ops.fused_head import active_order, fused_token_log_probs
 from probact_gpu.ops.linear_token_log_probs import linear_token_log_probs
+from probact_gpu.ops.token_log_probs import token_log_probs
 from probact_gpu.options import HeadTransform
 from probact_gpu.testing import assert_close_to_reference, make_input, record_launches, to_numpy64
 
@@ -166,6 +167,10 @@ def test_fused_head_logp_never_positive(device, rng):
         assert bool((logp <= 0).all()), logp.max()
         assert bool((entropy >= 0).all())
         assert float(logp.min()) > -1e-9
+        # the default paths keep it too: the row max's term makes Σexp ≥ 1 there as well
+        default = linear_token_log_probs(h, w, t, return_entropy=True)
+        assert bool((default.logprobs <= 0).all()) and bool((default.entropy >= 0).all())
+        assert bool((token_log_probs(h @ w.T, t) <= 0).all())
 
 
 def test_fused_head_masked_classes_and_edges(device, rng):

@@ -113,7 +113,7 @@ class InvariantVocabParallelTokenLogProbsFunction(torch.autograd.Function):
             None if grad_entropy is None else grad_entropy.reshape(-1), valid, in_range,
             flat.shape[0], stats.dtype, x.device)
         coef = torch.where(valid, coef, 0.0)
-        dx = coef_bwd(x, flat, stats, coef, coef_b, None, transform=transform,
+        dx = coef_bwd(x, flat, stats, coef, coef_b, transform=transform,
                       has_entropy_term=grad_entropy is not None, vocab_start=vocab_start)
         return (dx,) + none
 
@@ -159,7 +159,7 @@ class InvariantVocabParallelLinearTokenLogProbsFunction(torch.autograd.Function)
             None if grad_entropy is None else grad_entropy.contiguous(), target, n_classes,
             stats.dtype)
         dh, dw, db = fused_head_bwd(
-            h, weight, bias, target, stats, coef, None, ignore_index=ignore_index,
+            h, weight, bias, target, stats, coef, ignore_index=ignore_index,
             transform=transform, need=need, has_entropy_term=grad_entropy is not None,
             vocab_start=vocab_start, fp32_precision=precision, budget=budget)
         if need[0]:
@@ -219,7 +219,7 @@ class InvariantVocabParallelCrossEntropyFunction(torch.autograd.Function):
         vocab_start, n_classes, options = ctx.opts
         g = _ce_grad_rows(grad_loss, target, options, n_classes, stats.dtype)
         coef = cross_entropy_coefficients(g, target, lse, options, n_classes, stats.dtype)
-        dx = coef_bwd(x, target[:, None], stats, coef, coef[:, 1:2], None,
+        dx = coef_bwd(x, target[:, None], stats, coef, coef[:, 1:2],
                       transform=options.transform, has_entropy_term=False,
                       vocab_start=vocab_start)
         return (dx,) + none
@@ -262,7 +262,7 @@ class InvariantVocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         g = _ce_grad_rows(grad_loss, t64, options, n_classes, stats.dtype)
         coef = cross_entropy_coefficients(g, t64, lse, options, n_classes, stats.dtype)
         dh, dw, db = fused_head_bwd(
-            h, weight, bias, target, stats, coef, None, ignore_index=options.ignore_index,
+            h, weight, bias, target, stats, coef, ignore_index=options.ignore_index,
             transform=options.transform, need=need, has_entropy_term=False,
             vocab_start=vocab_start, fp32_precision=precision, budget=budget)
         if need[0]:

@@ -56,12 +56,11 @@ def target_logits(logits: torch.Tensor, target: torch.Tensor, transform: HeadTra
 
 
 def coef_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
-             coef: torch.Tensor, coef_b: torch.Tensor, class_weight: torch.Tensor | None, *,
-             transform: HeadTransform, has_entropy_term: bool, vocab_start: int = 0,
-             dim: int = -1) -> torch.Tensor:
-    """dlogits = chain(A·p − Σ_k B_k·[c = t_k] − C·w_c − D·p·(z − shift − μ)) of ``logits``
-    (rows along ``dim``) from the rows' ``stats`` (N, 3), ``coef`` (N, 4), ``coef_b`` (N, K)
-    and ``target`` (N, K) global ids; a new tensor shaped like ``logits``."""
+             coef: torch.Tensor, coef_b: torch.Tensor, *, transform: HeadTransform,
+             has_entropy_term: bool, vocab_start: int = 0, dim: int = -1) -> torch.Tensor:
+    """dlogits = chain(A·p − Σ_k B_k·[c = t_k] − D·p·(z − shift − μ)) of ``logits`` (rows
+    along ``dim``) from the rows' ``stats`` (N, 3), ``coef`` (N, 3) = (A, ·, D), ``coef_b``
+    (N, K) and ``target`` (N, K) global ids; a new tensor shaped like ``logits``."""
     out = empty(logits.shape, logits.dtype, logits.device)
     dim = dim % logits.ndim
     xv, dxv = row_view(logits, dim), row_view(out, dim)
@@ -69,13 +68,11 @@ def coef_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
         return out
     grid = (tiling.cdiv(xv.n_rows, _BWD_ROWS), tiling.cdiv(xv.n_cols, _BWD_BLOCK))
     launch(invariant_bwd_kernel, grid,
-           (xv.tensor, target, stats, coef, coef_b,
-            coef if class_weight is None else class_weight, dxv.tensor, xv.n_rows, xv.n_cols,
+           (xv.tensor, target, stats, coef, coef_b, dxv.tensor, xv.n_rows, xv.n_cols,
             xv.n_inner, vocab_start, target.shape[1], target.stride(0), coef_b.stride(0),
             *xv.strides, *dxv.strides, *transform.kernel_factors),
            path="invariant", num_warps=8, ROWS=_BWD_ROWS, BLOCK_N=_BWD_BLOCK,
-           HEAD=transform.kernel_mode,
-           HAS_CLASS_WEIGHT=class_weight is not None, HAS_ENTROPY_TERM=has_entropy_term)
+           HEAD=transform.kernel_mode, HAS_ENTROPY_TERM=has_entropy_term)
     return out
 
 
@@ -103,26 +100,25 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 @torch.library.custom_op("probact_gpu::coef_bwd", mutates_args=())
 def _coef_bwd_op(
     logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-    coef_b: torch.Tensor, class_weight: torch.Tensor | None, logit_scale: float,
-    logit_divisor: float, softcap: float | None, temperature: float, has_entropy_term: bool,
-    dim: int,
+    coef_b: torch.Tensor, logit_scale: float, logit_divisor: float, softcap: float | None,
+    temperature: float, has_entropy_term: bool, dim: int,
 ) -> torch.Tensor:
     """:func:`coef_bwd` as an op (the backward of the batch-invariant and indexed ops)."""
-    return coef_bwd(logits, target, stats, coef, coef_b, class_weight,
+    return coef_bwd(logits, target, stats, coef, coef_b,
                     transform=_transform(logit_scale, logit_divisor, softcap, temperature),
                     has_entropy_term=has_entropy_term, dim=dim)
 
 
 @_coef_bwd_op.register_fake
-def _(logits, target, stats, coef, coef_b, class_weight, *args):
+def _(logits, target, stats, coef, coef_b, *args):
     return logits.new_empty(logits.shape)
 
 
 def token_coefficients(grad_logp, grad_entropy, valid, in_range, n_rows, dtype, device):
-    """(coef (N, 4), coef_b (N, K)) of ``d(Σ g_logp·logp + Σ g_H·H)/dz`` with ``grad_logp``
+    """(coef (N, 3), coef_b (N, K)) of ``d(Σ g_logp·logp + Σ g_H·H)/dz`` with ``grad_logp``
     (N, K) or None: A = −Σ_k g_k, B_k = −g_k (0 for an ignored entry, NaN for one outside the
     vocabulary), D = g_H; ``valid`` / ``in_range`` (N, K)."""
-    coef = torch.zeros((n_rows, 4), dtype=dtype, device=device)
+    coef = torch.zeros((n_rows, 3), dtype=dtype, device=device)
     if grad_logp is None:
         coef_b = torch.zeros((n_rows, valid.shape[1]), dtype=dtype, device=device)
     else:
@@ -131,7 +127,7 @@ def token_coefficients(grad_logp, grad_entropy, valid, in_range, n_rows, dtype, 
         coef[:, 0] = -g.sum(dim=1)
         coef_b = -g
     if grad_entropy is not None:
-        coef[:, 3] = grad_entropy.to(dtype)
+        coef[:, 2] = grad_entropy.to(dtype)
     return coef, coef_b
 
 
@@ -193,8 +189,8 @@ def _itlp_backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats)
         None if grad_logp is None else grad_logp.reshape(-1, 1), _flat(grad_entropy), valid,
         in_range, flat.shape[0], stats.dtype, logits.device)
     coef = torch.where(valid, coef, 0.0)  # an ignored row gets no gradient at all
-    dx = _coef_bwd_op(logits, flat, stats, coef, coef_b, None, scale, divisor, softcap,
-                      temperature, grad_entropy is not None, -1)
+    dx = _coef_bwd_op(logits, flat, stats, coef, coef_b, scale, divisor, softcap, temperature,
+                      grad_entropy is not None, -1)
     return (dx,) + none
 
 
@@ -279,8 +275,8 @@ def _ice_bwd_op(
     if divisor is not None:
         g = g / divisor
     coef = cross_entropy_coefficients(g, flat, _flat(lse), opts, input.shape[1], sdt)
-    return coef_bwd(input, flat[:, None], stats, coef, coef[:, 1:2], None,
-                    transform=opts.transform, has_entropy_term=False, dim=1)
+    return coef_bwd(input, flat[:, None], stats, coef, coef[:, 1:2], transform=opts.transform,
+                    has_entropy_term=False, dim=1)
 
 
 @_ice_bwd_op.register_fake

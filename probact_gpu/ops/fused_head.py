@@ -172,14 +172,14 @@ def fused_head_rows(sums: RowSums, computed: torch.Tensor, target: torch.Tensor,
 
 
 def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   target: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor,
-                   class_weight: torch.Tensor | None, *, ignore_index: int,
+                   target: torch.Tensor, stats: torch.Tensor, coef: torch.Tensor, *,
+                   ignore_index: int,
                    transform: HeadTransform, need: tuple[bool, bool, bool],
                    has_entropy_term: bool, vocab_start: int = 0, fp32_precision: str = "ieee",
                    budget: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW, db) — empty tensors where not in ``need`` — of the head for per-token
-    coefficients ``coef`` (N, 4) = (A, B, C, D) and statistics ``stats`` (N, 3) (module
+    coefficients ``coef`` (N, 3) = (A, B, D) and statistics ``stats`` (N, 3) (module
     docstring). Tokens whose target is ``ignore_index`` cost nothing and get dh = 0. dh is this
     shard's part when ``weight`` is one rank's rows (the caller reduces it)."""
     n_tokens, n_hidden = h.shape
@@ -209,13 +209,12 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         tiles = tiling.invariant_tiles(cols)
         launch(head_gemm_bwd_dz_kernel, (tiling.cdiv(n_tokens, cfg.block_m) * tiles,),
                (h, weight, weight if bias is None else bias, target, order, count, stats, coef,
-                weight if class_weight is None else class_weight, dz, n_tokens, n_hidden,
-                v_local, vocab_start, c0, cols, *h.stride(), *weight.stride(), dz.stride(0),
-                *transform.kernel_factors),
+                dz, n_tokens, n_hidden, v_local, vocab_start, c0, cols, *h.stride(),
+                *weight.stride(), dz.stride(0), *transform.kernel_factors),
                path="fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=tiling.HEAD_GEMM_GROUP_M,
                HEAD=transform.kernel_mode, HAS_BIAS=bias is not None, SPLIT=split,
-               HAS_CLASS_WEIGHT=class_weight is not None, HAS_ENTROPY_TERM=has_entropy_term)
+               HAS_ENTROPY_TERM=has_entropy_term)
         if need_dh:
             grid = (tiling.cdiv(n_tokens, cfg.block_m), tiling.cdiv(n_hidden, cfg.block_h))
             launch(head_gemm_bwd_dh_kernel, grid,
@@ -237,28 +236,29 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 # --------------------------------------------------------------------------- coefficients
-# dz_c = A·p_c − B·[c = t] − C·w_c − D·p_c·(z_c − shift − μ) per token (kernels/head_gemm.py).
+# dz_c = A·p_c − B·[c = t] − D·p_c·(z_c − shift − μ) per token (kernels/head_gemm.py).
 
 
 def token_log_probs_coefficients(grad_logp, grad_entropy, target, n_classes, dtype):
-    """(N, 4) coefficients of ``d(Σ g_logp·logp + Σ g_H·H)/dz``: A = B = −g_logp (NaN for a
-    target outside [0, n_classes): its log-prob is NaN), D = g_H."""
-    coef = torch.zeros((target.shape[0], 4), dtype=dtype, device=target.device)
+    """(N, 3) coefficients (A, B, D) of ``d(Σ g_logp·logp + Σ g_H·H)/dz``: A = B = −g_logp
+    (NaN for a target outside [0, n_classes): its log-prob is NaN), D = g_H."""
+    coef = torch.zeros((target.shape[0], 3), dtype=dtype, device=target.device)
     if grad_logp is not None:
         in_range = (target >= 0) & (target < n_classes)
         g = torch.where(in_range, grad_logp.to(dtype), float("nan"))
         coef[:, 0] = -g
         coef[:, 1] = -g
     if grad_entropy is not None:
-        coef[:, 3] = grad_entropy.to(dtype)
+        coef[:, 2] = grad_entropy.to(dtype)
     return coef
 
 
 def cross_entropy_coefficients(grad_rows, target, lse, options: CrossEntropyOptions, n_classes,
                                dtype):
-    """(N, 4) coefficients of ``d(Σ g_row·loss_row)/dz`` for ``loss_row = w_t·(lse − z_t) +
-    λ·lse²``: A = g·(w_t + 2λ·lse), B = g·w_t (NaN for a target outside [0, n_classes)),
-    ``grad_rows`` (N,) the per-row upstream gradient (already divided by a mean's divisor)."""
+    """(N, 3) coefficients (A, B, D) of ``d(Σ g_row·loss_row)/dz`` for ``loss_row =
+    w_t·(lse − z_t) + λ·lse²``: A = g·(w_t + 2λ·lse), B = g·w_t (NaN for a target outside
+    [0, n_classes)), D = 0; ``grad_rows`` (N,) the per-row upstream gradient (already divided
+    by a mean's divisor)."""
     valid = target != options.ignore_index
     in_range = (target >= 0) & (target < n_classes)
     safe = torch.where(in_range, target, 0)
@@ -266,7 +266,7 @@ def cross_entropy_coefficients(grad_rows, target, lse, options: CrossEntropyOpti
            else torch.ones_like(lse, dtype=dtype))
     w_t = torch.where(in_range, w_t, float("nan"))
     g = torch.where(valid, grad_rows.to(dtype), 0.0)
-    coef = torch.zeros((target.shape[0], 4), dtype=dtype, device=target.device)
+    coef = torch.zeros((target.shape[0], 3), dtype=dtype, device=target.device)
     coef[:, 0] = g * (w_t + 2.0 * options.z_loss * lse.to(dtype))
     coef[:, 1] = g * w_t
     return torch.where(valid[:, None], coef, 0.0)
@@ -327,7 +327,7 @@ def _ftlp_bwd_op(
     coef = token_log_probs_coefficients(grad_logp, grad_entropy, target,
                                         linear_weight.shape[0], stats.dtype)
     return fused_head_bwd(
-        h, linear_weight, linear_bias, target, stats, coef, None, ignore_index=ignore_index,
+        h, linear_weight, linear_bias, target, stats, coef, ignore_index=ignore_index,
         transform=_transform(logit_scale, logit_divisor, softcap, temperature),
         need=tuple(need_grads), has_entropy_term=grad_entropy is not None,
         fp32_precision=fp32_precision, budget=budget)
@@ -467,7 +467,7 @@ def _flce_bwd_op(
         g = g / divisor
     coef = cross_entropy_coefficients(g, target, lse, opts, linear_weight.shape[0], sdt)
     return fused_head_bwd(
-        h, linear_weight, linear_bias, target, stats, coef, None, ignore_index=ignore_index,
+        h, linear_weight, linear_bias, target, stats, coef, ignore_index=ignore_index,
         transform=opts.transform, need=tuple(need_grads), has_entropy_term=False,
         fp32_precision=fp32_precision, budget=budget)
 

@@ -121,8 +121,8 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse, grad_arg, grad_stats):
     coef, coef_b = token_coefficients(g, gh, valid, in_range, flat.shape[0], stats.dtype,
                                       logits.device)
     coef = torch.where(valid.any(dim=1, keepdim=True), coef, 0.0)
-    dx = _coef_bwd_op(logits, flat, stats, coef, coef_b.contiguous(), None, scale, divisor,
-                      softcap, temperature, grad_entropy is not None, -1)
+    dx = _coef_bwd_op(logits, flat, stats, coef, coef_b.contiguous(), scale, divisor, softcap,
+                      temperature, grad_entropy is not None, -1)
     return (dx,) + none
 
 
