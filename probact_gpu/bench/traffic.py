@@ -402,10 +402,15 @@ def full_config(op: str, shape: tuple[int, ...], elem_size: int, sms: int = H200
     return None
 
 
-def run_shape(op: str, shape: tuple[int, ...], elem_size: int) -> tuple[int, ...]:
+def run_shape(op: str, shape: tuple[int, ...], elem_size: int,
+              provider: str = "probact") -> tuple[int, ...]:
     """The scaled-down shape a full ``shape`` is counted at: the row length kept, two programs
     of rows (eight rows of targets, so one in eight can be ignored), four blocks of an
-    elementwise op, sixteen tokens × hidden 64 for the linear ops (their matmuls are torch's)."""
+    elementwise op, sixteen tokens × hidden 64 for the linear ops (their matmuls are torch's);
+    the fused head (``probact_invariant`` on a linear op), whose GEMM the interpreter runs tile
+    by tile, at 640 classes (its full shape is stated by :func:`fused_head_model`)."""
+    if provider == "probact_invariant" and op in shape_table.LINEAR_OPS:
+        return (16, 64, 5 * tiling.INVARIANT_TILE)
     cfg = full_config(op, shape, elem_size)
     if op in ("softmax", "log_softmax"):
         rows = 2 * cfg.block_m if cfg.path == "single" else 2
@@ -424,7 +429,8 @@ def path_of(op: str, provider: str, chosen: list) -> str:
     if not provider.startswith("probact"):
         return "eager" if provider == "torch" else provider
     if op in shape_table.LINEAR_OPS:
-        return "low memory" if provider == "probact_low_memory" else "token chunks"
+        return {"probact_low_memory": "low memory",
+                "probact_invariant": "fused head"}.get(provider, "token chunks")
     cfg = chosen[0] if chosen else None
     if cfg is None:
         return "?"
@@ -540,7 +546,7 @@ def measure(op: str, pass_: str, dtype: torch.dtype, shape: tuple[int, ...],
 
     dname = next(k for k, v in DTYPES.items() if v == dtype)
     esize = dtype.itemsize
-    run = run or run_shape(op, shape, esize)
+    run = run or run_shape(op, shape, esize, provider)
     row = TrafficRow(op, pass_, dname, tuple(shape), provider, "ok", run_shape=tuple(run))
     scale = shape[0] / run[0]
     device = torch.device("cpu")
