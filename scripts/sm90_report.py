@@ -582,7 +582,9 @@ def _sass_ops(sass: str) -> dict[str, int]:
     """Global/local memory instructions of the SASS, by opcode and access width in bits."""
     counts: dict[str, int] = {}
     for line in sass.splitlines():
-        m = re.search(r"\b(" + "|".join(_MEM_OPS) + r")((?:\.[A-Z0-9_]+)*)", line)
+        # longest names first: LDGSTS (cp.async) is not an LDG
+        names = sorted(_MEM_OPS, key=len, reverse=True)
+        m = re.search(r"\b(" + "|".join(names) + r")((?:\.[A-Z0-9_]+)*)\b", line)
         if not m or "/*" not in line:
             continue
         mods = m.group(2).split(".")[1:]
