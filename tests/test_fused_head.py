@@ -195,3 +195,26 @@ def test_fused_head_masked_classes_and_edges(device, rng):
     logp, entropy, *_ = _fused(hr, w, all_ignored, b, needs_grad=True)
     (logp.sum() + entropy.sum()).backward()
     assert bool((logp == 0).all() and (hr.grad == 0).all())
+
+
+def test_fused_head_fp64_and_no_hidden_units(device, rng):
+    """fp64 (fp64 products, the merge's second limb) against float64 to fp64's tolerance; and a
+    hidden size of 0 (the logits are the bias: db is still formed)."""
+    n, hidden, vocab = 5, 8, 130
+    h, h64, w, w64, b, b64 = _head(rng, torch.float64, device, n=n, hidden=hidden, vocab=vocab)
+    t = torch.from_numpy(rng.integers(0, vocab, n)).to(device)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp, entropy, *_ = _fused(hr, wr, t, b, needs_grad=True)
+    expected = _expected(h64, w64, b64, to_numpy64(t), np.ones(n), np.ones(n))
+    assert_close_to_reference(logp, expected["logp"], torch.float64, "logp")
+    assert_close_to_reference(entropy, expected["entropy"], torch.float64, "entropy")
+    (logp.sum() + entropy.sum()).backward()
+    assert_close_to_reference(wr.grad, expected["dw"], torch.float64, "dw")
+    h0 = torch.zeros(n, 0, device=device)
+    w0 = torch.zeros(vocab, 0, device=device)
+    b0 = torch.from_numpy(rng.standard_normal(vocab)).float().to(device).requires_grad_()
+    logp, entropy, *_ = _fused(h0, w0, t, b0, needs_grad=True)
+    expected = _expected(np.zeros((n, 0)), np.zeros((vocab, 0)), to_numpy64(b0), to_numpy64(t),
+                         np.ones(n), np.ones(n))
+    (logp.sum() + entropy.sum()).backward()
+    assert_close_to_reference(b0.grad, expected["db"], torch.float32, "db")

@@ -191,7 +191,7 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     db = empty(bias.shape, bias.dtype, bias.device) if need_db else weight.new_empty(0)
     if not any(need):
         return dh, dw, db
-    if n_tokens == 0 or v_local == 0 or n_hidden == 0:
+    if n_tokens == 0 or v_local == 0:
         for g, on in ((dh, need_dh), (dw, need_dw), (db, need_db)):
             if on:
                 g.zero_()
@@ -215,7 +215,7 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=tiling.HEAD_GEMM_GROUP_M,
                HEAD=transform.kernel_mode, HAS_BIAS=bias is not None, SPLIT=split,
                HAS_ENTROPY_TERM=has_entropy_term)
-        if need_dh:
+        if need_dh and n_hidden:
             grid = (tiling.cdiv(n_tokens, cfg.block_m), tiling.cdiv(n_hidden, cfg.block_h))
             launch(head_gemm_bwd_dh_kernel, grid,
                    (dz, weight, order, count, carry, dh, n_tokens, n_hidden, v_local, c0, cols,
@@ -224,7 +224,8 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, SPLIT=split, FIRST=c0 == 0,
                    LAST=c0 + cols == v_local)
         if need_dw or need_db:
-            grid = (tiles, tiling.cdiv(n_hidden, cfg.block_h) if need_dw else 1)
+            # at least one hidden block: db is formed by block 0 even when H is 0
+            grid = (tiles, max(1, tiling.cdiv(n_hidden, cfg.block_h)) if need_dw else 1)
             launch(head_gemm_bwd_dw_kernel, grid,
                    (dz, h, order, count, dw if need_dw else dz, db if need_db else dz,
                     n_tokens, n_hidden, v_local, c0, cols, dz.stride(0), *h.stride(),
