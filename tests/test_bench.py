@@ -477,3 +477,23 @@ def test_bench_out_that_cannot_be_created_fails_before_the_bench(tmp_path, monke
                   "--out", str(out)])
         message = str(exc.value.code)
         assert "--out" in message and str(blocker) in message and "\n" not in message
+
+
+def test_invariant_and_liger_lm_head_providers(monkeypatch, device):
+    """``probact_invariant`` calls the public function with ``batch_invariant=True`` (its
+    log-probs equal the invariant op's); Liger's log-prob head is a skip that says why when the
+    installed Liger has none (or no Liger at all)."""
+    import probact_gpu as pg
+
+    fn = prov.resolve("probact_invariant", "token_log_probs", device=device)
+    inputs = prov.make_inputs("token_log_probs", (8, 100), torch.float32, device, 0)
+    logp, entropy = fn(*inputs.values())
+    assert torch.equal(logp, pg.token_log_probs(*inputs.values(), batch_invariant=True))
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    with pytest.raises(prov.Skip, match="liger-kernel not importable"):
+        prov.liger_fn("linear_token_log_probs")
+    fake = types.ModuleType("liger_kernel.transformers.functional")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
+    monkeypatch.setattr(prov, "_import", lambda name: fake)
+    with pytest.raises(prov.Skip, match="no log-prob"):
+        prov.liger_fn("linear_token_log_probs")
