@@ -25,9 +25,9 @@ Kernels, with ``e`` the input's element size and ``H`` the hidden size:
   log-probs: ``A = B = −g_logp, D = g_H``; cross-entropy: ``A = g·(w_t + 2λ·lse), B =
   g·w_t``), through the transform's chain rule, written in the input's dtype (fp32/fp64 kept
   for those inputs) into a (tokens × vocabulary chunk) block.
-- ``head_gemm_bwd_dh_kernel``: ``dh = Σ_tiles dz[:, tile] @ W[tile]`` for its (tokens × hidden
-  block), the tiles walked in order and the fp32 sum carried between vocabulary chunks in an
-  fp32 buffer — the same order of additions whatever the chunk.
+- ``head_gemm_bwd_dh_kernel``: ``dh = Σ dz[:, k] @ W[k]`` for its (tokens × hidden block), the
+  classes walked in order in ``BLOCK_K`` steps and the fp32 sum carried between vocabulary
+  chunks in an fp32 buffer — the same order of additions whatever the chunk.
 - ``head_gemm_bwd_dw_kernel``: ``dW[tile] = Σ_token-tiles dz[:, tile].T @ h`` for its (128
   classes × hidden block), over every active token in slot order, rounded once; ``db`` from
   the same loads.
@@ -241,12 +241,14 @@ def head_gemm_bwd_dh_kernel(
     n_slots, n_hidden, n_cols, chunk_start, chunk_cols,
     # strides (elements)
     dz_row_stride, w_row_stride, w_col_stride, dh_row_stride,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr, FIRST: tl.constexpr,
-    LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr,
 ):
-    """``dh[tokens, hidden block] (+)= Σ_tiles dz[:, tile] @ W[tile, block]``, the chunk's tiles
-    in order after the carry of the chunks before (``FIRST``: none); ``LAST`` writes dh in the
-    input's dtype (0 for inactive tokens), else the carry."""
+    """``dh[tokens, hidden block] (+)= Σ dz[:, k] @ W[k, block]`` over the chunk's classes in
+    ``BLOCK_K`` steps, in order, after the carry of the chunks before (``FIRST``: none; a chunk
+    is a whole number of 128-class tiles, which ``BLOCK_K`` divides, so the steps are the same
+    for any chunking); ``LAST`` writes dh in the input's dtype (0 for inactive tokens), else
+    the carry."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hcols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hcols < n_hidden
@@ -261,10 +263,10 @@ def head_gemm_bwd_dh_kernel(
     else:
         acc = tl.load(carry, mask=ok[:, None] & h_ok[None, :], other=0.0)
     if tl.program_id(0) * BLOCK_M < n_active:
-        cols = tl.arange(0, TILE)
+        cols = tl.arange(0, BLOCK_K)
         a_ptrs = dz_ptr + slots.to(tl.int64)[:, None] * dz_row_stride
         b_ptrs = w_ptr + hcols[None, :] * w_col_stride
-        for t0 in range(0, chunk_cols, TILE):
+        for t0 in range(0, chunk_cols, BLOCK_K):
             local = t0 + cols
             c_ok = (local < chunk_cols) & (chunk_start + local < n_cols)
             a = tl.load(a_ptrs + local[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)

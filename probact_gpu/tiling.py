@@ -564,13 +564,16 @@ class HeadGemmConfig:
 # Reasoned for sm_90, then checked by scripts/sm90_report.py (registers, no spills, HMMA/wgmma
 # in the SASS): a 64 × 128 fp32 accumulator is 32 values a thread at 8 warps, leaving room for
 # the epilogue's exponentials on the same tile; 16-bit operands take 64-wide k steps (8 KiB + 16
-# KiB of operands a stage, 3 stages in 72 KiB of shared memory). fp32 operands halve block_k
-# (the same bytes a stage); the 3-pass bf16 split keeps both halves of each operand live, so it
-# takes the fp32 tile too. fp64 halves everything again (DMMA, twice the registers a value).
+# KiB of operands a stage, 3 stages in 72 KiB of shared memory) — forward 127, dz 126, dh 68-87,
+# dW 162 registers (triton 3.9). fp32 operands halve block_k (the same bytes a stage; the bf16
+# splits keep two or three pieces of each operand live: 180-190 registers in the forward and dz,
+# 100-133 in dh — whose 128-class steps took 249-255 and spilled 368 B with the six-product
+# split before it stepped by block_k too). fp64 halves the tiles again at 8 warps (DMMA, twice
+# the registers a value: 184-186 in the forward and dz; at 4 warps dz spilled 152 B, dW 16 B).
 _HEAD_GEMM = {
     2: HeadGemmConfig(64, INVARIANT_TILE, 64, 128, 8, 3),
     4: HeadGemmConfig(64, INVARIANT_TILE, 32, 64, 8, 3),
-    8: HeadGemmConfig(32, INVARIANT_TILE, 16, 32, 4, 2),
+    8: HeadGemmConfig(32, INVARIANT_TILE, 16, 16, 8, 2),
 }
 
 

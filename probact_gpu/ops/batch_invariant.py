@@ -31,7 +31,9 @@ from ._invariant import (
 
 __all__ = ["coef_bwd", "target_logits"]
 
-# Rows × columns a program of the elementwise backward writes (any tile gives the same bits).
+# Rows × columns a program of the elementwise backward writes (any tile gives the same bits):
+# 8 × 512 is 16 values a thread at 8 warps (108 registers at sm_90 for bf16); fp64 halves the
+# columns (8 × 512 took 255 registers and a 32 B stack).
 _BWD_ROWS, _BWD_BLOCK = 8, 512
 
 
@@ -66,12 +68,13 @@ def coef_bwd(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
     xv, dxv = row_view(logits, dim), row_view(out, dim)
     if xv.n_rows == 0 or xv.n_cols == 0:
         return out
-    grid = (tiling.cdiv(xv.n_rows, _BWD_ROWS), tiling.cdiv(xv.n_cols, _BWD_BLOCK))
+    block = _BWD_BLOCK // 2 if logits.dtype == torch.float64 else _BWD_BLOCK
+    grid = (tiling.cdiv(xv.n_rows, _BWD_ROWS), tiling.cdiv(xv.n_cols, block))
     launch(invariant_bwd_kernel, grid,
            (xv.tensor, target, stats, coef, coef_b, dxv.tensor, xv.n_rows, xv.n_cols,
             xv.n_inner, vocab_start, target.shape[1], target.stride(0), coef_b.stride(0),
             *xv.strides, *dxv.strides, *transform.kernel_factors),
-           path="invariant", num_warps=8, ROWS=_BWD_ROWS, BLOCK_N=_BWD_BLOCK,
+           path="invariant", num_warps=8, ROWS=_BWD_ROWS, BLOCK_N=block,
            HEAD=transform.kernel_mode, HAS_ENTROPY_TERM=has_entropy_term)
     return out
 

@@ -221,8 +221,8 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    (dz, weight, order, count, carry, dh, n_tokens, n_hidden, v_local, c0, cols,
                     dz.stride(0), *weight.stride(), dh.stride(0)),
                    path="fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                   BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, SPLIT=split, FIRST=c0 == 0,
-                   LAST=c0 + cols == v_local)
+                   BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h, SPLIT=split,
+                   FIRST=c0 == 0, LAST=c0 + cols == v_local)
         if need_dw or need_db:
             # at least one hidden block: db is formed by block 0 even when H is 0
             grid = (tiles, max(1, tiling.cdiv(n_hidden, cfg.block_h)) if need_dw else 1)
