@@ -93,6 +93,12 @@ def _split(h: torch.Tensor, fp32_precision: str) -> int:
     return {"ieee": SPLIT_NONE, "bf16x3": SPLIT_BF16X3, "bf16x6": SPLIT_BF16X6}[fp32_precision]
 
 
+def _unit_stride(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernels read it (element c at ``bias_ptr + c``): a strided view is
+    copied (V elements)."""
+    return bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -126,6 +132,7 @@ def fused_head_fwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     v_local = weight.shape[0]
     cfg = tiling.head_gemm_config(h.element_size())
     sdt, device = accum_dtype(h), h.device
+    bias = _unit_stride(bias)
     order, count = active_order(target, ignore_index, all_rows)
     computed = (torch.ones_like(target, dtype=torch.bool) if all_rows
                 else target != ignore_index)
@@ -198,6 +205,7 @@ def fused_head_bwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return dh, dw, db
     cfg = tiling.head_gemm_config(h.element_size())
     split = _split(h, fp32_precision)
+    bias = _unit_stride(bias)
     order, count = active_order(target, ignore_index, all_rows=False)
     chunk = tiling.fused_head_vocab_chunk(n_tokens, v_local, h.element_size(), budget)
     dz = torch.empty((n_tokens, min(chunk, v_local)), dtype=h.dtype, device=h.device)
