@@ -564,7 +564,7 @@ class HeadGemmConfig:
 # Reasoned for sm_90, then checked by scripts/sm90_report.py (registers, no spills, HMMA/wgmma
 # in the SASS): a 64 × 128 fp32 accumulator is 32 values a thread at 8 warps, leaving room for
 # the epilogue's exponentials on the same tile; 16-bit operands take 64-wide k steps (8 KiB + 16
-# KiB of operands a stage, 3 stages in 72 KiB of shared memory) — forward 127, dz 126, dh 68-87,
+# KiB of operands a stage, 3 stages in 72 KiB of shared memory) — forward 127, dz 116, dh 63-71,
 # dW 162 registers (triton 3.9). fp32 operands halve block_k (the same bytes a stage; the bf16
 # splits keep two or three pieces of each operand live: 180-190 registers in the forward and dz,
 # 100-133 in dh — whose 128-class steps took 249-255 and spilled 368 B with the six-product
