@@ -268,13 +268,12 @@ TP_BAD = {2: ((0, 100), (100, 200))}
 
 
 def _tp_cases(world):
-    """(name, dtype) of the cases a world size runs: every form at 2 ranks (the log-probs in
-    both dtypes), the fused head and the logits form at 4 (the interpreter on two cores: the
-    spawns stay short)."""
+    """(name, dtype) of the cases a group size runs: every form at 2 ranks, the fused head and
+    the logits form at 4 (the interpreter on two cores: one spawn, kept short)."""
     if world == 2:
-        return [("tlp", torch.bfloat16), ("tlp", torch.float32), ("ltlp", torch.bfloat16),
-                ("ltlp", torch.float32), ("ce", torch.float32), ("lce", torch.bfloat16)]
-    return [("tlp", torch.bfloat16), ("ltlp", torch.bfloat16)]
+        return [("tlp", torch.float32), ("ltlp", torch.bfloat16), ("ce", torch.float32),
+                ("lce", torch.bfloat16)]
+    return [("tlp", torch.bfloat16), ("ltlp", torch.float32)]
 
 
 def _tp_inputs(form, dtype):
@@ -286,10 +285,11 @@ def _tp_inputs(form, dtype):
     return h, w, b, t
 
 
-def _run_form(form, dtype, layout=None, rank=0):
-    """One form on one device (``layout`` None) or on this rank's shard: outputs and
-    gradients (this shard's columns / rows)."""
-    kw = {} if layout is None else dict(vocab_start_index=layout[rank][0], vocab_size=VOCAB)
+def _run_form(form, dtype, layout=None, rank=0, group=None):
+    """One form on one device (``layout`` None) or on this rank's shard of ``group``: outputs
+    and gradients (this shard's columns / rows)."""
+    kw = {} if layout is None else dict(vocab_start_index=layout[rank][0], vocab_size=VOCAB,
+                                        group=group)
     lo, hi = (0, VOCAB) if layout is None else (layout[rank][0], sum(layout[rank]))
     if form in ("tlp", "ce"):
         x, t, g, gh = _tp_inputs(form, dtype)
@@ -325,38 +325,44 @@ def _run_form(form, dtype, layout=None, rank=0):
 
 
 def run_rank(rank: int, world: int) -> dict:
-    """Every case of this world size on this rank (a spawned rank: tests/_gloo.py)."""
+    """On 4 ranks (a spawned rank: tests/_gloo.py): the 2-rank cases on the group of ranks 0
+    and 1, then the 4-rank cases on the world — one spawn for both group sizes."""
+    import torch.distributed as dist
+
+    pair = dist.new_group([0, 1])  # every rank takes part in creating it
     out = {}
-    for form, dtype in _tp_cases(world):
-        out[f"{form} {dtype}"] = _run_form(form, dtype, TP_LAYOUTS[world], rank)
-    if world in TP_BAD:
+    if rank < 2:
+        for form, dtype in _tp_cases(2):
+            out[f"2 {form} {dtype}"] = _run_form(form, dtype, TP_LAYOUTS[2], rank, pair)
         try:
-            _run_form("tlp", torch.float32, TP_BAD[world], rank)
+            _run_form("tlp", torch.float32, TP_BAD[2], rank, pair)
             out["bad"] = ""
         except ValueError as e:
             out["bad"] = str(e)
+    for form, dtype in _tp_cases(world):
+        out[f"{world} {form} {dtype}"] = _run_form(form, dtype, TP_LAYOUTS[world], rank)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", sorted(TP_LAYOUTS))
-def test_vocab_parallel_batch_invariant_bitwise(world, gloo_spawn, tmp_path):
-    """Every rank's per-token outputs are the single device's bits; each rank's gradient is the
-    single device's gradient on its columns (logits) or rows (dW, db); a shard off the 128-class
-    tiles raises on every rank."""
-    ranks = gloo_spawn(__file__, world, tmp_path, SPAWN_TIMEOUT_S)
-    layout = TP_LAYOUTS[world]
-    for form, dtype in _tp_cases(world):
-        single = _run_form(form, dtype)
-        for rank, res in enumerate(ranks):
-            got = res[f"{form} {dtype}"]
-            lo, hi = layout[rank][0], sum(layout[rank])
-            for name, value in got.items():
-                want = single[name]
-                if name == "grad":
-                    want = want[:, lo:hi]
-                elif name in ("dw", "db"):
-                    want = want[lo:hi]
-                assert torch.equal(value, want), (form, dtype, rank, name)
-    if world in TP_BAD:
-        assert all("multiples of 128" in res["bad"] for res in ranks)
+def test_vocab_parallel_batch_invariant_bitwise(gloo_spawn, tmp_path):
+    """At 2 ranks (every form) and 4 (the fused head, the logits form), uneven shards on the
+    128-class grid (one empty): every rank's per-token outputs are the single device's bits;
+    each rank's gradient is the single device's on its columns (logits) or rows (dW, db); a
+    shard off the 128-class tiles raises on every rank."""
+    ranks = gloo_spawn(__file__, 4, tmp_path, SPAWN_TIMEOUT_S)
+    for world in (2, 4):
+        layout = TP_LAYOUTS[world]
+        for form, dtype in _tp_cases(world):
+            single = _run_form(form, dtype)
+            for rank, res in enumerate(ranks[:world]):
+                got = res[f"{world} {form} {dtype}"]
+                lo, hi = layout[rank][0], sum(layout[rank])
+                for name, value in got.items():
+                    want = single[name]
+                    if name == "grad":
+                        want = want[:, lo:hi]
+                    elif name in ("dw", "db"):
+                        want = want[lo:hi]
+                    assert torch.equal(value, want), (world, form, dtype, rank, name)
+    assert all("multiples of 128" in res["bad"] for res in ranks[:2])

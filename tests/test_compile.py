@@ -240,7 +240,7 @@ CASES = {
                                        "ieee", None, None), ALL_CHECKS),
     "fused_token_log_probs_bwd": lambda: (_fused_tlp_bwd_args(), NO_AOT),
     "fused_linear_cross_entropy": lambda: ((_x(6, 5), _x(9, 5, seed=4), _t(6, 9),
-                                            _x(9, seed=5), *_ce(reduction="sum", z_loss=1e-3),
+                                            _x(9, seed=5), *_ce(reduction="none", z_loss=1e-3),
                                             True, "ieee", None, None), ALL_CHECKS),
     "fused_linear_cross_entropy_bwd": lambda: (_fused_lce_bwd_args(), NO_AOT),
 }
