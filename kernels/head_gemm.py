@@ -89,7 +89,8 @@ def mma(a, b, acc, SPLIT: tl.constexpr):
         acc = tl.dot(a_hi, b_mid, acc)
         acc = tl.dot(a_hi, b_hi, acc)
     elif a.dtype == tl.float32 or a.dtype == tl.float64:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype spelled out: triton 3.6 takes fp32 by default and refuses an fp64 acc
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
         acc = tl.dot(a, b, acc)
     return acc
