@@ -151,8 +151,10 @@ def test_cross_entropy_batch_invariant_and_extras():
         k: v for k, v in kw.items() if k not in ("return_predicted_tokens",)})
     acc = (x.argmax(1) == t)[keep].double().mean()
     torch.testing.assert_close(mean.token_accuracy.double(), acc)
-    torch.testing.assert_close(mean.z_loss.double(),
-                               (1e-3 * lse**2)[keep].sum() / w[t[keep]].double().sum())
+    # the z term of a weighted mean is averaged over the kept tokens, as the default path's
+    torch.testing.assert_close(mean.z_loss.double(), (1e-3 * lse**2)[keep].sum() / keep.sum())
+    torch.testing.assert_close(mean.loss.double(), torch.nn.functional.cross_entropy(
+        xr, t, weight=w.double()) + (1e-3 * lse**2)[keep].sum() / keep.sum())
 
 
 def test_linear_cross_entropy_batch_chunk_invariant():
@@ -366,3 +368,28 @@ def test_vocab_parallel_batch_invariant_bitwise(gloo_spawn, tmp_path):
                         want = want[lo:hi]
                     assert torch.equal(value, want), (world, form, dtype, rank, name)
     assert all("multiples of 128" in res["bad"] for res in ranks[:2])
+
+
+def test_batch_invariant_paths_refuse_forward_ad_and_torch_func():
+    """The invariant ops have reverse-mode autograd only: a forward-mode tangent or a
+    torch.func transform is refused by name, never dropped (a silent zero tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, _, _ = _logits_case(5, torch.float32, n=4)
+    h, w, b, th = _head_case(5, torch.float32, n=4)
+    calls = {
+        "token_log_probs": lambda x_: token_log_probs(x_, t, batch_invariant=True),
+        "token_log_probs (…, K)": lambda x_: token_log_probs(x_, t.clamp(min=0)[:, None]),
+        "cross_entropy": lambda x_: cross_entropy(x_, t, batch_invariant=True),
+        "linear_cross_entropy": lambda h_: linear_cross_entropy(h_, w, th, linear_bias=b,
+                                                                batch_invariant=True),
+        "linear_token_log_probs": lambda h_: linear_token_log_probs(h_, w, th,
+                                                                    batch_invariant=True),
+    }
+    for name, fn in calls.items():
+        primal = h if name.startswith("linear") else x
+        with fwAD.dual_level():
+            with pytest.raises(RuntimeError, match="reverse-mode autograd only"):
+                fn(fwAD.make_dual(primal, torch.ones_like(primal)))
+        with pytest.raises(RuntimeError, match="reverse-mode autograd only"):
+            torch.func.grad(lambda p: fn(p).sum())(primal)  # noqa: B023

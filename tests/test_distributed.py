@@ -291,7 +291,8 @@ def test_vocab_parallel_loss_identical_on_every_rank(world_results):
 @pytest.mark.slow
 def test_vocab_parallel_launches_split_path_and_local_backward(world_results):
     """Forward: our statistics kernel on the shard (none for an empty one), the mean's divisors
-    (the combine scales the z term by one of them) and the combine; backward: one gradient kernel over the shard only (its grid covers the local rows x chunks)."""
+    (the combine scales the z term by one of them) and the combine; backward: one gradient
+    kernel over the shard only (its grid covers the local rows x chunks)."""
     world, results = world_results
     for case in _valid_cases(world):
         for rank in range(world):

@@ -25,7 +25,7 @@ import torch
 
 from .. import tiling
 from .._runtime import accum_dtype
-from ..ops._common import loss_divisor, no_second_derivative, reduce_rows
+from ..ops._common import ce_grad_rows, no_second_derivative, reduce_ce_rows
 from ..ops._invariant import (
     cross_entropy_rows,
     exact_rows,
@@ -168,21 +168,11 @@ class InvariantVocabParallelLinearTokenLogProbsFunction(torch.autograd.Function)
                 None) + none
 
 
-def _ce_grad_rows(grad_loss, target, options, n_classes, dtype):
-    """The per-row upstream gradient of a cross-entropy (divided by the mean's divisor or the
-    normalizer)."""
-    g = grad_loss.to(dtype)
-    g = g.reshape(-1) if options.reduction == "none" else g.expand(target.shape[0])
-    divisor = loss_divisor(options, target, n_classes, dtype)
-    return g if divisor is None else g / divisor
-
-
 def _ce_forward(ctx, rows, target, options, n_classes, sdt, lse_mask=None):
     loss_rows, zl_rows, lse = cross_entropy_rows(
         rows, target, n_classes=n_classes, ignore_index=options.ignore_index,
         weight=options.weight, z_loss=options.z_loss, dtype=sdt)
-    divisor = loss_divisor(options, target, n_classes, sdt)
-    loss, zl = reduce_rows(loss_rows, options, divisor), reduce_rows(zl_rows, options, divisor)
+    loss, zl = reduce_ce_rows(loss_rows, zl_rows, options, target, n_classes, sdt)
     stats = rows.stats(sdt)
     if lse_mask is not None:
         lse = torch.where(lse_mask, lse, float("nan"))
@@ -217,8 +207,9 @@ class InvariantVocabParallelCrossEntropyFunction(torch.autograd.Function):
         no_second_derivative("vocab_parallel_cross_entropy")
         x, target, lse, stats = ctx.saved_tensors
         vocab_start, n_classes, options = ctx.opts
-        g = _ce_grad_rows(grad_loss, target, options, n_classes, stats.dtype)
-        coef = cross_entropy_coefficients(g, target, lse, options, n_classes, stats.dtype)
+        g, z_scale = ce_grad_rows(grad_loss, target, options, n_classes, stats.dtype)
+        coef = cross_entropy_coefficients(g, target, lse, options, n_classes, stats.dtype,
+                                          z_scale)
         dx = coef_bwd(x, target[:, None], stats, coef, coef[:, 1:2],
                       transform=options.transform, has_entropy_term=False,
                       vocab_start=vocab_start)
@@ -259,8 +250,9 @@ class InvariantVocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2])
         t64 = target.to(torch.int64)
-        g = _ce_grad_rows(grad_loss, t64, options, n_classes, stats.dtype)
-        coef = cross_entropy_coefficients(g, t64, lse, options, n_classes, stats.dtype)
+        g, z_scale = ce_grad_rows(grad_loss, t64, options, n_classes, stats.dtype)
+        coef = cross_entropy_coefficients(g, t64, lse, options, n_classes, stats.dtype,
+                                          z_scale)
         dh, dw, db = fused_head_bwd(
             h, weight, bias, target, stats, coef, ignore_index=options.ignore_index,
             transform=options.transform, need=need, has_entropy_term=False,

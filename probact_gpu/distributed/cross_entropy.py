@@ -347,8 +347,11 @@ def vocab_parallel_cross_entropy(
     # autocast runs cross-entropy in float32: a float32 loss (the kernels' math is anyway)
     loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input) else input.dtype
     if batch_invariant:
+        from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelCrossEntropyFunction
 
+        refuse_transforms("vocab_parallel_cross_entropy(batch_invariant=True)",
+                          input)
         loss = InvariantVocabParallelCrossEntropyFunction.apply(
             input, target, group, vocab_start, n_classes, options, False)[0]
         return loss.to(loss_dtype)
@@ -546,11 +549,15 @@ def vocab_parallel_linear_cross_entropy(
         check_runnable(h)
     options.check_weight(n_classes, h.device)
     if batch_invariant:
+        from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelLinearCrossEntropyFunction
 
+        refuse_transforms("vocab_parallel_linear_cross_entropy(batch_invariant=True)",
+                          h, linear_weight, linear_bias)
         loss = InvariantVocabParallelLinearCrossEntropyFunction.apply(
             h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
-            options, False, fp32_precision, chunk_size, memory_budget)[0].to(input.dtype)
+            options, False, fp32_precision, chunk_size, memory_budget)[0].to(
+                torch.float32 if autocast_fp32("cross_entropy", h) else h.dtype)
         return loss.reshape(batch_shape) if options.reduction == "none" else loss
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,

@@ -305,8 +305,11 @@ def vocab_parallel_token_log_probs(
     if input.numel() > 0:
         check_runnable(input)
     if batch_invariant:
+        from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelTokenLogProbsFunction
 
+        refuse_transforms("vocab_parallel_token_log_probs(batch_invariant=True)",
+                          input)
         outs = InvariantVocabParallelTokenLogProbsFunction.apply(
             input, target, group, vocab_start, n_classes, ignore_index, transform,
             bool(return_entropy), bool(return_argmax))
@@ -464,8 +467,11 @@ def vocab_parallel_linear_token_log_probs(
     if h.shape[0] > 0:
         check_runnable(h, "input")
     if batch_invariant:
+        from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelLinearTokenLogProbsFunction
 
+        refuse_transforms("vocab_parallel_linear_token_log_probs(batch_invariant=True)",
+                          h, linear_weight, linear_bias)
         outs = InvariantVocabParallelLinearTokenLogProbsFunction.apply(
             h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
             options.ignore_index, options.transform, bool(return_entropy),

@@ -51,6 +51,7 @@ __all__ = [
     "move_batch_dim",
     "plain_eager",
     "refuse_functorch",
+    "refuse_transforms",
     "register_vmap_by_rows",
     "register_vmap_loop",
     "terminal_op",
@@ -85,6 +86,21 @@ def refuse_functorch(name: str, why: str) -> None:
         raise RuntimeError(
             f"{name} does not support torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, "
             f"vmap, hessian): {why}")
+
+
+def refuse_transforms(name: str, *tensors: torch.Tensor | None) -> None:
+    """Raise when a ``torch.func`` transform is active or one of ``tensors`` carries a
+    forward-mode tangent: for paths whose ops have reverse-mode autograd only (the
+    batch-invariant ones), which would otherwise drop the tangent silently."""
+    from torch.autograd import forward_ad
+
+    dual = forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if dual or functorch_active():
+        raise RuntimeError(
+            f"{name} supports reverse-mode autograd only: forward-mode AD (torch.func.jvp, "
+            "jacfwd, torch.autograd.forward_ad) and torch.func transforms (grad, vjp, jacrev, "
+            "vmap) are not available there; call it without batch_invariant=True for them")
 
 
 def _higher_order(name: str) -> RuntimeError:

@@ -322,6 +322,31 @@ def loss_divisors(options: CrossEntropyOptions, target: torch.Tensor, n_classes:
     return torch.full((), n, dtype=dtype, device=target.device), None
 
 
+def reduce_ce_rows(loss_rows: torch.Tensor, zl_rows: torch.Tensor,
+                   options: CrossEntropyOptions, target: torch.Tensor, n_classes: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, z-loss term) of class-index rows whose loss rows hold ``w_t·nll + λ·lse²`` and
+    z-loss rows ``λ·lse²``, reduced as the options say. A weighted mean averages the z term over
+    the kept tokens (not over Σ w_t): its rows are scaled by ``Σ w_t / n`` first, as the
+    kernels' ``z_scale``."""
+    divisor, z_scale = loss_divisors(options, target, n_classes, dtype)
+    if z_scale is not None:
+        loss_rows = loss_rows + zl_rows * (z_scale - 1.0)
+        zl_rows = zl_rows * z_scale
+    return reduce_rows(loss_rows, options, divisor), reduce_rows(zl_rows, options, divisor)
+
+
+def ce_grad_rows(grad_loss: torch.Tensor, target: torch.Tensor, options: CrossEntropyOptions,
+                 n_classes: int, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-row upstream gradient of a class-index cross-entropy (divided by the mean's
+    divisor or the normalizer) and the z term's scale (``reduce_ce_rows``) or None."""
+    g = grad_loss.to(dtype)
+    g = g.reshape(-1) if options.reduction == "none" else g.expand(target.shape[0])
+    divisor, z_scale = loss_divisors(options, target, n_classes, dtype)
+    return (g if divisor is None else g / divisor), z_scale
+
+
 def reduce_rows(rows: torch.Tensor, options: CrossEntropyOptions,
                 divisor: torch.Tensor | None) -> torch.Tensor:
     """Per-row losses reduced as ``options.reduction`` says, divided by ``divisor`` if any."""
@@ -377,7 +402,7 @@ def cross_entropy_output(loss, lse, target, options: CrossEntropyOptions, n_clas
             rows = torch.where(valid, options.z_loss * lse.reshape(-1) ** 2, 0.0)
             if not options.z_loss:
                 rows = torch.zeros_like(rows)
-            zl = reduce_rows(rows, options, loss_divisor(options, flat, n_classes, sdt))
+            zl = reduce_ce_rows(rows, rows, options, flat, n_classes, sdt)[1]
             zl = zl.reshape(target.shape) if options.reduction == "none" else zl
         else:
             zl = z_loss_term

@@ -20,7 +20,7 @@ from .. import tiling
 from .._runtime import accum_dtype, check_runnable, empty, launch, row_view
 from ..kernels._invariant import invariant_bwd_kernel, target_logits_kernel
 from ..options import CrossEntropyOptions, HeadTransform
-from ._common import loss_divisor, no_second_derivative, reduce_rows
+from ._common import ce_grad_rows, no_second_derivative, reduce_ce_rows
 from ._invariant import (
     cross_entropy_rows,
     exact_rows,
@@ -233,9 +233,7 @@ def _ice_op(
     loss_rows, zl_rows, lse = cross_entropy_rows(
         rows, flat, n_classes=input.shape[1], ignore_index=ignore_index, weight=weight,
         z_loss=z_loss, dtype=sdt)
-    divisor = loss_divisor(opts, flat, input.shape[1], sdt)
-    loss = reduce_rows(loss_rows, opts, divisor)
-    zl = reduce_rows(zl_rows, opts, divisor)
+    loss, zl = reduce_ce_rows(loss_rows, zl_rows, opts, flat, input.shape[1], sdt)
     if reduction == "none":
         loss, zl = loss.reshape(target.shape), zl.reshape(target.shape)
     arg = input.new_empty(0, dtype=torch.int64) if arg is None else arg.reshape(target.shape)
@@ -272,12 +270,8 @@ def _ice_bwd_op(
                                            temperature, normalizer, normalizer_value)
     flat = _flat(target)
     sdt = stats.dtype
-    g = grad_output.to(sdt)
-    g = g.reshape(-1) if reduction == "none" else g.expand(flat.shape[0])
-    divisor = loss_divisor(opts, flat, input.shape[1], sdt)
-    if divisor is not None:
-        g = g / divisor
-    coef = cross_entropy_coefficients(g, flat, _flat(lse), opts, input.shape[1], sdt)
+    g, z_scale = ce_grad_rows(grad_output, flat, opts, input.shape[1], sdt)
+    coef = cross_entropy_coefficients(g, flat, _flat(lse), opts, input.shape[1], sdt, z_scale)
     return coef_bwd(input, flat[:, None], stats, coef, coef[:, 1:2], transform=opts.transform,
                     has_entropy_term=False, dim=1)
 

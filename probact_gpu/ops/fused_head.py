@@ -263,11 +263,11 @@ def token_log_probs_coefficients(grad_logp, grad_entropy, target, n_classes, dty
 
 
 def cross_entropy_coefficients(grad_rows, target, lse, options: CrossEntropyOptions, n_classes,
-                               dtype):
+                               dtype, z_scale=None):
     """(N, 3) coefficients (A, B, D) of ``d(Σ g_row·loss_row)/dz`` for ``loss_row =
     w_t·(lse − z_t) + λ·lse²``: A = g·(w_t + 2λ·lse), B = g·w_t (NaN for a target outside
     [0, n_classes)), D = 0; ``grad_rows`` (N,) the per-row upstream gradient (already divided
-    by a mean's divisor)."""
+    by a mean's divisor); ``z_scale`` scales λ (a weighted mean's, ``ce_grad_rows``)."""
     valid = target != options.ignore_index
     in_range = (target >= 0) & (target < n_classes)
     safe = torch.where(in_range, target, 0)
@@ -276,7 +276,8 @@ def cross_entropy_coefficients(grad_rows, target, lse, options: CrossEntropyOpti
     w_t = torch.where(in_range, w_t, float("nan"))
     g = torch.where(valid, grad_rows.to(dtype), 0.0)
     coef = torch.zeros((target.shape[0], 3), dtype=dtype, device=target.device)
-    coef[:, 0] = g * (w_t + 2.0 * options.z_loss * lse.to(dtype))
+    zeta = options.z_loss if z_scale is None else options.z_loss * z_scale.to(dtype)
+    coef[:, 0] = g * (w_t + 2.0 * zeta * lse.to(dtype))
     coef[:, 1] = g * w_t
     return torch.where(valid[:, None], coef, 0.0)
 
@@ -411,7 +412,7 @@ def _flce_op(
     loss and z-loss term reduced as ``reduction`` says, lse (N,) (NaN on ignored tokens unless
     ``compute_argmax``, which computes every token), argmax (N,) or an empty (0,) tensor,
     stats (N, 3) for the backward."""
-    from ._common import loss_divisor, reduce_rows
+    from ._common import reduce_ce_rows
     from ._invariant import cross_entropy_rows, exact_rows
 
     opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
@@ -430,8 +431,7 @@ def _flce_op(
     loss_rows, zl_rows, lse = cross_entropy_rows(
         rows, target, n_classes=n_classes, ignore_index=ignore_index, weight=weight,
         z_loss=z_loss, dtype=sdt)
-    divisor = loss_divisor(opts, target, n_classes, sdt)
-    loss, zl = reduce_rows(loss_rows, opts, divisor), reduce_rows(zl_rows, opts, divisor)
+    loss, zl = reduce_ce_rows(loss_rows, zl_rows, opts, target, n_classes, sdt)
     lse = torch.where(computed, lse, float("nan"))
     stats = torch.where(computed[:, None], rows.stats(sdt), 0.0)
     arg = (torch.where(computed, sums.argmax, -1) if compute_argmax
@@ -463,18 +463,15 @@ def _flce_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW, db) of the loss for ``grad_output`` (0-d, or (N,) for ``reduction="none"``),
     an empty tensor for each not in ``need_grads``."""
-    from ._common import loss_divisor
+    from ._common import ce_grad_rows
 
     opts = CrossEntropyOptions.from_schema(weight, ignore_index, reduction, label_smoothing,
                                            z_loss, logit_scale, logit_divisor, softcap,
                                            temperature, normalizer, normalizer_value)
     sdt = stats.dtype
-    g = grad_output.to(sdt)
-    g = g.reshape(-1) if reduction == "none" else g.expand(target.shape[0])
-    divisor = loss_divisor(opts, target, linear_weight.shape[0], sdt)
-    if divisor is not None:
-        g = g / divisor
-    coef = cross_entropy_coefficients(g, target, lse, opts, linear_weight.shape[0], sdt)
+    g, z_scale = ce_grad_rows(grad_output, target, opts, linear_weight.shape[0], sdt)
+    coef = cross_entropy_coefficients(g, target, lse, opts, linear_weight.shape[0], sdt,
+                                      z_scale)
     return fused_head_bwd(
         h, linear_weight, linear_bias, target, stats, coef, ignore_index=ignore_index,
         transform=opts.transform, need=tuple(need_grads), has_entropy_term=False,

@@ -83,6 +83,7 @@ from ._autograd import (
     forward_ad_possible,
     functorch_active,
     kernel_backward,
+    refuse_transforms,
     register_vmap_loop,
     terminal_op,
 )
@@ -661,6 +662,8 @@ def _invariant_or_extras(input, h, linear_weight, target, linear_bias, options, 
     want_arg = extras["return_token_accuracy"] or extras["return_predicted_tokens"]
     zl = arg = None
     if batch_invariant:
+        refuse_transforms("linear_cross_entropy(batch_invariant=True)", input, linear_weight,
+                          linear_bias)
         loss, lse, zl, arg, _ = fused_linear_cross_entropy(
             h, linear_weight, flat.contiguous(), linear_bias, options, compute_argmax=want_arg,
             fp32_precision=fp32_precision, chunk_size=chunk_size, budget=memory_budget)
@@ -670,7 +673,7 @@ def _invariant_or_extras(input, h, linear_weight, target, linear_bias, options, 
         need = [grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
                 grad_on and linear_bias is not None and linear_bias.requires_grad]
         loss, lse, *_ = _lce(h, linear_weight, flat, linear_bias, *options.schema_args(),
-                                chunk_size, memory_budget, low_memory, need)
+                            chunk_size, memory_budget, low_memory, need)
         if want_arg:  # one more forward pass of the head for the argmax
             with torch.no_grad():
                 arg = linear_token_log_probs(

@@ -344,8 +344,11 @@ def linear_token_log_probs(
 
     check_fp32_precision(fp32_precision, batch_invariant)
     if batch_invariant:
+        from ._autograd import refuse_transforms
         from .fused_head import fused_token_log_probs
 
+        refuse_transforms("linear_token_log_probs(batch_invariant=True)", input, linear_weight,
+                          linear_bias)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
         logp, entropy, lse, arg, _ = fused_token_log_probs(

@@ -508,6 +508,9 @@ def token_log_probs(
                               softcap=softcap, temperature=temperature)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if indexed or batch_invariant:
+        from ._autograd import refuse_transforms
+
+        refuse_transforms("token_log_probs with batch_invariant=True or a (…, K) target", logits)
         if indexed:
             from .token_log_probs_index import token_log_probs_index
 

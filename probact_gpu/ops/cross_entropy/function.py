@@ -9,7 +9,7 @@ import torch
 
 from ..._runtime import autocast_fp32, check_float, check_same_device
 from ...options import CrossEntropyOptions
-from .._autograd import functorch_active
+from .._autograd import functorch_active, refuse_transforms
 from .autograd import _cross_entropy
 from .inplace import (
     CompiledCrossEntropyInplaceFunction,
@@ -220,6 +220,7 @@ def _invariant_or_extras(input, target, opts, batch_invariant, inplace_backward,
     want_arg = bool(return_token_accuracy or return_predicted_tokens)
     zl = arg = None
     if batch_invariant:
+        refuse_transforms("cross_entropy(batch_invariant=True)", input)
         if inplace_backward:
             raise ValueError("inplace_backward=True is not available with batch_invariant=True "
                              "(its gradient is formed in the backward, from the exact rows)")
