@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from . import functional
-from .options import REDUCTIONS, CrossEntropyOptions, DistillationOptions
+from .options import (
+    REDUCTIONS,
+    CrossEntropyOptions,
+    DistillationOptions,
+    split_student_factors,
+    split_tensor_factors,
+)
 
 
 def _check_reduction(value: Any) -> str:
@@ -150,6 +156,9 @@ _CE_OPTIONS: dict[str, Any] = dict(
     logit_scale=1.0, logit_divisor=1.0, temperature=1.0, normalizer=None)
 
 
+_TRANSFORM = ("logit_scale", "logit_divisor", "softcap", "temperature")
+
+
 def _value_repr(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor{tuple(value.shape)}"
@@ -162,8 +171,12 @@ class _CrossEntropyOptionsModule(torch.nn.Module):
     ``label_smoothing``; then ``z_loss``, ``softcap``, ``logit_scale``, ``logit_divisor``,
     ``temperature``, ``normalizer``). An assignment is validated at once with every other
     option, by :class:`CrossEntropyOptions` (so ``normalizer`` needs ``reduction="sum"`` set
-    first); a number is stored validated, a tensor as given, as a buffer. ``options`` is the
-    validated :class:`CrossEntropyOptions` of the current values."""
+    first); a number is stored validated, a tensor as given, as a buffer (an ``nn.Parameter``
+    as a parameter: a learnt ``logit_scale`` or ``temperature`` gets its gradient, the function
+    folding it as ``probact_gpu.cross_entropy`` documents). ``options`` is the validated
+    :class:`CrossEntropyOptions` of the current values (a tensor ``logit_scale``,
+    ``logit_divisor`` or ``temperature`` stands there as 1.0: it is applied outside the
+    kernels, never read on the host)."""
 
     _EXTRA: dict[str, Any] = {}  # the subclass's own options and their defaults
 
@@ -183,7 +196,9 @@ class _CrossEntropyOptionsModule(torch.nn.Module):
         kwargs = dict(values)
         if kwargs.get("ignore_index", -100) is None:  # LinearCrossEntropyLoss: None is -100
             kwargs["ignore_index"] = -100
-        return CrossEntropyOptions.from_kwargs(**kwargs)
+        _, transform = split_tensor_factors(**{name: kwargs.pop(name) for name in _TRANSFORM
+                                               if name in kwargs})
+        return CrossEntropyOptions.from_kwargs(**kwargs, **transform)
 
     def _put(self, name: str, value: Any) -> None:
         if name == "ignore_index" and value is not None:
@@ -410,21 +425,36 @@ class DistillationLoss(torch.nn.Module):
         teacher_softcap: float | None = None,
     ) -> None:
         super().__init__()
-        self.options = DistillationOptions.from_kwargs(
-            divergence=divergence, beta=beta, temperature=temperature,
-            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-            hard_weight=hard_weight, temperature_squared=temperature_squared,
-            shared_vocab=shared_vocab, student_logit_scale=student_logit_scale,
+        _, transforms = split_student_factors(
+            temperature=temperature, student_logit_scale=student_logit_scale,
             student_logit_divisor=student_logit_divisor, student_softcap=student_softcap,
-            teacher_logit_scale=teacher_logit_scale,
-            teacher_logit_divisor=teacher_logit_divisor, teacher_softcap=teacher_softcap)
+            teacher_logit_scale=teacher_logit_scale, teacher_logit_divisor=teacher_logit_divisor,
+            teacher_softcap=teacher_softcap)
+        self.options = DistillationOptions.from_kwargs(
+            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            normalizer=normalizer, hard_weight=hard_weight,
+            temperature_squared=temperature_squared, shared_vocab=shared_vocab, **transforms)
+        # a tensor student_logit_scale / student_logit_divisor (an nn.Parameter: a parameter of
+        # this module) is kept and passed on, so it gets its gradient; ``options`` holds 1.0
+        tensors = {name: value for name, value in (("student_logit_scale", student_logit_scale),
+                                                   ("student_logit_divisor",
+                                                    student_logit_divisor))
+                   if isinstance(value, torch.Tensor)}
+        self._student_tensors = tuple(tensors)
+        for name, value in tensors.items():
+            _store(self, name, value)
+
+    def _call_kwargs(self) -> dict:
+        kwargs = self.options.as_kwargs()
+        kwargs.update({name: getattr(self, name) for name in self._student_tensors})
+        return kwargs
 
     def forward(self, student_logits: torch.Tensor, teacher_logits,
                 target: torch.Tensor | None = None) -> torch.Tensor:
         from .ops.distillation import distillation_loss
 
         return distillation_loss(student_logits, teacher_logits, target,
-                                 **self.options.as_kwargs())
+                                 **self._call_kwargs())
 
     def extra_repr(self) -> str:
         return _distillation_repr(self.options)
@@ -451,7 +481,7 @@ class LinearDistillationLoss(DistillationLoss):
         return linear_distillation_loss(
             student_input, student_weight, teacher_input, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
-            memory_budget=self.memory_budget, **self.options.as_kwargs())
+            memory_budget=self.memory_budget, **self._call_kwargs())
 
 
 def _distillation_repr(options: DistillationOptions) -> str:

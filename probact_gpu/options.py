@@ -41,6 +41,10 @@ __all__ = [
     "Reduction",
     "as_index",
     "as_real",
+    "fold_head_factor",
+    "scale_by_factor",
+    "split_student_factors",
+    "split_tensor_factors",
 ]
 
 
@@ -114,6 +118,135 @@ def check_normalizer(reduction: str, n: Any) -> float | torch.Tensor | None:
                             f"shape {tuple(n.shape)}, dtype {n.dtype}")
         return n
     return as_real("normalizer", n, low=0.0, low_open=True)
+
+
+# --------------------------------------------------------------------------- tensor factors
+
+
+def _check_factor_tensor(name: str, value: torch.Tensor) -> None:
+    if value.ndim != 0 or not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a number or a 0-d floating tensor, got a tensor of "
+                        f"shape {tuple(value.shape)} and dtype {value.dtype}")
+
+
+def refuse_grad(name: str, value: Any, why: str) -> None:
+    """Raise when ``value`` is a tensor that requires grad (grad mode on): an option the loss
+    is not differentiated with respect to (``why`` says why), whose gradient would silently be
+    none."""
+    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} is a tensor that requires grad, but {why}: pass "
+                           f"{name}.detach() or a float")
+
+
+def split_tensor_factors(
+    *,
+    logit_scale: Any = 1.0,
+    logit_divisor: Any = 1.0,
+    softcap: Any = None,
+    temperature: Any = 1.0,
+    prefix: str = "",
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The head transform's tensor factors, taken out of the options and folded into one 0-d
+    tensor that the public functions multiply into the logits (or, in the fused linear forms,
+    into the hidden states and the bias) with torch ops, so autograd differentiates them.
+
+    ``logit_scale``, ``logit_divisor`` and ``temperature`` are multiplicative, so a 0-d
+    floating tensor given for one of them (on the input's device or the CPU; grad or not) is
+    never read on the host (no sync; ``torch.compile`` traces it): ``factor = logit_scale /
+    logit_divisor / temperature`` over the tensor ones, and each is replaced by 1.0 in the
+    returned keywords, which go on to the options (floats). ``temperature`` divides *after*
+    the softcap (``softcap(u) / T`` is not a rescale of ``u``): a tensor temperature with a
+    softcap raises, naming both. A tensor ``softcap`` that requires grad raises (it is read
+    on the host, as a number); one that does not is left to the options, which read it. No
+    value check (a zero divisor or a non-positive temperature tensor gives what the
+    arithmetic gives: inf / NaN). ``prefix`` names the arguments (``student_``).
+
+    Returns ``(factor or None, keywords)``; the keywords are ``logit_scale``,
+    ``logit_divisor``, ``softcap`` and ``temperature`` with the tensor factors at 1.0.
+    """
+    refuse_grad(prefix + "softcap", softcap,
+                "the softcap is applied inside the kernels as a number (a softcap that "
+                "requires grad is not supported)")
+    values = dict(logit_scale=logit_scale, logit_divisor=logit_divisor, temperature=temperature)
+    factor = None
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        _check_factor_tensor(prefix + name, value)
+        if name == "temperature" and softcap is not None:
+            raise ValueError(
+                f"{prefix}temperature is a tensor and {prefix}softcap is set: the temperature "
+                f"divides after the softcap (softcap(u) / T is not a rescale of the logits), "
+                f"so only a number can be applied there; pass {prefix}temperature as a float, "
+                f"or drop {prefix}softcap")
+        if name == "logit_scale":
+            factor = value if factor is None else factor * value
+        else:
+            factor = 1.0 / value if factor is None else factor / value
+        values[name] = 1.0
+    return factor, dict(values, softcap=softcap)
+
+
+def split_student_factors(
+    *,
+    temperature: Any = 1.0,
+    student_logit_scale: Any = 1.0,
+    student_logit_divisor: Any = 1.0,
+    student_softcap: Any = None,
+    teacher_logit_scale: Any = 1.0,
+    teacher_logit_divisor: Any = 1.0,
+    teacher_softcap: Any = None,
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """:func:`split_tensor_factors` for the distillation family: the student's tensor
+    ``student_logit_scale`` / ``student_logit_divisor`` folded into one factor (applied to the
+    student's logits, or its hidden states and bias), so they get their gradient. The teacher is
+    not differentiated, so a teacher option or the shared ``temperature`` (it divides the
+    teacher's logits too) that requires grad raises; one that does not is read as a number, as
+    before (on the host: a device sync for a device tensor — pass a float). Returns
+    ``(factor or None, keywords)``, the keywords with the folded ones at 1.0."""
+    teacher = "distillation gives the teacher no gradient"
+    refuse_grad("temperature", temperature,
+                "the temperature divides the teacher's logits too, and " + teacher)
+    for name, value in (("teacher_logit_scale", teacher_logit_scale),
+                        ("teacher_logit_divisor", teacher_logit_divisor),
+                        ("teacher_softcap", teacher_softcap)):
+        refuse_grad(name, value, teacher)
+    factor, student = split_tensor_factors(logit_scale=student_logit_scale,
+                                           logit_divisor=student_logit_divisor,
+                                           softcap=student_softcap, prefix="student_")
+    return factor, dict(temperature=temperature, student_logit_scale=student["logit_scale"],
+                        student_logit_divisor=student["logit_divisor"],
+                        student_softcap=student_softcap,
+                        teacher_logit_scale=teacher_logit_scale,
+                        teacher_logit_divisor=teacher_logit_divisor,
+                        teacher_softcap=teacher_softcap)
+
+
+def scale_by_factor(x: torch.Tensor | None, factor: torch.Tensor | None,
+                    name: str = "input") -> torch.Tensor | None:
+    """``x * factor`` in ``x``'s dtype (a 0-d factor does not promote it), differentiable in
+    both, or ``x`` itself when either is None. ``factor`` must live on ``x``'s device or the
+    CPU."""
+    if x is None or factor is None:
+        return x
+    check_factor_device(factor, x, name)
+    return x * factor
+
+
+def check_factor_device(factor: torch.Tensor, x: torch.Tensor, name: str = "input") -> None:
+    """Raise unless the tensor factor lives on ``x``'s device or the CPU."""
+    if factor.device != x.device and factor.device.type != "cpu":
+        raise ValueError(f"the tensor logit_scale / logit_divisor / temperature is on "
+                         f"{factor.device} but {name} is on {x.device}: pass it on "
+                         f"{x.device} or the CPU")
+
+
+def fold_head_factor(h: torch.Tensor, bias: torch.Tensor | None, factor: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused heads' fold of a tensor factor: ``(h · f) Wᵀ + b · f = f · (h Wᵀ + b)``, so the
+    hidden states and the bias are scaled ((N, H) and (V,) products) and the logits, never
+    formed, come out scaled."""
+    return scale_by_factor(h, factor), scale_by_factor(bias, factor, "linear_bias")
 
 
 # --------------------------------------------------------------------------- the transform

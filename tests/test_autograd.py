@@ -4,6 +4,7 @@ where gradients are checked (gradcheck and the float64 reference)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -457,3 +458,270 @@ def test_forward_mode_ad_vocab_parallel_and_refusals(device, rng, world_of_one):
             probact_gpu.cross_entropy(logits, t, inplace_backward=True)
         with pytest.raises(NotImplementedError, match="target has a forward-mode tangent"):
             probact_gpu.binary_cross_entropy_with_logits(x, fwAD.make_dual(x.sigmoid(), x_dot))
+
+
+# ----------------------------------------------------------------------------- tensor options
+
+
+def _factors(device, scale=1.3, divisor=0.8, temperature=1.6):
+    """0-d float64 tensors that require grad: logit_scale, logit_divisor, temperature."""
+    return [torch.tensor(v, dtype=torch.float64, device=device, requires_grad=True)
+            for v in (scale, divisor, temperature)]
+
+
+def _transformed(x, s, d, temp, softcap=None):
+    """The head transform as torch users compose it: softcap(x · s / d) / T."""
+    z = x * s / d
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temp
+
+
+def _torch_logp(z, t):
+    safe = t.clamp(min=0)
+    logp = torch.log_softmax(z, -1).gather(-1, safe[:, None])[:, 0]
+    return torch.where(t == IGNORE, torch.zeros_like(logp), logp)
+
+
+def _check_grads(ours, theirs, inputs, dy=None):
+    """Loss and the gradient of every tensor in ``inputs`` from ``ours`` against ``theirs``
+    (float64 torch), under a random-looking upstream gradient for unreduced outputs."""
+    out, ref = ours(*inputs), theirs(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    dy = torch.linspace(0.5, 1.5, ref.numel(), dtype=ref.dtype, device=ref.device).reshape(
+        ref.shape) if dy is None else dy
+    used = [a for a in inputs if a.requires_grad]
+    got = torch.autograd.grad(out, used, dy, allow_unused=True)
+    expected = torch.autograd.grad(ref, used, dy, allow_unused=True)
+    for g, e in zip(got, expected, strict=True):
+        assert g is not None, "an input that requires grad got no gradient"
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def _tensor_option_cases(rng, device):
+    """name -> (ours(*inputs), theirs(*inputs), inputs): every local op family, with tensor
+    logit_scale, logit_divisor and temperature that require grad (float64 throughout)."""
+    F = torch.nn.functional
+    n, c, hid = 5, 24, 6
+    x, _ = make_input((n, c), torch.float64, rng, device=device)
+    h, _ = make_input((n, hid), torch.float64, rng, device=device)
+    W, _ = make_input((c, hid), torch.float64, rng, device=device)
+    b, _ = make_input((c,), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    s, d, temp = _factors(device)
+    x, h, W, b = (a.requires_grad_() for a in (x, h, W, b))
+    cases = {}
+    for reduction in ("mean", "sum", "none"):
+        cases[f"cross_entropy {reduction}"] = (
+            lambda x, s, d, temp, r=reduction: probact_gpu.cross_entropy(
+                x, t, reduction=r, logit_scale=s, logit_divisor=d, temperature=temp),
+            lambda x, s, d, temp, r=reduction: F.cross_entropy(_transformed(x, s, d, temp), t,
+                                                               reduction=r),
+            (x, s, d, temp))
+    cases["cross_entropy softcap"] = (  # the pre-softcap factors with a softcap
+        lambda x, s, d: probact_gpu.cross_entropy(x, t, label_smoothing=0.1, softcap=2.0,
+                                                  logit_scale=s, logit_divisor=d,
+                                                  temperature=0.7),
+        lambda x, s, d: F.cross_entropy(_transformed(x, s, d, 0.7, 2.0), t,
+                                        label_smoothing=0.1),
+        (x, s, d))
+    cases["linear_cross_entropy"] = (
+        lambda h, W, b, s, d, temp: probact_gpu.linear_cross_entropy(
+            h, W, t, linear_bias=b, reduction="sum", logit_scale=s, logit_divisor=d,
+            temperature=temp, chunk_size=2),
+        lambda h, W, b, s, d, temp: F.cross_entropy(_transformed(h @ W.T + b, s, d, temp), t,
+                                                    reduction="sum"),
+        (h, W, b, s, d, temp))
+    cases["linear_cross_entropy softcap"] = (
+        lambda h, W, b, s: probact_gpu.linear_cross_entropy(h, W, t, linear_bias=b, softcap=3.0,
+                                                            logit_scale=s),
+        lambda h, W, b, s: F.cross_entropy(_transformed(h @ W.T + b, s, 1.0, 1.0, 3.0), t),
+        (h, W, b, s))
+    cases["token_log_probs"] = (
+        lambda x, s, d, temp: probact_gpu.token_log_probs(
+            x, t, logit_scale=s, logit_divisor=d, temperature=temp, return_entropy=True).entropy
+        + probact_gpu.token_log_probs(x, t, logit_scale=s, logit_divisor=d, temperature=temp),
+        lambda x, s, d, temp: _torch_logp(_transformed(x, s, d, temp), t) - (
+            torch.softmax(z := _transformed(x, s, d, temp), -1)
+            * torch.log_softmax(z, -1)).sum(-1) * (t != IGNORE),
+        (x, s, d, temp))
+    cases["linear_token_log_probs"] = (
+        lambda h, W, b, s, d, temp: probact_gpu.linear_token_log_probs(
+            h, W, t, linear_bias=b, logit_scale=s, logit_divisor=d, temperature=temp,
+            chunk_size=2),
+        lambda h, W, b, s, d, temp: _torch_logp(_transformed(h @ W.T + b, s, d, temp), t),
+        (h, W, b, s, d, temp))
+    return cases
+
+
+TENSOR_OPTION_CASES = list(_tensor_option_cases(np.random.default_rng(0), "cpu"))
+
+
+@pytest.mark.parametrize("name", TENSOR_OPTION_CASES)
+def test_tensor_logit_options_get_their_gradient(device, rng, name):
+    """A 0-d tensor logit_scale / logit_divisor / temperature that requires grad gets the
+    gradient of the torch composition users come from (``F.cross_entropy(x * s / d / T)``),
+    with the logits', hidden states', head's and bias' gradients; before, each was read with
+    .item() and got none."""
+    ours, theirs, inputs = _tensor_option_cases(rng, device)[name]
+    _check_grads(ours, theirs, inputs)
+
+
+def test_tensor_logit_options_vocab_parallel(device, rng, world_of_one):
+    """The vocab-parallel forms (on a group of this process): the same gradients."""
+    from probact_gpu import distributed as vp
+
+    F = torch.nn.functional
+    n, c, hid = 4, 20, 5
+    x, _ = make_input((n, c), torch.float64, rng, device=device)
+    h, _ = make_input((n, hid), torch.float64, rng, device=device)
+    W, _ = make_input((c, hid), torch.float64, rng, device=device)
+    b, _ = make_input((c,), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    s, d, temp = _factors(device)
+    x, h, W, b = (a.requires_grad_() for a in (x, h, W, b))
+    _check_grads(lambda x, s, temp: vp.vocab_parallel_cross_entropy(
+        x, t, reduction="none", logit_scale=s, temperature=temp),
+        lambda x, s, temp: F.cross_entropy(_transformed(x, s, 1.0, temp), t, reduction="none"),
+        (x, s, temp))
+    _check_grads(lambda h, W, b, s, d: vp.vocab_parallel_linear_cross_entropy(
+        h, W, t, linear_bias=b, logit_scale=s, logit_divisor=d, softcap=2.5),
+        lambda h, W, b, s, d: F.cross_entropy(_transformed(h @ W.T + b, s, d, 1.0, 2.5), t),
+        (h, W, b, s, d))
+    _check_grads(lambda x, d, temp: vp.vocab_parallel_token_log_probs(
+        x, t, logit_divisor=d, temperature=temp),
+        lambda x, d, temp: _torch_logp(_transformed(x, 1.0, d, temp), t), (x, d, temp))
+    _check_grads(lambda h, W, b, s, temp: vp.vocab_parallel_linear_token_log_probs(
+        h, W, t, linear_bias=b, logit_scale=s, temperature=temp),
+        lambda h, W, b, s, temp: _torch_logp(_transformed(h @ W.T + b, s, 1.0, temp), t),
+        (h, W, b, s, temp))
+
+
+def _torch_kl(student, teacher, t, temperature):
+    """KL(P‖Q) per token at ``temperature``, averaged over the kept tokens."""
+    lp = torch.log_softmax(teacher / temperature, -1)
+    lq = torch.log_softmax(student / temperature, -1)
+    rows = (lp.exp() * (lp - lq)).sum(-1) * (t != IGNORE)
+    return rows.sum() / (t != IGNORE).sum()
+
+
+def test_tensor_student_options_distillation_get_their_gradient(device, rng):
+    """distillation_loss and linear_distillation_loss: a tensor student_logit_scale /
+    student_logit_divisor gets its gradient (the hard term sees the same scaled student)."""
+    F = torch.nn.functional
+    n, c, hid = 5, 16, 4
+    xs, _ = make_input((n, c), torch.float64, rng, device=device)
+    xt, _ = make_input((n, c), torch.float64, rng, device=device)
+    h, _ = make_input((n, hid), torch.float64, rng, device=device)
+    W, _ = make_input((c, hid), torch.float64, rng, device=device)
+    b, _ = make_input((c,), torch.float64, rng, device=device)
+    ht, _ = make_input((n, hid), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    s, d, _ = _factors(device)
+    xs, h, W, b = (a.requires_grad_() for a in (xs, h, W, b))
+    _check_grads(lambda xs, s, d: probact_gpu.distillation_loss(
+        xs, xt, t, temperature=1.5, hard_weight=0.3, student_logit_scale=s,
+        student_logit_divisor=d),
+        lambda xs, s, d: _torch_kl(xs * s / d, xt, t, 1.5)
+        + 0.3 * F.cross_entropy(xs * s / d, t), (xs, s, d))
+    _check_grads(lambda h, W, b, s: probact_gpu.linear_distillation_loss(
+        h, W, ht, W.detach(), t, student_bias=b, temperature=2.0, student_logit_scale=s,
+        chunk_size=2),
+        lambda h, W, b, s: _torch_kl((h @ W.T + b) * s, ht @ W.detach().T, t, 2.0),
+        (h, W, b, s))
+
+
+def test_tensor_logit_scale_parameter_of_a_module_gets_its_gradient(device, rng):
+    """CLIP-style: an nn.Parameter logit_scale on CrossEntropyLoss / LinearCrossEntropyLoss is a
+    parameter of the module and gets its gradient."""
+    F = torch.nn.functional
+    n, c, hid = 4, 12, 5
+    x, _ = make_input((n, c), torch.float64, rng, device=device)
+    h, _ = make_input((n, hid), torch.float64, rng, device=device)
+    W, _ = make_input((c, hid), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    for module, run, logits in (
+            (probact_gpu.CrossEntropyLoss(logit_scale=torch.nn.Parameter(
+                torch.tensor(2.0, dtype=torch.float64, device=device))), lambda m: m(x, t), x),
+            (probact_gpu.LinearCrossEntropyLoss(temperature=torch.nn.Parameter(
+                torch.tensor(0.5, dtype=torch.float64, device=device)), reduction="sum"),
+             lambda m: m(h, W, t), h @ W.T)):
+        (param,) = module.parameters()
+        run(module).backward()
+        if module.temperature is param:
+            expected = F.cross_entropy(logits / param, t, reduction="sum")
+        else:
+            expected = F.cross_entropy(logits * param, t)
+        (g,) = torch.autograd.grad(expected, param)
+        torch.testing.assert_close(param.grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_tensor_logit_options_read_nothing_on_the_host(device, rng, monkeypatch):
+    """No .item() on the path of a tensor option (a device sync on a GPU; a graph break under
+    torch.compile), forward or backward; a tensor that does not require grad is folded too."""
+    n, c, hid = 4, 12, 5
+    x, _ = make_input((n, c), torch.float32, rng, device=device)
+    h, _ = make_input((n, hid), torch.float32, rng, device=device)
+    W, _ = make_input((c, hid), torch.float32, rng, device=device)
+    t = _targets(rng, n, c, device)
+    s = torch.tensor(1.5, device=device, requires_grad=True)
+    fixed = torch.tensor(0.75, device=device)
+    x, h = x.requires_grad_(), h.requires_grad_()
+    ref = probact_gpu.cross_entropy(x, t, logit_scale=1.5, temperature=0.75)
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() called")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    loss = probact_gpu.cross_entropy(x, t, logit_scale=s, temperature=fixed)
+    loss = loss + probact_gpu.linear_cross_entropy(h, W, t, logit_divisor=s, temperature=fixed)
+    loss = loss + probact_gpu.token_log_probs(x, t, logit_scale=s).sum()
+    loss.backward()
+    monkeypatch.undo()
+    assert s.grad is not None
+    torch.testing.assert_close(probact_gpu.cross_entropy(x, t, logit_scale=s, temperature=fixed),
+                               ref)
+
+
+def test_tensor_options_refused_where_no_gradient_can_be_given(device, rng):
+    """Clear errors, never a silent missing gradient: a softcap that requires grad; a tensor
+    temperature after a softcap (not a rescale of the logits); inplace_backward with a tensor
+    factor (the product, not the caller's logits, would hold the gradient); distillation's
+    temperature and teacher options that require grad (the teacher gets no gradient)."""
+    n, c = 4, 12
+    x, _ = make_input((n, c), torch.float32, rng, device=device)
+    t = _targets(rng, n, c, device)
+    g = torch.tensor(2.0, device=device, requires_grad=True)
+    plain = torch.tensor(2.0, device=device)
+    with pytest.raises(RuntimeError, match="softcap is a tensor that requires grad"):
+        probact_gpu.cross_entropy(x, t, softcap=g)
+    with pytest.raises(RuntimeError, match="softcap is a tensor that requires grad"):
+        probact_gpu.CrossEntropyLoss(softcap=torch.nn.Parameter(plain.clone()))
+    with pytest.raises(ValueError, match="temperature is a tensor and softcap is set"):
+        probact_gpu.token_log_probs(x, t, softcap=3.0, temperature=plain)
+    with pytest.raises(ValueError, match="inplace_backward=True .*tensor"):
+        probact_gpu.cross_entropy(x.clone().requires_grad_() * 1.0, t, logit_scale=plain,
+                                  inplace_backward=True)
+    with pytest.raises(TypeError, match="logit_scale must be a number or a 0-d floating"):
+        probact_gpu.cross_entropy(x, t, logit_scale=torch.ones(2, device=device))
+    for name in ("temperature", "teacher_logit_scale", "student_softcap"):
+        with pytest.raises(RuntimeError, match=f"{name} is a tensor that requires grad"):
+            probact_gpu.distillation_loss(x, x.flip(0), t, **{name: g})
+    # a distillation temperature without grad is read as a number, as before
+    torch.testing.assert_close(probact_gpu.distillation_loss(x, x.flip(0), t, temperature=plain),
+                               probact_gpu.distillation_loss(x, x.flip(0), t, temperature=2.0))
+
+
+def test_tensor_student_scale_parameter_of_distillation_loss_module(device, rng):
+    """DistillationLoss keeps an nn.Parameter student_logit_scale as its parameter and passes it
+    on, so it gets its gradient (its options held the number, read once)."""
+    n, c = 4, 10
+    xs, _ = make_input((n, c), torch.float64, rng, device=device)
+    xt, _ = make_input((n, c), torch.float64, rng, device=device)
+    t = _targets(rng, n, c, device)
+    module = probact_gpu.DistillationLoss(student_logit_scale=torch.nn.Parameter(
+        torch.tensor(1.5, dtype=torch.float64, device=device)), temperature=2.0)
+    (param,) = module.parameters()
+    module(xs, xt, t).backward()
+    (g,) = torch.autograd.grad(_torch_kl(xs * param, xt, t, 2.0), param)
+    torch.testing.assert_close(param.grad, g, rtol=1e-9, atol=1e-12)

@@ -321,6 +321,12 @@ PUBLIC = {
         reduction="sum", normalizer=4.0),
     "linear_distillation_loss": lambda x, w, t: pg.linear_distillation_loss(
         x, w, x.detach().flip(0), w.detach(), t, divergence="tvd", chunk_size=4),
+    # tensor options derived from the head (a learnt scale): their gradient reaches w; traced
+    # with no host read
+    "cross_entropy_tensor_scale": lambda x, w, t: pg.cross_entropy(
+        x @ w.T, t, logit_scale=w[0, 0].exp(), temperature=w[1, 1].exp()),
+    "linear_cross_entropy_tensor_divisor": lambda x, w, t: pg.linear_cross_entropy(
+        x, w, t, softcap=4.0, logit_divisor=w[0, 0].exp(), chunk_size=4),
     "linear_distillation_loss_none": lambda x, w, t: pg.linear_distillation_loss(
         x, w, x.detach() * 2.0, w.detach(), t, divergence="kl", reduction="none",
         chunk_size=4).sum(),

@@ -165,7 +165,58 @@ def run_rank(rank: int, world: int) -> dict:
     results[_LINEAR] = _run_linear_cases(rank, world)
     if world == 2:
         results[_DTENSOR] = _run_dtensor_cases(world)
+        results[_TENSOR_OPTIONS] = _run_tensor_option_cases(rank)
     return results
+
+
+# --------------------------------------------------------------------------- tensor options
+
+_TENSOR_OPTIONS = "__tensor_options__"  # the key of the tensor-option calls in a rank's results
+_TENSOR_LAYOUT = ((0, 20), (20, 17))
+
+
+def _tensor_option_inputs():
+    """Logits (6, 37), targets, hidden states (6, 8), head (37, 8), bias, float64, and the
+    tensor options' values: the same in every process."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(N_ROWS, 37, generator=g, dtype=torch.float64) * 2.0
+    target = torch.randint(0, 37, (N_ROWS,), generator=g)
+    target[1] = -100
+    h = torch.randn(N_ROWS, 8, generator=g, dtype=torch.float64)
+    head = torch.randn(37, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(37, generator=g, dtype=torch.float64)
+    return logits, target, h, head, bias, (1.3, 0.8, 1.6)
+
+
+def _run_tensor_option_cases(rank: int) -> dict:
+    """Tensor logit_scale / logit_divisor / temperature that require grad, on shards: each rank
+    must get the whole gradient (its shard's part all-reduced; the bias shard's too)."""
+    from probact_gpu.distributed import (
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_token_log_probs,
+    )
+
+    logits, target, h, head, bias, values = _tensor_option_inputs()
+    start, size = _TENSOR_LAYOUT[rank]
+    out = {}
+    s, d, temp = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values)
+    x = logits[:, start:start + size].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(x, target, logit_scale=s, logit_divisor=d,
+                                        temperature=temp)
+    loss = loss + vocab_parallel_token_log_probs(x, target.clamp(min=0), logit_scale=s).sum()
+    loss.backward()
+    out["ce"] = {"loss": loss.detach(), "dx": x.grad, "ds": s.grad, "dd": d.grad,
+                 "dt": temp.grad}
+    s, d = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values[:2])
+    hr = h.clone().requires_grad_()
+    b = bias[start:start + size].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hr, head[start:start + size], target,
+                                               linear_bias=b, logit_scale=s, logit_divisor=d,
+                                               softcap=3.0)
+    loss.backward()
+    out["linear_ce"] = {"loss": loss.detach(), "dh": hr.grad, "db": b.grad, "ds": s.grad,
+                        "dd": d.grad}
+    return out
 
 
 # --------------------------------------------------------------------------- DTensor inputs
@@ -1034,3 +1085,40 @@ def test_vocab_parallel_cross_entropy_forms_take_dtensors(world_results):
         torch.testing.assert_close(r["logp"], logp.detach())
         torch.testing.assert_close(r["dh"], hr.grad)
     torch.testing.assert_close(torch.cat([r["dw"] for r in tlp]), w.grad)
+
+
+def test_vocab_parallel_tensor_options_get_the_whole_gradient(world_results):
+    """Over 2 ranks: a tensor logit_scale / logit_divisor / temperature that requires grad gets,
+    on every rank, the gradient of the torch composition on the whole logits (each rank's
+    shard holds only its part of it; the bias shards' parts too)."""
+    world, results = world_results
+    if world != 2:
+        pytest.skip("run by the 2-rank spawn")
+    F = torch.nn.functional
+    logits, target, h, head, bias, values = _tensor_option_inputs()
+    s, d, temp = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values)
+    x = logits.clone().requires_grad_()
+    z = x * s / d / temp
+    safe = target.clamp(min=0)
+    logp = torch.log_softmax(x * s, -1).gather(-1, safe[:, None])
+    loss = F.cross_entropy(z, target) + logp.sum()
+    loss.backward()
+    for rank, (start, size) in enumerate(_TENSOR_LAYOUT):
+        got = results[rank][_TENSOR_OPTIONS]["ce"]
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got["dx"], x.grad[:, start:start + size], rtol=1e-9,
+                                   atol=1e-12)
+        for key, ref in (("ds", s.grad), ("dd", d.grad), ("dt", temp.grad)):
+            torch.testing.assert_close(got[key], ref, rtol=1e-9, atol=1e-12, msg=key)
+    s, d = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values[:2])
+    hr, b = h.clone().requires_grad_(), bias.clone().requires_grad_()
+    u = (hr @ head.T + b) * s / d
+    loss = F.cross_entropy(3.0 * torch.tanh(u / 3.0), target)
+    loss.backward()
+    for rank, (start, size) in enumerate(_TENSOR_LAYOUT):
+        got = results[rank][_TENSOR_OPTIONS]["linear_ce"]
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got["dh"], hr.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got["db"], b.grad[start:start + size], rtol=1e-9, atol=1e-12)
+        for key, ref in (("ds", s.grad), ("dd", d.grad)):
+            torch.testing.assert_close(got[key], ref, rtol=1e-9, atol=1e-12, msg=key)

@@ -220,3 +220,43 @@ def _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group, vocab
                              "Shard(0) of the same classes)")
     return (_replicated_local(input, "input", mesh), local_w, local_b,
             _replicated_local(target, "target", mesh), mesh.get_group(), start, vocab)
+
+
+# --------------------------------------------------------------------------- tensor factors
+
+
+class _ScaleShard(torch.autograd.Function):
+    """``x_r · f`` for a tensor split over the ranks (a logits shard, a bias shard) times a
+    factor every rank holds the same (a tensor ``logit_scale`` / ``logit_divisor`` /
+    ``temperature``, ``options.split_tensor_factors``). ``d f = Σ_r Σ g_r ⊙ x_r``: each rank
+    sums its shard and one ``all_reduce(SUM)`` of that scalar gives every rank the whole
+    gradient (as the replicated hidden states' dh is all-reduced). Runs on every rank when
+    the factor requires grad, which must therefore agree across ranks."""
+
+    @staticmethod
+    def forward(ctx, x, factor, group):
+        ctx.save_for_backward(x, factor)
+        ctx.group = group
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, factor = ctx.saved_tensors
+        dx = grad * factor if ctx.needs_input_grad[0] else None
+        dfactor = None
+        if ctx.needs_input_grad[1]:
+            dfactor = (grad * x).sum(dtype=torch.promote_types(x.dtype, factor.dtype))
+            _dist().all_reduce(dfactor, op=_dist().ReduceOp.SUM, group=ctx.group)
+            dfactor = dfactor.to(device=factor.device, dtype=factor.dtype)
+        return dx, dfactor, None
+
+
+def scale_shard(x, factor, group, world: int, name: str = "input"):
+    """``x · factor`` for this rank's shard ``x`` (``x`` itself without a factor): with more
+    than one rank the factor's gradient is all-reduced over ``group`` (:class:`_ScaleShard`)."""
+    from ..options import check_factor_device, scale_by_factor
+
+    if x is None or factor is None or world == 1:
+        return scale_by_factor(x, factor, name)
+    check_factor_device(factor, x, name)
+    return _ScaleShard.apply(x, factor, group)

@@ -92,7 +92,12 @@ from ..ops.linear_cross_entropy import (
     linear_cross_entropy_jvp,
     vocab_walk_bwd,
 )
-from ..options import CrossEntropyOptions
+from ..options import (
+    CrossEntropyOptions,
+    fold_head_factor,
+    scale_by_factor,
+    split_tensor_factors,
+)
 from ..tiling import RowConfig
 from ._layout import (
     _check_layout_args,
@@ -101,6 +106,7 @@ from ._layout import (
     _replicated_local,
     _unwrap_dtensor,
     _unwrap_head_dtensor,
+    scale_shard,
 )
 
 __all__ = [
@@ -312,6 +318,11 @@ def vocab_parallel_cross_entropy(
     Without an initialized process group, or with a group of one rank, this is the local op
     ``probact_gpu.cross_entropy(input, target, ...)`` (vocab_start_index must then be 0 or None).
 
+    A 0-d tensor ``logit_scale`` / ``logit_divisor`` / ``temperature`` multiplies the shard in
+    torch, as in ``cross_entropy``; its gradient is the whole one on every rank (each shard's
+    part, summed by one all_reduce of a scalar in the backward, so the factor's
+    ``requires_grad`` must agree across ranks).
+
     ``input`` may also be a DTensor on a 1-D device mesh sharded on its class dim
     (``Shard(-1)``, torch.chunk's layout), as ``vocab_parallel_token_log_probs`` takes: it is
     unwrapped to the local shard (``to_local()``: the gradient comes back as a DTensor of that
@@ -324,11 +335,12 @@ def vocab_parallel_cross_entropy(
         input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
             input, target, group, vocab_start_index, vocab_size)
         weight = _replicated_local(weight, "weight")
+    factor, transform = split_tensor_factors(logit_scale=logit_scale,
+                                             logit_divisor=logit_divisor, softcap=softcap,
+                                             temperature=temperature)
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
-        logit_divisor=logit_divisor, softcap=softcap, temperature=temperature,
-        normalizer=normalizer)
+        label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, **transform)
     _check_inputs(input, target, options)
     _check_layout_args(vocab_start_index, vocab_size)
     if vocab_size is not None:
@@ -338,6 +350,7 @@ def vocab_parallel_cross_entropy(
     world, vocab_start, n_classes = _group_layout(
         input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
         vocab_size, invariant=bool(batch_invariant))
+    input = scale_shard(input, factor, group, world)
     if world == 1:
         return cross_entropy(input, target, **_local_kwargs(options),
                              batch_invariant=bool(batch_invariant))
@@ -500,6 +513,11 @@ def vocab_parallel_linear_cross_entropy(
     block's dW rows come from one GEMM over every token, rounded once). Second derivatives are
     not supported (a backward with ``create_graph=True`` raises).
 
+    A 0-d tensor ``logit_scale`` / ``logit_divisor`` / ``temperature`` is folded into the
+    input and the bias shard, as in ``linear_cross_entropy``; its gradient is the whole one on
+    every rank (through the all-reduced dh, and the bias shards' parts summed by one
+    all_reduce of a scalar), so its ``requires_grad`` must agree across ranks.
+
     Without an initialized process group, or with a group of one rank, this is the local
     ``probact_gpu.linear_cross_entropy`` (vocab_start_index must then be 0 or None). Returns
     the loss in ``input``'s dtype (per token, shaped like ``target``, for ``"none"``).
@@ -516,11 +534,13 @@ def vocab_parallel_linear_cross_entropy(
          vocab_size) = _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group,
                                             vocab_start_index, vocab_size)
         weight = _replicated_local(weight, "weight")
+    factor, transform = split_tensor_factors(logit_scale=logit_scale,
+                                             logit_divisor=logit_divisor, softcap=softcap,
+                                             temperature=temperature)
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
-        temperature=temperature, normalizer=normalizer)
+        normalizer=normalizer, **transform)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     _check_layout_args(vocab_start_index, vocab_size)
     # autocast: the head in the autocast dtype and a float32 loss, as F.linear + F.cross_entropy
@@ -540,6 +560,7 @@ def vocab_parallel_linear_cross_entropy(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
         vocab_size, n_hidden=h.shape[1], invariant=bool(batch_invariant))
     if world == 1:
+        input, linear_bias = fold_head_factor(input, linear_bias, factor)
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     **_local_kwargs(options), chunk_size=chunk_size,
                                     memory_budget=memory_budget,
@@ -548,6 +569,10 @@ def vocab_parallel_linear_cross_entropy(
     if h.shape[0] > 0:
         check_runnable(h)
     options.check_weight(n_classes, h.device)
+    # a tensor factor: the replicated h times it (its dh is all-reduced in the backward, so the
+    # factor's gradient through it is whole on every rank), the bias shard by scale_shard
+    h = scale_by_factor(h, factor)
+    linear_bias = scale_shard(linear_bias, factor, group, world, "linear_bias")
     if batch_invariant:
         from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelLinearCrossEntropyFunction

@@ -75,9 +75,14 @@ from ..ops.distillation import (
     rescale_partials,
 )
 from ..ops.linear_distillation import _check_head, linear_distillation_loss
-from ..options import DistillationOptions
+from ..options import (
+    DistillationOptions,
+    fold_head_factor,
+    scale_by_factor,
+    split_student_factors,
+)
 from ..tiling import RowConfig
-from ._layout import _check_layout_args, _group_layout, _unwrap_dtensor
+from ._layout import _check_layout_args, _group_layout, _unwrap_dtensor, scale_shard
 
 __all__ = [
     "VocabParallelDistillationFunction",
@@ -158,8 +163,17 @@ class VocabParallelDistillationFunction(torch.autograd.Function):
                 *none)
 
 
-def _options(**kwargs) -> DistillationOptions:
-    return DistillationOptions.from_kwargs(**kwargs)
+_TRANSFORMS = ("temperature", "student_logit_scale", "student_logit_divisor", "student_softcap",
+               "teacher_logit_scale", "teacher_logit_divisor", "teacher_softcap")
+
+
+def _options(**kwargs) -> tuple[torch.Tensor | None, DistillationOptions, dict]:
+    """(the student's tensor factor or None, the options, the keywords with the folded tensor
+    options at 1.0): ``options.split_student_factors``."""
+    factor, transforms = split_student_factors(
+        **{name: kwargs.pop(name) for name in _TRANSFORMS if name in kwargs})
+    kwargs.update(transforms)
+    return factor, DistillationOptions.from_kwargs(**kwargs), kwargs
 
 
 def _unwrap_pair(student, teacher, target, group, vocab_start_index, vocab_size):
@@ -220,7 +234,10 @@ def vocab_parallel_distillation_loss(
     Communication: 8·N floats in two all_reduces (10·N in three for JSD / TVD); the backward
     communicates nothing and returns the gradient of this rank's student shard only. The
     teacher gets no gradient. Without an initialized process group, or with one rank, this is
-    the local ``distillation_loss``.
+    the local ``distillation_loss``. A 0-d tensor ``student_logit_scale`` /
+    ``student_logit_divisor`` multiplies the student shard in torch and gets the whole gradient
+    on every rank (one all_reduce of a scalar in the backward; its ``requires_grad`` must agree
+    across ranks); tensor teacher options and temperature as ``distillation_loss``.
     """
     from torch.distributed.tensor import DTensor
 
@@ -235,7 +252,7 @@ def vocab_parallel_distillation_loss(
               student_logit_divisor=student_logit_divisor, student_softcap=student_softcap,
               teacher_logit_scale=teacher_logit_scale,
               teacher_logit_divisor=teacher_logit_divisor, teacher_softcap=teacher_softcap)
-    options = _options(**kw)
+    factor, options, kw = _options(**kw)
     if getattr(student_logits, "ndim", None) != 2 or getattr(teacher_logits, "ndim", None) != 2:
         raise ValueError("student_logits and teacher_logits must be this rank's (N, V_local) "
                          "shards")
@@ -258,6 +275,7 @@ def vocab_parallel_distillation_loss(
     world, vocab_start, n_classes = _group_layout(
         n_rows, v_local, student_logits.dtype, student_logits.device, group,
         vocab_start_index, vocab_size)
+    student_logits = scale_shard(student_logits, factor, group, world, "student_logits")
     if world == 1:
         return distillation_loss(student_logits, teacher_logits, target, **kw)
     if student_logits.numel() > 0:
@@ -380,7 +398,7 @@ def vocab_parallel_linear_distillation_loss(
     ``all_reduce(SUM)`` of the (N, H_s) input gradient. Without a process group, or with one
     rank, this is the local ``linear_distillation_loss``.
     """
-    opts = _options(**options)
+    factor, opts, options = _options(**options)
     if opts.shared_vocab is not None:
         raise ValueError("shared_vocab has no vocab-parallel form: shard both heads the same "
                          "way")
@@ -410,18 +428,21 @@ def vocab_parallel_linear_distillation_loss(
         h_s.shape[0], student_weight.shape[0], h_s.dtype, h_s.device, group,
         vocab_start_index, vocab_size, n_hidden=h_s.shape[1])
     if world == 1:
+        student_input, student_bias = fold_head_factor(student_input, student_bias, factor)
         return linear_distillation_loss(
             student_input, student_weight, teacher_input, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
             memory_budget=memory_budget, **options)
     if h_s.shape[0] > 0:
         check_runnable(h_s, "student_input")
+    # a student tensor factor: h_s times it (dh is all-reduced), the bias shard by scale_shard
+    h_s = scale_by_factor(h_s, factor, "student_input")
+    student_bias = scale_shard(student_bias, factor, group, world, "student_bias")
     per_token = max(1, student_weight.shape[0]) * (h_s.element_size() + h_t.element_size())
     chunk = chunk_size or tiling.choose_distillation_token_chunk(h_s.shape[0], per_token,
                                                                  memory_budget)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_input, student_weight,
-                                                    student_bias))
+        t is not None and t.requires_grad for t in (h_s, student_weight, student_bias))
     flat = None if target is None else target.reshape(-1).contiguous()
     rows = VocabParallelLinearDistillationFunction.apply(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, flat, group,

@@ -79,7 +79,14 @@ from ..ops.token_log_probs import (
     token_log_probs_bwd,
     token_log_probs_partial,
 )
-from ..options import CrossEntropyOptions, HeadTransform, as_index
+from ..options import (
+    CrossEntropyOptions,
+    HeadTransform,
+    as_index,
+    fold_head_factor,
+    scale_by_factor,
+    split_tensor_factors,
+)
 from ..tiling import RowConfig
 from ._layout import (
     _check_layout_args,
@@ -87,6 +94,7 @@ from ._layout import (
     _is_dtensor,
     _unwrap_dtensor,
     _unwrap_head_dtensor,
+    scale_shard,
 )
 
 # Why these ops refuse torch.func (forward-mode AD through torch.autograd's forward_ad works:
@@ -277,6 +285,11 @@ def vocab_parallel_token_log_probs(
     Communication: 4·N floats in two all_reduces (+ N int64 with ``return_argmax``); the
     backward communicates nothing and returns the gradient of this rank's shard only. Without
     an initialized process group, or with one rank, this is the local ``token_log_probs``.
+
+    A 0-d tensor ``logit_scale`` / ``logit_divisor`` / ``temperature`` multiplies the shard in
+    torch, as in ``token_log_probs``; its gradient is the whole one on every rank (the shards'
+    parts summed by one all_reduce of a scalar in the backward: its ``requires_grad`` must
+    agree across ranks).
     """
     if _is_dtensor(input):
         input, target, group, vocab_start_index, vocab_size = _unwrap_dtensor(
@@ -290,17 +303,18 @@ def vocab_parallel_token_log_probs(
     check_same_device(input=input, target=target)
     _check_layout_args(vocab_start_index, vocab_size)
     ignore_index = as_index("ignore_index", ignore_index)
-    transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
-                              softcap=softcap, temperature=temperature)
+    factor, kwargs = split_tensor_factors(logit_scale=logit_scale,
+                                          logit_divisor=logit_divisor, softcap=softcap,
+                                          temperature=temperature)
+    transform = HeadTransform(**kwargs)
     flags = dict(return_entropy=return_entropy, return_lse=return_lse,
                  return_argmax=return_argmax)
     world, vocab_start, n_classes = _group_layout(
         input.shape[0], input.shape[1], input.dtype, input.device, group, vocab_start_index,
         vocab_size, invariant=bool(batch_invariant))
+    input = scale_shard(input, factor, group, world)
     if world == 1:
-        return token_log_probs(input, target, ignore_index=ignore_index,
-                               logit_scale=logit_scale, logit_divisor=logit_divisor,
-                               softcap=softcap, temperature=temperature,
+        return token_log_probs(input, target, ignore_index=ignore_index, **kwargs,
                                batch_invariant=bool(batch_invariant), **flags)
     if input.numel() > 0:
         check_runnable(input)
@@ -431,7 +445,9 @@ def vocab_parallel_linear_token_log_probs(
     kernel (global statistics), ``dh_r = dz @ W_r``, ``dW_r += dz.T @ h``, ``db_r += Σ dz``
     (3 GEMMs), then one ``all_reduce(SUM)`` of dh (N·H elements in the input's dtype). dW and
     db are local (this shard's). Without a process group, or with one rank, this is the local
-    ``linear_token_log_probs``.
+    ``linear_token_log_probs``. A 0-d tensor ``logit_scale`` / ``logit_divisor`` /
+    ``temperature`` is folded into the input and the bias shard, as
+    ``vocab_parallel_linear_cross_entropy`` folds it (whole gradient on every rank).
 
     ``linear_weight`` may also be a DTensor sharded on its class dim (``Shard(0)``; the bias
     sharded the same way), as :func:`vocab_parallel_linear_cross_entropy` takes it.
@@ -440,9 +456,10 @@ def vocab_parallel_linear_token_log_probs(
         (input, linear_weight, linear_bias, target, group, vocab_start_index,
          vocab_size) = _unwrap_head_dtensor(input, linear_weight, linear_bias, target, group,
                                             vocab_start_index, vocab_size)
-    options = CrossEntropyOptions.from_kwargs(
-        ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
-        softcap=softcap, temperature=temperature)
+    factor, kwargs = split_tensor_factors(logit_scale=logit_scale,
+                                          logit_divisor=logit_divisor, softcap=softcap,
+                                          temperature=temperature)
+    options = CrossEntropyOptions.from_kwargs(ignore_index=ignore_index, **kwargs)
     input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
@@ -459,13 +476,16 @@ def vocab_parallel_linear_token_log_probs(
         h.shape[0], linear_weight.shape[0], h.dtype, h.device, group, vocab_start_index,
         vocab_size, n_hidden=h.shape[1], invariant=bool(batch_invariant))
     if world == 1:
+        input, linear_bias = fold_head_factor(input, linear_bias, factor)
         return linear_token_log_probs(
             input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
-            logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
-            temperature=temperature, chunk_size=chunk_size, memory_budget=memory_budget,
+            chunk_size=chunk_size, memory_budget=memory_budget, **kwargs,
             batch_invariant=bool(batch_invariant), fp32_precision=fp32_precision, **flags)
     if h.shape[0] > 0:
         check_runnable(h, "input")
+    # a tensor factor: h times it (dh is all-reduced), the bias shard by scale_shard
+    h = scale_by_factor(h, factor)
+    linear_bias = scale_shard(linear_bias, factor, group, world, "linear_bias")
     if batch_invariant:
         from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelLinearTokenLogProbsFunction
@@ -481,7 +501,7 @@ def vocab_parallel_linear_token_log_probs(
     chunk = token_chunk(h.shape[0], max(1, linear_weight.shape[0]), h.element_size(),
                         chunk_size, memory_budget)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+        t is not None and t.requires_grad for t in (h, linear_weight, linear_bias))
     logp, entropy, lse, arg = VocabParallelLinearTokenLogProbsFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
         options.ignore_index, options.transform, bool(return_entropy), bool(return_argmax),

@@ -62,7 +62,12 @@ from ..kernels.distillation import (
     distillation_topk_bwd_kernel,
     distillation_topk_fwd_kernel,
 )
-from ..options import DIVERGENCE_KIND, DistillationOptions
+from ..options import (
+    DIVERGENCE_KIND,
+    DistillationOptions,
+    scale_by_factor,
+    split_student_factors,
+)
 from ..tiling import RowConfig
 from ._common import no_second_derivative
 
@@ -719,6 +724,12 @@ def distillation_loss(
       (``*_logit_scale`` → ``*_logit_divisor`` → ``*_softcap``, as ``cross_entropy``'s) runs
       inside the kernels, in fp32 (fp64 for fp64 logits). ``temperature_squared=True``
       multiplies the divergence by T² (Hinton's scaling); off by default.
+    - Tensor options: a 0-d ``student_logit_scale`` / ``student_logit_divisor`` is applied as
+      ``student_logits · f`` in torch (one elementwise pass and one logits-sized buffer) and
+      gets its gradient (soft and hard terms alike); the teacher is not differentiated, so a
+      teacher option or ``temperature`` (which divides the teacher too) that requires grad
+      raises, and one that does not is read as a number, as before (a device sync for a
+      device tensor); a ``student_softcap`` that requires grad raises.
     - ``divergence``: ``"kl"`` KL(P‖Q); ``"reverse_kl"`` KL(Q‖P); ``"jsd"`` TRL's generalized
       JSD, ``β KL(P‖M) + (1 − β) KL(Q‖M)`` with ``M = β P + (1 − β) Q`` and TRL's endpoints
       (β = 0: KL(P‖Q), β = 1: KL(Q‖P) — discontinuous there, as TRL); ``"jsd_continuous"``
@@ -738,14 +749,17 @@ def distillation_loss(
     forward (KL, reverse KL; JSD and TVD read them twice), one read of both and one write of
     the student's gradient in the backward.
     """
+    factor, transforms = split_student_factors(
+        temperature=temperature, student_logit_scale=student_logit_scale,
+        student_logit_divisor=student_logit_divisor, student_softcap=student_softcap,
+        teacher_logit_scale=teacher_logit_scale, teacher_logit_divisor=teacher_logit_divisor,
+        teacher_softcap=teacher_softcap)
     options = DistillationOptions.from_kwargs(
-        divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+        divergence=divergence, beta=beta, ignore_index=ignore_index,
         reduction=reduction, normalizer=normalizer, hard_weight=hard_weight,
-        temperature_squared=temperature_squared, shared_vocab=shared_vocab,
-        student_logit_scale=student_logit_scale, student_logit_divisor=student_logit_divisor,
-        student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
-        teacher_logit_divisor=teacher_logit_divisor, teacher_softcap=teacher_softcap)
+        temperature_squared=temperature_squared, shared_vocab=shared_vocab, **transforms)
     check_float("student_logits", student_logits)
+    student_logits = scale_by_factor(student_logits, factor, "student_logits")
     batch = tuple(student_logits.shape[:-1]) if student_logits.ndim else ()
     check_target_mask(target, batch, options)
     norm = options.normalizer if isinstance(options.normalizer, torch.Tensor) else None

@@ -77,7 +77,7 @@ import torch
 
 from .. import tiling
 from .._runtime import accum_dtype, autocast_fp32, autocast_linear, check_runnable, empty
-from ..options import CrossEntropyOptions
+from ..options import CrossEntropyOptions, fold_head_factor, split_tensor_factors
 from ._autograd import (
     differentiable_op,
     forward_ad_possible,
@@ -568,7 +568,11 @@ def linear_cross_entropy(
       class indices, as torch), ``label_smoothing``: torch's semantics. ``z_loss``,
       ``softcap``, ``logit_scale``, ``logit_divisor``, ``temperature``, ``normalizer``: as
       ``probact_gpu.cross_entropy`` (the transform runs inside the kernels, in fp32, after the
-      bias).
+      bias). A 0-d tensor ``logit_scale`` / ``logit_divisor`` / ``temperature`` (say a learnt
+      ``nn.Parameter``) is folded into the hidden states and the bias (``input · f``,
+      ``linear_bias · f``: (N, H) and (V,) products, nothing logits-sized) in torch, so it
+      gets its gradient, with no host read; refused as in ``cross_entropy``: a tensor
+      temperature with a ``softcap``, a ``softcap`` that requires grad.
     - ``chunk_size`` (tokens) or ``memory_budget`` (bytes of logits per chunk) trade speed for
       memory; ``low_memory=True`` computes the gradients in the backward over vocabulary chunks
       (4 matmuls instead of 3, any number of backward passes).
@@ -588,17 +592,20 @@ def linear_cross_entropy(
     casts F.linear's operands) and the loss is float32. The module docstring has the memory
     model.
     """
+    factor, transform = split_tensor_factors(logit_scale=logit_scale,
+                                             logit_divisor=logit_divisor, softcap=softcap,
+                                             temperature=temperature)
     options = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        logit_scale=logit_scale, logit_divisor=logit_divisor, softcap=softcap,
-        temperature=temperature, normalizer=normalizer)
+        normalizer=normalizer, **transform)
     chunk_size, memory_budget, low_memory = check_chunking(chunk_size, memory_budget, low_memory)
     # Under autocast, as F.linear + F.cross_entropy: the head in the autocast dtype (the casts
     # are differentiable, so the gradients come back in the parameters' dtypes), the loss fp32.
     input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     loss_dtype = torch.float32 if autocast_fp32("cross_entropy", input) else input.dtype
     soft = check_head_inputs(input, linear_weight, target, linear_bias, options)
+    input, linear_bias = fold_head_factor(input, linear_bias, factor)
     if soft and ignore_index is not None:
         raise ValueError(f"ignore_index cannot be specified when target contains probabilities "
                          f"(got ignore_index={ignore_index!r} with a {target.dtype} target of "

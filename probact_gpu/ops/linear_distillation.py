@@ -53,7 +53,7 @@ from .._runtime import (
     check_same_device,
     empty,
 )
-from ..options import DistillationOptions
+from ..options import DistillationOptions, fold_head_factor, split_student_factors
 from ._common import (
     LinearGrads,
     check_chunking,
@@ -374,7 +374,9 @@ def linear_distillation_loss(
       ``teacher_weight`` (V_t, H_t), ``teacher_bias``: the same leading (token) dims, hidden
       sizes free. ``target`` (…) or None: the mask (and the hard term's labels).
     - Every other option as :func:`probact_gpu.distillation_loss` (each bias is added before its
-      head's transform).
+      head's transform; a tensor ``student_logit_scale`` / ``student_logit_divisor`` is folded
+      into the student's input and bias, as ``linear_cross_entropy`` folds its own, and gets
+      its gradient).
     - ``chunk_size`` (tokens per chunk) or ``memory_budget`` (bytes of both heads' (C, V)
       logits per chunk; default ``tiling.LINEAR_CE_LOGITS_BUDGET``).
 
@@ -384,13 +386,15 @@ def linear_distillation_loss(
     ``"none"`` recomputes in the backward. Returns the loss in the student input's dtype
     (float32 under autocast, as kl_div).
     """
+    factor, transforms = split_student_factors(
+        temperature=temperature, student_logit_scale=student_logit_scale,
+        student_logit_divisor=student_logit_divisor, student_softcap=student_softcap,
+        teacher_logit_scale=teacher_logit_scale, teacher_logit_divisor=teacher_logit_divisor,
+        teacher_softcap=teacher_softcap)
     options = DistillationOptions.from_kwargs(
-        divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+        divergence=divergence, beta=beta, ignore_index=ignore_index,
         reduction=reduction, normalizer=normalizer, hard_weight=hard_weight,
-        temperature_squared=temperature_squared, shared_vocab=shared_vocab,
-        student_logit_scale=student_logit_scale, student_logit_divisor=student_logit_divisor,
-        student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
-        teacher_logit_divisor=teacher_logit_divisor, teacher_softcap=teacher_softcap)
+        temperature_squared=temperature_squared, shared_vocab=shared_vocab, **transforms)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     _check_head("student_input", "student_weight", "student_bias", student_input,
                 student_weight, student_bias)
@@ -419,6 +423,7 @@ def linear_distillation_loss(
                                                                   student_bias)
     teacher_input, teacher_weight, teacher_bias = autocast_linear(teacher_input, teacher_weight,
                                                                   teacher_bias)
+    student_input, student_bias = fold_head_factor(student_input, student_bias, factor)
     h_s, _ = flatten_head_input(student_input, student_weight.shape[1])
     h_t, _ = flatten_head_input(teacher_input, teacher_weight.shape[1])
     if h_s.shape[0] > 0 and not h_s.is_meta:  # meta: the fake implementations infer the outputs

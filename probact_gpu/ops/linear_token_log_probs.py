@@ -44,7 +44,12 @@ from __future__ import annotations
 import torch
 
 from .._runtime import accum_dtype, autocast_linear, check_runnable, empty
-from ..options import CrossEntropyOptions, HeadTransform
+from ..options import (
+    CrossEntropyOptions,
+    HeadTransform,
+    fold_head_factor,
+    split_tensor_factors,
+)
 from ._autograd import differentiable_op, kernel_backward, register_vmap_loop, terminal_op
 from ._common import (
     LinearGrads,
@@ -306,7 +311,9 @@ def linear_token_log_probs(
       same dtype; ``linear_bias``: (V,) or None; ``target``: (…) int32/int64 class indices.
     - ``ignore_index``, ``logit_scale``, ``logit_divisor``, ``softcap``, ``temperature``,
       ``return_*``: as :func:`probact_gpu.token_log_probs` (the bias is added before the
-      transform). Returns logp (fp32; fp64 for fp64 input) shaped like ``target``, or a
+      transform; tensor options are folded into ``input`` and the bias, as
+      ``linear_cross_entropy`` folds them: differentiated, never read on the host, nothing
+      logits-sized). Returns logp (fp32; fp64 for fp64 input) shaped like ``target``, or a
       :class:`TokenLogProbs` when a ``return_*`` flag is set.
     - ``chunk_size`` (tokens per chunk) or ``memory_budget`` (bytes of (C, V) logits per
       chunk; default ``tiling.LINEAR_CE_LOGITS_BUDGET``).
@@ -327,12 +334,14 @@ def linear_token_log_probs(
     work; double backward and nested transforms raise. Under ``torch.autocast`` the head runs in
     the autocast dtype, as ``F.linear`` would (the outputs stay fp32).
     """
-    options = CrossEntropyOptions.from_kwargs(
-        ignore_index=ignore_index, logit_scale=logit_scale, logit_divisor=logit_divisor,
-        softcap=softcap, temperature=temperature)
+    factor, kwargs = split_tensor_factors(logit_scale=logit_scale,
+                                          logit_divisor=logit_divisor, softcap=softcap,
+                                          temperature=temperature)
+    options = CrossEntropyOptions.from_kwargs(ignore_index=ignore_index, **kwargs)
     input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     check_head_inputs(input, linear_weight, target, linear_bias, options,
                       allow_probabilities=False)
+    input, linear_bias = fold_head_factor(input, linear_bias, factor)
     chunk_size, memory_budget, _ = check_chunking(chunk_size, memory_budget)
     if linear_weight.shape[0] == 0:
         raise ValueError(f"linear_weight must have at least one class (row), got shape "

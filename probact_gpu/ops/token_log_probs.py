@@ -54,7 +54,7 @@ from ..kernels.token_log_probs import (
     token_log_probs_fwd_loop_kernel,
     token_log_probs_partial_kernel,
 )
-from ..options import HeadTransform, as_index
+from ..options import HeadTransform, as_index, scale_by_factor, split_tensor_factors
 from ..tiling import RowConfig
 from ._autograd import differentiable_op, kernel_backward, register_vmap_loop, terminal_op
 
@@ -482,7 +482,12 @@ def token_log_probs(
       ``ops.token_log_probs_index``).
     - ``z`` is the transformed logits, applied inside the kernels in fp32 (fp64 for fp64
       logits), in this order: ``· logit_scale``, ``/ logit_divisor``, ``softcap ·
-      tanh(· / softcap)`` (when not None), ``/ temperature``.
+      tanh(· / softcap)`` (when not None), ``/ temperature``. ``logit_scale``,
+      ``logit_divisor`` and ``temperature`` may be 0-d floating tensors (on the logits' device
+      or the CPU; a learnt temperature): folded into one factor applied as ``logits · f`` in
+      torch (one elementwise pass and one logits-sized buffer, the price of the composition
+      users come from), never read on the host, and differentiated. Refused: a tensor
+      temperature with a softcap, a ``softcap`` tensor that requires grad (``cross_entropy``).
     - ``ignore_index`` rows: logp 0 and entropy 0, no gradient (lse and argmax still reported).
       A target outside ``[0, V)`` that is not ``ignore_index`` gives NaN (no error, no host
       sync).
@@ -500,12 +505,15 @@ def token_log_probs(
     logits not requiring grad) nothing is saved. Forward-mode AD and first-order ``torch.func``
     transforms work; double backward and nested transforms raise.
     """
+    factor, kwargs = split_tensor_factors(logit_scale=logit_scale,
+                                          logit_divisor=logit_divisor, softcap=softcap,
+                                          temperature=temperature)
+    transform = HeadTransform(**kwargs)
     _check_logits(logits)
     indexed = check_target(logits, target, allow_index=True)
     check_same_device(logits=logits, target=target)
     ignore_index = as_index("ignore_index", ignore_index)
-    transform = HeadTransform(logit_scale=logit_scale, logit_divisor=logit_divisor,
-                              softcap=softcap, temperature=temperature)
+    logits = scale_by_factor(logits, factor, "logits")
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if indexed or batch_invariant:
         from ._autograd import refuse_transforms

@@ -8,7 +8,7 @@ from typing import Literal, overload
 import torch
 
 from ..._runtime import autocast_fp32, check_float, check_same_device
-from ...options import CrossEntropyOptions
+from ...options import CrossEntropyOptions, scale_by_factor, split_tensor_factors
 from .._autograd import functorch_active, refuse_transforms
 from .autograd import _cross_entropy
 from .inplace import (
@@ -99,6 +99,17 @@ def cross_entropy(
       ``temperature`` (divides); loss and lse are those of the transformed logits.
     - ``normalizer`` (``reduction="sum"`` only): a number or a 0-d device tensor the summed loss
       and its gradient are divided by on the device (Hugging Face's ``num_items_in_batch``).
+    - ``logit_scale``, ``logit_divisor``, ``temperature`` may be 0-d floating tensors (on the
+      input's device or the CPU), e.g. a learnt ``nn.Parameter``: never read on the host, they
+      are folded into one factor and applied as ``input * factor`` in torch (the kernels then
+      take 1.0 for them), so autograd gives them their gradient — the computation of
+      ``F.cross_entropy(logits * scale, target)``, at its price: one elementwise pass and one
+      logits-sized buffer (pass a float to keep the transform fused). Raises: a tensor
+      temperature with a ``softcap`` (it divides after the softcap, not a rescale of the
+      logits), any tensor factor with ``inplace_backward=True`` (the product would hold the
+      gradient, not ``input``), a ``softcap`` tensor that requires grad (it is read as a
+      number). No value check on a tensor: a zero divisor or a non-positive temperature gives
+      inf / NaN.
     - ``return_lse``: returns ``(loss, lse)``, lse of the transformed logits per row, fp32 (fp64
       for fp64 input), not differentiable.
     - ``inplace_backward``: the gradient is written into ``input``'s storage (no logits-sized
@@ -138,12 +149,21 @@ def cross_entropy(
     (``grad``, ``vjp``, ``jacrev``, ``vmap``) work; double backward (``create_graph=True``) and
     nested transforms (``hessian``) raise.
     """
+    factor, transform = split_tensor_factors(logit_scale=logit_scale,
+                                             logit_divisor=logit_divisor, softcap=softcap,
+                                             temperature=temperature)
     opts = CrossEntropyOptions.from_kwargs(
         weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
-        logit_divisor=logit_divisor, softcap=softcap, temperature=temperature,
-        normalizer=normalizer)
+        label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, **transform)
     check_float("input", input)
+    if factor is not None:
+        if inplace_backward:
+            raise ValueError(
+                "inplace_backward=True writes the gradient into input, but a tensor "
+                "logit_scale / logit_divisor / temperature is applied as input * factor, a new "
+                "tensor, which would hold it instead: pass the option as a float, or "
+                "inplace_backward=False")
+        input = scale_by_factor(input, factor)
     soft = _check_target(input, target)
     opts.check_weight(input.shape[1] if input.ndim >= 2 else input.shape[0], input.device)
     check_same_device(input=input, target=target)
