@@ -47,8 +47,8 @@ def _check_target(input: torch.Tensor, target) -> bool:
 def cross_entropy(
     input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
-    logit_divisor: float = 1.0, temperature: float = 1.0,
+    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float | torch.Tensor = 1.0,
+    logit_divisor: float | torch.Tensor = 1.0, temperature: float = 1.0,
     normalizer: float | torch.Tensor | None = None, return_lse: Literal[False] = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor: ...
@@ -58,8 +58,8 @@ def cross_entropy(
 def cross_entropy(
     input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
-    logit_divisor: float = 1.0, temperature: float = 1.0,
+    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float | torch.Tensor = 1.0,
+    logit_divisor: float | torch.Tensor = 1.0, temperature: float = 1.0,
     normalizer: float | torch.Tensor | None = None, return_lse: Literal[True],
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -75,9 +75,9 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    logit_scale: float = 1.0,
-    logit_divisor: float = 1.0,
-    temperature: float = 1.0,
+    logit_scale: float | torch.Tensor = 1.0,
+    logit_divisor: float | torch.Tensor = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
