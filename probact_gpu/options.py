@@ -16,7 +16,10 @@ logits), in one documented order, forward and backward::
     z = softcap · tanh(z / softcap)     Gemma-style final-logit softcapping (when not None)
     z = z / temperature                 sampling temperature (RL log-probs)
 
-and the loss, log-probs, entropy and lse are those of ``softmax(z)``.
+and the loss, log-probs, entropy and lse are those of ``softmax(z)``. The options hold numbers
+only: a 0-d tensor ``logit_scale`` / ``logit_divisor`` / ``temperature`` (a learnt scale) is
+taken out first by :func:`split_tensor_factors` and applied with torch ops outside the kernels
+(to the logits, or to the fused heads' hidden states and bias), so autograd differentiates it.
 """
 
 from __future__ import annotations
