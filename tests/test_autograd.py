@@ -4,6 +4,8 @@ where gradients are checked (gradcheck and the float64 reference)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -307,7 +309,29 @@ def _op_pairs(device):
                                                  return_entropy=True, chunk_size=3)
         return out.logprobs + 0.5 * out.entropy
 
+    teacher = torch.arange(20, **f64).reshape(4, 5).cos() * 2.0
+    keep = t != IGNORE
+
+    def kd_ref(z, divergence):
+        logp, logq = torch.log_softmax(teacher / 0.8, -1), torch.log_softmax(z / 0.8, -1)
+        if divergence == "kl":
+            rows = (logp.exp() * (logp - logq)).sum(-1)
+            ce = F.cross_entropy(z, t, reduction="none")
+            return (rows + 0.3 * ce) * keep
+        logm = torch.logsumexp(torch.stack([logp + math.log(0.3), logq + math.log(0.7)]), 0)
+        rows = 0.3 * (logp.exp() * (logp - logm)).sum(-1) + 0.7 * (
+            logq.exp() * (logq - logm)).sum(-1)
+        return (rows * keep).sum() / keep.sum()
+
     return {
+        "distillation kl none": (
+            lambda x: probact_gpu.distillation_loss(x, teacher, t, temperature=0.8,
+                                                    hard_weight=0.3, reduction="none"),
+            lambda x: kd_ref(x, "kl"), [(4, 5)]),
+        "distillation jsd": (
+            lambda x: probact_gpu.distillation_loss(x, teacher, t, divergence="jsd", beta=0.3,
+                                                    temperature=0.8),
+            lambda x: kd_ref(x, "jsd"), [(4, 5)]),
         "softmax": (lambda x: probact_gpu.softmax(x, -1), lambda x: torch.softmax(x, -1),
                     [(4, 5)]),
         "log_softmax": (lambda x: probact_gpu.log_softmax(x, 0),
@@ -387,7 +411,8 @@ def test_torch_func_reverse_transforms_every_op(device, rng, name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "sigmoid", "logsigmoid", "bce",
-                                  "cross_entropy", "token_log_probs", "linear_cross_entropy"])
+                                  "cross_entropy", "token_log_probs", "linear_cross_entropy",
+                                  "distillation jsd"])
 def test_second_order_transforms_work_or_raise(device, rng, name):
     """torch.func.hessian: exact for the ops whose backward is differentiable (softmax,
     sigmoid, BCE); a clear error, never a silent zero, for those whose gradients come from
@@ -725,3 +750,36 @@ def test_tensor_student_scale_parameter_of_distillation_loss_module(device, rng)
     module(xs, xt, t).backward()
     (g,) = torch.autograd.grad(_torch_kl(xs * param, xt, t, 2.0), param)
     torch.testing.assert_close(param.grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_distillation_top_k_forward_mode_and_refusals(device, rng):
+    """The top-k teacher's forward-mode tangent is its reverse-mode gradient against the
+    tangent (the same backward kernel); a teacher tangent and the fused linear form's
+    transforms are refused by name (they gave a silent zero / torch's internal error)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.from_numpy(rng.standard_normal((4, 9))).to(device)
+    v = torch.from_numpy(rng.standard_normal((4, 9))).to(device)
+    idx = torch.tensor([[0, 3], [1, 2], [8, 4], [5, 6]], device=device)
+    teacher = probact_gpu.TopKTeacher(idx, torch.full((4, 2), -0.9, dtype=torch.float64,
+                                                      device=device))
+    t = torch.tensor([1, IGNORE, 4, 0], device=device)
+
+    def loss(z):
+        return probact_gpu.distillation_loss(z, teacher, t, divergence="reverse_kl")
+
+    xr = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(xr), xr)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(loss(fwAD.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, (grad * v).sum(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.func.grad(loss)(x), grad, rtol=1e-9, atol=1e-12)
+    dense = x.flip(0)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="teacher has a forward-mode"):
+        probact_gpu.distillation_loss(x, fwAD.make_dual(dense, v))
+    h = torch.from_numpy(rng.standard_normal((4, 3))).to(device)
+    w = torch.from_numpy(rng.standard_normal((9, 3))).to(device)
+    with pytest.raises(RuntimeError, match="linear_distillation_loss supports reverse-mode"):
+        torch.func.grad(lambda a: probact_gpu.linear_distillation_loss(a, w, h, w.flip(0)))(h)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="reverse-mode autograd only"):
+        probact_gpu.linear_distillation_loss(fwAD.make_dual(h, h), w, h, w.flip(0))

@@ -100,7 +100,7 @@ def refuse_transforms(name: str, *tensors: torch.Tensor | None) -> None:
         raise RuntimeError(
             f"{name} supports reverse-mode autograd only: forward-mode AD (torch.func.jvp, "
             "jacfwd, torch.autograd.forward_ad) and torch.func transforms (grad, vjp, jacrev, "
-            "vmap) are not available there; call it without batch_invariant=True for them")
+            "vmap) are not available there")
 
 
 def _higher_order(name: str) -> RuntimeError:

@@ -69,7 +69,7 @@ from ..options import (
     split_student_factors,
 )
 from ..tiling import RowConfig
-from ._common import no_second_derivative
+from ._autograd import differentiable_op, kernel_backward, register_vmap_loop, terminal_op
 
 __all__ = [
     "TopKTeacher",
@@ -507,6 +507,11 @@ def _(student, indices, log_probs, target, stats, grad_rows, *args):
 _NS = DistillationOptions.N_SCHEMA_ARGS
 
 
+_NAME = "probact_gpu.distillation_loss"
+_distill_bwd = terminal_op(_distill_bwd_op, _NAME)
+_topk_bwd = terminal_op(_topk_bwd_op, _NAME)
+
+
 def _setup_dense(ctx, inputs, output):
     student, teacher, target = inputs[:3]
     _, stats = output
@@ -516,20 +521,53 @@ def _setup_dense(ctx, inputs, output):
     ctx.schema = inputs[3:3 + _NS]
 
 
+@kernel_backward(_NAME)
 def _backward_dense(ctx, grad_rows, _grad_stats):
-    no_second_derivative("distillation_loss")
     none = (None,) * (2 + _NS + 1)
     if grad_rows is None:
         return (None,) + none
     student, teacher, target, stats = ctx.saved_tensors
     if stats.ndim == 1:  # called with save_stats=False: recompute the statistics
         stats = _distill_op(student, teacher, target, *ctx.schema, True)[1]
-    ds = _distill_bwd_op(student, teacher, target, stats, grad_rows, *ctx.schema)
+    ds = _distill_bwd(student, teacher, target, stats, grad_rows, *ctx.schema)
     return (ds,) + none
 
 
-torch.library.register_autograd("probact_gpu::distillation", _backward_dense,
-                                setup_context=_setup_dense)
+def _row_tangent(slope: torch.Tensor, student_dot: torch.Tensor, rows: torch.Tensor):
+    """Σ_c (∂row/∂s_c) · ṡ_c per row, in the rows' dtype: ``slope`` is the backward kernel's
+    dstudent for an upstream gradient of 1 on every row."""
+    terms = slope.to(rows.dtype) * student_dot.to(rows.dtype)
+    return terms.reshape(rows.shape[0], -1).sum(1)
+
+
+def _refuse_teacher_tangent(*tangents) -> None:
+    if any(t is not None for t in tangents):
+        raise RuntimeError("distillation_loss: the teacher has a forward-mode tangent, but the "
+                           "loss is not differentiated with respect to the teacher (as in "
+                           "the backward, which refuses a teacher requiring grad)")
+
+
+def _jvp_dense(ctx, student_dot, teacher_dot, *rest):
+    """Forward-mode rule: each row's tangent from the backward kernel's slope (an upstream
+    gradient of 1 per row) against the student's tangent; the statistics are non
+    differentiable."""
+    _refuse_teacher_tangent(teacher_dot)
+    student, teacher, target, stats, rows = ctx.saved_tensors
+    if student_dot is None:
+        return None, None
+    if stats.ndim == 1:
+        stats = _distill_op(student, teacher, target, *ctx.schema, True)[1]
+    ones = torch.ones(rows.shape, dtype=rows.dtype, device=rows.device)
+    slope = _distill_bwd(student, teacher, target, stats, ones, *ctx.schema)
+    return _row_tangent(slope, student_dot, rows), None
+
+
+def _jvp_saved_dense(inputs, output):
+    return (*inputs[:3], output[1], output[0])
+
+
+_distill = differentiable_op(_distill_op, _setup_dense, _backward_dense, _jvp_dense,
+                             _jvp_saved_dense)
 
 
 def _setup_topk(ctx, inputs, output):
@@ -541,20 +579,37 @@ def _setup_topk(ctx, inputs, output):
     ctx.schema = inputs[4:4 + _NS]
 
 
+@kernel_backward(_NAME)
 def _backward_topk(ctx, grad_rows, _grad_stats):
-    no_second_derivative("distillation_loss")
     none = (None,) * (3 + _NS + 1)
     if grad_rows is None:
         return (None,) + none
     student, indices, log_probs, target, stats = ctx.saved_tensors
     if stats.ndim == 1:
         stats = _topk_op(student, indices, log_probs, target, *ctx.schema, True)[1]
-    ds = _topk_bwd_op(student, indices, log_probs, target, stats, grad_rows, *ctx.schema)
+    ds = _topk_bwd(student, indices, log_probs, target, stats, grad_rows, *ctx.schema)
     return (ds,) + none
 
 
-torch.library.register_autograd("probact_gpu::distillation_topk", _backward_topk,
-                                setup_context=_setup_topk)
+def _jvp_topk(ctx, student_dot, indices_dot, log_probs_dot, *rest):
+    _refuse_teacher_tangent(log_probs_dot)
+    student, indices, log_probs, target, stats, rows = ctx.saved_tensors
+    if student_dot is None:
+        return None, None
+    if stats.ndim == 1:
+        stats = _topk_op(student, indices, log_probs, target, *ctx.schema, True)[1]
+    ones = torch.ones(rows.shape, dtype=rows.dtype, device=rows.device)
+    slope = _topk_bwd(student, indices, log_probs, target, stats, ones, *ctx.schema)
+    return _row_tangent(slope, student_dot, rows), None
+
+
+def _jvp_saved_topk(inputs, output):
+    return (*inputs[:4], output[1], output[0])
+
+
+_topk = differentiable_op(_topk_op, _setup_topk, _backward_topk, _jvp_topk, _jvp_saved_topk)
+for _op in (_distill_op, _distill_bwd_op, _topk_op, _topk_bwd_op):
+    register_vmap_loop(_op)
 
 
 # --------------------------------------------------------------------------- public function
@@ -773,14 +828,14 @@ def distillation_loss(
         check_same_device(student_logits=student_logits, indices=idx, log_probs=lp,
                           target=target, normalizer=norm)
         check_teacher_no_grad(**{"TopKTeacher.log_probs": lp})
-        rows, _ = _topk_op(student_logits, idx, lp, target, *options.schema_args(), needs_grad)
+        rows, _ = _topk(student_logits, idx, lp, target, *options.schema_args(), needs_grad)
     else:
         check_pair(student_logits, teacher_logits, options)
         check_same_device(student_logits=student_logits, teacher_logits=teacher_logits,
                           target=target, normalizer=norm)
         check_teacher_no_grad(teacher_logits=teacher_logits)
-        rows, _ = _distill_op(student_logits, teacher_logits, target, *options.schema_args(),
-                              needs_grad)
+        rows, _ = _distill(student_logits, teacher_logits, target, *options.schema_args(),
+                           needs_grad)
     teacher = teacher_logits.log_probs if isinstance(teacher_logits, TopKTeacher) else (
         teacher_logits)
     # under autocast the loss is float32 for 16-bit logits, as kl_div's (nothing is copied)

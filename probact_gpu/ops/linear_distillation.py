@@ -54,6 +54,7 @@ from .._runtime import (
     empty,
 )
 from ..options import DistillationOptions, fold_head_factor, split_student_factors
+from ._autograd import refuse_transforms
 from ._common import (
     LinearGrads,
     check_chunking,
@@ -415,6 +416,10 @@ def linear_distillation_loss(
                       normalizer=norm)
     check_teacher_no_grad(teacher_input=teacher_input, teacher_weight=teacher_weight,
                           teacher_bias=teacher_bias)
+    # its gradients are formed in the forward, chunk by chunk: reverse mode only (the logits
+    # form, distillation_loss, has forward-mode AD and torch.func)
+    refuse_transforms("linear_distillation_loss", student_input, student_weight, student_bias,
+                      teacher_input, teacher_weight, teacher_bias)
     # Under autocast the heads follow F.linear (operands cast to the autocast dtype) and the
     # loss kl_div (float32 for 16-bit operands), as the unfused composition would.
     loss_dtype = (torch.float32 if autocast_fp32("distillation_loss", student_input,
