@@ -431,6 +431,8 @@ def path_of(op: str, provider: str, chosen: list) -> str:
     if op in shape_table.LINEAR_OPS:
         return {"probact_low_memory": "low memory",
                 "probact_invariant": "fused head"}.get(provider, "token chunks")
+    if provider == "probact_invariant":  # fixed 128-class tiles: no tiling choice to name
+        return "invariant tiles"
     cfg = chosen[0] if chosen else None
     if cfg is None:
         return "?"
