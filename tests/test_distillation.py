@@ -600,6 +600,8 @@ def test_distillation_tiling_heuristics():
     assert (cfg.path, cfg.block_n, cfg.num_warps) == ("multi", 4096, 8)
     assert tiling.choose_distillation_config(4096, 128256, 4, 132).block_n == 2048
     assert tiling.choose_distillation_config(4096, 37, 2, 132).block_n == 64  # one tile
+    # fp64: 1024-column tiles at 8 warps (the JSD backward with a hard term spilled at 4)
+    assert tiling.choose_distillation_config(4096, 32000, 8, 132).num_warps == 8
     few = tiling.choose_distillation_config(8, 262144, 2, 132)
     assert (few.path, few.n_splits) == ("split", 64)  # chunks of SPLIT_MIN_CHUNK columns
     chunk = tiling.choose_distillation_token_chunk(8192, 128256 * (2 + 2))
