@@ -137,32 +137,15 @@ def terminal_op(op, name: str) -> Callable:
     transform (``hessian``, ``jacrev(jacfwd(f))``) or ``create_graph=True`` would differentiate
     again is refused when it is, never silently treated as a constant. The op itself while
     compiling."""
-    def forward(*args):
-        return op(*args)
-
     def setup(ctx, inputs, output):
         pass
 
     def refuse(ctx, *grads):
         raise _higher_order(name)
 
-    qual = op._qualname.split("::")[1]
-    function = type(
-        "".join(part.title() for part in qual.split("_")) + "Terminal",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
-         "backward": staticmethod(refuse), "jvp": staticmethod(refuse),
-         "generate_vmap_rule": True, "__module__": __name__,
-         "__doc__": f"``{op._qualname}``, not differentiable further "
-                    "(probact_gpu.ops._autograd.terminal_op)."})
-
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        return function.apply(*_whole(args))
-
-    call.function = function
-    return call
+    return _function_call(op, "Terminal", setup, refuse, refuse,
+                          f"``{op._qualname}``, not differentiable further "
+                          "(probact_gpu.ops._autograd.terminal_op).")
 
 
 # --------------------------------------------------------------------------- the Function
@@ -178,6 +161,29 @@ def _whole(args) -> list:
     return [_Whole(a) if type(a) is list else a for a in args]
 
 
+def _function_call(op, suffix: str, setup: Callable, backward: Callable, jvp: Callable,
+                   doc: str) -> Callable:
+    """``call(*op_args)``: an ``autograd.Function`` running ``op`` with these rules (vmap by
+    ``generate_vmap_rule``) in eager mode, ``op`` itself while compiling (Dynamo does not trace
+    a Function with a custom ``jvp``); ``call.function`` is the Function."""
+    def forward(*args):
+        return op(*args)
+
+    qual = op._qualname.split("::")[1]
+    function = type(
+        "".join(part.title() for part in qual.split("_")) + suffix,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
+         "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+         "generate_vmap_rule": True, "__module__": __name__, "__doc__": doc})
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return function.apply(*_whole(args))
+
+    call.function = function
+    return call
 
 
 def differentiable_op(op, setup_context: Callable, backward: Callable, jvp: Callable,
@@ -185,9 +191,6 @@ def differentiable_op(op, setup_context: Callable, backward: Callable, jvp: Call
     """Register ``backward`` as ``op``'s autograd and return ``call(*op_args)`` (module
     docstring)."""
     torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-    def forward(*args):
-        return op(*args)
 
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
@@ -200,23 +203,9 @@ def differentiable_op(op, setup_context: Callable, backward: Callable, jvp: Call
             raise RuntimeError(f"{op._qualname}: forward-mode AD started after the forward")
         return jvp(ctx, *tangents)
 
-    name = op._qualname.split("::")[1]
-    function = type(
-        "".join(part.title() for part in name.split("_")) + "Function",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
-         "backward": staticmethod(backward), "jvp": staticmethod(forward_rule),
-         "generate_vmap_rule": True, "__module__": __name__,
-         "__doc__": f"``{op._qualname}`` with its autograd and forward-mode rule "
-                    "(probact_gpu.ops._autograd)."})
-
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        return function.apply(*_whole(args))
-
-    call.function = function
-    return call
+    return _function_call(op, "Function", setup, backward, forward_rule,
+                          f"``{op._qualname}`` with its autograd and forward-mode rule "
+                          "(probact_gpu.ops._autograd).")
 
 
 # --------------------------------------------------------------------------- vmap
