@@ -573,6 +573,7 @@ def vocab_parallel_linear_cross_entropy(
     # factor's gradient through it is whole on every rank), the bias shard by scale_shard
     h = scale_by_factor(h, factor)
     linear_bias = scale_shard(linear_bias, factor, group, world, "linear_bias")
+    loss_dtype = torch.float32 if autocast_fp32("cross_entropy", h) else h.dtype
     if batch_invariant:
         from ..ops._autograd import refuse_transforms
         from .batch_invariant import InvariantVocabParallelLinearCrossEntropyFunction
@@ -581,11 +582,9 @@ def vocab_parallel_linear_cross_entropy(
                           h, linear_weight, linear_bias)
         loss = InvariantVocabParallelLinearCrossEntropyFunction.apply(
             h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
-            options, False, fp32_precision, chunk_size, memory_budget)[0].to(
-                torch.float32 if autocast_fp32("cross_entropy", h) else h.dtype)
+            options, False, fp32_precision, chunk_size, memory_budget)[0].to(loss_dtype)
         return loss.reshape(batch_shape) if options.reduction == "none" else loss
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h, linear_weight, linear_bias, target.reshape(-1), group, vocab_start, n_classes,
-        options, (chunk_size, memory_budget, config),
-        torch.float32 if autocast_fp32("cross_entropy", h) else h.dtype)
+        options, (chunk_size, memory_budget, config), loss_dtype)
     return loss.reshape(batch_shape) if options.reduction == "none" else loss
